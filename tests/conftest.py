@@ -1,0 +1,114 @@
+"""Shared fixtures: a real etcd server per test module, free ports, process-tree cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pdsupervisor.etcd_server import etcd_argv, etcd_binary
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now on `host`."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (collected before the first signal)."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+class EtcdServer:
+    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.peer_port = free_port(host)
+        self.data_dir = tmp / "etcd-data"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        argv = etcd_argv(
+            name="test", data_dir=str(self.data_dir), client_host=self.host,
+            client_port=self.port, peer_port=self.peer_port,
+        )
+        self.log = open(self.data_dir.parent / "etcd.log", "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._answers, timeout=20, what="etcd to answer")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                pass
+        except OSError:
+            return False
+        out = subprocess.run(
+            [etcd_binary("etcdctl"), "--endpoints", self.endpoint, "endpoint", "health"],
+            capture_output=True, timeout=5,
+        )
+        return out.returncode == 0
+
+    def pause(self) -> None:
+        assert self.proc
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            kill_tree(self.proc.pid)
+            self.proc.wait(timeout=5)
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory) -> Iterator[EtcdServer]:
+    """A real etcd for the whole module (tests use distinct cluster names to stay apart)."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster_name(request) -> str:
+    """A cluster name unique to the test, so tests sharing one etcd never see each other."""
+    return "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60] + f"-{os.getpid()}"

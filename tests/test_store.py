@@ -1,0 +1,58 @@
+"""The store against a real etcd: typed records, leases, fenced leader writes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pdsupervisor.models import NodeAssignment, NodeFacts, ProcessSpec
+from pdsupervisor.store import Store
+
+
+async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(5)
+        await store.register_member(NodeFacts(name="n1", ip="127.0.0.2"), lease)
+        assert list((await store.members()).keys()) == ["n1"]
+        assert await store.refresh_lease(lease) > 0
+        await store.revoke_lease(lease)
+        assert await store.members() == {}
+        assert await store.refresh_lease(lease) == 0
+
+
+async def test_only_leader_key_holder_can_write(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease_a = await store.grant_lease(5)
+        lease_b = await store.grant_lease(5)
+        assert await store.acquire_leader("a", lease_a)
+        assert not await store.acquire_leader("b", lease_b)
+        assert await store.leader() == "a"
+        assignment = NodeAssignment(node="n1", processes=[ProcessSpec(name="p", role="prefill", argv=["true"])])
+        key = store.keys.assignment("n1")
+        assert not await store.write_as_leader("b", {key: assignment})
+        assert await store.assignment("n1") is None
+        assert await store.write_as_leader("a", {key: assignment})
+        assert (await store.assignment("n1")) == assignment
+        await store.revoke_lease(lease_a)  # a loses leadership: its next write is fenced off
+        assert not await store.write_as_leader("a", {}, deletes=[key])
+        assert await store.acquire_leader("b", lease_b)
+        assert await store.write_as_leader("b", {}, deletes=[key])
+        assert await store.assignment("n1") is None
+
+
+async def test_watch_sees_changes_after_read_revision(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        await store.put(store.keys.assignment("before"), b"{}")
+        _, rev = await store.get_prefix(store.keys.assignments)
+        seen: list[tuple[str, bool]] = []
+
+        async def consume() -> None:
+            async for ev in store.watch_prefix(store.keys.assignments, rev + 1):
+                seen.append((ev.key.rsplit("/", 1)[-1], ev.value is None))
+                if len(seen) == 2:
+                    return
+
+        task = asyncio.create_task(consume())
+        await store.put(store.keys.assignment("x"), b"{}")
+        await store.delete(store.keys.assignment("x"))
+        await asyncio.wait_for(task, 10)
+        assert seen == [("x", False), ("x", True)]
