@@ -1,0 +1,16 @@
+"""The `pdsupervisor` command: plan, cluster control, and the programs it ships."""
+
+from __future__ import annotations
+
+import click
+
+from pdsupervisor import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pdsupervisor")
+def main() -> None:
+    """Supervise prefill/decode-disaggregated LLM serving."""
+
+
+# Subcommands register below, one line each, from their own modules.
