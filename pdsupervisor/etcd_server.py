@@ -35,12 +35,13 @@ def etcd_argv(
     client_port: int = 2379,
     peer_port: int = 2380,
     extra: list[str] | None = None,
+    binary: str | None = None,
 ) -> list[str]:
     """A one-member etcd listening for clients on `client_host:client_port`."""
     client_url = f"http://{client_host}:{client_port}"
     peer_url = f"http://{client_host}:{peer_port}"
     return [
-        etcd_binary(),
+        binary or etcd_binary(),
         "--name", name,
         "--data-dir", data_dir,
         "--listen-client-urls", client_url,

@@ -164,6 +164,7 @@ class NodeFacts(Strict):
     agent_version: str = ""
     api_url: str = ""
     state_dir: str = "/var/lib/pdsupervisor"
+    python: str = "python3"  # the agent's interpreter: what {python} renders to in argv templates
     registered_at: float = 0.0
 
     def rdma_up(self, allow: list[str] | None = None) -> list[str]:
