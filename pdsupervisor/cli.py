@@ -14,3 +14,5 @@ def main() -> None:
 
 
 # Subcommands register below, one line each, from their own modules.
+from pdsupervisor.simengine.cli import sim_engine  # noqa: E402
+main.add_command(sim_engine)

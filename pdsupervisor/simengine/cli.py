@@ -1,0 +1,66 @@
+"""`pdsupervisor sim-engine` / `python -m pdsupervisor.simengine`: takes a vLLM command line.
+
+vLLM's flags have no fixed arity we could declare to click, so the command takes its
+arguments unprocessed and `config.parse_args` interprets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import click
+
+from pdsupervisor.simengine.config import ConfigError, parse_args
+from pdsupervisor.simengine.server import serve
+
+HELP = """Simulated vLLM OpenAI server. Takes vLLM's flags (--model, --host, --port, -tp,
+--kv-transfer-config; others are ignored) plus --sim-load-time S, --sim-ttft-per-token S,
+--sim-tpot S, --sim-max-batch N, --sim-natural-len N (or env PDSIM_LOAD_TIME, PDSIM_TTFT_PER_TOKEN,
+PDSIM_TPOT, PDSIM_MAX_BATCH). Reads VLLM_DP_* / VLLM_EP_SIZE and MOONCAKE_CONFIG_PATH."""
+
+
+def run(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _use_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(cfg))
+
+
+async def _main(cfg) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve(cfg)
+
+
+def _use_uvloop() -> None:
+    """uvloop is an optional speed-up; plain asyncio works the same."""
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@click.command(
+    "sim-engine",
+    help=HELP,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["--help"]},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sim_engine(args: tuple[str, ...]) -> None:
+    run(list(args))
+
+
+if __name__ == "__main__":
+    sim_engine(sys.argv[1:])

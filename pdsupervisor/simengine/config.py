@@ -1,0 +1,181 @@
+"""Parse a vLLM-style command line plus the environment into a `SimConfig`.
+
+vLLM has hundreds of flags; the simulator keeps the few that matter to PD serving and
+ignores the rest (with a warning) so the spec's vLLM argv templates run with only the
+executable swapped. An unknown `--flag` takes the next token as its value unless that
+token is itself a flag, which covers both `--flag value` and bare `--flag` forms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DP_ENV_VARS = (
+    "VLLM_DP_SIZE",
+    "VLLM_DP_RANK",
+    "VLLM_DP_RANK_LOCAL",
+    "VLLM_DP_MASTER_IP",
+    "VLLM_DP_MASTER_PORT",
+    "VLLM_EP_SIZE",
+)
+
+
+class ConfigError(ValueError):
+    """A command line the simulator cannot run with (bad value, unreadable Mooncake JSON)."""
+
+
+@dataclass
+class SimConfig:
+    argv: list[str]
+    model: str = "sim-model"
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    tensor_parallel_size: int = 1
+    kv_transfer_config: dict[str, Any] | None = None
+    load_time_s: float = 0.0
+    ttft_per_token_s: float = 0.0
+    tpot_s: float = 0.0
+    max_batch: int = 256
+    natural_len: int = 16
+    dp_env: dict[str, str] = field(default_factory=dict)
+    mooncake_config_path: str | None = None
+    mooncake_config: dict[str, Any] | None = None
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def kv_role(self) -> str | None:
+        return (self.kv_transfer_config or {}).get("kv_role")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+    def debug_view(self) -> dict[str, Any]:
+        return {
+            "argv": self.argv,
+            "model": self.model,
+            "served_model_name": self.served_model_name,
+            "host": self.host,
+            "port": self.port,
+            "tp": self.tensor_parallel_size,
+            "kv_transfer_config": self.kv_transfer_config,
+            "kv_role": self.kv_role,
+            "dp_env": self.dp_env,
+            "mooncake_config_path": self.mooncake_config_path,
+            "mooncake_config": self.mooncake_config,
+            "ignored_flags": self.ignored,
+            "sim": {
+                "load_time_s": self.load_time_s,
+                "ttft_per_token_s": self.ttft_per_token_s,
+                "tpot_s": self.tpot_s,
+                "max_batch": self.max_batch,
+                "natural_len": self.natural_len,
+            },
+        }
+
+
+# flag -> (attribute, converter); aliases share an entry.
+_VALUE_FLAGS: dict[str, tuple[str, Any]] = {
+    "--model": ("model", str),
+    "--served-model-name": ("served_model_name", str),
+    "--host": ("host", str),
+    "--port": ("port", int),
+    "-tp": ("tensor_parallel_size", int),
+    "--tensor-parallel-size": ("tensor_parallel_size", int),
+    "--kv-transfer-config": ("kv_transfer_config", json.loads),
+    "--sim-load-time": ("load_time_s", float),
+    "--sim-ttft-per-token": ("ttft_per_token_s", float),
+    "--sim-tpot": ("tpot_s", float),
+    "--sim-max-batch": ("max_batch", int),
+    "--sim-natural-len": ("natural_len", int),
+}
+
+# Simulator knobs may also come from the environment (flags win).
+_SIM_ENV: dict[str, str] = {
+    "PDSIM_LOAD_TIME": "--sim-load-time",
+    "PDSIM_TTFT_PER_TOKEN": "--sim-ttft-per-token",
+    "PDSIM_TPOT": "--sim-tpot",
+    "PDSIM_MAX_BATCH": "--sim-max-batch",
+}
+
+
+def _canonical(flag: str) -> str:
+    """vLLM accepts `--tensor_parallel_size` as well as `--tensor-parallel-size`."""
+    return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> SimConfig:
+    env = os.environ if env is None else env
+    cfg = SimConfig(argv=list(argv))
+    values: dict[str, str] = {}
+    for var, flag in _SIM_ENV.items():
+        if env.get(var):
+            values[flag] = env[var]
+
+    args = list(argv)
+    if args and args[0] == "serve":  # `vllm serve MODEL ...`
+        args = args[1:]
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("-"):
+            if "--model" not in values:  # positional model, as in `vllm serve MODEL`
+                values["--model"] = tok
+            else:
+                cfg.ignored.append(tok)
+            i += 1
+            continue
+        name, eq, inline = tok.partition("=")
+        name = _canonical(name)
+        if name in _VALUE_FLAGS:
+            if eq:
+                values[name] = inline
+                i += 1
+            elif i + 1 < len(args):
+                values[name] = args[i + 1]
+                i += 2
+            else:
+                raise ConfigError(f"{tok} needs a value")
+            continue
+        # Unknown flag: swallow its value if it has one.
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            cfg.ignored.extend([tok, args[i + 1]])
+            i += 2
+        else:
+            cfg.ignored.append(tok)
+            i += 1
+
+    for flag, raw in values.items():
+        attr, conv = _VALUE_FLAGS[flag]
+        try:
+            setattr(cfg, attr, conv(raw))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad value for {flag}: {raw!r} ({exc})") from exc
+    if cfg.kv_transfer_config is not None and not isinstance(cfg.kv_transfer_config, dict):
+        raise ConfigError("--kv-transfer-config must be a JSON object")
+    if cfg.max_batch < 1:
+        raise ConfigError("--sim-max-batch must be >= 1")
+
+    cfg.dp_env = {k: env[k] for k in DP_ENV_VARS if k in env}
+    path = env.get("MOONCAKE_CONFIG_PATH")
+    if path:
+        cfg.mooncake_config_path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg.mooncake_config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"MOONCAKE_CONFIG_PATH={path}: {exc}") from exc
+    return cfg

@@ -1,0 +1,220 @@
+"""The simulated engine's HTTP server: vLLM's OpenAI routes, timing model and metrics.
+
+Timing model: a request waits for one of `max_batch` slots, then pays
+`ttft_per_token * prompt_tokens` (prefill; skipped by a decode engine that receives valid
+`kv_transfer_params`), then `tpot` per output token. With every delay zero no timer is
+armed at all, so the simulator is a cheap baseline for proxy benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pdsupervisor.simengine import shapes
+from pdsupervisor.simengine.config import SimConfig
+
+log = logging.getLogger("pdsupervisor.simengine")
+
+
+class EngineMetrics:
+    """vLLM-named Prometheus metrics, on a registry of this engine's own."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"model_name": engine.cfg.model_id}
+        running = Gauge("vllm:num_requests_running", "Requests in a batch slot.", ["model_name"], registry=self.registry)
+        running.labels(**labels).set_function(lambda: engine.running)
+        waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", ["model_name"], registry=self.registry)
+        waiting.labels(**labels).set_function(lambda: engine.waiting)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, ["model_name"], registry=self.registry).labels(**labels)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self.requests = counter("vllm:request_success", "Requests finished.")
+        self.local_prefills = counter(
+            "vllm:sim_decode_local_prefills", "Decode-role requests without valid kv_transfer_params (prefill paid here)."
+        )
+        self.kv_transfers = counter(
+            "vllm:sim_kv_transfer_hits", "Decode-role requests whose prefill came from a remote engine."
+        )
+
+
+class SimEngine:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.running = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(cfg.max_batch)
+        self._ids = itertools.count()
+        self._id_prefix = f"{os.getpid():x}"
+        self.metrics = EngineMetrics(self)
+        self.endpoint = f"{cfg.host if cfg.host not in ('0.0.0.0', '::', '') else '127.0.0.1'}:{cfg.port}"
+        models = {
+            "object": "list",
+            "data": [{
+                "id": cfg.model_id, "object": "model", "created": 0, "owned_by": "vllm",
+                "root": cfg.model, "parent": None, "max_model_len": None,
+            }],
+        }
+        self._models_body = json.dumps(models).encode()
+
+    # ---- routes -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_get("/debug/config", self.debug_config)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._models_body, content_type="application/json")
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def debug_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self.cfg.debug_view())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    # ---- generation ----------------------------------------------------------------
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = json.loads(await request.read())
+        except ValueError as exc:
+            return _error(f"invalid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error("request body must be a JSON object")
+        prompt_tokens = shapes.count_prompt_tokens(body, chat)
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = 16 if not chat else self.cfg.natural_len
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error("max_tokens must be a positive integer")
+        n_out = max_tokens if body.get("ignore_eos") else min(max_tokens, self.cfg.natural_len)
+        finish = "length" if n_out == max_tokens else "stop"
+        req_id = f"{self._id_prefix}-{next(self._ids)}"
+
+        pay_prefill = True
+        if self.cfg.is_consumer:
+            kv = body.get("kv_transfer_params")
+            if _valid_kv(kv, prompt_tokens):
+                pay_prefill = False
+                self.metrics.kv_transfers.inc()
+            else:
+                self.metrics.local_prefills.inc()
+        kv_out = None
+        if self.cfg.is_producer:
+            kv_out = {"remote_engine": self.endpoint, "request_id": req_id, "num_prompt_tokens": prompt_tokens}
+
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            if pay_prefill and self.cfg.ttft_per_token_s > 0:
+                await asyncio.sleep(self.cfg.ttft_per_token_s * prompt_tokens)
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            if body.get("stream"):
+                resp = await self._stream(request, body, chat, req_id, prompt_tokens, n_out, finish)
+            else:
+                if self.cfg.tpot_s > 0 and n_out > 1:
+                    await asyncio.sleep(self.cfg.tpot_s * (n_out - 1))
+                text = "".join(shapes.token_text(i) for i in range(n_out))
+                self.metrics.generation_tokens.inc(n_out)
+                resp = web.Response(
+                    body=shapes.full_response(
+                        chat=chat, req_id=req_id, model=self.cfg.model_id, text=text, finish=finish,
+                        prompt_tokens=prompt_tokens, completion_tokens=n_out, kv_transfer_params=kv_out,
+                    ),
+                    content_type="application/json",
+                )
+            self.metrics.requests.inc()
+            return resp
+        finally:
+            self.running -= 1
+            self._slots.release()
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], chat: bool, req_id: str,
+        prompt_tokens: int, n_out: int, finish: str,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        maker = shapes.ChunkMaker(chat=chat, req_id=req_id, model=self.cfg.model_id)
+        opts = body.get("stream_options") or {}
+        lines: list[bytes] = [maker.role()] if chat else []
+        tpot = self.cfg.tpot_s
+        for i in range(n_out):
+            if tpot > 0 and i > 0:
+                await resp.write(b"".join(lines))
+                lines.clear()
+                await asyncio.sleep(tpot)
+            lines.append(maker.token(shapes.token_text(i), finish if i == n_out - 1 else None))
+            self.metrics.generation_tokens.inc()
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            lines.append(maker.usage(prompt_tokens, n_out))
+        lines.append(shapes.DONE)
+        await resp.write(b"".join(lines))
+        await resp.write_eof()
+        return resp
+
+
+def _valid_kv(kv: Any, prompt_tokens: int) -> bool:
+    """Valid = produced by a prefill engine for a prompt of the same length."""
+    return (
+        isinstance(kv, dict)
+        and bool(kv.get("remote_engine"))
+        and kv.get("request_id") is not None
+        and kv.get("num_prompt_tokens") == prompt_tokens
+    )
+
+
+def _error(message: str, status: int = 400) -> web.Response:
+    return web.Response(status=status, body=shapes.error_body(message, code=status), content_type="application/json")
+
+
+async def serve(cfg: SimConfig) -> None:
+    """Load (sleep), then listen: like vLLM, the port stays closed until the model is loaded."""
+    engine = SimEngine(cfg)
+    if cfg.ignored:
+        log.warning("ignoring vLLM flags the simulator does not use: %s", " ".join(cfg.ignored))
+    if cfg.load_time_s > 0:
+        log.info("simulating model load for %.2fs", cfg.load_time_s)
+        await asyncio.sleep(cfg.load_time_s)
+    runner = web.AppRunner(engine.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+    await site.start()
+    log.info("sim engine %s (kv_role=%s) listening on %s:%d", cfg.model_id, cfg.kv_role, cfg.host, cfg.port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

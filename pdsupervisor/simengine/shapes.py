@@ -1,0 +1,101 @@
+"""OpenAI/vLLM response shapes: prompt token counting and response/chunk builders."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+def count_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+    """A deterministic stand-in for a tokenizer: one token per whitespace-separated word."""
+    if chat:
+        n = 0
+        for msg in body.get("messages") or []:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                n += len(content.split())
+            elif isinstance(content, list):  # [{"type": "text", "text": ...}]
+                n += sum(len(str(p.get("text", "")).split()) for p in content if isinstance(p, dict))
+        return max(1, n)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return max(1, len(prompt))
+        prompt = " ".join(str(p) for p in prompt)
+    return max(1, len(str(prompt).split()))
+
+
+def token_text(i: int) -> str:
+    return f" t{i}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def full_response(
+    *, chat: bool, req_id: str, model: str, text: str, finish: str, prompt_tokens: int,
+    completion_tokens: int, kv_transfer_params: dict[str, Any] | None,
+) -> bytes:
+    created = int(time.time())
+    if chat:
+        out: dict[str, Any] = {
+            "id": f"chatcmpl-{req_id}", "object": "chat.completion", "created": created, "model": model,
+            "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish, "stop_reason": None,
+            }],
+        }
+    else:
+        out = {
+            "id": f"cmpl-{req_id}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+        }
+    out["usage"] = usage(prompt_tokens, completion_tokens)
+    out["kv_transfer_params"] = kv_transfer_params
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+class ChunkMaker:
+    """Builds vLLM-shaped SSE lines for one streamed request."""
+
+    def __init__(self, *, chat: bool, req_id: str, model: str) -> None:
+        self.chat = chat
+        self.head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{req_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _line(self, choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> bytes:
+        payload = dict(self.head, choices=choices)
+        if usage_ is not None:
+            payload["usage"] = usage_
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    def role(self) -> bytes:
+        """Chat streams open with an assistant-role delta, as vLLM's do."""
+        return self._line([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+
+    def token(self, text: str, finish: str | None) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        return self._line([choice])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return self._line([], usage(prompt_tokens, completion_tokens))
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_body(message: str, *, type_: str = "BadRequestError", code: int = 400) -> bytes:
+    return json.dumps({"object": "error", "message": message, "type": type_, "param": None, "code": code}).encode()
