@@ -16,3 +16,6 @@ def main() -> None:
 # Subcommands register below, one line each, from their own modules.
 from pdsupervisor.simengine.cli import sim_engine  # noqa: E402
 main.add_command(sim_engine)
+from pdsupervisor.plan_command import plan_command  # noqa: E402
+
+main.add_command(plan_command)
