@@ -1,0 +1,108 @@
+"""Killing whole process trees without ever signalling a stranger.
+
+A tree is collected before the first signal: the root's descendants
+(`children(recursive=True)`, which catches grandchildren that called setsid) plus every
+member of the root's session (catches orphans already reparented away). The session is
+scanned only while the root pid still identifies our process (same create_time, zombie
+allowed), because a free pid can become someone else's session id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+
+GRACE_AFTER_KILL_S = 5.0
+
+
+def same_process(pid: int, create_time: float, tolerance: float = 1.0) -> psutil.Process | None:
+    """The process `pid` if it is still the one created at `create_time` (zombies included)."""
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - create_time) <= tolerance:
+            return p
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return None
+
+
+def gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return True
+
+
+def collect_tree(pid: int, create_time: float) -> list[psutil.Process]:
+    """Root (if still ours and alive), its descendants and its session's members."""
+    root = same_process(pid, create_time)
+    if root is None:
+        return []
+    found: dict[int, psutil.Process] = {}
+    if not gone(root):
+        found[root.pid] = root
+    try:
+        for c in root.children(recursive=True):
+            found.setdefault(c.pid, c)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    me = os.getpid()
+    for p in psutil.process_iter():
+        if p.pid in found or p.pid == me:
+            continue
+        try:
+            if os.getsid(p.pid) == pid:
+                found[p.pid] = p
+        except (ProcessLookupError, PermissionError):
+            continue
+    return [p for p in found.values() if not gone(p)]
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)  # psutil refuses if the pid was reused meanwhile
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+async def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    alive = [p for p in procs if not gone(p)]
+    while alive and loop.time() < deadline:
+        await asyncio.sleep(0.05 if timeout < 2 else 0.1)
+        alive = [p for p in alive if not gone(p)]
+    return alive
+
+
+async def terminate_tree(
+    pid: int, create_time: float, sig: int, timeout: float, *, group: bool = True
+) -> list[psutil.Process]:
+    """`sig` to the whole tree and its process group, wait `timeout`, SIGKILL the rest.
+
+    Returns what is still alive afterwards (should be empty; the caller logs it).
+    """
+    procs = collect_tree(pid, create_time)
+    if not procs:
+        return []
+    root_is_ours = same_process(pid, create_time) is not None
+    if group and root_is_ours:
+        try:
+            os.killpg(pid, sig)  # our children lead their own session and group (pgid == pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _signal_all(procs, sig)
+    alive = await _wait_gone(procs, timeout)
+    if alive or (group and root_is_ours):
+        if group and same_process(pid, create_time) is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _signal_all(alive, signal.SIGKILL)
+        alive = await _wait_gone(alive, GRACE_AFTER_KILL_S)
+    return alive

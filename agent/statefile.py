@@ -1,0 +1,109 @@
+"""Process records in the state dir, written atomically: what lets a restarted agent adopt.
+
+`<state>/procs/<name>.json` holds the pid, the kernel's create_time and the spec. A record
+is adopted only if the pid is alive, its create_time is within 1 s of the recorded one and
+its command line matches argv: a reused pid is never adopted, so never signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from pdsupervisor.models import ProcessSpec
+
+CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, chmod, rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+@dataclass
+class ProcRecord:
+    name: str
+    pid: int
+    create_time: float
+    spec_hash: str
+    spec: dict  # ProcessSpec as JSON
+    started_at: float  # wall clock, for people
+    restarts: int = 0
+
+    @property
+    def process_spec(self) -> ProcessSpec:
+        return ProcessSpec.model_validate(self.spec)
+
+
+class ProcStore:
+    """The directory of process records of one agent (`<state>/procs`)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def save(self, rec: ProcRecord) -> None:
+        atomic_write(self.path(rec.name), json.dumps(asdict(rec), sort_keys=True).encode(), 0o600)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def load_all(self) -> list[ProcRecord]:
+        out: list[ProcRecord] = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(ProcRecord(**json.loads(p.read_text())))
+            except (OSError, ValueError, TypeError):
+                p.unlink(missing_ok=True)  # unreadable record: nothing we could safely adopt
+        return out
+
+
+def matches(rec: ProcRecord) -> psutil.Process | None:
+    """The live process `rec` describes, or None if the pid is gone or belongs to someone else."""
+    if rec.pid in (os.getpid(), os.getppid()) or rec.pid <= 1:
+        return None
+    try:
+        proc = psutil.Process(rec.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if abs(proc.create_time() - rec.create_time) > CREATE_TIME_TOLERANCE_S:
+            return None
+        argv = list(rec.spec.get("argv", []))
+        cmdline = proc.cmdline()
+        if cmdline != argv and " ".join(cmdline) != " ".join(argv):
+            return None
+        return proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None

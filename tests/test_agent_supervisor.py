@@ -1,0 +1,152 @@
+"""One managed process, in-process: start, restart after kill -9, stop the whole tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.statefile import ProcRecord, ProcStore, matches
+from agent.supervisor import ManagedProcess, backoff_delay, child_env
+from pdsupervisor.models import ProcessSpec, ProcessState, RestartPolicy
+from tests.conftest import kill_tree
+
+FAST = RestartPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
+
+# A child that starts a grandchild in its own session (setsid) and another in its group.
+TREE = (
+    "import os, subprocess, sys, time\n"
+    "a = subprocess.Popen([sys.executable, '-c', 'import os,time; os.setsid(); time.sleep(600)'])\n"
+    "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "open(sys.argv[1], 'w').write(f'{a.pid} {b.pid}')\n"
+    "time.sleep(600)\n"
+)
+
+
+async def until(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def procs():
+    started: list[ManagedProcess] = []
+    extra: list[int] = []
+    yield started, extra
+    for m in started:
+        if m.pid:
+            kill_tree(m.pid)
+    for pid in extra:
+        kill_tree(pid)
+
+
+def mp(tmp_path: Path, spec: ProcessSpec) -> ManagedProcess:
+    return ManagedProcess(spec, records=ProcStore(tmp_path / "procs"), log_dir=tmp_path / "logs")
+
+
+async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, procs):
+    pids_file = tmp_path / "pids"
+    spec = ProcessSpec(name="tree", role="prefill", argv=[sys.executable, "-c", TREE, str(pids_file)],
+                       restart=FAST, stop_timeout_s=2)
+    m = mp(tmp_path, spec)
+    procs[0].append(m)
+    m.start()
+    await until(lambda: pids_file.exists() and pids_file.read_text().count(" ") == 1, what="grandchildren")
+    a, b = map(int, pids_file.read_text().split())
+    procs[1].extend([a, b])
+    await until(lambda: os.getsid(a) == a, what="grandchild setsid")
+    assert os.getsid(b) == m.pid
+    root = m.pid
+    assert (tmp_path / "procs" / "tree.json").exists()
+    await m.stop()
+    for pid in (root, a, b):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert m.state == ProcessState.exited
+    assert not (tmp_path / "procs" / "tree.json").exists()
+
+
+async def test_killed_child_is_restarted_with_exit_code(tmp_path, procs):
+    spec = ProcessSpec(name="sleeper", role="decode", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
+                       restart=FAST, env={"NOTIFY_SOCKET": "/nope"})
+    m = mp(tmp_path, spec)
+    procs[0].append(m)
+    m.start()
+    first = await until(lambda: m.pid, what="first pid")
+    await until(lambda: m.state == ProcessState.ready, what="ready")
+    assert "NOTIFY_SOCKET" not in psutil.Process(first).environ()
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: m.state == ProcessState.backoff, what="backoff")
+    st = m.status()
+    assert st.last_exit_code == -9 and "next attempt" in st.message
+    second = await until(lambda: m.pid, what="restart")
+    assert second != first and m.restarts == 1
+    await m.stop()
+
+
+async def test_spawn_failure_backs_off_never_gives_up(tmp_path, procs):
+    spec = ProcessSpec(name="missing", role="proxy", argv=["/nonexistent/binary"], restart=FAST)
+    m = mp(tmp_path, spec)
+    procs[0].append(m)
+    m.start()
+    await until(lambda: m.restarts >= 2, what="repeated attempts")
+    assert m.state in (ProcessState.backoff, ProcessState.starting)
+    await m.stop()
+
+
+async def test_readiness_http_probe_and_files_written(tmp_path, procs):
+    from pdsupervisor.models import FileSpec, Probe
+    from tests.conftest import free_port
+
+    port = free_port()
+    target = tmp_path / "cfg" / "mooncake.json"
+    spec = ProcessSpec(
+        name="web", role="proxy", argv=[sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=str(tmp_path), files=[FileSpec(path=str(target), content='{"a": 1}', mode=0o600)],
+        readiness=Probe(kind="http", port=port, path="/", period_s=0.1), restart=FAST,
+    )
+    m = mp(tmp_path, spec)
+    procs[0].append(m)
+    m.start()
+    await until(lambda: m.state == ProcessState.ready, what="http ready")
+    assert target.read_text() == '{"a": 1}' and (target.stat().st_mode & 0o777) == 0o600
+    await m.stop()
+
+
+async def test_adoption_record_matches_only_same_process(tmp_path, procs):
+    argv = [sys.executable, "-c", "import time; time.sleep(600)"]
+    p = psutil.Popen(argv)
+    procs[1].append(p.pid)
+    await until(lambda: p.cmdline() == argv, what="exec")
+    spec = ProcessSpec(name="x", role="prefill", argv=argv)
+    rec = ProcRecord(name="x", pid=p.pid, create_time=p.create_time(), spec_hash=spec.spec_hash(),
+                     spec=spec.model_dump(mode="json"), started_at=time.time())
+    assert matches(rec) is not None
+    rec.create_time -= 5  # same pid, different start time: a reused pid
+    assert matches(rec) is None
+    rec.create_time += 5
+    rec.spec["argv"] = ["/bin/other"]
+    assert matches(rec) is None
+
+
+def test_backoff_grows_and_caps():
+    delays = [backoff_delay(1.0, 2.0, 10.0, 0.0, a) for a in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert all(0.8 <= backoff_delay(1.0, 2.0, 10.0, 0.2, 0) <= 1.2 for _ in range(50))
+
+
+def test_child_env_strips_notify_socket(monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "1000")
+    env = child_env({"A": "1"})
+    assert env["A"] == "1" and "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
