@@ -19,3 +19,5 @@ main.add_command(sim_engine)
 from pdsupervisor.plan_command import plan_command  # noqa: E402
 
 main.add_command(plan_command)
+from pdsupervisor.proxy.cli import proxy  # noqa: E402
+main.add_command(proxy)

@@ -1,0 +1,3 @@
+from pdsupervisor.proxy.cli import proxy
+
+proxy(prog_name="python -m pdsupervisor.proxy")

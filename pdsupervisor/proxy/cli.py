@@ -1,0 +1,150 @@
+"""`pdsupervisor proxy` / `python -m pdsupervisor.proxy`.
+
+Accepts the seed's spelling too: `--prefill a:1 b:2` (several values after one flag),
+repeated flags, and underscore forms such as `--generator_on_p_node`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from aiohttp import web
+
+from pdsupervisor.proxy.instances import Registry
+from pdsupervisor.proxy.server import PDProxy, ProxyConfig
+
+log = logging.getLogger("pdsupervisor.proxy")
+
+_LIST_FLAGS = ("--prefill", "--decode")
+
+
+class _SeedArgs(click.Command):
+    """Turns `--prefill a b` into `--prefill a --prefill b` and `--x_y` into `--x-y` before click parses."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        current: str | None = None  # a list flag whose values we are reading
+        first = False
+        for tok in args:
+            if tok.startswith("--"):
+                name, eq, val = tok.partition("=")
+                name = "--" + name[2:].replace("_", "-")
+                out.append(name + eq + val)
+                current = name if name in _LIST_FLAGS and not eq else None
+                first = current is not None
+            elif current is not None and not first:
+                out.extend([current, tok])
+            else:
+                out.append(tok)
+                first = False
+        return super().parse_args(ctx, out)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v for item in values for v in item.replace(",", " ").split()]
+
+
+@click.command("proxy", cls=_SeedArgs, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8868, show_default=True, type=int)
+@click.option("--model", default=None, help="Model name (informational).")
+@click.option("--prefill", multiple=True, help="Prefill instance host:port (repeatable, or several after one flag).")
+@click.option("--decode", multiple=True, help="Decode instance host:port (repeatable, or several after one flag).")
+@click.option("--cluster", default=None, help="Read instances live from etcd for this cluster.")
+@click.option("--etcd", default=None, help="etcd endpoints host:port[,host:port] (with --cluster).")
+@click.option("--policy", type=click.Choice(["load", "round-robin"]), default="load", show_default=True)
+@click.option("--round-robin", "round_robin", is_flag=True, help="Same as --policy round-robin.")
+@click.option("--generator-on-p-node", "generator_on_p", is_flag=True, help="First token comes from the prefill node.")
+@click.option("--benchmark-mode", is_flag=True, help="Fan each prompt out to extra decode requests.")
+@click.option("--repeat-d-times", default=0, show_default=True, type=int)
+@click.option("--repeat-p-request", default=1, type=int, hidden=True, help="Accepted for the seed; only 1 is supported.")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File with accepted API keys, one a line.")
+@click.option("--connect-timeout", default=60.0, show_default=True, type=float)
+@click.option("--read-timeout", default=1200.0, show_default=True, type=float)
+@click.option("--total-timeout", default=6 * 3600.0, show_default=True, type=float)
+@click.option("--probe-interval", default=1.0, show_default=True, type=float, help="Seconds between probes of ejected instances.")
+@click.option("--log-level", default="INFO", show_default=True)
+def proxy(**opts: Any) -> None:
+    """Prefill/decode proxy: OpenAI-compatible, live membership, ejection and retry."""
+    logging.basicConfig(level=opts["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefill, decode = _split(opts["prefill"]), _split(opts["decode"])
+    if opts["cluster"] and (prefill or decode):
+        raise click.UsageError("use either --cluster/--etcd or --prefill/--decode, not both")
+    if opts["cluster"] and not opts["etcd"]:
+        raise click.UsageError("--cluster needs --etcd")
+    if not opts["cluster"] and not (prefill and decode):
+        raise click.UsageError("give --prefill and --decode instances, or --cluster and --etcd")
+    keys: list[str] = []
+    if opts["api_key_file"]:
+        keys = [k.strip() for k in Path(opts["api_key_file"]).read_text().splitlines() if k.strip()]
+        if not keys:
+            raise click.UsageError("--api-key-file holds no key")
+    cfg = ProxyConfig(
+        host=opts["host"], port=opts["port"], model=opts["model"], generator_on_p=opts["generator_on_p"],
+        benchmark_mode=opts["benchmark_mode"], repeat_d_times=opts["repeat_d_times"], api_keys=keys,
+        connect_timeout_s=opts["connect_timeout"], read_timeout_s=opts["read_timeout"],
+        total_timeout_s=opts["total_timeout"], probe_interval_s=opts["probe_interval"],
+    )
+    registry = Registry(policy="round-robin" if opts["round_robin"] else opts["policy"])
+    registry.set_endpoints("prefill", prefill)
+    registry.set_endpoints("decode", decode)
+    etcd = opts["etcd"].split(",") if opts["cluster"] else None
+    _use_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(cfg, registry, opts["cluster"], etcd))
+
+
+async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd: list[str] | None) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+    proxy_ = PDProxy(cfg, registry)
+    source_task = None
+    store = None
+    if cluster and etcd:
+        from pdsupervisor.proxy.etcd_source import EtcdSource
+        from pdsupervisor.store import Store
+
+        store = Store(etcd, cluster)
+        source = EtcdSource(store, registry)
+        proxy_.source = f"etcd:{cluster}"
+        source_task = asyncio.ensure_future(source.run())
+    runner = web.AppRunner(proxy_.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+    await site.start()
+    log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, proxy_.source)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        if source_task:
+            source_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await source_task
+        if store:
+            with contextlib.suppress(Exception):
+                await store.close()
+        await runner.cleanup()
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+if __name__ == "__main__":
+    proxy(sys.argv[1:])

@@ -1,0 +1,117 @@
+"""Instance registry: who serves which role, how loaded each is, and who is ejected.
+
+Scheduling follows the seed's proxy: prefill goes to the instance with the fewest prompt
+tokens in flight, decode to the one with the fewest requests in flight (ties by tokens).
+Round-robin is available instead. An ejected instance gets no traffic until the prober
+sees its `/health` answer 200 again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+ProxyRole = Literal["prefill", "decode"]
+ROLES: tuple[ProxyRole, ProxyRole] = ("prefill", "decode")
+
+
+@dataclass(eq=False)
+class Instance:
+    endpoint: str  # host:port
+    role: ProxyRole
+    base_url: str = ""
+    inflight: int = 0
+    tokens: int = 0  # prompt tokens of the requests in flight
+    total_tokens: int = 0  # accumulated since it joined: spreads load when all are idle
+    served: int = 0
+    failures: int = 0
+    ejected_at: float | None = None  # monotonic
+    ejected_reason: str = ""
+    removed: bool = False
+
+    def __post_init__(self) -> None:
+        self.base_url = f"http://{self.endpoint}"
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_at is not None
+
+    def view(self) -> dict[str, object]:
+        return {
+            "endpoint": self.endpoint, "role": self.role, "inflight": self.inflight, "tokens": self.tokens,
+            "served": self.served, "failures": self.failures, "ejected": self.ejected,
+            "ejected_for_s": round(time.monotonic() - self.ejected_at, 3) if self.ejected_at is not None else None,
+            "ejected_reason": self.ejected_reason,
+        }
+
+
+@dataclass
+class Registry:
+    policy: Literal["load", "round-robin"] = "load"
+    _by_role: dict[str, dict[str, Instance]] = field(default_factory=lambda: {r: {} for r in ROLES})
+    _rr: dict[str, itertools.count[int]] = field(default_factory=lambda: {r: itertools.count() for r in ROLES})
+    on_change: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_endpoints(self, role: ProxyRole, endpoints: Iterable[str]) -> None:
+        """Replace a role's membership; instances that stay keep their load and ejection."""
+        current = self._by_role[role]
+        wanted = list(dict.fromkeys(endpoints))
+        fresh: dict[str, Instance] = {}
+        for ep in wanted:
+            fresh[ep] = current.get(ep) or Instance(endpoint=ep, role=role)
+        for ep, inst in current.items():
+            if ep not in fresh:
+                inst.removed = True
+        self._by_role[role] = fresh
+        for cb in self.on_change:
+            cb()
+
+    def instances(self, role: ProxyRole | None = None) -> list[Instance]:
+        roles = ROLES if role is None else (role,)
+        return [i for r in roles for i in self._by_role[r].values()]
+
+    def healthy(self, role: ProxyRole) -> list[Instance]:
+        return [i for i in self._by_role[role].values() if i.ejected_at is None]
+
+    def pick(self, role: ProxyRole, exclude: set[Instance] | frozenset[Instance] = frozenset()) -> Instance | None:
+        candidates = [i for i in self._by_role[role].values() if i.ejected_at is None and i not in exclude]
+        if not candidates:
+            return None
+        if self.policy == "round-robin":
+            return candidates[next(self._rr[role]) % len(candidates)]
+        if role == "prefill":
+            return min(candidates, key=lambda i: (i.tokens, i.total_tokens))
+        return min(candidates, key=lambda i: (i.inflight, i.tokens, i.total_tokens))
+
+    @staticmethod
+    def acquire(inst: Instance, tokens: int) -> None:
+        inst.inflight += 1
+        inst.tokens += tokens
+        inst.total_tokens += tokens
+
+    @staticmethod
+    def release(inst: Instance, tokens: int) -> None:
+        inst.inflight -= 1
+        inst.tokens -= tokens
+        inst.served += 1
+
+    @staticmethod
+    def eject(inst: Instance, reason: str) -> bool:
+        """Take an instance out of rotation; True if it was in rotation until now."""
+        inst.failures += 1
+        if inst.ejected_at is not None:
+            return False
+        inst.ejected_at = time.monotonic()
+        inst.ejected_reason = reason
+        return True
+
+    @staticmethod
+    def restore(inst: Instance) -> None:
+        inst.ejected_at = None
+        inst.ejected_reason = ""
+
+    def ejected(self) -> list[Instance]:
+        return [i for i in self.instances() if i.ejected_at is not None]

@@ -1,0 +1,458 @@
+"""The proxy's HTTP routes and the prefill-then-decode flow.
+
+Flow (as the seed's proxy): the request, with `max_tokens=1` and `stream=false`, goes to a
+prefill instance; its `kv_transfer_params` are added to the original request, which goes
+to a decode instance whose answer is passed to the client chunk by chunk.
+
+Failure rules: an instance that refuses the connection, drops it or answers 5xx is
+ejected at once (the prober brings it back when `/health` answers 200), and the step is
+retried on another instance as long as no byte has been sent to the client. The client's
+disconnect cancels the handler (`handler_cancellation=True`), which closes the upstream
+connection, so the engine stops working for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pdsupervisor.proxy.instances import Instance, ProxyRole, Registry
+from pdsupervisor.proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("pdsupervisor.proxy")
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# Asks a vLLM v1 connector to keep the KV for a remote decode; ignored by v0 engines.
+PREFILL_KV_REQUEST = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+    "remote_block_ids": None, "remote_host": None, "remote_port": None,
+}
+
+
+@dataclass
+class ProxyConfig:
+    host: str = "0.0.0.0"
+    port: int = 8868
+    model: str | None = None
+    generator_on_p: bool = False
+    benchmark_mode: bool = False
+    repeat_d_times: int = 0
+    api_keys: list[str] = field(default_factory=list)
+    connect_timeout_s: float = 60.0
+    read_timeout_s: float = 1200.0
+    total_timeout_s: float = 6 * 3600.0
+    probe_interval_s: float = 1.0
+    pool_size: int = 4096
+
+
+class ProxyError(Exception):
+    """Ends a request with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, type_: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type_ = status, message, type_
+
+
+class Passthrough(Exception):
+    """An upstream 4xx: the client's fault, handed back as it is."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__("upstream 4xx")
+        self.response = response
+
+
+def error_response(status: int, message: str, type_: str) -> web.Response:
+    body = json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
+    return web.Response(status=status, body=body, headers=JSON_HEADERS)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError))
+
+
+class PDProxy:
+    def __init__(self, cfg: ProxyConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.metrics = ProxyMetrics(registry)
+        self.source = "static"
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._api_keys = [k.encode() for k in cfg.api_keys]
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(
+            total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.read_timeout_s
+        )
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        self._spawn(self._probe_loop())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    # ---- health probing ----------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval_s)
+            ejected = self.registry.ejected()
+            if ejected:
+                await asyncio.gather(*(self._probe(i) for i in ejected), return_exceptions=True)
+
+    async def _probe(self, inst: Instance) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(0.2, min(2.0, self.cfg.probe_interval_s)))
+        try:
+            async with self.session.get(inst.base_url + "/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if ok and inst.ejected:
+            self.registry.restore(inst)
+            log.info("instance %s (%s) is healthy again, back in rotation", inst.endpoint, inst.role)
+
+    def _eject(self, inst: Instance, reason: str) -> None:
+        if self.registry.eject(inst, reason):
+            log.warning("ejecting %s instance %s: %s", inst.role, inst.endpoint, reason)
+        self.metrics.child(self.metrics.errors, "upstream_" + inst.role).inc()
+
+    # ---- plain routes ---------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        p, d = len(self.registry.healthy("prefill")), len(self.registry.healthy("decode"))
+        status = 200 if p and d else 503
+        return web.json_response({"status": "ok" if status == 200 else "unavailable", "prefill": p, "decode": d}, status=status)
+
+    async def status(self, request: web.Request) -> web.Response:
+        insts = self.registry.instances()
+        return web.json_response({
+            "source": self.source,
+            "instances": [i.view() for i in insts],
+            "inflight": sum(i.inflight for i in insts if i.role == "decode"),
+            "ejected": [i.endpoint for i in insts if i.ejected],
+            "generator_on_p": self.cfg.generator_on_p,
+            "benchmark_mode": self.cfg.benchmark_mode,
+            "repeat_d_times": self.cfg.repeat_d_times,
+        })
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        for inst in self.registry.healthy("decode") + self.registry.healthy("prefill"):
+            try:
+                async with self.session.get(inst.base_url + "/v1/models") as resp:
+                    body = await resp.read()
+                    if resp.status == 200:
+                        return web.Response(body=body, headers=JSON_HEADERS)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self._eject(inst, f"/v1/models: {exc!r}")
+        return error_response(503, "no engine instance is available", "ServiceUnavailable")
+
+    def _check_key(self, request: web.Request) -> web.Response | None:
+        if not self._api_keys:
+            return None
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        given_b = given.encode()
+        if any(hmac.compare_digest(given_b, k) for k in self._api_keys):
+            return None
+        return error_response(401, "invalid or missing API key", "AuthenticationError")
+
+    # ---- the PD flow ----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/completions", chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/chat/completions", chat=True)
+
+    async def _handle(self, request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            if (denied := self._check_key(request)) is not None:
+                status = denied.status
+                return denied
+            raw = await request.read()
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise ProxyError(400, f"request body is not valid JSON: {exc}", "BadRequestError") from None
+            if not isinstance(body, dict) or not body:
+                raise ProxyError(400, "request body must be a non-empty JSON object", "BadRequestError")
+            tokens = len(raw) // 4 + 1  # a scheduling weight, not a tokenizer
+            prefill = await self._prefill(path, body, tokens, chat)
+            decode_raw = _with_kv(raw, prefill.get("kv_transfer_params"))
+            resp = await self._decode_with_fanout(request, path, decode_raw, tokens, bool(body.get("stream")), chat, prefill, start)
+            status = resp.status
+            return resp
+        except Passthrough as p:
+            status = p.response.status
+            return p.response
+        except ProxyError as e:
+            status = e.status
+            self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
+            return error_response(e.status, e.message, e.type_)
+        except asyncio.CancelledError:
+            status = 499  # client went away
+            raise
+        finally:
+            m = self.metrics
+            m.child(m.requests, path, str(status)).inc()
+            m.child(m.latency, path).observe(time.perf_counter() - start)
+
+    async def _prefill(self, path: str, body: dict[str, Any], tokens: int, chat: bool) -> dict[str, Any]:
+        req = dict(body)
+        req["max_tokens"] = 1
+        if chat and "max_completion_tokens" in req:
+            req["max_completion_tokens"] = 1
+        req["stream"] = False
+        req.pop("stream_options", None)
+        req["kv_transfer_params"] = PREFILL_KV_REQUEST
+        payload = json.dumps(req, separators=(",", ":")).encode()
+        data, _, _ = await self._call("prefill", path, payload, tokens)
+        try:
+            out = json.loads(data)
+        except ValueError:
+            raise ProxyError(502, "prefill answered with invalid JSON", "BadGateway") from None
+        return out if isinstance(out, dict) else {}
+
+    async def _call(self, role: ProxyRole, path: str, payload: bytes, tokens: int) -> tuple[bytes, int, str]:
+        """One non-streamed upstream request, retried on other instances of the role."""
+        tried: set[Instance] = set()
+        while True:
+            inst = self._pick(role, tried)
+            tried.add(inst)
+            self.registry.acquire(inst, tokens)
+            t0 = time.perf_counter()
+            try:
+                async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
+                    data = await up.read()
+                    if up.status >= 500:
+                        self._outcome(inst, "5xx", t0)
+                        self._eject(inst, f"HTTP {up.status}")
+                        continue
+                    self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
+                    if up.status >= 400:
+                        raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
+                    return data, up.status, up.headers.get("Content-Type", "application/json")
+            except asyncio.TimeoutError:
+                self._outcome(inst, "timeout", t0)
+                raise ProxyError(504, f"{role} instance {inst.endpoint} timed out", "GatewayTimeout") from None
+            except aiohttp.ClientError as exc:
+                if not _retryable(exc):
+                    raise
+                self._outcome(inst, "conn_error", t0)
+                self._eject(inst, repr(exc))
+            finally:
+                self.registry.release(inst, tokens)
+
+    def _pick(self, role: ProxyRole, tried: set[Instance]) -> Instance:
+        inst = self.registry.pick(role, tried)
+        if inst is not None:
+            return inst
+        if tried:
+            raise ProxyError(502, f"every {role} instance failed for this request", "BadGateway")
+        raise ProxyError(503, f"no {role} instance is available", "ServiceUnavailable")
+
+    def _outcome(self, inst: Instance, outcome: str, t0: float) -> None:
+        m = self.metrics
+        m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
+        m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
+
+    async def _decode_with_fanout(
+        self, request: web.Request, path: str, payload: bytes, tokens: int, stream: bool, chat: bool,
+        prefill: dict[str, Any], start: float,
+    ) -> web.StreamResponse:
+        if not (self.cfg.benchmark_mode and self.cfg.repeat_d_times > 0):
+            return await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
+        extras = [asyncio.ensure_future(self._drain_decode(path, payload, tokens)) for _ in range(self.cfg.repeat_d_times)]
+        try:
+            resp = await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
+            await asyncio.gather(*extras, return_exceptions=True)
+            return resp
+        finally:
+            for t in extras:
+                t.cancel()
+
+    async def _drain_decode(self, path: str, payload: bytes, tokens: int) -> None:
+        """A benchmark-mode duplicate: same prompt to another decode slot, answer dropped."""
+        try:
+            await self._call("decode", path, payload, tokens)
+        except (ProxyError, Passthrough):
+            self.metrics.child(self.metrics.errors, "benchmark_duplicate").inc()
+
+    async def _decode(
+        self, request: web.Request, path: str, payload: bytes, tokens: int, stream: bool, chat: bool,
+        prefill: dict[str, Any], start: float,
+    ) -> web.StreamResponse:
+        tried: set[Instance] = set()
+        while True:
+            inst = self._pick("decode", tried)
+            tried.add(inst)
+            self.registry.acquire(inst, tokens)
+            t0 = time.perf_counter()
+            resp: web.StreamResponse | None = None
+            try:
+                async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
+                    if up.status >= 500:
+                        await up.read()
+                        self._outcome(inst, "5xx", t0)
+                        self._eject(inst, f"HTTP {up.status}")
+                        continue
+                    ctype = up.headers.get("Content-Type", "application/json")
+                    if not (stream and up.status == 200 and ctype.startswith("text/event-stream")):
+                        data = await up.read()
+                        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
+                        if up.status == 200 and not data:
+                            raise aiohttp.ClientPayloadError("empty 200 from decode")
+                        self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
+                        return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
+                    relay = _FirstTokenSwap(prefill, chat) if self.cfg.generator_on_p else None
+                    async for chunk in up.content.iter_any():
+                        if relay is not None:
+                            chunk = relay.feed(chunk)
+                            if not chunk:
+                                continue
+                        if resp is None:
+                            resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                            await resp.prepare(request)
+                            self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
+                        await resp.write(chunk)
+                    if resp is None:
+                        raise aiohttp.ClientPayloadError("decode closed the stream without sending anything")
+                    self._outcome(inst, "ok", t0)
+                    await resp.write_eof()
+                    return resp
+            except asyncio.TimeoutError:
+                self._outcome(inst, "timeout", t0)
+                if resp is not None:
+                    return await _abort_stream(resp, "decode instance timed out")
+                raise ProxyError(504, f"decode instance {inst.endpoint} timed out", "GatewayTimeout") from None
+            except aiohttp.ClientError as exc:
+                if not _retryable(exc):
+                    raise
+                self._outcome(inst, "conn_error", t0)
+                self._eject(inst, repr(exc))
+                if resp is not None:  # bytes already sent: no retry possible
+                    self.metrics.child(self.metrics.errors, "stream_broken").inc()
+                    return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
+            finally:
+                self.registry.release(inst, tokens)
+
+
+async def _abort_stream(resp: web.StreamResponse, message: str) -> web.StreamResponse:
+    """Tell a streaming client in-band (as vLLM does) that the answer is cut short."""
+    err = {"error": {"message": message, "type": "BadGateway", "code": 502}}
+    try:
+        await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+    return resp
+
+
+def _with_kv(raw: bytes, kv: Any) -> bytes:
+    """The client's body plus the prefill's `kv_transfer_params`, without re-encoding it.
+
+    The body is a non-empty JSON object (checked), so the key can be spliced in before its
+    closing brace; a key the client sent is overridden (JSON parsers keep the last one).
+    """
+    if not kv:
+        return raw
+    end = raw.rstrip()
+    return end[:-1] + b',"kv_transfer_params":' + json.dumps(kv, separators=(",", ":")).encode() + b"}"
+
+
+class _FirstTokenSwap:
+    """`--generator-on-p-node`: the prefill's token goes first, decode's first token is dropped."""
+
+    def __init__(self, prefill: dict[str, Any], chat: bool) -> None:
+        self.chat = chat
+        self.buf = b""
+        self.done = False
+        self.first = self._prefill_chunk(prefill)
+
+    def _prefill_chunk(self, prefill: dict[str, Any]) -> bytes:
+        choice = (prefill.get("choices") or [{}])[0]
+        head = {"id": prefill.get("id", ""), "created": prefill.get("created", 0), "model": prefill.get("model", "")}
+        if self.chat:
+            text = (choice.get("message") or {}).get("content") or ""
+            c = {"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": None}
+            payload = dict(head, object="chat.completion.chunk", choices=[c])
+        else:
+            c = {"index": 0, "text": choice.get("text", ""), "logprobs": None, "finish_reason": None}
+            payload = dict(head, object="text_completion", choices=[c])
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return chunk
+        self.buf += chunk
+        out = [self.first] if self.first else []
+        self.first = b""
+        while b"\n\n" in self.buf and not self.done:
+            event, self.buf = self.buf.split(b"\n\n", 1)
+            if self._has_token(event):
+                self.done = True  # drop it: the prefill already produced this token
+            else:
+                out.append(event + b"\n\n")
+        if self.done:
+            out.append(self.buf)
+            self.buf = b""
+        return b"".join(out)
+
+    def _has_token(self, event: bytes) -> bool:
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+            return False
+        try:
+            choices = json.loads(event[6:]).get("choices") or []
+        except ValueError:
+            return False
+        if not choices:
+            return False
+        c = choices[0]
+        return bool((c.get("delta") or {}).get("content") if self.chat else c.get("text"))
