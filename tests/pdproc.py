@@ -1,0 +1,91 @@
+"""Helpers for tests that run the sim engine and the proxy as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from conftest import free_port, kill_tree, wait_for
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+def metric(base: str, name: str) -> float:
+    """Sum of a metric's samples (all label sets) from a Prometheus endpoint."""
+    _, text = http("GET", base + "/metrics")
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Procs:
+    """Starts processes in their own session and kills every tree at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, module: str, args: list[str], env: dict[str, str] | None = None, name: str = "p") -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}-{len(self.procs)}.log", "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                             env=full_env, start_new_session=True)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def engine(self, role: str | None = None, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        args = ["--model", "sim-model", "--host", "127.0.0.1", "--port", str(port), *extra]
+        if role:
+            kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+            args += ["--kv-transfer-config", json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": kv_role})]
+        p = self.start("pdsupervisor.simengine", args, env=env, name=f"engine-{role}")
+        ep = f"127.0.0.1:{port}"
+        if wait:
+            wait_up(ep, p)
+        return ep, p
+
+    def proxy(self, *args: str, wait: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        p = self.start("pdsupervisor.proxy", ["--host", "127.0.0.1", "--port", str(port), "--probe-interval", "0.2", *args], name="proxy")
+        base = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_for(lambda: http("GET", base + "/status")[0] == 200 or _dead(p), timeout=15, what="proxy to listen")
+            assert p.poll() is None, "proxy exited"
+        return base, p
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            kill_tree(p.pid)
+            p.wait(timeout=5)
+
+
+def _dead(p: subprocess.Popen[bytes]) -> bool:
+    return p.poll() is not None
+
+
+def wait_up(ep: str, p: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    wait_for(lambda: http("GET", f"http://{ep}/health")[0] == 200 or _dead(p), timeout=timeout, what=f"engine {ep}")
+    assert p.poll() is None, f"engine {ep} exited"
+
+
+__all__ = ["Procs", "free_port", "http", "metric", "wait_for", "wait_up"]
