@@ -52,8 +52,9 @@ class Procs:
         self.procs.append(p)
         return p
 
-    def engine(self, role: str | None = None, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
-        port = free_port()
+    def engine(self, role: str | None = None, *extra: str, env: dict[str, str] | None = None, wait: bool = True,
+               port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+        port = port or free_port()
         args = ["--model", "sim-model", "--host", "127.0.0.1", "--port", str(port), *extra]
         if role:
             kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]

@@ -1,0 +1,171 @@
+"""The proxy in front of simulated engines: real processes, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+import openai
+import pytest
+from pdproc import Procs, http, metric, wait_for
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+def _pd(procs, n_pre=1, n_dec=2, *engine_args, proxy_args=()):
+    pres = [procs.engine("prefill", *engine_args)[0] for _ in range(n_pre)]
+    decs = [procs.engine("decode", *engine_args)[0] for _ in range(n_dec)]
+    base, _ = procs.proxy("--prefill", *pres, "--decode", *decs, *proxy_args)
+    return base, pres, decs
+
+
+def test_completions_and_chat_stream_and_not(procs):
+    base, pres, decs = _pd(procs, 2, 2)
+    for _ in range(4):
+        status, body = http("POST", base + "/v1/completions", {"prompt": "a b c", "max_tokens": 3})
+        out = json.loads(body)
+        assert status == 200 and out["choices"][0]["text"] == " t0 t1 t2" and out["usage"]["prompt_tokens"] == 3
+    status, body = http("POST", base + "/v1/completions", {"prompt": "a b", "max_tokens": 4, "stream": True})
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == " t0 t1 t2 t3"
+    status, body = http("POST", base + "/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+    assert status == 200 and body.decode().rstrip().endswith("data: [DONE]")
+    status, body = http("POST", base + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == " t0 t1"
+    # every decode received the prefill's kv_transfer_params; load spread over both of each role
+    hits = [metric(f"http://{d}", "vllm:sim_kv_transfer_hits_total") for d in decs]
+    assert sum(hits) == 7 and all(hits)
+    assert sum(metric(f"http://{d}", "vllm:sim_decode_local_prefills_total") for d in decs) == 0
+    assert all(metric(f"http://{p}", "vllm:request_success_total") for p in pres)
+    assert metric(base, "pdproxy_requests_total") == 7
+
+
+def test_openai_client(procs):
+    base, _, _ = _pd(procs, 1, 1)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    out = client.completions.create(model="sim-model", prompt="hello world", max_tokens=5, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == " t0 t1 t2 t3 t4" and out.usage.completion_tokens == 5
+    chat = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.choices[0].message.content == " t0 t1 t2"
+    stream = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == " t0 t1 t2"
+    assert client.models.list().data[0].id == "sim-model"
+
+
+def test_errors_are_openai_shaped(procs, tmp_path):
+    from conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    dec, _ = procs.engine("decode")
+    base, _ = procs.proxy("--prefill", dead, "--decode", dec)
+    status, body = http("POST", base + "/v1/completions", b"{oops")
+    assert status == 400 and json.loads(body)["error"]["type"] == "BadRequestError"
+    status, body = http("POST", base + "/v1/completions", {"prompt": "x"})
+    assert status == 502 and json.loads(body)["error"]["code"] == 502  # the only prefill refused: ejected
+    status, body = http("POST", base + "/v1/completions", {"prompt": "x"})
+    assert status == 503 and "prefill" in json.loads(body)["error"]["message"]
+    assert json.loads(http("GET", base + "/status")[1])["ejected"] == [dead]
+    assert http("GET", base + "/health")[0] == 503
+
+
+def test_ejected_instance_is_probed_back(procs):
+    from conftest import free_port
+
+    pre, _ = procs.engine("prefill")
+    port = free_port()
+    base, _ = procs.proxy("--prefill", pre, "--decode", f"127.0.0.1:{port}")
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 502
+    procs.engine("decode", port=port)
+    wait_for(lambda: not json.loads(http("GET", base + "/status")[1])["ejected"], timeout=10, what="probe back in")
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+
+
+def test_api_key(procs, tmp_path):
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("s3cret\n")
+    pre, _ = procs.engine("prefill")
+    dec, _ = procs.engine("decode")
+    base, _ = procs.proxy("--prefill", pre, "--decode", dec, "--api-key-file", str(keyfile))
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 401
+    assert http("POST", base + "/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer wrong"})[0] == 401
+    assert http("POST", base + "/v1/completions", {"prompt": "x"}, {"Authorization": "Bearer s3cret"})[0] == 200
+    assert http("POST", base + "/v1/completions", {"prompt": "x"}, {"x-api-key": "s3cret"})[0] == 200
+
+
+def test_benchmark_mode_fans_out(procs):
+    base, _, decs = _pd(procs, 1, 2, proxy_args=("--benchmark_mode", "--repeat_d_times", "3"))
+    status, body = http("POST", base + "/v1/completions", {"prompt": "a b", "max_tokens": 2, "stream": True})
+    assert status == 200 and body.count(b"data: [DONE]") == 1
+    assert sum(metric(f"http://{d}", "vllm:request_success_total") for d in decs) == 4
+    assert all(metric(f"http://{d}", "vllm:request_success_total") == 2 for d in decs)
+
+
+def test_generator_on_p_node(procs):
+    base, _, _ = _pd(procs, 1, 1, proxy_args=("--generator-on-p-node",))
+    status, body = http("POST", base + "/v1/completions", {"prompt": "a b", "max_tokens": 3, "stream": True})
+    events = [json.loads(e[6:]) for e in body.decode().split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == " t0 t1 t2"
+    assert events[0]["id"] != events[1]["id"]  # first token from the prefill engine, the rest from decode
+
+
+def test_client_disconnect_cancels_upstream(procs):
+    base, _, decs = _pd(procs, 1, 1, "--sim-tpot", "0.05")
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+                await r.content.readline()
+                assert metric(f"http://{decs[0]}", "vllm:num_requests_running") == 1
+
+    asyncio.run(go())
+    wait_for(lambda: metric(f"http://{decs[0]}", "vllm:num_requests_running") == 0, timeout=5, what="decode to stop")
+    assert metric(f"http://{decs[0]}", "vllm:generation_tokens_total") < 500
+
+
+def test_decode_killed_under_load_loses_nothing_unstarted(procs):
+    pre, _ = procs.engine("prefill")
+    dec1, p1 = procs.engine("decode", "--sim-tpot", "0.01")
+    dec2, _ = procs.engine("decode", "--sim-tpot", "0.01")
+    base, _ = procs.proxy("--prefill", pre, "--decode", dec1, dec2)
+    results: list[tuple[bool, int, bool]] = []  # (stream, status, complete)
+
+    async def one(s: aiohttp.ClientSession, i: int) -> None:
+        stream = i % 2 == 1
+        async with s.post(base + "/v1/completions", json={"prompt": f"p {i}", "max_tokens": 20, "ignore_eos": True, "stream": stream}) as r:
+            body = await r.read()
+            results.append((stream, r.status, b"[DONE]" in body if stream else b"t19" in body))
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            sem = asyncio.Semaphore(16)
+
+            async def bounded(i: int) -> None:
+                async with sem:
+                    await one(s, i)
+
+            tasks = [asyncio.create_task(bounded(i)) for i in range(160)]
+            while len(results) < 30:
+                await asyncio.sleep(0.01)
+            os.kill(p1.pid, signal.SIGKILL)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(go())
+    assert len(results) == 160
+    # Nothing had been sent for a non-streamed request: each one is retried and completes.
+    assert all(status == 200 and complete for stream, status, complete in results if not stream)
+    # Only streams already under way on the killed engine may be cut short (at most one per slot).
+    assert all(status == 200 for _, status, _ in results)
+    assert sum(1 for stream, _, complete in results if stream and not complete) <= 8
+    st = json.loads(http("GET", base + "/status")[1])
+    assert dec1 in st["ejected"]
