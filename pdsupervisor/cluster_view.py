@@ -1,0 +1,221 @@
+"""Pure functions from what etcd holds to what the cluster is and should be.
+
+Shared by the coordinator (desired assignments) and the REST API (`GET /cluster`), so that
+any agent can answer a read and the leader decides from the very same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pdsupervisor.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
+from pdsupervisor.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
+from pdsupervisor.spec import ClusterSpec, SpecError, validate_spec
+
+Action = Literal["start", "stop"]
+Phase = Literal["pending", "starting", "ready", "degraded", "stopping", "stopped"]
+# Stop order: proxy first, then engines, then the master. Start order is the reverse.
+STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
+
+
+class SpecRecord(Strict):
+    """`/pdsupervisor/<cluster>/spec`: the submitted spec, what to do with it, and where it landed."""
+
+    generation: int
+    action: Action = "start"
+    spec: dict[str, Any]
+    placement: dict[str, list[str]] = Field(default_factory=dict)
+    submitted_at: float = 0.0
+
+
+@dataclass
+class Observed:
+    """One consistent-enough read of the cluster's keys."""
+
+    record: SpecRecord | None
+    members: dict[str, NodeFacts]
+    assignments: dict[str, NodeAssignment]
+    statuses: dict[str, NodeStatus]
+    leader: str | None = None
+
+
+@dataclass
+class Desired:
+    """What the coordinator should write: assignments by node (None = delete) and the placement."""
+
+    assignments: dict[str, NodeAssignment | None]
+    placement: dict[str, list[str]]
+    plan: Plan | None
+    missing: list[str] = field(default_factory=list)
+
+
+def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+    status = obs.statuses.get(node)
+    if status is None:
+        return None
+    return next((p for p in status.processes if p.name == name), None)
+
+
+def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
+    """Ready, on a live member, running exactly this spec."""
+    seen = observed_process(obs, node, proc.name)
+    return (
+        node in obs.members and seen is not None and seen.state == ProcessState.ready
+        and seen.spec_hash == proc.spec_hash()
+    )
+
+
+def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
+    """Plan the recorded spec on the live members; the problems say what is missing."""
+    if obs.record is None:
+        return None, None, []
+    try:
+        spec = validate_spec(obs.record.spec)
+    except SpecError as exc:  # validated on submit; only a hand-edited key can get here
+        return None, None, [f"{p}: {w}" for p, w in exc.problems]
+    try:
+        plan = plan_cluster(spec, obs.members, previous=obs.record.placement or None,
+                            generation=obs.record.generation)
+    except PlanError as exc:
+        return spec, None, [f"{p}: {w}" for p, w in exc.problems]
+    return spec, plan, []
+
+
+def _assigned(obs: Observed) -> set[tuple[str, str]]:
+    return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+
+
+def _assigned_roles(obs: Observed) -> set[str]:
+    return {p.role for a in obs.assignments.values() for p in a.processes}
+
+
+def desired_state(obs: Observed) -> Desired:
+    """Start in order (master, engines, proxy), stop in reverse; keep what runs when unsure."""
+    record = obs.record
+    current: dict[str, NodeAssignment | None] = dict(obs.assignments)
+    if record is None:
+        return Desired(assignments=current, placement={}, plan=None)
+    if record.action == "stop":
+        return Desired(assignments=_stop_step(obs), placement=record.placement, plan=None)
+
+    _, plan, missing = try_plan(obs)
+    if plan is None:  # a member is short or lost under `wait`: leave what runs alone
+        return Desired(assignments=current, placement=record.placement, plan=None, missing=missing)
+
+    assigned = _assigned(obs)
+    planned = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"]
+    masters = [(n, p) for n, p in planned if p.role == "mooncake-master"]
+    engines = [(n, p) for n, p in planned if p.role in ENGINE_ROLES]
+    engines_released = any((n, p.name) in assigned for n, p in engines) or all(
+        is_ready(obs, n, p) for n, p in masters
+    )
+    proxy_released = any(r == "proxy" for r in _assigned_roles(obs)) or (
+        engines_released and all(is_ready(obs, n, p) for n, p in engines)
+    )
+    wanted: dict[str, list[ProcessSpec]] = {}
+    for node, proc in planned:
+        if proc.role in ENGINE_ROLES and not engines_released:
+            continue
+        if proc.role == "proxy" and not proxy_released:
+            continue
+        wanted.setdefault(node, []).append(proc)
+    desired: dict[str, NodeAssignment | None] = {
+        node: NodeAssignment(node=node, generation=record.generation, processes=procs)
+        for node, procs in wanted.items()
+    }
+    for node in obs.assignments:
+        desired.setdefault(node, None)
+    return Desired(assignments=desired, placement=plan.placement, plan=plan)
+
+
+def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
+    """Remove the next stage only once the previous one is gone from every live node."""
+    live_statuses = {n: s for n, s in obs.statuses.items() if n in obs.members}
+    for stage in STOP_STAGES:
+        if any(p.role in stage for a in obs.assignments.values() for p in a.processes):
+            out: dict[str, NodeAssignment | None] = {}
+            for node, a in obs.assignments.items():
+                keep = [p for p in a.processes if p.role not in stage]
+                out[node] = a.model_copy(update={"processes": keep}) if keep else None
+            return out
+        if any(p.role in stage for s in live_statuses.values() for p in s.processes):
+            return dict(obs.assignments)  # wait for this stage to be gone
+    return {node: None for node in obs.assignments}
+
+
+def phase_of(obs: Observed, plan: Plan | None) -> Phase:
+    record = obs.record
+    if record is None:
+        return "stopped"
+    live = {n: s for n, s in obs.statuses.items() if n in obs.members}
+    running = any(p.role != "etcd" for s in live.values() for p in s.processes)
+    if record.action == "stop":
+        return "stopping" if obs.assignments or running else "stopped"
+    if not obs.assignments:
+        return "pending" if plan is None else "starting"
+    lost = [n for n in obs.assignments if n not in obs.members]
+    if lost:
+        return "degraded"
+    desired = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
+    all_ready = all(is_ready(obs, n, p) for n, p in desired)
+    proxy_assigned = "proxy" in _assigned_roles(obs)
+    if plan is not None:
+        planned = {(n, p.name) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"}
+        all_ready = all_ready and planned <= _assigned(obs)
+    if all_ready and proxy_assigned:
+        return "ready"
+    return "degraded" if proxy_assigned else "starting"
+
+
+def cluster_document(obs: Observed) -> dict[str, Any]:
+    """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
+    _, plan, missing = try_plan(obs) if obs.record and obs.record.action == "start" else (None, None, [])
+    phase = phase_of(obs, plan)
+    processes: list[dict[str, Any]] = []
+    listed: set[tuple[str, str]] = set()
+    for node, a in sorted(obs.assignments.items()):
+        for proc in a.processes:
+            listed.add((node, proc.name))
+            processes.append(_process_row(obs, node, proc))
+    if plan is not None and obs.record and obs.record.action == "start":
+        for node, np_ in plan.nodes.items():
+            for proc in np_.processes:
+                if proc.role != "etcd" and (node, proc.name) not in listed:
+                    processes.append(_process_row(obs, node, proc, default_state="waiting"))
+    proxy_url = plan.proxy_url if plan else None
+    return {
+        "cluster": obs.record.spec.get("cluster") if obs.record else None,
+        "generation": obs.record.generation if obs.record else 0,
+        "action": obs.record.action if obs.record else None,
+        "phase": phase,
+        "leader": obs.leader,
+        "missing": missing,
+        "members": sorted(obs.members),
+        "placement": plan.placement if plan else (obs.record.placement if obs.record else {}),
+        "proxy_url": proxy_url,
+        "processes": processes,
+    }
+
+
+def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> dict[str, Any]:
+    seen = observed_process(obs, node, proc.name)
+    state = default_state
+    if node not in obs.members:
+        state = "lost"
+    elif seen is not None:
+        state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
+    return {
+        "node": node, "name": proc.name, "role": proc.role, "state": state,
+        "pid": seen.pid if seen else None, "restarts": seen.restarts if seen else 0,
+        "last_exit_code": seen.last_exit_code if seen else None,
+        "started_at": seen.started_at if seen else None,
+        "endpoint": proc.endpoint, "dp_rank": proc.dp_rank,
+    }
+
+
+def members_by_name(members: Mapping[str, NodeFacts]) -> list[dict[str, Any]]:
+    return [m.model_dump(mode="json") for _, m in sorted(members.items())]

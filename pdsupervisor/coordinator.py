@@ -1,0 +1,174 @@
+"""The coordinator: one loop, in every agent, that acts only while it holds the leader key.
+
+Desired state in (spec record + members + status), assignments out. Patroni's rules:
+the leader key is taken with `create_revision == 0` under our own lease, refreshed every
+cycle, and every write is a transaction that checks we still hold it, so a deposed
+coordinator cannot write. When the leader dies its lease expires and another agent's loop
+takes the key within about one TTL and carries on from what is in etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state
+from pdsupervisor.control import observe
+from pdsupervisor.models import NodeAssignment, ProcessStatus
+from pdsupervisor.store import Store, StoreUnavailable
+
+log = structlog.get_logger("coordinator")
+
+
+class Coordinator:
+    def __init__(self, store: Store, name: str, ttl: int = 10) -> None:
+        self.store = store
+        self.name = name
+        self.ttl = ttl
+        self.loop_wait = max(0.5, ttl / 3)
+        self.lease: int | None = None
+        self.is_leader = False
+        self._last_refresh = 0.0
+        self._changed = asyncio.Event()
+        self._known_members: set[str] | None = None
+        self._known_procs: dict[tuple[str, str], ProcessStatus] = {}
+        self._last_phase_note: str | None = None
+
+    async def run(self) -> None:
+        """Run until cancelled; on cancel, give the leader key up so another takes over at once."""
+        watcher = asyncio.create_task(self._watch(), name="coordinator-watch")
+        try:
+            while True:
+                try:
+                    await self.cycle()
+                except StoreUnavailable as exc:
+                    log.warning("etcd unavailable", error=str(exc))
+                    self._step_down(None)
+                except Exception:  # a bug must not kill the agent that hosts us
+                    log.exception("coordinator cycle failed")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.loop_wait)
+                self._changed.clear()
+                await asyncio.sleep(0.02)  # let a burst of watch events coalesce into one cycle
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *StoreUnavailable):
+                await watcher
+            if self.is_leader:
+                with contextlib.suppress(*StoreUnavailable):
+                    await asyncio.shield(self.store.release_leader(self.name))
+            if self.lease:
+                with contextlib.suppress(*StoreUnavailable):
+                    await asyncio.shield(self.store.revoke_lease(self.lease))
+
+    async def _watch(self) -> None:
+        """Wake the loop on any change in the cluster's keys (events excluded)."""
+        while True:
+            try:
+                rev = await self.store.current_revision()
+                async for ev in self.store.watch_prefix(self.store.keys.root, rev + 1):
+                    if not ev.key.startswith(self.store.keys.events):
+                        self._changed.set()
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)
+
+    def _step_down(self, reason: str | None) -> None:
+        if self.is_leader:
+            log.warning("lost leadership", reason=reason)
+        self.is_leader = False
+        self._known_members = None
+        self._known_procs = {}
+
+    async def cycle(self) -> None:
+        if not await self._hold_leadership():
+            return
+        obs = await observe(self.store)
+        await self._record_events(obs)
+        desired = desired_state(obs)
+        await self._apply(obs, desired)
+
+    async def _hold_leadership(self) -> bool:
+        now = time.monotonic()
+        if self.is_leader:
+            if now - self._last_refresh < self.loop_wait:
+                return True
+            assert self.lease is not None
+            if await self.store.refresh_lease(self.lease) > 0:
+                self._last_refresh = now
+                return True
+            self._step_down("lease expired")
+            self.lease = None
+        if self.lease is None or await self.store.refresh_lease(self.lease) == 0:
+            self.lease = await self.store.grant_lease(self.ttl)
+        self._last_refresh = time.monotonic()
+        if await self.store.acquire_leader(self.name, self.lease):
+            self.is_leader = True
+            log.info("became leader", node=self.name)
+            await self.store.append_event("leader", f"{self.name} is the coordinator", node=self.name)
+            return True
+        return False
+
+    async def _apply(self, obs: Observed, desired: Desired) -> None:
+        puts: dict[str, NodeAssignment | dict[str, object]] = {}
+        deletes: list[str] = []
+        for node, want in desired.assignments.items():
+            have = obs.assignments.get(node)
+            if want is None:
+                if have is not None:
+                    deletes.append(self.store.keys.assignment(node))
+            elif have is None or have.model_dump() != want.model_dump():
+                puts[self.store.keys.assignment(node)] = want
+        record = obs.record
+        if record is not None and desired.placement and desired.placement != record.placement:
+            puts[self.store.keys.spec] = record.model_copy(update={"placement": desired.placement}).model_dump(mode="json")
+        if not puts and not deletes:
+            self._note_missing(desired.missing)
+            return
+        if not await self.store.write_as_leader(self.name, puts, deletes):
+            self._step_down("fenced: leader key no longer ours")
+            return
+        await self._describe_writes(obs, desired, record)
+
+    def _note_missing(self, missing: list[str]) -> None:
+        note = "; ".join(missing)
+        if note and note != self._last_phase_note:
+            log.info("waiting for members", missing=note)
+        self._last_phase_note = note
+
+    async def _describe_writes(self, obs: Observed, desired: Desired, record: SpecRecord | None) -> None:
+        before = {p.role for a in obs.assignments.values() for p in a.processes}
+        after = {p.role for a in desired.assignments.values() if a for p in a.processes}
+        for role in sorted(after - before):
+            message = "proxy released: every engine is ready" if role == "proxy" else f"{role} assigned"
+            await self.store.append_event("assign", message, role=role)
+        for role in sorted(before - after):
+            await self.store.append_event("unassign", f"{role} removed", role=role)
+        if record is not None and desired.placement and desired.placement != record.placement and record.placement:
+            await self.store.append_event("replan", f"placement now {desired.placement}", placement=desired.placement)
+        await self.store.trim_events()
+
+    async def _record_events(self, obs: Observed) -> None:
+        members = set(obs.members)
+        if self._known_members is not None:
+            for node in sorted(members - self._known_members):
+                await self.store.append_event("member", f"{node} joined", node=node)
+            for node in sorted(self._known_members - members):
+                await self.store.append_event("member", f"{node} lost (lease expired)", node=node)
+        self._known_members = members
+        procs = {(n, p.name): p for n, s in obs.statuses.items() if n in members for p in s.processes}
+        for key, now in procs.items():
+            prev = self._known_procs.get(key)
+            if prev is None or now.pid is None:
+                continue
+            if now.restarts > prev.restarts:
+                await self.store.append_event(
+                    "process", f"{key[1]} on {key[0]} restarted (exit code {now.last_exit_code})",
+                    node=key[0], process=key[1], exit_code=now.last_exit_code, restarts=now.restarts,
+                )
+            elif prev.pid is None or (prev.pid != now.pid and now.restarts == prev.restarts):
+                await self.store.append_event("process", f"{key[1]} on {key[0]} started (pid {now.pid})",
+                                              node=key[0], process=key[1], pid=now.pid)
+        self._known_procs = procs
