@@ -1,0 +1,66 @@
+"""The proxy reads its instances live from etcd: engines join and leave without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from pdproc import Procs, http, metric, wait_for
+
+from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
+from pdsupervisor.store import Store
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+async def _register(etcd: str, cluster: str, node: str, role: str, endpoint: str, state=ProcessState.ready) -> None:
+    """Write what an agent writes: its member key under a lease, and its node status."""
+    async with Store([etcd], cluster) as store:
+        lease = await store.grant_lease(60)
+        await store.register_member(NodeFacts(name=node, ip="127.0.0.1", registered_at=time.time()), lease)
+        proc = ProcessStatus(name=f"{role}-0", role=role, state=state, pid=1, endpoint=endpoint)
+        await store.put_status(NodeStatus(node=node, updated_at=time.time(), processes=[proc]))
+
+
+async def _drop_member(etcd: str, cluster: str, node: str) -> None:
+    async with Store([etcd], cluster) as store:
+        await store.delete(store.keys.member(node))
+
+
+def _endpoints(base: str, role: str) -> list[str]:
+    st = json.loads(http("GET", base + "/status")[1])
+    return [i["endpoint"] for i in st["instances"] if i["role"] == role]
+
+
+def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
+    etcd = etcd_server.endpoint
+    pre, _ = procs.engine("prefill")
+    dec1, _ = procs.engine("decode")
+    dec2, _ = procs.engine("decode")
+    asyncio.run(_register(etcd, cluster_name, "node-a", "prefill", pre))
+    asyncio.run(_register(etcd, cluster_name, "node-b", "decode", dec1))
+    # a decode not ready yet must get no traffic
+    asyncio.run(_register(etcd, cluster_name, "node-c", "decode", dec2, state=ProcessState.starting))
+    base, _ = procs.proxy("--cluster", cluster_name, "--etcd", etcd)
+    wait_for(lambda: _endpoints(base, "decode") == [dec1], timeout=10, what="initial membership")
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+
+    asyncio.run(_register(etcd, cluster_name, "node-c", "decode", dec2))  # now ready
+    wait_for(lambda: sorted(_endpoints(base, "decode")) == sorted([dec1, dec2]), timeout=10, what="dec2 to join")
+    for _ in range(6):
+        assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+    assert metric(f"http://{dec2}", "vllm:request_success_total") >= 1
+
+    asyncio.run(_drop_member(etcd, cluster_name, "node-b"))  # node lost
+    wait_for(lambda: _endpoints(base, "decode") == [dec2], timeout=10, what="node-b to leave")
+    before = metric(f"http://{dec1}", "vllm:request_success_total")
+    for _ in range(3):
+        assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+    assert metric(f"http://{dec1}", "vllm:request_success_total") == before
