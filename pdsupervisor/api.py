@@ -1,12 +1,13 @@
 """Cluster REST routes served by every agent. Thin: writes are desired state, reads come from etcd.
 
-Mount with `add_cluster_routes(app, store, token)`. Mutating routes need
-`Authorization: Bearer <token>` when a token is configured.
+`cluster_routes(store)` gives the route list the agent mounts beside its own; the agent's
+token middleware guards every mutating method (`Authorization: Bearer <token>`).
 """
 
 from __future__ import annotations
 
-import hmac
+import functools
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -18,34 +19,24 @@ from pdsupervisor.control import SubmitResult, observe, request_stop, submit_spe
 from pdsupervisor.spec import SpecError, validate_spec
 from pdsupervisor.store import Store, StoreUnavailable
 
-STORE_KEY = web.AppKey("pdsupervisor.store", Store)
-TOKEN_KEY = web.AppKey("pdsupervisor.token", str)  # empty string: no token configured
-
-routes = web.RouteTableDef()
+Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def authorized(request: web.Request) -> bool:
-    token = request.app.get(TOKEN_KEY, "")
-    if not token:
-        return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+def _bind(store: Store, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Give `handler` the store; etcd away becomes a 503 that says so."""
 
+    @functools.wraps(handler)
+    async def bound(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request, store)
+        except StoreUnavailable as exc:
+            return error(503, f"etcd is unavailable: {exc}")
 
-@web.middleware
-async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    """Token check on every mutating request; etcd away becomes a 503 that says so."""
-    if request.method not in ("GET", "HEAD", "OPTIONS") and not authorized(request):
-        return error(401, "missing or wrong bearer token", hint="send Authorization: Bearer <token>")
-    try:
-        return await handler(request)
-    except StoreUnavailable as exc:
-        return error(503, f"etcd is unavailable: {exc}")
+    return bound
 
 
 def _submit_response(result: SubmitResult) -> web.Response:
@@ -53,8 +44,7 @@ def _submit_response(result: SubmitResult) -> web.Response:
     return web.json_response(body if result.status < 400 else {"error": result.message, **body}, status=result.status)
 
 
-@routes.post("/cluster/start")
-async def start_cluster(request: web.Request) -> web.Response:
+async def start_cluster(request: web.Request, store: Store) -> web.Response:
     raw = await request.text()
     try:
         data = yaml.safe_load(raw) if raw.strip() else None
@@ -64,7 +54,6 @@ async def start_cluster(request: web.Request) -> web.Response:
         spec = validate_spec(data)
     except SpecError as exc:
         return error(400, "invalid spec", problems=[{"field": p, "message": w} for p, w in exc.problems])
-    store = request.app[STORE_KEY]
     if spec.cluster != store.cluster:
         return error(400, "invalid spec", problems=[{
             "field": "cluster", "message": f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}"}])
@@ -72,44 +61,45 @@ async def start_cluster(request: web.Request) -> web.Response:
     return _submit_response(await submit_spec(store, spec, replace=replace))
 
 
-@routes.post("/cluster/stop")
-async def stop_cluster(request: web.Request) -> web.Response:
-    return _submit_response(await request_stop(request.app[STORE_KEY]))
+async def stop_cluster(request: web.Request, store: Store) -> web.Response:
+    return _submit_response(await request_stop(store))
 
 
-@routes.get("/cluster")
-async def get_cluster(request: web.Request) -> web.Response:
-    return web.json_response(cluster_document(await observe(request.app[STORE_KEY])))
+async def get_cluster(request: web.Request, store: Store) -> web.Response:
+    return web.json_response(cluster_document(await observe(store)))
 
 
-@routes.get("/nodes")
-async def get_nodes(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
+async def get_nodes(request: web.Request, store: Store) -> web.Response:
     obs = await observe(store)
     return web.json_response({"leader": obs.leader, "nodes": members_by_name(obs.members)})
 
 
-@routes.get("/events")
-async def get_events(request: web.Request) -> web.Response:
-    limit = int(request.query.get("limit", "100"))
-    return web.json_response({"events": await request.app[STORE_KEY].events(limit)})
+async def get_events(request: web.Request, store: Store) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return error(400, "limit must be a whole number")
+    return web.json_response({"events": await store.events(limit)})
 
 
-@routes.get("/openapi.yaml")
 async def openapi(request: web.Request) -> web.Response:
-    text = resources.files("pdsupervisor").joinpath("openapi.yaml").read_text()
-    return web.Response(text=text, content_type="application/yaml")
+    return web.Response(text=_openapi_text(), content_type="application/yaml")
 
 
-def add_cluster_routes(app: web.Application, store: Store, token: str = "") -> None:
-    app[STORE_KEY] = store
-    app[TOKEN_KEY] = token
-    app.middlewares.append(guard)
-    app.add_routes(routes)
+def _openapi_text() -> str:
+    return resources.files("pdsupervisor").joinpath("openapi.yaml").read_text()
 
 
 def openapi_document() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("pdsupervisor").joinpath("openapi.yaml").read_text())
+    return yaml.safe_load(_openapi_text())
 
 
-__all__ = ["add_cluster_routes", "authorized", "guard", "openapi_document"]
+def cluster_routes(store: Store) -> list[web.RouteDef]:
+    return [
+        web.post("/cluster/start", _bind(store, start_cluster)),
+        web.post("/cluster/stop", _bind(store, stop_cluster)),
+        web.get("/cluster", _bind(store, get_cluster)),
+        web.get("/nodes", _bind(store, get_nodes)),
+        web.get("/events", _bind(store, get_events)),
+        web.get("/openapi.yaml", openapi),
+    ]
