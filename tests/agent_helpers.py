@@ -1,0 +1,100 @@
+"""Helpers for the agent tests: run `pd-agent` as a real subprocess, and clean up after it.
+
+Every agent started here gets a unique PD_TEST_MARKER in its environment; children inherit
+it, so teardown finds and kills every process of the test (grandchildren that called setsid
+and orphans of a kill -9'd agent included), even when the test failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import free_port, kill_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class AgentProc:
+    def __init__(self, tmp: Path, etcd: str, cluster: str, name: str = "n1", ttl: int = 2,
+                 marker: str | None = None, extra: list[str] | None = None, state_dir: Path | None = None) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.etcd = etcd
+        self.ttl = ttl
+        self.marker = marker or uuid.uuid4().hex
+        self.state_dir = state_dir or tmp / f"state-{name}"
+        self.port = free_port()
+        self.extra = extra or []
+        self.log_path = tmp / f"agent-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> AgentProc:
+        argv = [sys.executable, "-m", "agent.main", "--name", self.name, "--ip", "127.0.0.1",
+                "--etcd", self.etcd, "--cluster", self.cluster, "--listen", f"127.0.0.1:{self.port}",
+                "--state-dir", str(self.state_dir), "--ttl", str(self.ttl), "--accelerators", "0",
+                "--log-level", "debug", *self.extra]
+        env = {**os.environ, "PD_TEST_MARKER": self.marker, "PYTHONPATH": str(ROOT)}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        log.close()
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def get(self, path: str) -> dict | str | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as r:
+                body = r.read().decode()
+                return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+        except OSError:
+            return None
+
+    def local_procs(self) -> dict[str, dict]:
+        st = self.get("/status")
+        return {p["name"]: p for p in st["processes"]} if isinstance(st, dict) else {}
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process carrying the marker in its environment."""
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PD_TEST_MARKER") == marker:
+                kill_tree(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+def run(coro):  # noqa: ANN001, ANN201 - sync tests drive the async store one call at a time
+    return asyncio.run(coro)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def monotonic() -> float:
+    return time.monotonic()
