@@ -21,3 +21,13 @@ from pdsupervisor.plan_command import plan_command  # noqa: E402
 main.add_command(plan_command)
 from pdsupervisor.proxy.cli import proxy  # noqa: E402
 main.add_command(proxy)
+from pdsupervisor.cluster_commands import (  # noqa: E402
+    events_command,
+    logs_command,
+    start_command,
+    status_command,
+    stop_command,
+)
+
+for _command in (status_command, start_command, stop_command, events_command, logs_command):
+    main.add_command(_command)

@@ -1,0 +1,76 @@
+"""A small HTTP client for an agent's REST API (what the CLI and the demo talk through)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+DEFAULT_API = "http://127.0.0.1:8470"
+
+
+class ApiError(Exception):
+    """A non-2xx answer, carrying the server's JSON error document."""
+
+    def __init__(self, status: int, body: Any):
+        self.status = status
+        self.body = body
+        message = body.get("error", body) if isinstance(body, dict) else body
+        problems = body.get("problems", []) if isinstance(body, dict) else []
+        lines = [f"HTTP {status}: {message}"] + [f"  {p['field']}: {p['message']}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class ApiClient:
+    base_url: str = DEFAULT_API
+    token: str | None = None
+    ca_file: str | None = None
+    timeout_s: float = 10.0
+
+    def _session(self) -> aiohttp.ClientSession:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        ssl_ctx: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        return aiohttp.ClientSession(
+            base_url=self.base_url.rstrip("/") + "/", headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+        )
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        async with self._session() as session, session.request(method, path.lstrip("/"), **kw) as resp:
+            body: Any = await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text()
+            if resp.status >= 400:
+                raise ApiError(resp.status, body)
+            return body
+
+    async def cluster(self) -> dict[str, Any]:
+        return await self.request("GET", "/cluster")
+
+    async def start(self, spec_text: str, replace: bool = False) -> dict[str, Any]:
+        params = {"replace": "true"} if replace else {}
+        return await self.request("POST", "/cluster/start", data=spec_text.encode(), params=params,
+                                  headers={"Content-Type": "application/yaml"})
+
+    async def stop(self) -> dict[str, Any]:
+        return await self.request("POST", "/cluster/stop")
+
+    async def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/events", params={"limit": str(limit)}))["events"]
+
+    async def nodes(self) -> dict[str, Any]:
+        return await self.request("GET", "/nodes")
+
+    async def logs(self, api_url: str, process: str, tail: int, follow: bool) -> AsyncIterator[str]:
+        """Lines of a process's log from the agent at `api_url` (its node's own API)."""
+        other = ApiClient(api_url, self.token, self.ca_file, timeout_s=0 if follow else self.timeout_s)
+        params = {"tail": str(tail), **({"follow": "1"} if follow else {})}
+        timeout = aiohttp.ClientTimeout(total=None if follow else self.timeout_s)
+        async with other._session() as session, session.get(f"logs/{process}", params=params, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text())
+            async for line in resp.content:
+                yield line.decode(errors="replace")
