@@ -262,8 +262,9 @@ def _proxy_process(
         template = [
             "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
             "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
-            "--first-token-from", "{first_token_from}",
         ]
+        if px.first_token_from == "prefill":
+            template.append("--generator-on-p-node")
         if spec.benchmark.enabled:
             template += ["--benchmark-mode", "--repeat-d-times", "{repeat_d_times}"]
     else:
