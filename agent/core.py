@@ -13,6 +13,7 @@ import contextlib
 
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -107,7 +108,7 @@ class Agent:
             accelerators=c.accelerators if c.accelerators is not None else probes.accelerators(root),
             rdma_devices=probes.rdma_devices(root), hugepages_total=total, hugepages_free=free,
             thp_mode=probes.thp_mode(root), agent_version=__version__, api_url=self.api_url,
-            state_dir=str(self.state_dir),
+            state_dir=str(self.state_dir), python=sys.executable,
         )
 
     @property
