@@ -1,0 +1,257 @@
+"""Proxy benchmark: direct to a simulated engine vs. proxies in front of a prefill + decode pair.
+
+Contenders (each skipped, with a note, when not installed; this script installs nothing):
+  direct   : the decode engine itself (the baseline)
+  ours     : `python -m pdsupervisor.proxy`
+  toy      : vLLM's toy proxy shipped in `mooncake-transfer-engine-non-cuda` (FastAPI + httpx)
+  router   : `vllm-router --vllm-pd-disaggregation` (Rust)
+
+Engines are `pdsupervisor.simengine` with zero delays. Load is non-streamed
+`POST /v1/completions` (max_tokens 16) at each concurrency for a fixed duration, from `wrk`
+(C, one thread) when installed, else from an in-process aiohttp client. All on 127.0.0.1.
+
+    python bench/proxy_bench.py --concurrency 1 16 64 256 --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BODY = {"model": "sim-model", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = json.dumps(BODY).encode() if url.endswith("completions") else None
+            req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+class Procs:
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "wb")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            self.stop(p)
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    note: str = ""
+
+
+def run_wrk(url: str, conc: int, duration: float, tmp: Path) -> Result:
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{json.dumps(BODY)}]]\n"
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conc}", f"-d{max(1, int(duration))}s", "--latency", "--timeout", "30s", "-s", str(script), url],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    rps = p50 = p99 = 0.0
+    errors = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(parts[1])
+        elif parts[:1] == ["50%"]:
+            p50 = _ms(parts[1])
+        elif parts[:1] == ["99%"]:
+            p99 = _ms(parts[1])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            errors += sum(int(x.strip(",")) for x in parts if x.strip(",").isdigit())
+    return Result(rps, p50, p99, errors)
+
+
+def _ms(s: str) -> float:
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3), ("m", 6e4)):
+        if s.endswith(unit):
+            return float(s[: -len(unit)]) * f
+    return float(s)
+
+
+def run_aiohttp(url: str, conc: int, duration: float) -> Result:
+    import aiohttp
+
+    async def go() -> Result:
+        lat: list[float] = []
+        errors = 0
+        payload = json.dumps(BODY).encode()
+        end = time.perf_counter() + duration
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            async def worker() -> None:
+                nonlocal errors
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    async with s.post(url, data=payload, headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors += 1
+                    lat.append(time.perf_counter() - t0)
+
+            t_start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(conc)), return_exceptions=True)
+            elapsed = time.perf_counter() - t_start
+        lat.sort()
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
+        return Result(len(lat) / elapsed, q[49] * 1e3, q[98] * 1e3, errors)
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per (contender, concurrency)")
+    ap.add_argument("--contenders", nargs="+", default=["direct", "ours", "toy", "router"])
+    ap.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
+    args = ap.parse_args()
+    loadgen = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    procs = Procs(tmp)
+    py = sys.executable
+    try:
+        pre_port, dec_port = free_port(), free_port()
+        for name, port, role in (("prefill", pre_port, "kv_producer"), ("decode", dec_port, "kv_consumer")):
+            procs.start(name, [py, "-m", "pdsupervisor.simengine", "--model", "sim-model", "--host", "127.0.0.1",
+                               "--port", str(port), "--sim-max-batch", "100000",
+                               "--kv-transfer-config", json.dumps({"kv_role": role})])
+        for port in (pre_port, dec_port):
+            if not wait_http(f"http://127.0.0.1:{port}/health"):
+                sys.exit(f"engine on {port} did not start; logs in {tmp}")
+        results: dict[str, dict[int, Result]] = {}
+        notes: dict[str, str] = {}
+        for name in args.contenders:
+            port = free_port()
+            argv = contender_argv(name, port, pre_port, dec_port)
+            if isinstance(argv, str):
+                notes[name] = argv
+                print(f"# skipping {name}: {argv}", flush=True)
+                continue
+            proc = procs.start(name, argv) if argv else None
+            url = f"http://127.0.0.1:{port if argv else dec_port}/v1/completions"
+            if not wait_http(url, timeout=60):
+                notes[name] = "did not answer"
+                print(f"# skipping {name}: did not answer (log in {tmp})", flush=True)
+                if proc:
+                    procs.stop(proc)
+                continue
+            results[name] = {}
+            for conc in args.concurrency:
+                r = run_wrk(url, conc, args.duration, tmp) if loadgen == "wrk" else run_aiohttp(url, conc, args.duration)
+                results[name][conc] = r
+                print(f"{name:7s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  errors {r.errors}", flush=True)
+            if proc:
+                procs.stop(proc)
+        print_table(results, notes, args.concurrency, loadgen)
+    finally:
+        procs.stop_all()
+
+
+def contender_argv(name: str, port: int, pre: int, dec: int) -> list[str] | str:
+    py = sys.executable
+    if name == "direct":
+        return []
+    if name == "ours":
+        return [py, "-m", "pdsupervisor.proxy", "--host", "127.0.0.1", "--port", str(port),
+                "--prefill", f"127.0.0.1:{pre}", "--decode", f"127.0.0.1:{dec}", "--log-level", "WARNING"]
+    if name == "toy":
+        spec = importlib.util.find_spec("mooncake")
+        missing = [m for m in ("fastapi", "httpx", "uvicorn") if importlib.util.find_spec(m) is None]
+        if spec is None or not spec.submodule_search_locations or missing:
+            return "not installed (pip install mooncake-transfer-engine-non-cuda fastapi httpx uvicorn)"
+        path = Path(list(spec.submodule_search_locations)[0]) / "vllm_v1_proxy_server.py"
+        if not path.exists():
+            return f"{path} not found"
+        return [py, str(path), "--host", "127.0.0.1", "--port", str(port), "--prefiller-hosts", "127.0.0.1",
+                "--prefiller-ports", str(pre), "--decoder-hosts", "127.0.0.1", "--decoder-ports", str(dec)]
+    if name == "router":
+        exe = shutil.which("vllm-router")
+        if exe is None:
+            return "not installed (pip install vllm-router)"
+        return [exe, "--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation",
+                "--prefill", f"http://127.0.0.1:{pre}", "--decode", f"http://127.0.0.1:{dec}", "--log-level", "warning"]
+    return f"unknown contender {name}"
+
+
+def print_table(results: dict[str, dict[int, Result]], notes: dict[str, str], concs: list[int], loadgen: str) -> None:
+    print(f"\n## load generator: {loadgen}; nproc {os.cpu_count()}; {cpu_model()}\n")
+    print("| contender | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = results.get("direct", {})
+    for name, by_conc in results.items():
+        for c in concs:
+            r = by_conc.get(c)
+            if r is None:
+                continue
+            b = base.get(c)
+            add50 = f"{r.p50_ms - b.p50_ms:.2f}" if b and name != "direct" else "-"
+            add99 = f"{r.p99_ms - b.p99_ms:.2f}" if b and name != "direct" else "-"
+            print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {add50} | {add99} | {r.errors} |")
+    for name, note in notes.items():
+        print(f"\n{name}: skipped: {note}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
