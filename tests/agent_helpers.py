@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class AgentProc:
     def __init__(self, tmp: Path, etcd: str, cluster: str, name: str = "n1", ttl: int = 2,
-                 marker: str | None = None, extra: list[str] | None = None, state_dir: Path | None = None) -> None:
+                 marker: str | None = None, extra: list[str] | None = None, state_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
         self.name = name
         self.cluster = cluster
         self.etcd = etcd
@@ -48,7 +50,7 @@ class AgentProc:
                 "--etcd", self.etcd, "--cluster", self.cluster, "--listen", f"127.0.0.1:{self.port}",
                 "--state-dir", str(self.state_dir), "--ttl", str(self.ttl), "--accelerators", "0",
                 "--log-level", "debug", *self.extra]
-        env = {**os.environ, "PD_TEST_MARKER": self.marker, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **self.env, "PD_TEST_MARKER": self.marker, "PYTHONPATH": str(ROOT)}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         log.close()

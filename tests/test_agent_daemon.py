@@ -221,3 +221,23 @@ def test_embedded_etcd_bootstrap_and_adoption(env, tmp_path):
     assert b.get("/status")["bootstrap"][0]["pid"] == etcd_pid
     wait_for(lambda: own.member("boot") is not None, timeout=15, what="re-registered")
     assert alive(etcd_pid)
+
+
+def test_sd_notify_ready_after_registration_and_children_without_notify_socket(env, tmp_path):
+    import socket
+
+    view, agent = env
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(path)
+        srv.settimeout(15)
+        view.assign("n1", spec("s", SLEEP))
+        agent(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+        got: list[bytes] = []
+        while not any(m.startswith(b"READY=1") for m in got):
+            got.append(srv.recv(4096))
+        assert view.member("n1") is not None  # READY=1 only once registered
+        while got.count(b"WATCHDOG=1") < 2:
+            got.append(srv.recv(4096))
+    pid = wait_for(lambda: view.status("n1").get("s", {}).get("pid"), timeout=15, what="child")
+    assert "NOTIFY_SOCKET" not in psutil.Process(pid).environ()
