@@ -1,0 +1,152 @@
+"""A multi-agent cluster on one machine: agents as real processes on 127.0.0.x, simulated engines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.agent_helpers import AgentProc, kill_marked
+from tests.conftest import free_port, wait_for
+
+HAVE_MASTER = shutil.which("mooncake_master") is not None
+
+
+def sim_argv(kv_role: str) -> list[str]:
+    return ["{python}", "-m", "pdsupervisor.simengine", "--model", "{model}", "--host", "{host}", "--port", "{port}",
+            "-tp", "{tp}", "--max-num-seqs", "32",
+            "--kv-transfer-config", json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": kv_role})]
+
+
+def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: list[str] | None = None,
+                 ttl: int = 3) -> dict[str, Any]:
+    """1 prefill node (n1, 1 engine) and decode nodes with 2 engines each, one DP group."""
+    readiness = {"path": "/health", "period_s": 0.1}
+    return {
+        "cluster": cluster,
+        "model": "sim-model",
+        "engine_env": {"SHARED_FLAG": "on"},
+        "etcd": {"endpoints": [etcd]},
+        "mooncake": {
+            "enabled": HAVE_MASTER, "protocol": "tcp", "gc_args": [], "port": free_port(),
+            "extra_args": ["-rpc_address", "{node_ip}", "-metrics_port", str(free_port()),
+                           "-rpc_thread_num", "2"],
+        },
+        "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port(),
+                    "argv": sim_argv("kv_producer"), "readiness": readiness, "stop_timeout_s": 5},
+        "decode": {"node_names": decode_nodes, "tp": 1, "slots": 2, "base_port": free_port(),
+                   "dp_master_port": free_port(),
+                   "argv": sim_argv("kv_consumer"), "readiness": readiness, "stop_timeout_s": 5},
+        "proxy": {"kind": "builtin", "port": free_port()},
+        "policy": {"node_loss": "replace" if spare else "wait", "spare_nodes": spare or [], "lease_ttl_s": ttl,
+                   "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2}},
+        "host_requirements": {"thp_mode": None},
+    }
+
+
+class LocalCluster:
+    """Agents n1..nN on 127.0.0.1..N sharing one etcd; every process carries one marker."""
+
+    def __init__(self, tmp: Path, etcd: str, cluster: str, names: list[str], ttl: int = 3, token_file: Path | None = None):
+        self.tmp, self.etcd, self.cluster, self.ttl = tmp, etcd, cluster, ttl
+        self.marker = uuid.uuid4().hex
+        self.token_file = token_file
+        self.agents: dict[str, AgentProc] = {}
+        for i, name in enumerate(names):
+            self.agents[name] = self._make(name, i + 1)
+
+    def _make(self, name: str, index: int) -> AgentProc:
+        extra = ["--ip", f"127.0.0.{index}", "--log-level", "info"]
+        if self.token_file:
+            extra += ["--token-file", str(self.token_file)]
+        return AgentProc(self.tmp, self.etcd, self.cluster, name=name, ttl=self.ttl, marker=self.marker, extra=extra)
+
+    def start(self, *names: str) -> None:
+        for name in names or tuple(self.agents):
+            self.agents[name].start()
+        for name in names or tuple(self.agents):
+            wait_for(lambda n=name: self.agents[n].get("/healthz"), 20, what=f"agent {name} to answer")
+
+    def restart(self, name: str) -> None:
+        """A new agent process with the same state dir and port (as systemd would)."""
+        old = self.agents[name]
+        new = AgentProc(self.tmp, self.etcd, self.cluster, name=name, ttl=self.ttl, marker=self.marker,
+                        extra=old.extra, state_dir=old.state_dir)
+        new.port = old.port
+        self.agents[name] = new
+        self.start(name)
+
+    def api(self, name: str | None = None) -> str:
+        agent = self.agents[name] if name else next(a for a in self.agents.values() if a.proc and a.proc.poll() is None)
+        return agent.url
+
+    def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
+                via: str | None = None) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/yaml"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.api(via) + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def submit(self, spec: dict[str, Any], token: str | None = None) -> tuple[int, Any]:
+        return self.request("POST", "/cluster/start", yaml.safe_dump(spec).encode(), token=token)
+
+    def doc(self) -> dict[str, Any]:
+        return self.request("GET", "/cluster")[1]
+
+    def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        def check() -> bool:
+            nonlocal last
+            last = self.doc()
+            return last.get("phase") == phase
+
+        try:
+            wait_for(check, timeout, 0.1, what=f"phase {phase}")
+        except AssertionError:
+            raise AssertionError(f"phase not {phase}: {json.dumps(last, indent=1)[:3000]}\n"
+                                 + "\n".join(a.logs()[-1500:] for a in self.agents.values())) from None
+        return last
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            if agent.proc and agent.proc.poll() is None:
+                agent.proc.kill()
+                agent.proc.wait(5)
+        kill_marked(self.marker)
+
+
+def get_json(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def post_json(url: str, payload: dict[str, Any], timeout: float = 10) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:
+    return {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["state"] == "ready"}
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+PY = sys.executable
