@@ -1,0 +1,156 @@
+"""Measure pd-agent's footprint at rest: RSS, CPU share of one core, etcd writes per second.
+
+Starts a private etcd and one agent (a real subprocess) with a couple of trivial children,
+waits until they are ready, then samples for `--duration` seconds. Everything started is
+killed at the end. Usage: python bench/agent_footprint.py [--duration 20] [--ttl 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pdsupervisor.etcd_server import etcd_argv  # noqa: E402
+from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, Probe  # noqa: E402
+from pdsupervisor.store import Store  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def etcd_writes(endpoint: str) -> float:
+    """etcd_mvcc_put_total + etcd_mvcc_txn_total + etcd_mvcc_delete_total from /metrics."""
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for name in ("etcd_mvcc_put_total", "etcd_mvcc_txn_total", "etcd_mvcc_delete_total"):
+        m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        total += float(m.group(1)) if m else 0.0
+    return total
+
+
+async def store_call(endpoint: str, cluster: str, fn):  # noqa: ANN001, ANN201
+    async with Store([endpoint], cluster) as s:
+        return await fn(s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--ttl", type=int, default=10)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="pd-footprint-"))
+    cport, pport, rport = free_port(), free_port(), free_port()
+    endpoint = f"127.0.0.1:{cport}"
+    cluster = "bench"
+    started: list[subprocess.Popen[bytes]] = []
+    child_pids: list[int] = []
+    try:
+        etcd = subprocess.Popen(
+            etcd_argv(name="bench", data_dir=str(tmp / "etcd"), client_host="127.0.0.1",
+                      client_port=cport, peer_port=pport),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        started.append(etcd)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                etcd_writes(endpoint)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("etcd did not come up")
+                time.sleep(0.1)
+        http_port = free_port()
+        specs = [
+            ProcessSpec(name="sleeper", role="decode", argv=[sys.executable, "-c", "import time; time.sleep(3600)"]),
+            ProcessSpec(name="web", role="proxy",
+                        argv=[sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1"],
+                        readiness=Probe(kind="http", port=http_port, path="/", period_s=1.0)),
+        ]
+        assignment = NodeAssignment(node="n1", processes=specs)
+        asyncio.run(store_call(endpoint, cluster, lambda s: s.put(
+            s.keys.assignment("n1"), assignment.model_dump_json().encode())))
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.main", "--name", "n1", "--ip", "127.0.0.1", "--etcd", endpoint,
+             "--cluster", cluster, "--listen", f"127.0.0.1:{rport}", "--state-dir", str(tmp / "state"),
+             "--ttl", str(args.ttl), "--accelerators", "0", "--log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))
+        started.append(agent)
+
+        def ready() -> bool:
+            st = asyncio.run(store_call(endpoint, cluster, lambda s: s.get_model(s.keys.node_status("n1"), NodeStatus)))
+            return bool(st) and len(st.processes) == 2 and all(p.state.value == "ready" for p in st.processes)
+
+        deadline = time.monotonic() + 30
+        while not ready():
+            if time.monotonic() > deadline:
+                raise SystemExit("children did not become ready; see " + str(tmp / "agent.log"))
+            time.sleep(0.2)
+        child_pids = [c.pid for c in psutil.Process(agent.pid).children()]
+        time.sleep(3)  # let the start-up burst settle (status coalescing, first lease refreshes)
+
+        proc = psutil.Process(agent.pid)
+        cpu0 = proc.cpu_times()
+        w0 = etcd_writes(endpoint)
+        t0 = time.monotonic()
+        rss: list[int] = []
+        while time.monotonic() - t0 < args.duration:
+            rss.append(proc.memory_info().rss)
+            time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        cpu1 = proc.cpu_times()
+        w1 = etcd_writes(endpoint)
+        cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        uss = proc.memory_full_info().uss
+        print(f"pd-agent footprint at rest ({elapsed:.0f} s, ttl {args.ttl} s, 2 children, 1 HTTP readiness probe)")
+        print(f"  RSS: max {max(rss) / 2**20:.1f} MiB, mean {sum(rss) / len(rss) / 2**20:.1f} MiB "
+              f"(USS {uss / 2**20:.1f} MiB)   target <= 60 MB")
+        print(f"  CPU: {100 * cpu_s / elapsed:.2f} % of one core   target <= 1 %")
+        print(f"  etcd writes from this node: {(w1 - w0) / elapsed:.3f} /s ({w1 - w0:.0f} in {elapsed:.0f} s)"
+              "   target <= 1 /s")
+    finally:
+        for p in reversed(started):
+            kill_tree(p.pid)
+        for pid in child_pids:
+            kill_tree(pid)
+        # children were started in their own sessions: find any left by their state records
+        for rec in (tmp / "state" / "procs").glob("*.json") if (tmp / "state" / "procs").exists() else []:
+            import json
+
+            kill_tree(json.loads(rec.read_text())["pid"])
+
+
+if __name__ == "__main__":
+    os.environ.pop("NOTIFY_SOCKET", None)
+    main()
