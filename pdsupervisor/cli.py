@@ -31,3 +31,10 @@ from pdsupervisor.cluster_commands import (  # noqa: E402
 
 for _command in (status_command, start_command, stop_command, events_command, logs_command):
     main.add_command(_command)
+from pdsupervisor.demo import demo_command  # noqa: E402
+
+main.add_command(demo_command)
+
+
+if __name__ == "__main__":
+    main()

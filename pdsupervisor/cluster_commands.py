@@ -59,6 +59,11 @@ def _uptime(started_at: float | None, state: str) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output is not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def status_table(doc: dict[str, Any], console: Console) -> None:
     phase = doc["phase"]
     console.print(
@@ -92,7 +97,7 @@ def status_command(api: str, token_file: str | None, ca_file: str | None, output
     if output == "json":
         click.echo(json.dumps(doc, indent=2))
     else:
-        status_table(doc, Console())
+        status_table(doc, console())
 
 
 def _progress_line(doc: dict[str, Any]) -> str:

@@ -168,7 +168,14 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
         all_ready = all_ready and planned <= _assigned(obs)
     if all_ready and proxy_assigned:
         return "ready"
-    return "degraded" if proxy_assigned else "starting"
+    if not proxy_assigned:
+        return "starting"
+    proxy = [observed_process(obs, n, p.name) for n, a in obs.assignments.items() for p in a.processes
+             if p.role == "proxy"]
+    first_start = all(p is None or (p.restarts == 0 and p.state != ProcessState.ready) for p in proxy)
+    engines_ready = all(is_ready(obs, n, p) for n, p in desired if p.role != "proxy")
+    # the proxy coming up for the first time after every engine was ready is still starting
+    return "starting" if first_start and engines_ready else "degraded"
 
 
 def cluster_document(obs: Observed) -> dict[str, Any]:

@@ -122,7 +122,8 @@ class Store:
 
     @property
     def _kv(self) -> KVService:
-        assert self._client.kv is not None, "Store.connect() first"
+        if self._client.kv is None:
+            raise ConnectionError("not connected to etcd yet")
         return self._client.kv
 
     # ---- raw key/value -------------------------------------------------------------

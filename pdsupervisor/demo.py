@@ -1,0 +1,201 @@
+"""`pdsupervisor demo`: a whole PD cluster on this machine, from nothing, in one command.
+
+etcd (started by node1's agent), three agents on 127.0.0.1-127.0.0.3, simulated engines,
+the real `mooncake_master` when installed, the built-in proxy. Ctrl-C or SIGTERM stops it all
+in order and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import yaml
+from rich.console import Console
+
+from pdsupervisor.client import ApiClient, ApiError
+from pdsupervisor.cluster_commands import console as make_console
+from pdsupervisor.cluster_commands import status_table, wait_for_phase
+from pdsupervisor.localcluster import LocalCluster
+
+REPO_DEMO_SPEC = Path(__file__).resolve().parent.parent / "etc" / "pdsupervisor" / "demo.yaml"
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C: stop the demo in order."""
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _take_lock(state_dir: Path) -> Any:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "demo.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        raise click.ClickException(
+            f"a demo is already running (pid {holder}, state in {state_dir}); stop it with Ctrl-C "
+            f"or `kill {holder}`, or use it: PDSUPERVISOR_API=http://127.0.0.1:8471 pdsupervisor status"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _demo_spec(spec_path: Path, console: Console) -> str:
+    doc = yaml.safe_load(spec_path.read_text())
+    if doc.get("mooncake", {}).get("enabled", True) and not shutil.which(doc.get("mooncake", {}).get("binary", "mooncake_master")):
+        console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
+                      "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
+        doc.setdefault("mooncake", {})["enabled"] = False
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+async def _nodes_or_none(client: ApiClient) -> list[dict[str, Any]] | None:
+    try:
+        return (await client.nodes())["nodes"]
+    except ApiError:  # 503 while the agent's etcd connection comes up
+        return None
+
+
+async def _one_completion(proxy_url: str, model: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(f"{proxy_url}/v1/completions",
+                                json={"model": model, "prompt": "The capital of France is", "max_tokens": 12}) as resp:
+            return await resp.json()
+
+
+async def _run_demo(lc: LocalCluster, spec_text: str, timeout: float, console: Console, stop: asyncio.Event,
+                    exit_when_ready: bool) -> None:
+    client = ApiClient(lc.agents[0].api_url)
+    started = time.monotonic()
+    console.print(f"starting etcd and {len(lc.agents)} agents (logs in {lc.root}) ...")
+    lc.start()
+    for agent in lc.agents:
+        while True:
+            if agent.proc and agent.proc.poll() is not None:
+                raise click.ClickException(f"agent {agent.name} exited with {agent.proc.returncode}; see {agent.log_path}")
+            with contextlib.suppress(OSError, ApiError, asyncio.TimeoutError):
+                await ApiClient(agent.api_url, timeout_s=1).request("GET", "/healthz")
+                break
+            if time.monotonic() - started > timeout:
+                raise click.ClickException(f"agent {agent.name} did not answer; see {agent.log_path}")
+            await asyncio.sleep(0.1)
+    while len((await _nodes_or_none(client)) or []) < len(lc.agents):
+        if time.monotonic() - started > timeout:
+            raise click.ClickException(f"agents did not register in etcd; see {lc.root}/*/agent.log")
+        await asyncio.sleep(0.1)
+    answer = await client.start(spec_text)
+    console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
+    doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
+    console.print(f"[green]ready[/] in {time.monotonic() - started:.1f}s\n")
+    model = yaml.safe_load(spec_text)["model"]
+    completion = await _one_completion(doc["proxy_url"], model)
+    text = completion.get("choices", [{}])[0].get("text", completion)
+    console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
+    status_table(await client.cluster(), console)
+    api = lc.agents[0].api_url
+    console.print(f"""
+The cluster is yours until Ctrl-C:
+  curl -s {doc['proxy_url']}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
+  PDSUPERVISOR_API={api} pdsupervisor status
+  PDSUPERVISOR_API={api} pdsupervisor events
+  PDSUPERVISOR_API={api} pdsupervisor logs node2 decode-0
+  logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
+""")
+    if not exit_when_ready:
+        await stop.wait()
+
+
+async def _shutdown(lc: LocalCluster, console: Console) -> None:
+    client = ApiClient(lc.agents[0].api_url)
+    console.print("\nstopping the cluster in order (proxy, engines, master) ...")
+    try:
+        await client.stop()
+        await wait_for_phase(client, "stopped", 60, lambda line: console.print(f"  {line}"))
+    except (OSError, ApiError, TimeoutError, asyncio.TimeoutError) as exc:
+        console.print(f"[yellow]ordered stop incomplete ({exc}); killing what is left[/]")
+
+
+@click.command("demo")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=REPO_DEMO_SPEC,
+              show_default=True, help="Cluster spec to run.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/tmp/pdsupervisor-demo"), show_default=True)
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
+@click.option("--exit-when-ready", is_flag=True, help="Stop everything once a completion went through (CI).")
+def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool) -> None:
+    """Run a local 3-node PD cluster until Ctrl-C."""
+    console = make_console()
+    if not spec_path.exists():
+        raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
+    lock = _take_lock(state_dir)
+    lc = LocalCluster(cluster=yaml.safe_load(spec_path.read_text())["cluster"], root=state_dir / "run")
+    spec = yaml.safe_load(spec_path.read_text())
+    ports = [(a.ip, a.api_port) for a in lc.agents] + [("127.0.0.1", lc.etcd_port), ("127.0.0.1", lc.etcd_port + 1),
+                                                        ("127.0.0.1", spec.get("proxy", {}).get("port", 8868))]
+    taken = [f"{h}:{p}" for h, p in ports if _port_taken(h, p)]
+    if taken:
+        raise click.ClickException(f"ports already in use: {', '.join(taken)} (another etcd or demo?)")
+    if lc.root.exists():
+        shutil.rmtree(lc.root)  # a fresh etcd and fresh process records each run
+    spec_text = _demo_spec(spec_path, console)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runner = asyncio.create_task(_run_demo(lc, spec_text, timeout, console, stop, exit_when_ready))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if runner.done():
+                runner.result()  # raise what went wrong
+            else:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+        finally:
+            stopper.cancel()
+            await _shutdown(lc, console)
+
+    code = 0
+    try:
+        asyncio.run(main())
+    except click.ClickException as exc:
+        console.print(f"[red]error:[/] {exc.format_message()}")
+        code = 1
+    except (ApiError, TimeoutError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        code = 1
+    finally:
+        lc.stop_agents()
+        left = lc.kill_all()
+        console.print(f"stopped; {len(left)} leftover process(es) ended (etcd)" if left else "stopped.")
+        lock.close()
+    sys.exit(code)

@@ -1,0 +1,141 @@
+"""Several pd-agents on one machine (127.0.0.1, .2, .3, ...): what the demo and benchmarks run.
+
+Each agent is a real `python -m agent.main` process. Every process of the local cluster,
+down to the engines, inherits one marker in its environment, so `kill_all()` finds and ends
+the whole set (the agents leave their children running by design).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
+
+
+@dataclass
+class LocalAgent:
+    name: str
+    ip: str
+    api_port: int
+    state_dir: Path
+    bootstrap_etcd: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.ip}:{self.api_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "agent.log"
+
+
+@dataclass
+class LocalCluster:
+    """`nodes` agents named node1..nodeN on 127.0.0.1..N; node1 bootstraps etcd."""
+
+    cluster: str
+    root: Path
+    nodes: int = 3
+    etcd_port: int = 2379
+    api_base_port: int = 8471
+    ttl: int = 5
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    agents: list[LocalAgent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.agents = [
+            LocalAgent(
+                name=f"node{i + 1}", ip=f"127.0.0.{i + 1}", api_port=self.api_base_port + i,
+                state_dir=self.root / f"node{i + 1}", bootstrap_etcd=(i == 0),
+            )
+            for i in range(self.nodes)
+        ]
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"127.0.0.1:{self.etcd_port}"
+
+    def argv(self, agent: LocalAgent) -> list[str]:
+        argv = [
+            sys.executable, "-m", "agent.main", "--name", agent.name, "--ip", agent.ip,
+            "--cluster", self.cluster, "--etcd", self.etcd_endpoint,
+            "--listen", f"{agent.ip}:{agent.api_port}", "--state-dir", str(agent.state_dir),
+            "--ttl", str(self.ttl), "--accelerators", "8",
+        ]
+        if agent.bootstrap_etcd:
+            argv += ["--bootstrap-etcd", "--etcd-client-port", str(self.etcd_port),
+                     "--etcd-peer-port", str(self.etcd_port + 1)]
+        return argv
+
+    def start_agent(self, agent: LocalAgent) -> None:
+        agent.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, MARKER_ENV: self.marker}
+        env.pop("NOTIFY_SOCKET", None)
+        with open(agent.log_path, "ab") as log:
+            agent.proc = subprocess.Popen(self.argv(agent), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          stdin=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        for agent in self.agents:
+            self.start_agent(agent)
+
+    def stop_agents(self, timeout: float = 10) -> None:
+        """SIGTERM every agent (they leave their processes running) and wait for them."""
+        for agent in self.agents:
+            if agent.proc and agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in self.agents:
+            if agent.proc:
+                try:
+                    agent.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    agent.proc.kill()
+                    agent.proc.wait(5)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process carrying this cluster's marker (agents, etcd, engines...)."""
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get(MARKER_ENV) == self.marker:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def kill_all(self, grace_s: float = 5.0) -> list[psutil.Process]:
+        """SIGTERM, then SIGKILL, whatever of this cluster is still alive; returns what was left."""
+        left = self.processes()
+        for p in left:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace_s)
+        return left
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
+    """Poll a condition with a deadline on the monotonic clock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,64 @@
+"""`pdsupervisor demo` end to end: ready, a second demo refused clearly, SIGTERM leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import psutil
+import pytest
+
+from pdsupervisor.localcluster import MARKER_ENV
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _phase() -> str | None:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8471/cluster", timeout=2) as r:
+            return json.loads(r.read())["phase"]
+    except OSError:
+        return None
+
+
+def _demo_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if MARKER_ENV in p.environ():
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
+    state = tmp_path / "demo"
+    argv = [sys.executable, "-m", "pdsupervisor.cli", "demo", "--state-dir", str(state)]
+    out = open(tmp_path / "demo.out", "wb")
+    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    try:
+        wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
+        wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
+                 what="the demo's completion")
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "a demo is already running" in second.stdout + second.stderr
+        assert _phase() == "ready"  # the second attempt touched nothing
+
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0
+        text = (tmp_path / "demo.out").read_text()
+        assert "stopped: members 3" in text
+        assert _demo_processes() == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for p in _demo_processes():
+            p.kill()
+        out.close()
