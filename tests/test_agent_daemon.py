@@ -132,6 +132,16 @@ def test_agent_kill9_member_key_expires_and_restart_adopts(env):
     wait_for(lambda: view.member("n1") is None, timeout=a.ttl + 3, what="member key to expire")
     assert time.monotonic() - t0 <= a.ttl + 1.5
     assert all(alive(p) for p in pids.values())
+    # restarted while etcd cannot be reached: adopts at once, kills nothing
+    from tests.conftest import free_port
+
+    offline = agent(state_dir=a.state_dir, etcd=f"127.0.0.1:{free_port()}")
+    local = wait_for(lambda: len(offline.local_procs()) == 2 and offline.local_procs(), what="adopted offline")
+    assert {n: p["pid"] for n, p in local.items()} == pids
+    assert offline.get("/healthz")["registered"] is False
+    offline.proc.send_signal(signal.SIGTERM)
+    assert offline.proc.wait(10) == 0
+    assert all(alive(p) for p in pids.values())
     b = agent(state_dir=a.state_dir)  # same node, same state dir
     wait_for(lambda: view.member("n1"), timeout=15, what="re-registered")
     local = wait_for(lambda: len(b.local_procs()) == 2 and b.local_procs(), what="adopted locally")

@@ -72,3 +72,55 @@ async def test_no_token_configured_leaves_routes_open(aiohttp_client, tmp_path):
 
     client = await aiohttp_client(build_app(a, [web.post("/x", mutate)]))
     assert (await client.post("/x")).status == 200
+
+
+def _openssl(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+async def test_tls_with_client_certificates(tmp_path):
+    import shutil
+    import ssl
+
+    import aiohttp
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    for who in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(d / f"{who}.key"),
+                 "-out", str(d / f"{who}.csr"))
+        ext = d / f"{who}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
+                 "-CAcreateserial", "-days", "1", "-out", str(d / f"{who}.crt"), "-extfile", str(ext))
+    from tests.conftest import free_port
+
+    rest = RestConfig(host="127.0.0.1", port=free_port(), tls_cert=str(d / "server.crt"),
+                      tls_key=str(d / "server.key"), tls_client_ca=str(d / "ca.crt"))
+    cfg = AgentConfig(name="n1", ip="127.0.0.1", state_dir=str(d / "state"), rest=rest, etcd=["127.0.0.1:1"])
+    a = Agent(cfg)
+    from agent.rest import ssl_context
+
+    runner = web.AppRunner(build_app(a))
+    await runner.setup()
+    await web.TCPSite(runner, rest.host, rest.port, ssl_context=ssl_context(rest)).start()
+    try:
+        url = f"https://127.0.0.1:{rest.port}/healthz"
+        with_cert = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        with_cert.load_cert_chain(str(d / "client.crt"), str(d / "client.key"))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, ssl=with_cert) as r:
+                assert r.status == 200 and (await r.json())["ok"]
+            no_cert = ssl.create_default_context(cafile=str(d / "ca.crt"))
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(url, ssl=no_cert) as r:
+                    await r.read()
+        assert a.api_url.startswith("https://")
+    finally:
+        await runner.cleanup()

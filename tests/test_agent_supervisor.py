@@ -150,3 +150,30 @@ def test_child_env_strips_notify_socket(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "1000")
     env = child_env({"A": "1"})
     assert env["A"] == "1" and "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
+
+
+def test_copytruncate_rotation_keeps_child_writing(tmp_path, procs):
+    import subprocess
+
+    from agent import logs
+
+    path = tmp_path / "logs" / "w.log"
+    fd = logs.open_log(path)
+    writer = subprocess.Popen(
+        [sys.executable, "-u", "-c", "import sys, time\nfor i in range(100000):\n print('x' * 99); time.sleep(0.001)"],
+        stdout=fd, stderr=fd, start_new_session=True)
+    os.close(fd)
+    procs[1].append(writer.pid)
+    from tests.conftest import wait_for
+
+    wait_for(lambda: path.stat().st_size > 20_000, what="log grows")
+    assert logs.rotate_if_needed(path, 10_000, keep=2)
+    assert path.with_name("w.log.1").stat().st_size > 10_000
+    wait_for(lambda: 0 < path.stat().st_size, what="child keeps writing after truncation")
+    # O_APPEND: writes land at the new end, no sparse hole of the old size
+    assert path.stat().st_size < path.with_name("w.log.1").stat().st_size + 50_000
+    with open(path, "rb") as f:
+        assert b"\0" not in f.read(200)
+    assert logs.rotate_if_needed(path, 10, keep=2) and path.with_name("w.log.2").exists()
+    assert not logs.rotate_if_needed(path, 10**9, keep=2)
+    assert logs.tail(path.with_name("w.log.1"), 2) == ["x" * 99] * 2
