@@ -39,7 +39,7 @@ def _demo_processes() -> list[psutil.Process]:
 
 def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
     state = tmp_path / "demo"
-    argv = [sys.executable, "-m", "pdsupervisor.cli", "demo", "--state-dir", str(state)]
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)]
     out = open(tmp_path / "demo.out", "wb")
     demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     try:
