@@ -117,6 +117,16 @@ def test_killed_child_restarted_with_backoff_and_exit_code(env):
                   timeout=10, what="restart reported")
     assert st["pid"] != first and st["last_exit_code"] == -9
     assert not alive(first)
+    # a changed spec (new hash) restarts the process; a generation-only change does not
+    second = st["pid"]
+    changed = spec("s", SLEEP + ["v2"])
+    view.assign("n1", changed)
+    third = wait_for(lambda: (p := view.status("n1").get("s", {}).get("pid")) not in (None, second) and p,
+                     timeout=10, what="restart on spec change")
+    assert not alive(second)
+    view.assign("n1", changed.model_copy(update={"generation": 7}))
+    wait_for(lambda: view.status("n1").get("s", {}).get("generation") == 7, what="generation reported")
+    assert view.status("n1")["s"]["pid"] == third
 
 
 def test_agent_kill9_member_key_expires_and_restart_adopts(env):
