@@ -23,3 +23,4 @@ for _command in (plan_command, start_command, status_command, stop_command, even
     main.add_command(_command)
 
 # Further subcommands register below, one line each, from their own modules.
+from pdsupervisor.doctor_command import doctor_command; main.add_command(doctor_command)  # noqa: E402, E702

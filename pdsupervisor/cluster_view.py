@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pdsupervisor.doctor import hard_failures
 from pdsupervisor.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
 from pdsupervisor.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
 from pdsupervisor.spec import ClusterSpec, SpecError, validate_spec
@@ -82,6 +83,9 @@ def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]
                             generation=obs.record.generation)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
+    refused = hard_failures(spec, obs.members, plan)
+    if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
+        return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
     return spec, plan, []
 
 
