@@ -43,12 +43,14 @@ def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiCli
 
 
 def run(coro: Awaitable[T]) -> T:
-    """Run one API call; connection and HTTP errors become a one-line message and exit 1."""
+    """Run API calls; connection, HTTP and wait errors become a one-line message and exit 1."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, asyncio.TimeoutError) as exc:
+    except TimeoutError as exc:  # a wait that ran out (also what aiohttp raises on a slow answer)
+        raise click.ClickException(str(exc) or "the agent API did not answer in time") from None
+    except OSError as exc:
         raise click.ClickException(f"cannot reach the agent API: {exc or type(exc).__name__}") from None
 
 
@@ -146,11 +148,7 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
             doc = await wait_for_phase(client, "ready", timeout, click.echo)
             click.echo(f"ready: proxy at {doc.get('proxy_url')}")
 
-    try:
-        run(go())
-    except TimeoutError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    run(go())
 
 
 @click.command("stop")
@@ -167,11 +165,7 @@ def stop_command(api: str, token_file: str | None, ca_file: str | None, wait: bo
         if wait:
             await wait_for_phase(client, "stopped", timeout, click.echo)
 
-    try:
-        run(go())
-    except TimeoutError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    run(go())
 
 
 @click.command("events")

@@ -152,7 +152,10 @@ class Coordinator:
 
     async def _record_events(self, obs: Observed) -> None:
         members = set(obs.members)
-        if self._known_members is not None:
+        if self._known_members is None:  # new leader: a node with work but no lease was lost
+            for node in sorted(set(obs.assignments) - members):
+                await self.store.append_event("member", f"{node} lost (lease expired)", node=node)
+        else:
             for node in sorted(members - self._known_members):
                 await self.store.append_event("member", f"{node} joined", node=node)
             for node in sorted(self._known_members - members):

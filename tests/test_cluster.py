@@ -86,6 +86,30 @@ def test_start_reaches_ready_in_order(cluster):
     assert any("proxy released" in m for m in kinds)
 
 
+def test_cli_status_events_and_logs(cluster):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pdsupervisor", *args, "--api", cluster.api("n2")],
+                              capture_output=True, text=True, timeout=30)
+
+    table = cli("status")
+    assert table.returncode == 0, table.stderr
+    assert "phase: ready" in table.stdout and "leader: n4" in table.stdout
+    rows = [line.split() for line in table.stdout.splitlines() if line.startswith("n")]
+    assert {(r[0], r[2], r[4]) for r in rows} >= {("n2", "decode-0", "ready"), ("n3", "decode-1", "ready")}
+    doc = json.loads(cli("status", "-o", "json").stdout)
+    assert doc["phase"] == "ready" and len(doc["processes"]) == len(rows)
+    events = cli("events")
+    assert "proxy released" in events.stdout and "n4 is the coordinator" in events.stdout
+    logs = cli("logs", "n2", "decode-0", "--tail", "50")
+    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    missing = cli("logs", "n9", "decode-0")
+    assert missing.returncode == 1 and "no registered node 'n9'" in missing.stderr
+
+
 def test_resubmitting_another_spec_conflicts(cluster):
     other = dict(cluster.spec, model="other-model")
     status, body = cluster.submit(other)
