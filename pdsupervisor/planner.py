@@ -218,7 +218,7 @@ def _engine_processes(
         out.append(ProcessSpec(
             name=f"{role_name}-{local}", role=role_name,  # type: ignore[arg-type]
             argv=[render(item, values) for item in role.argv], env=env,
-            host=facts.ip, port=port,
+            cwd=role.cwd, host=facts.ip, port=port,
             readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
                             period_s=role.readiness.period_s, timeout_s=role.readiness.timeout_s),
             restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
@@ -267,6 +267,7 @@ def _proxy_process(
             template.append("--generator-on-p-node")
         if spec.benchmark.enabled:
             template += ["--benchmark-mode", "--repeat-d-times", "{repeat_d_times}"]
+        template += px.extra_args
     else:
         template = px.argv
     argv: list[str] = []
@@ -278,7 +279,7 @@ def _proxy_process(
             argv.append(render(item, values))
     return ProcessSpec(
         name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
-        host=facts.ip, port=px.port,
+        cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
         restart=spec.policy.restart, stop_timeout_s=10,
     )

@@ -108,6 +108,7 @@ class RoleSpec(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     readiness: ReadinessSpec = Field(default_factory=ReadinessSpec)
     stop_timeout_s: float = Field(60.0, gt=0)
+    cwd: str | None = None  # working directory of the engines (default: the agent's)
 
     @property
     def engines_per_node(self) -> int:
@@ -146,6 +147,8 @@ class ProxySpec(Strict):
         default_factory=lambda: ["--benchmark_mode", "--repeat_p_request", "1", "--repeat_d_times", "{repeat_d_times}"]
     )
     env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
+    extra_args: list[str] = Field(default_factory=list)  # appended to the built-in proxy's argv
     readiness_path: str = "/health"
 
 
@@ -251,7 +254,8 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
     problems += _placeholder_problems(
         "proxy.argv", spec.proxy.argv, PROXY_PLACEHOLDERS, PROXY_LIST_PLACEHOLDERS
     )
-    problems += _placeholder_problems("proxy.benchmark_args", spec.proxy.benchmark_args, PROXY_PLACEHOLDERS)
+    for name in ("benchmark_args", "first_token_args", "extra_args"):
+        problems += _placeholder_problems(f"proxy.{name}", getattr(spec.proxy, name), PROXY_PLACEHOLDERS)
     problems += _placeholder_problems("engine_env", spec.engine_env.values(), ENGINE_PLACEHOLDERS)
     if spec.benchmark.enabled and spec.benchmark.decode_batch_size < 2:
         problems.append(("benchmark.decode_batch_size", "benchmark mode needs a batch size of at least 2"))

@@ -117,12 +117,20 @@ def test_tp8_decode_still_gets_distinct_dp_ranks():
 
 def test_builtin_proxy_follows_etcd():
     doc = example_doc()
-    doc["proxy"] = {"kind": "builtin"}
+    doc["proxy"] = {"kind": "builtin", "extra_args": ["--api-key-file", "/etc/pd/keys"]}
     plan = plan_cluster(validate_spec(doc), seed_nodes(python="/opt/venv/bin/python"))
     argv = plan.nodes["g10"].processes[-1].argv
     assert argv[:3] == ["/opt/venv/bin/python", "-m", "pdsupervisor.proxy"]
     assert argv[argv.index("--etcd") + 1] == "10.239.129.9:2379"
     assert argv[argv.index("--cluster") + 1] == "deepseek-r1"
+    assert argv[-2:] == ["--api-key-file", "/etc/pd/keys"]
+
+
+def test_external_proxy_runs_in_its_directory():
+    doc = example_doc()
+    doc["proxy"]["cwd"] = "/opt/vllm-fork/pd_xpyd"
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    assert plan.nodes["g10"].processes[-1].cwd == "/opt/vllm-fork/pd_xpyd"
 
 
 def test_same_input_same_plan():
