@@ -196,7 +196,7 @@ class Agent:
             started = time.monotonic()
             try:
                 await factory(self)
-                log.info("background task finished", task=name)
+                log.debug("background task finished", task=name)
                 return
             except asyncio.CancelledError:
                 raise
@@ -225,14 +225,15 @@ class Agent:
             await self._start_bootstrap_etcd()
         await self.store.connect()
         spawn = asyncio.create_task
-        self._tasks += [
-            spawn(self.registration.run(), name="registration"),
-            spawn(self.reconciler.watch_assignment(), name="assignment"),
-            spawn(self.reconciler.report_status(), name="status"),
-            spawn(self._rotate_logs(), name="logs"),
-            spawn(self._watchdog(), name="watchdog"),
-            spawn(self._notify_ready(), name="ready"),
+        core: list[tuple[str, TaskFactory]] = [  # a bug in one loop is logged and the loop restarted
+            ("registration", lambda a: a.registration.run()),
+            ("assignment", lambda a: a.reconciler.watch_assignment()),
+            ("status", lambda a: a.reconciler.report_status()),
+            ("logs", lambda a: a._rotate_logs()),
+            ("watchdog", lambda a: a._watchdog()),
+            ("ready", lambda a: a._notify_ready()),
         ]
+        self._tasks += [spawn(self._supervised(n, f), name=n) for n, f in core]
         self._extra_tasks += [spawn(self._supervised(n, f), name=n) for n, f in self._task_factories]
 
     def request_stop(self) -> None:

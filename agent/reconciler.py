@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from pathlib import Path
 
 import structlog
@@ -107,11 +108,15 @@ class Reconciler:
                 kv = next((k for k in kvs if k.key == key), None)
                 await self._apply_raw(kv.value if kv else None)
                 delay = 0.5
+                loop = asyncio.get_running_loop()
                 try:
-                    async with asyncio.timeout(self.resync_s):
-                        async for ev in self.store.watch_prefix(key, rev + 1):
-                            if ev.key == key:
+                    async with asyncio.timeout(self.resync_s) as deadline, \
+                            aclosing(self.store.watch_prefix(key, rev + 1)) as events:
+                        async for ev in events:
+                            if ev.key == key:  # the prefix also matches longer node names
+                                deadline.reschedule(None)  # never cancel an apply half-way
                                 await self._apply_raw(ev.value)
+                                deadline.reschedule(loop.time() + self.resync_s)
                 except TimeoutError:
                     continue  # periodic re-read, in case the watch silently missed something
             except StoreUnavailable as exc:
