@@ -1,0 +1,207 @@
+"""Shared pieces of the orchestration and failover benchmarks (not a benchmark itself).
+
+A LocalCluster on private ports (nothing in the demo's 2379 / 8471+ / 8868, nothing in the
+Linux ephemeral range the tests draw from), a spec generator for N one-engine nodes, and a
+poller that timestamps what `GET /cluster` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pdsupervisor.client import ApiClient, ApiError  # noqa: E402
+from pdsupervisor.localcluster import LocalCluster  # noqa: E402
+
+# Private ports: below the ephemeral range (32768+), away from the demo's.
+ETCD_PORT = 12379          # and 12380 for peers
+API_BASE_PORT = 12400      # 12400 .. 12400+N-1
+PREFILL_PORT = 12100
+DECODE_PORT = 12200
+PROXY_PORT = 12868
+
+
+def engine_argv(role: str, load_time: float) -> list[str]:
+    kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+    return ["{python}", "-m", "pdsupervisor.simengine", "--model", "{model}", "--host", "{host}", "--port", "{port}",
+            "-tp", "{tp}", "--max-model-len", "8192",
+            "--kv-transfer-config", '{"kv_connector":"MooncakeStoreConnector","kv_role":"%s"}' % kv_role,
+            "--sim-load-time", str(load_time)]
+
+
+def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *, slots: int, load_time: float,
+              period_s: float, ttl: int) -> str:
+    """The demo's spec, with our ports, no Mooncake master, and any number of nodes."""
+    def role(nodes: list[str], name: str, port: int) -> dict[str, Any]:
+        return {"node_names": nodes, "tp": 1, "slots": slots, "base_port": port, "argv": engine_argv(name, load_time),
+                "readiness": {"path": "/health", "period_s": period_s}, "stop_timeout_s": 5}
+    doc = {
+        "cluster": cluster, "model": "sim/deepseek-r1-tiny",
+        "etcd": {"bootstrap_node": "node1", "client_port": ETCD_PORT, "peer_port": ETCD_PORT + 1},
+        "mooncake": {"enabled": False},
+        "prefill": role(prefill_nodes, "prefill", PREFILL_PORT),
+        "decode": role(decode_nodes, "decode", DECODE_PORT),
+        "proxy": {"kind": "builtin", "port": PROXY_PORT},
+        "policy": {"node_loss": "wait", "lease_ttl_s": max(ttl, 2)},
+        "host_requirements": {"thp_mode": None, "hard": []},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def ports_in_use(n_agents: int) -> list[int]:
+    wanted = [ETCD_PORT, ETCD_PORT + 1, PROXY_PORT] + [API_BASE_PORT + i for i in range(n_agents)]
+    busy = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    return [p for p in wanted if p in busy]
+
+
+def new_cluster(name: str, nodes: int, ttl: int) -> LocalCluster:
+    root = Path(tempfile.mkdtemp(prefix=f"pdbench-{name}-"))
+    return LocalCluster(cluster=name, root=root, nodes=nodes, etcd_port=ETCD_PORT, api_base_port=API_BASE_PORT, ttl=ttl)
+
+
+async def boot(lc: LocalCluster, timeout: float = 180.0) -> float:
+    """Start every agent and wait until all are registered; returns seconds taken."""
+    busy = ports_in_use(len(lc.agents))
+    if busy:
+        raise SystemExit(f"ports already in use: {busy} (another bench running?)")
+    t0 = time.monotonic()
+    lc.start()
+    client = ApiClient(lc.agents[0].api_url, timeout_s=3)
+    while True:
+        for a in lc.agents:
+            if a.proc and a.proc.poll() is not None:
+                raise SystemExit(f"agent {a.name} exited {a.proc.returncode}; see {a.log_path}")
+        with contextlib.suppress(OSError, ApiError, asyncio.TimeoutError):
+            if len((await client.nodes())["nodes"]) >= len(lc.agents):
+                break
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"agents did not all register in {timeout}s; logs in {lc.root}")
+        await asyncio.sleep(0.2)
+    return time.monotonic() - t0
+
+
+_last_error: list[str] = []
+
+
+async def get_cluster(client: ApiClient) -> dict[str, Any] | None:
+    try:
+        return await client.cluster()
+    except (OSError, ApiError, asyncio.TimeoutError) as exc:
+        msg = f"{type(exc).__name__}: {exc}"[:200]
+        if not _last_error or _last_error[-1] != msg:
+            print(f"    (GET /cluster failed: {msg})", flush=True)
+            _last_error.append(msg)
+        return None
+
+
+async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.05) -> tuple[float, dict[str, Any]]:  # noqa: ANN001
+    """Poll GET /cluster until pred(doc); returns (wall time of the answer, doc)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = await get_cluster(client)
+        now = time.time()
+        if doc is not None and pred(doc):
+            return now, doc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout}s; last phase {doc and doc.get('phase')}")
+        await asyncio.sleep(interval)
+
+
+_LISTEN = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO pdsupervisor\.(simengine: sim engine|proxy: proxy) .*listening on")
+
+
+def engine_listen_times(log_path: Path) -> list[float]:
+    """Wall times of the sim-engine's / proxy's 'listening on' lines (logging asctime, ms, local time)."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            m = _LISTEN.match(line)
+            if m:
+                out.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def create_time(pid: int | None) -> float | None:
+    """Wall time a process started, to one clock tick (10 ms).
+
+    Not psutil's create_time(): it adds /proc/stat's btime, a whole second, so it can be
+    up to 1 s off. Here: now - (uptime now - the process's start in ticks since boot).
+    """
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat, counting from after "(comm)"
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / _TICK)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def standalone_engine_startup(runs: int, load_time: float, port: int = 12990) -> list[float]:
+    """Seconds from Popen of a lone sim-engine to its /health first answering 200 (10 ms polls)."""
+    results = []
+    for _ in range(runs):
+        argv = [sys.executable, "-m", "pdsupervisor.simengine", "--model", "sim/x", "--host", "127.0.0.1",
+                "--port", str(port), "--sim-load-time", str(load_time)]
+        t0 = time.time()
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            while True:
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                        break
+                if p.poll() is not None or time.time() - t0 > 30:
+                    raise SystemExit("standalone sim-engine did not come up")
+                time.sleep(0.01)
+            results.append(time.time() - t0)
+        finally:
+            p.kill()
+            p.wait(5)
+    return results
+
+
+def summary(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"median {statistics.median(xs):.3f} s, max {max(xs):.3f} s (n={len(xs)})"
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return (f"nproc {os.cpu_count()}, {model}, Python {sys.version.split()[0]}, "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}, loadavg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def finish(lc: LocalCluster) -> None:
+    lc.stop_agents(timeout=5)
+    left = lc.kill_all(grace_s=3)
+    print(f"cleanup: {len(left)} leftover process(es) ended (etcd and engines); state in {lc.root}", flush=True)
