@@ -2,8 +2,10 @@
 
 Order at start: adopt recorded processes (before anything talks to etcd), start the
 embedded etcd on a bootstrap node and wait for it, then register, watch the assignment and
-report status. Stopping the agent never stops a process: the lease is revoked (the member
-key disappears at once) and every child is left running for the next agent to adopt.
+report status. Stopping the agent never stops a process, and it does not revoke its lease:
+the member key outlives the agent by the TTL, so a restart (upgrade, crash, `systemctl
+restart`) within the TTL re-registers before anyone sees the node as lost, and costs nothing
+even under the `replace` node-loss policy. Every child is left running for the next agent.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Agent:
       `agent.on_lease_change(cb)` calls `cb(lease_id)` on every (re)registration.
     - `agent.add_task(factory, name)`: before `run()`, add a background task
       `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
-      started again after a backoff; it is cancelled at shutdown (before the lease is revoked).
+      started again after a backoff; it is cancelled first at shutdown.
     - `agent.add_routes(routes)`: before `run()`, extra aiohttp `RouteDef`s for the REST app
       (guard mutating ones with `agent.rest.require_token`).
     - `agent.reconciler.procs`: the managed processes by name (read-only for others).
@@ -248,7 +250,7 @@ class Agent:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Leave every child running; revoke the lease so the member key disappears now."""
+        """Leave every child running and the lease to expire by itself (see the module docstring)."""
         self.notifier.stopping()
         for t in self._extra_tasks:  # the coordinator first: it may still want the store
             t.cancel()
@@ -256,9 +258,6 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self.registration.revoke()
         await self.reconciler.detach_all()
         if self.bootstrap is not None:
             await self.bootstrap.detach()
