@@ -11,7 +11,6 @@ even under the `replace` node-loss policy. Every child is left running for the n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import signal
 import socket
