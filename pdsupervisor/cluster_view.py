@@ -31,6 +31,10 @@ class SpecRecord(Strict):
     spec: dict[str, Any]
     placement: dict[str, list[str]] = Field(default_factory=dict)
     submitted_at: float = 0.0
+    # The Mooncake master's pid the engines last started against, and how many times the
+    # engines were restarted because the master restarted (its metadata does not survive).
+    master_pid: int | None = None
+    master_epoch: int = 0
 
 
 @dataclass
@@ -46,10 +50,10 @@ class Observed:
 
 @dataclass
 class Desired:
-    """What the coordinator should write: assignments by node (None = delete) and the placement."""
+    """What the coordinator should write: assignments by node (None = delete) and the record."""
 
     assignments: dict[str, NodeAssignment | None]
-    placement: dict[str, list[str]]
+    record: SpecRecord | None
     plan: Plan | None
     missing: list[str] = field(default_factory=list)
 
@@ -86,7 +90,27 @@ def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]
     refused = hard_failures(spec, obs.members, plan)
     if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
         return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
+    for _, proc in plan.engines():
+        proc.restart_epoch = obs.record.master_epoch
     return spec, plan, []
+
+
+def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
+    """The record with the master's new pid (and a new engine epoch when it restarted).
+
+    The master is tracked once ready; a different ready pid later means it restarted and
+    lost Mooncake's metadata, so every engine is restarted, after the master is ready again.
+    """
+    record = obs.record
+    masters = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role == "mooncake-master"]
+    if record is None or not masters or not is_ready(obs, *masters[0]):
+        return None
+    seen = observed_process(obs, masters[0][0], masters[0][1].name)
+    if seen is None or seen.pid is None or seen.pid == record.master_pid:
+        return None
+    engines_assigned = any(p.role in ENGINE_ROLES for a in obs.assignments.values() for p in a.processes)
+    bump = record.master_pid is not None and engines_assigned
+    return record.model_copy(update={"master_pid": seen.pid, "master_epoch": record.master_epoch + int(bump)})
 
 
 def _assigned(obs: Observed) -> set[tuple[str, str]]:
@@ -102,13 +126,21 @@ def desired_state(obs: Observed) -> Desired:
     record = obs.record
     current: dict[str, NodeAssignment | None] = dict(obs.assignments)
     if record is None:
-        return Desired(assignments=current, placement={}, plan=None)
+        return Desired(assignments=current, record=None, plan=None)
     if record.action == "stop":
-        return Desired(assignments=_stop_step(obs), placement=record.placement, plan=None)
+        return Desired(assignments=_stop_step(obs), record=record, plan=None)
 
     _, plan, missing = try_plan(obs)
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
-        return Desired(assignments=current, placement=record.placement, plan=None, missing=missing)
+        return Desired(assignments=current, record=record, plan=None, missing=missing)
+    restarted = master_restart(obs, plan)
+    if restarted is not None and restarted.master_epoch != record.master_epoch:
+        # re-plan against the new epoch: engines get a new hash and their agents restart them
+        obs = Observed(record=restarted, members=obs.members, assignments=obs.assignments,
+                       statuses=obs.statuses, leader=obs.leader)
+        _, plan, missing = try_plan(obs)
+        assert plan is not None
+    record = restarted or record
 
     assigned = _assigned(obs)
     planned = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"]
@@ -133,7 +165,7 @@ def desired_state(obs: Observed) -> Desired:
     }
     for node in obs.assignments:
         desired.setdefault(node, None)
-    return Desired(assignments=desired, placement=plan.placement, plan=plan)
+    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan)
 
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:

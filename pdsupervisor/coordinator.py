@@ -122,8 +122,8 @@ class Coordinator:
             elif have is None or have.model_dump() != want.model_dump():
                 puts[self.store.keys.assignment(node)] = want
         record = obs.record
-        if record is not None and desired.placement and desired.placement != record.placement:
-            puts[self.store.keys.spec] = record.model_copy(update={"placement": desired.placement}).model_dump(mode="json")
+        if desired.record is not None and desired.record != record:
+            puts[self.store.keys.spec] = desired.record.model_dump(mode="json")
         if not puts and not deletes:
             self._note_missing(desired.missing)
             return
@@ -146,8 +146,13 @@ class Coordinator:
             await self.store.append_event("assign", message, role=role)
         for role in sorted(before - after):
             await self.store.append_event("unassign", f"{role} removed", role=role)
-        if record is not None and desired.placement and desired.placement != record.placement and record.placement:
-            await self.store.append_event("replan", f"placement now {desired.placement}", placement=desired.placement)
+        new = desired.record
+        if record is not None and new is not None and new.placement != record.placement and record.placement:
+            await self.store.append_event("replan", f"placement now {new.placement}", placement=new.placement)
+        if record is not None and new is not None and new.master_epoch != record.master_epoch:
+            await self.store.append_event(
+                "master", f"mooncake master restarted (pid {record.master_pid} -> {new.master_pid}): "
+                "restarting the engines, now that it is ready", pid=new.master_pid, epoch=new.master_epoch)
         await self.store.trim_events()
 
     async def _record_events(self, obs: Observed) -> None:

@@ -74,6 +74,9 @@ class ProcessSpec(Strict):
     stop_timeout_s: float = Field(30.0, gt=0)
     generation: int = 0
     dp_rank: int | None = None
+    # Bumped by the coordinator to restart a process that runs the very same thing, e.g. the
+    # engines after their Mooncake master restarted and lost its metadata. Part of the hash.
+    restart_epoch: int = 0
 
     def spec_hash(self) -> str:
         """Stable digest of everything that, when changed, requires a restart."""

@@ -5,6 +5,9 @@ start, lose the coordinator, lose a decode node, stop.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import psutil
 import pytest
 
@@ -156,6 +159,32 @@ def test_decode_node_loss_is_replaced_with_same_dp_ranks(cluster):
     assert "n3 lost (lease expired)" in messages
     answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "again", "max_tokens": 2})
     assert answer["usage"]["completion_tokens"] == 2
+
+
+def test_master_restart_restarts_engines_after_it_is_ready(cluster):
+    if not HAVE_MASTER:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have the real mooncake_master (pip mooncake-transfer-engine-non-cuda)")
+        pytest.skip("mooncake_master not installed")
+    doc = cluster.doc()
+    master = next(p for p in doc["processes"] if p["role"] == "mooncake-master")
+    engines = {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["role"] in ("prefill", "decode")}
+    proxy_pid = next(p["pid"] for p in doc["processes"] if p["role"] == "proxy")
+    os.kill(master["pid"], signal.SIGKILL)
+
+    def all_engines_new() -> bool:
+        d = cluster.doc()
+        now = {(p["node"], p["name"]): p for p in d["processes"] if p["role"] in ("prefill", "decode")}
+        return d["phase"] == "ready" and all(now[k]["pid"] not in (None, pid) for k, pid in engines.items())
+
+    wait_for(all_engines_new, 60, 0.1, what="engines restarted against the new master")
+    doc = cluster.doc()
+    new_master = next(p for p in doc["processes"] if p["role"] == "mooncake-master")
+    assert new_master["pid"] != master["pid"] and new_master["restarts"] == master["restarts"] + 1
+    assert next(p["pid"] for p in doc["processes"] if p["role"] == "proxy") == proxy_pid  # follows etcd
+    messages = [e["message"] for e in run(_events(cluster))]
+    restarted = [m for m in messages if m.startswith("mooncake master restarted")]
+    assert len(restarted) == 1 and f"pid {master['pid']} -> {new_master['pid']}" in restarted[0]
 
 
 def test_stop_leaves_nothing_running(cluster):
