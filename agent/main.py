@@ -120,7 +120,9 @@ def add_coordinator(agent: Any) -> None:
     from pdsupervisor.coordinator import Coordinator
 
     agent.add_routes(cluster_routes(agent.store))
-    agent.add_task(lambda a: Coordinator(a.store, a.name, a.config.ttl).run(), "coordinator")
+    agent.add_task(
+        lambda a: Coordinator(a.store, a.name, a.config.ttl, on_spec_ttl=a.registration.set_ttl).run(), "coordinator"
+    )
 
 
 async def _run(config: Any) -> None:

@@ -34,7 +34,7 @@ class Reconciler:
         *,
         heartbeat_s: float = 60.0,
         resync_s: float = 60.0,
-        min_interval_s: float = 1.0,
+        min_interval_s: float = 0.25,
     ) -> None:
         self.node = node
         self.store = store
@@ -163,7 +163,7 @@ class Reconciler:
             except TimeoutError:
                 pass
             wait = self.min_interval_s - (time.monotonic() - last_write)
-            await asyncio.sleep(max(0.2, wait))  # coalesce a burst of changes into one write
+            await asyncio.sleep(max(0.05, wait))  # coalesce a burst of changes into one write
             self._dirty.clear()
             if not self.assignment_seen and not self.procs:
                 continue

@@ -38,6 +38,18 @@ class Registration:
         self.last_refresh_mono: float | None = None
         self._facts_sent: dict | None = None
         self._facts_checked = 0.0
+        self._ttl_changed = False
+        self._registered_at = 0.0
+
+    def set_ttl(self, ttl: int) -> None:
+        """Take the cluster spec's TTL (`policy.lease_ttl_s`) over the configured one.
+
+        Applied at the next refresh: a new lease is granted, the member key moved onto it,
+        and the old lease revoked, so the member key never disappears in between.
+        """
+        if ttl != self.ttl:
+            self.ttl = ttl
+            self._ttl_changed = True
 
     @property
     def healthy(self) -> bool:
@@ -49,7 +61,8 @@ class Registration:
 
     async def _register(self) -> None:
         lease = await self.store.grant_lease(self.ttl)
-        facts = self.facts().model_copy(update={"registered_at": time.time()})
+        self._registered_at = time.time()
+        facts = self.facts().model_copy(update={"registered_at": self._registered_at})
         await self.store.register_member(facts, lease)
         self.lease_id = lease
         self._facts_sent = self._comparable(facts)
@@ -65,17 +78,24 @@ class Registration:
         self._facts_checked = time.monotonic()
         facts = self.facts()
         if self._comparable(facts) != self._facts_sent:
-            await self.store.register_member(facts.model_copy(update={"registered_at": time.time()}), self.lease_id)
+            # keep the registration time: status written before it is what readers treat as stale
+            await self.store.register_member(facts.model_copy(update={"registered_at": self._registered_at}),
+                                             self.lease_id)
             self._facts_sent = self._comparable(facts)
             log.info("node facts updated")
 
     async def run(self) -> None:
-        period = max(0.5, self.ttl / 3)
         delay = 0.25
         while True:
+            period = max(0.5, self.ttl / 3)
             try:
                 if self.lease_id is None:
                     await self._register()
+                elif self._ttl_changed:
+                    old = self.lease_id
+                    await self._register()
+                    self._ttl_changed = False
+                    await self.store.revoke_lease(old)
                 else:
                     left = await self.store.refresh_lease(self.lease_id)
                     if left <= 0:

@@ -29,6 +29,7 @@ log = structlog.get_logger("agent.supervisor")
 # Never handed to a child: a child speaking for the agent's systemd unit is a known bug.
 STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is reported running
+STARTUP_PROBE_S = 0.05  # first readiness re-probe; doubles up to the probe's period
 
 
 def child_env(spec_env: dict[str, str]) -> dict[str, str]:
@@ -327,6 +328,7 @@ class ManagedProcess:
             self._set(ProcessState.ready, self.message if self.message == "adopted" else "")
             return
         failures = 0
+        waiting = STARTUP_PROBE_S  # until first ready: probe fast, backing off to the period
         while not child.exited():
             ok = await probe_once(p)
             if ok:
@@ -337,4 +339,8 @@ class ManagedProcess:
                 failures += 1
                 if self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
                     self._set(ProcessState.running, f"readiness probe failing ({failures}x)")
-            await asyncio.sleep(p.period_s if self.state != ProcessState.ready else max(p.period_s, 5.0))
+            if self.state == ProcessState.ready:
+                await asyncio.sleep(max(p.period_s, 5.0))
+            else:
+                await asyncio.sleep(min(waiting, p.period_s))
+                waiting *= 2

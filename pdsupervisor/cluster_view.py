@@ -58,8 +58,14 @@ class Desired:
     missing: list[str] = field(default_factory=list)
 
 
-def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+def live_status(obs: Observed, node: str) -> NodeStatus | None:
+    """The node's status, if its agent is registered and wrote it since registering."""
     status = obs.statuses.get(node)
+    return status if status is not None and status.current_for(obs.members.get(node)) else None
+
+
+def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+    status = live_status(obs, node)
     if status is None:
         return None
     return next((p for p in status.processes if p.name == name), None)
@@ -170,7 +176,7 @@ def desired_state(obs: Observed) -> Desired:
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     """Remove the next stage only once the previous one is gone from every live node."""
-    live_statuses = {n: s for n, s in obs.statuses.items() if n in obs.members}
+    live_statuses = {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
     for stage in STOP_STAGES:
         if any(p.role in stage for a in obs.assignments.values() for p in a.processes):
             out: dict[str, NodeAssignment | None] = {}
@@ -187,7 +193,7 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     record = obs.record
     if record is None:
         return "stopped"
-    live = {n: s for n, s in obs.statuses.items() if n in obs.members}
+    live = {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
     running = any(p.role != "etcd" for s in live.values() for p in s.processes)
     if record.action == "stop":
         return "stopping" if obs.assignments or running else "stopped"

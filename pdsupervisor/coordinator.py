@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 
-from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state
+from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state, live_status
 from pdsupervisor.control import observe
 from pdsupervisor.models import NodeAssignment, ProcessStatus
 from pdsupervisor.store import Store, StoreUnavailable
@@ -24,11 +25,13 @@ log = structlog.get_logger("coordinator")
 
 
 class Coordinator:
-    def __init__(self, store: Store, name: str, ttl: int = 10) -> None:
+    def __init__(self, store: Store, name: str, ttl: int = 10,
+                 on_spec_ttl: Callable[[int], None] = lambda ttl: None) -> None:
         self.store = store
         self.name = name
         self.ttl = ttl
         self.loop_wait = max(0.5, ttl / 3)
+        self.on_spec_ttl = on_spec_ttl  # every agent follows the spec's lease TTL, leader or not
         self.lease: int | None = None
         self.is_leader = False
         self._last_refresh = 0.0
@@ -83,12 +86,28 @@ class Coordinator:
         self._known_procs = {}
 
     async def cycle(self) -> None:
+        await self._follow_spec_ttl()
         if not await self._hold_leadership():
             return
         obs = await observe(self.store)
         await self._record_events(obs)
         desired = desired_state(obs)
         await self._apply(obs, desired)
+
+    async def _follow_spec_ttl(self) -> None:
+        """The spec's `policy.lease_ttl_s` sets member leases and, from the next election, ours."""
+        record = await self.store.spec_record()
+        ttl = ((record or {}).get("spec", {}).get("policy") or {}).get("lease_ttl_s")
+        if isinstance(ttl, int) and ttl != self.ttl:
+            self.ttl = ttl
+            self.loop_wait = max(0.5, ttl / 3)
+            self.on_spec_ttl(ttl)
+            if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
+                await self.store.release_leader(self.name)
+                self._step_down("lease TTL changed")
+            if self.lease is not None:
+                await self.store.revoke_lease(self.lease)
+                self.lease = None
 
     async def _hold_leadership(self) -> bool:
         now = time.monotonic()
@@ -166,7 +185,7 @@ class Coordinator:
             for node in sorted(self._known_members - members):
                 await self.store.append_event("member", f"{node} lost (lease expired)", node=node)
         self._known_members = members
-        procs = {(n, p.name): p for n, s in obs.statuses.items() if n in members for p in s.processes}
+        procs = {(n, p.name): p for n in members if (s := live_status(obs, n)) for p in s.processes}
         for key, now in procs.items():
             prev = self._known_procs.get(key)
             if prev is None or now.pid is None:

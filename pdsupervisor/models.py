@@ -130,6 +130,14 @@ class NodeStatus(Strict):
     updated_at: float
     processes: list[ProcessStatus] = Field(default_factory=list)
 
+    def current_for(self, member: NodeFacts | None) -> bool:
+        """Written by the node's agent since it registered (both times from that node's clock).
+
+        A status key outlives a dead agent; until the restarted agent reports, what it says
+        about pids and readiness is history, not observation.
+        """
+        return member is not None and self.updated_at >= member.registered_at
+
 
 class RdmaPort(Strict):
     port: int

@@ -181,6 +181,11 @@ class Store:
             stream.cancel()
         return 0
 
+    async def lease_granted_ttl(self, lease_id: int) -> int:
+        """The TTL a lease was granted with (0 when it no longer exists)."""
+        resp = await self._client.lease.time_to_live(lease_id, timeout=self.timeout_s)  # type: ignore[union-attr]
+        return max(0, resp.grantedTTL) if resp.TTL > 0 else 0
+
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(*StoreUnavailable):
             await self._client.lease.revoke(lease_id, timeout=self.timeout_s)  # type: ignore[union-attr]

@@ -87,3 +87,28 @@ def test_openapi_document_lists_every_route(one_agent):
     assert {"/cluster/start", "/cluster/stop", "/cluster", "/nodes", "/events", "/healthz"} <= set(served["paths"])
     status, _ = one_agent.request("GET", "/nodes")
     assert status == 200
+
+
+async def _member_lease_ttls(etcd: str, cluster: str) -> dict[str, int]:
+    async with Store([etcd], cluster) as store:
+        kvs, _ = await store.get_prefix(store.keys.members)
+        out = {kv.key.rsplit("/", 1)[-1]: await store.lease_granted_ttl(kv.lease) for kv in kvs}
+        out["leader"] = 0
+        leader = await store.get(store.keys.leader)
+        if leader is not None:
+            out["leader"] = await store.lease_granted_ttl(leader.lease)
+        return out
+
+
+def test_spec_lease_ttl_governs_member_and_leader_leases(one_agent):
+    from tests.conftest import wait_for
+
+    assert asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test"))["n1"] == 3  # the agent's own
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"], ttl=7)
+    status, _ = one_agent.submit(spec, token=TOKEN)
+    assert status == 202
+    wait_for(lambda: asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test")) == {"n1": 7, "leader": 7}, 15,
+             what="member and leader leases on the spec's TTL")
+    status, _ = one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+    assert status == 202
+    one_agent.wait_phase("stopped", 10)

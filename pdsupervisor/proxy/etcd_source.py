@@ -26,7 +26,7 @@ def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts])
     out: dict[str, list[str]] = {r: [] for r in ROLES}
     for node in sorted(statuses):
         facts = members.get(node)
-        if facts is None:
+        if facts is None or not statuses[node].current_for(facts):
             continue
         for proc in statuses[node].processes:
             if proc.role in out and proc.state == ProcessState.ready and proc.endpoint:

@@ -15,12 +15,18 @@ import sys
 import click
 
 from pdsupervisor.simengine.config import ConfigError, parse_args
+from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve
 
 HELP = """Simulated vLLM OpenAI server. Takes vLLM's flags (--model, --host, --port, -tp,
 --kv-transfer-config; others are ignored) plus --sim-load-time S, --sim-ttft-per-token S,
 --sim-tpot S, --sim-max-batch N, --sim-natural-len N (or env PDSIM_LOAD_TIME, PDSIM_TTFT_PER_TOKEN,
-PDSIM_TPOT, PDSIM_MAX_BATCH). Reads VLLM_DP_* / VLLM_EP_SIZE and MOONCAKE_CONFIG_PATH."""
+PDSIM_TPOT, PDSIM_MAX_BATCH). Reads VLLM_DP_* / VLLM_EP_SIZE and MOONCAKE_CONFIG_PATH.
+Real KV hand-off through Mooncake Store (needs the mooncake package and MOONCAKE_CONFIG_PATH):
+--sim-kv-transfer mooncake, --sim-kv-bytes-per-token N, --sim-kv-max-bytes N, and caps on the JSON's
+sizes --sim-mooncake-segment-cap N, --sim-mooncake-buffer-cap N (sizes take k/m/g suffixes; env
+PDSIM_KV_TRANSFER, PDSIM_KV_BYTES_PER_TOKEN, PDSIM_KV_MAX_BYTES, PDSIM_MOONCAKE_SEGMENT_CAP,
+PDSIM_MOONCAKE_BUFFER_CAP)."""
 
 
 def run(argv: list[str]) -> None:
@@ -30,8 +36,11 @@ def run(argv: list[str]) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     _use_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(cfg))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_main(cfg))
+    except KVError as exc:  # the store could not be set up: the engine never becomes ready
+        raise click.ClickException(str(exc)) from exc
 
 
 async def _main(cfg) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,15 @@ class SimConfig:
     dp_env: dict[str, str] = field(default_factory=dict)
     mooncake_config_path: str | None = None
     mooncake_config: dict[str, Any] | None = None
+    # Real KV hand-off (off by default): "none" or "mooncake" (see kvstore.py).
+    kv_transfer: str = "none"
+    kv_bytes_per_token: int = 4096  # KV bytes a prefill writes per prompt token...
+    kv_max_bytes: int = 1 << 20  # ...capped at this (keep it <= the local buffer)
+    # Caps applied to the Mooncake JSON's sizes (the JSON file itself is never edited):
+    # the store allocates its whole global segment at start-up, so the production
+    # default (50 GiB) does not fit a test machine. 0 = no cap.
+    mooncake_segment_cap: int = 0
+    mooncake_buffer_cap: int = 0
     ignored: list[str] = field(default_factory=list)
 
     @property
@@ -83,6 +93,11 @@ class SimConfig:
                 "tpot_s": self.tpot_s,
                 "max_batch": self.max_batch,
                 "natural_len": self.natural_len,
+                "kv_transfer": self.kv_transfer,
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_max_bytes": self.kv_max_bytes,
+                "mooncake_segment_cap": self.mooncake_segment_cap,
+                "mooncake_buffer_cap": self.mooncake_buffer_cap,
             },
         }
 
@@ -101,7 +116,14 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--sim-tpot": ("tpot_s", float),
     "--sim-max-batch": ("max_batch", int),
     "--sim-natural-len": ("natural_len", int),
+    "--sim-kv-transfer": ("kv_transfer", str),
+    "--sim-kv-bytes-per-token": ("kv_bytes_per_token", lambda v: parse_size(v)),
+    "--sim-kv-max-bytes": ("kv_max_bytes", lambda v: parse_size(v)),
+    "--sim-mooncake-segment-cap": ("mooncake_segment_cap", lambda v: parse_size(v)),
+    "--sim-mooncake-buffer-cap": ("mooncake_buffer_cap", lambda v: parse_size(v)),
 }
+
+KV_TRANSFER_MODES = ("none", "mooncake")
 
 # Simulator knobs may also come from the environment (flags win).
 _SIM_ENV: dict[str, str] = {
@@ -109,7 +131,25 @@ _SIM_ENV: dict[str, str] = {
     "PDSIM_TTFT_PER_TOKEN": "--sim-ttft-per-token",
     "PDSIM_TPOT": "--sim-tpot",
     "PDSIM_MAX_BATCH": "--sim-max-batch",
+    "PDSIM_KV_TRANSFER": "--sim-kv-transfer",
+    "PDSIM_KV_BYTES_PER_TOKEN": "--sim-kv-bytes-per-token",
+    "PDSIM_KV_MAX_BYTES": "--sim-kv-max-bytes",
+    "PDSIM_MOONCAKE_SEGMENT_CAP": "--sim-mooncake-segment-cap",
+    "PDSIM_MOONCAKE_BUFFER_CAP": "--sim-mooncake-buffer-cap",
 }
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from `65536`, `64k`, `64MiB`, `1g` (binary units, as Mooncake's own parser)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _canonical(flag: str) -> str:
@@ -168,6 +208,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
         raise ConfigError("--kv-transfer-config must be a JSON object")
     if cfg.max_batch < 1:
         raise ConfigError("--sim-max-batch must be >= 1")
+    if cfg.kv_transfer not in KV_TRANSFER_MODES:
+        raise ConfigError(f"--sim-kv-transfer must be one of {', '.join(KV_TRANSFER_MODES)}")
+    if cfg.kv_bytes_per_token < 1 or cfg.kv_max_bytes < 1:
+        raise ConfigError("--sim-kv-bytes-per-token and --sim-kv-max-bytes must be >= 1")
 
     cfg.dp_env = {k: env[k] for k in DP_ENV_VARS if k in env}
     path = env.get("MOONCAKE_CONFIG_PATH")
@@ -178,4 +222,6 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
                 cfg.mooncake_config = json.load(f)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"MOONCAKE_CONFIG_PATH={path}: {exc}") from exc
+    if cfg.kv_transfer == "mooncake" and not isinstance(cfg.mooncake_config, dict):
+        raise ConfigError("--sim-kv-transfer mooncake needs MOONCAKE_CONFIG_PATH (a Mooncake JSON object)")
     return cfg

@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
+from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
 
 log = logging.getLogger("pdsupervisor.simengine")
 
@@ -48,6 +49,11 @@ class EngineMetrics:
         self.kv_transfers = counter(
             "vllm:sim_kv_transfer_hits", "Decode-role requests whose prefill came from a remote engine."
         )
+        # --sim-kv-transfer mooncake only (prometheus adds the _total suffix).
+        self.mc_put_bytes = counter("vllm:sim_mooncake_kv_put_bytes", "KV bytes a prefill put into Mooncake Store.")
+        self.mc_bytes = counter("vllm:sim_mooncake_kv_bytes", "KV bytes a decode read from Mooncake Store and verified.")
+        self.mc_verified = counter("vllm:sim_mooncake_kv_verified", "KV hand-offs read and verified (length + sha256).")
+        self.mc_failures = counter("vllm:sim_mooncake_kv_failures", "Mooncake puts/gets that failed or did not verify.")
 
 
 class SimEngine:
@@ -59,6 +65,7 @@ class SimEngine:
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}"
         self.metrics = EngineMetrics(self)
+        self.kv: MooncakeKV | None = MooncakeKV(cfg) if cfg.kv_transfer == "mooncake" else None
         self.endpoint = f"{cfg.host if cfg.host not in ('0.0.0.0', '::', '') else '127.0.0.1'}:{cfg.port}"
         models = {
             "object": "list",
@@ -77,6 +84,7 @@ class SimEngine:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_get("/debug/config", self.debug_config)
+        app.router.add_get("/debug/kv", self.debug_kv)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         return app
@@ -92,6 +100,9 @@ class SimEngine:
 
     async def debug_config(self, request: web.Request) -> web.Response:
         return web.json_response(self.cfg.debug_view())
+
+    async def debug_kv(self, request: web.Request) -> web.Response:
+        return web.json_response(self.kv.debug_view() if self.kv else {"mode": self.cfg.kv_transfer})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -123,14 +134,28 @@ class SimEngine:
         pay_prefill = True
         if self.cfg.is_consumer:
             kv = body.get("kv_transfer_params")
-            if _valid_kv(kv, prompt_tokens):
+            if _valid_kv(kv, prompt_tokens) and (self.kv is None or kv.get("mooncake_key")):
+                if self.kv is not None:
+                    failed = await self._kv_get(kv)
+                    if failed is not None:
+                        return failed
                 pay_prefill = False
                 self.metrics.kv_transfers.inc()
-            else:
+            else:  # in mooncake mode, params without a key mean no KV arrived: prefill here
                 self.metrics.local_prefills.inc()
         kv_out = None
         if self.cfg.is_producer:
             kv_out = {"remote_engine": self.endpoint, "request_id": req_id, "num_prompt_tokens": prompt_tokens}
+            if self.kv is not None:
+                seed = f"{req_id}\n{json.dumps(body.get('messages') if chat else body.get('prompt'))}"
+                size = self.kv.size_for(prompt_tokens)
+                try:
+                    kv_out.update(await asyncio.to_thread(self.kv.put, f"pdsim/{self.endpoint}/{req_id}", seed, size))
+                except KVError as exc:
+                    self.metrics.mc_failures.inc()
+                    log.error("%s", exc)
+                    return _error(str(exc), 500)
+                self.metrics.mc_put_bytes.inc(size)
 
         self.waiting += 1
         try:
@@ -187,6 +212,21 @@ class SimEngine:
         return resp
 
 
+    async def _kv_get(self, kv: dict[str, Any]) -> web.Response | None:
+        """Read and verify the prefill's KV; an OpenAI-shaped 500 when it fails (never a fallback)."""
+        assert self.kv is not None
+        try:
+            got = await asyncio.to_thread(self.kv.get_verified, str(kv["mooncake_key"]), kv.get("kv_bytes"),
+                                          kv.get("kv_sha256"))
+        except KVError as exc:
+            self.metrics.mc_failures.inc()
+            log.error("%s", exc)
+            return _error(f"KV transfer failed: {exc}", 500)
+        self.metrics.mc_bytes.inc(got["bytes_read"])
+        self.metrics.mc_verified.inc()
+        return None
+
+
 def _valid_kv(kv: Any, prompt_tokens: int) -> bool:
     """Valid = produced by a prefill engine for a prompt of the same length."""
     return (
@@ -209,6 +249,8 @@ async def serve(cfg: SimConfig) -> None:
     if cfg.load_time_s > 0:
         log.info("simulating model load for %.2fs", cfg.load_time_s)
         await asyncio.sleep(cfg.load_time_s)
+    if engine.kv is not None:  # part of the "load": the port opens only once the store is up
+        await asyncio.to_thread(engine.kv.setup)
     runner = web.AppRunner(engine.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
@@ -218,3 +260,5 @@ async def serve(cfg: SimConfig) -> None:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        if engine.kv is not None:  # unmounts this engine's segment from the master
+            await asyncio.to_thread(engine.kv.close)
