@@ -238,7 +238,9 @@ def _valid_kv(kv: Any, prompt_tokens: int) -> bool:
 
 
 def _error(message: str, status: int = 400) -> web.Response:
-    return web.Response(status=status, body=shapes.error_body(message, code=status), content_type="application/json")
+    type_ = "BadRequestError" if status < 500 else "InternalServerError"
+    return web.Response(status=status, body=shapes.error_body(message, type_=type_, code=status),
+                        content_type="application/json")
 
 
 async def serve(cfg: SimConfig) -> None:
