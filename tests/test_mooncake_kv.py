@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def kv_cluster(etcd_server, tmp_path_factory):
             assert running[role].poll() is None, started.log(p)
         proxy, _ = procs.proxy("--prefill", engines["prefill"].endpoint, "--decode", engines["decode"].endpoint)
         yield {"plan": plan, "proxy": proxy, "prefill": f"http://{engines['prefill'].endpoint}",
-               "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: started.log(engines[role])}
+               "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: started.log(engines[role]),
+               "procs": running}
     finally:
         procs.kill_all()
         started.kill_all()
@@ -195,6 +197,13 @@ def test_bad_kv_is_an_error_not_a_fallback(kv_cluster):
     assert metric(dec, "vllm:sim_mooncake_kv_failures_total") == failures + 2
     status, _ = http("POST", dec + "/v1/completions", {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": kv})
     assert status == 200  # the genuine params still read back fine
+
+
+def test_sigterm_closes_the_store_and_exits(kv_cluster):
+    """Last on the module's cluster: a stopped engine unmounts its segment instead of hanging."""
+    proc = kv_cluster["procs"]["decode"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, kv_cluster["log"]("decode")
 
 
 # ---- no library needed ----------------------------------------------------------------

@@ -14,6 +14,10 @@ What the real store needs from the JSON (learned against mooncake-transfer-engin
 - `global_segment_size` is allocated (and registered) at start-up and must be at least
   16 MiB; 0 is refused, and the production default (50 GiB) fails on a small machine;
 - `local_buffer_size` bounds the largest single value: a `put` bigger than it fails;
+- a `put` may land in any engine's mounted segment, including one of an engine that died
+  and whose lease the master has not yet expired; puts here prefer this engine's own
+  segment (a prefill's KV lives in its own memory), so only the prefill's death loses KV,
+  and a decode then reads 0 bytes at once (verification fails: a 500, never a hang);
 - with `protocol: tcp` the transfer engine advertises the first active interface's IP,
   not `local_hostname`, unless `MC_TCP_BIND_ADDRESS` is set in the engine's environment.
 """
@@ -48,6 +52,7 @@ def kv_payload(seed: str, size: int) -> bytes:
 class MooncakeKV:
     cfg: SimConfig
     store: Any = None
+    segment: str = ""  # this engine's segment name at the master (`host:port`)
     params: dict[str, Any] = field(default_factory=dict)
     setup_s: float | None = None
     last_put: dict[str, Any] | None = None
@@ -100,6 +105,7 @@ class MooncakeKV:
                 pass
             raise KVError(f"MooncakeDistributedStore.setup returned {rc} with {p} (see the engine's stderr)")
         self.store = store
+        self.segment = store.get_hostname()
         log.info("mooncake store ready in %.3fs: %s", self.setup_s, p)
 
     def close(self) -> None:
@@ -114,8 +120,12 @@ class MooncakeKV:
         """Write the request's KV; the answer goes into `kv_transfer_params`."""
         data = kv_payload(seed, size)
         digest = hashlib.sha256(data).hexdigest()
-        rc = self.store.put(key, data)
-        self.last_put = {"key": key, "bytes": size, "sha256": digest, "rc": rc}
+        from mooncake.store import ReplicateConfig  # type: ignore[import-not-found]
+
+        placement = ReplicateConfig()
+        placement.preferred_segment = self.segment
+        rc = self.store.put(key, data, placement)
+        self.last_put = {"key": key, "bytes": size, "sha256": digest, "rc": rc, "segment": self.segment}
         if rc != 0:
             raise KVError(f"mooncake put {key} ({size} bytes) returned {rc}")
         return {"mooncake_key": key, "kv_bytes": size, "kv_sha256": digest}
@@ -134,5 +144,5 @@ class MooncakeKV:
 
     def debug_view(self) -> dict[str, Any]:
         return {"mode": "mooncake", "ready": self.store is not None, "config_path": self.cfg.mooncake_config_path,
-                "setup_params": self.params, "setup_s": self.setup_s, "last_put": self.last_put,
+                "setup_params": self.params, "segment": self.segment, "setup_s": self.setup_s, "last_put": self.last_put,
                 "last_get": self.last_get}
