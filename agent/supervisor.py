@@ -29,7 +29,9 @@ log = structlog.get_logger("agent.supervisor")
 # Never handed to a child: a child speaking for the agent's systemd unit is a known bug.
 STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is reported running
-STARTUP_PROBE_S = 0.05  # first readiness re-probe; doubles up to the probe's period
+# Until first ready, re-probe every STARTUP_PROBE_S (or the probe's period, if shorter):
+# readiness is what releases the next start stage, and a local probe costs next to nothing.
+STARTUP_PROBE_S = 0.1
 
 
 def child_env(spec_env: dict[str, str]) -> dict[str, str]:
@@ -328,7 +330,6 @@ class ManagedProcess:
             self._set(ProcessState.ready, self.message if self.message == "adopted" else "")
             return
         failures = 0
-        waiting = STARTUP_PROBE_S  # until first ready: probe fast, backing off to the period
         while not child.exited():
             ok = await probe_once(p)
             if ok:
@@ -342,5 +343,4 @@ class ManagedProcess:
             if self.state == ProcessState.ready:
                 await asyncio.sleep(max(p.period_s, 5.0))
             else:
-                await asyncio.sleep(min(waiting, p.period_s))
-                waiting *= 2
+                await asyncio.sleep(min(STARTUP_PROBE_S, p.period_s))
