@@ -7,6 +7,7 @@ token middleware guards every mutating method (`Authorization: Bearer <token>`).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -66,7 +67,7 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:
-    return web.json_response(cluster_document(await observe(store)))
+    return web.json_response(cluster_document(await observe(store), time.time()))
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:

@@ -75,6 +75,8 @@ def status_table(doc: dict[str, Any], console: Console) -> None:
     )
     for item in doc.get("missing") or []:
         console.print(f"  [yellow]missing[/] {item}")
+    for item in doc.get("problems") or []:
+        console.print(f"  [red]problem[/] {item}")
     table = Table(box=None, pad_edge=False)
     for col in ("Node", "Role", "Process", "Endpoint", "State", "DP", "Pid", "Restarts", "Uptime"):
         table.add_column(col)
@@ -110,6 +112,8 @@ def _progress_line(doc: dict[str, Any]) -> str:
     line = f"{doc['phase']}: members {len(doc.get('members', []))}, engines ready {ready}/{len(engines)}, proxy {proxy}"
     if doc.get("missing"):
         line += f"; missing: {'; '.join(doc['missing'])}"
+    if doc.get("problems"):
+        line += f"; problems: {'; '.join(doc['problems'])}"
     return line
 
 
@@ -125,6 +129,8 @@ async def wait_for_phase(client: ApiClient, want: str, timeout_s: float, echo: C
             last = line
         if doc["phase"] == want:
             return doc
+        if doc.get("start_timed_out") and want == "ready":
+            raise TimeoutError(f"start failed: {'; '.join(doc['problems'])}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {line}")
         await asyncio.sleep(0.25)

@@ -220,10 +220,38 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     return "starting" if first_start and engines_ready else "degraded"
 
 
-def cluster_document(obs: Observed) -> dict[str, Any]:
+def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: float) -> tuple[list[str], bool]:
+    """What a person should look at, and whether the start ran past `policy.start_timeout_s`."""
+    problems: list[str] = []
+    for node, a in sorted(obs.assignments.items()):
+        for proc in a.processes:
+            seen = observed_process(obs, node, proc.name)
+            if seen is None:
+                continue
+            if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
+                detail = f": {seen.message}" if seen.message else ""
+                problems.append(f"{proc.name} on {node}: {seen.state.value} (exit code {seen.last_exit_code}, "
+                                f"restarts {seen.restarts}){detail}")
+            elif (seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at
+                  and now - seen.started_at > proc.start_timeout_s):
+                problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "
+                                f"(start_timeout_s {proc.start_timeout_s:g})")
+    timed_out = False
+    record = obs.record
+    if record and spec and phase in ("pending", "starting") and record.submitted_at:
+        waited = now - record.submitted_at
+        if waited > spec.policy.start_timeout_s:
+            timed_out = True
+            problems.append(f"cluster not ready {waited:.0f} s after submission "
+                            f"(policy.start_timeout_s {spec.policy.start_timeout_s:g})")
+    return problems, timed_out
+
+
+def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
-    _, plan, missing = try_plan(obs) if obs.record and obs.record.action == "start" else (None, None, [])
+    spec, plan, missing = try_plan(obs) if obs.record and obs.record.action == "start" else (None, None, [])
     phase = phase_of(obs, plan)
+    problems, timed_out = problems_of(obs, spec, phase, now)
     processes: list[dict[str, Any]] = []
     listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
@@ -243,6 +271,8 @@ def cluster_document(obs: Observed) -> dict[str, Any]:
         "phase": phase,
         "leader": obs.leader,
         "missing": missing,
+        "problems": problems,
+        "start_timed_out": timed_out,
         "members": sorted(obs.members),
         "placement": plan.placement if plan else (obs.record.placement if obs.record else {}),
         "proxy_url": proxy_url,

@@ -72,6 +72,7 @@ class ProcessSpec(Strict):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     stop_signal: Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP"] = "SIGTERM"
     stop_timeout_s: float = Field(30.0, gt=0)
+    start_timeout_s: float | None = Field(None, gt=0)  # not ready this long after starting: a problem
     generation: int = 0
     dp_rank: int | None = None
     # Bumped by the coordinator to restart a process that runs the very same thing, e.g. the

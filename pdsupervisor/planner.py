@@ -163,7 +163,7 @@ def _master_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
     return ProcessSpec(
         name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
         readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
-        restart=spec.policy.restart, stop_timeout_s=10,
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s,
     )
 
 
@@ -222,6 +222,7 @@ def _engine_processes(
             readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
                             period_s=role.readiness.period_s, timeout_s=role.readiness.timeout_s),
             restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
+            start_timeout_s=role.readiness.start_timeout_s,
             dp_rank=rank if role_name == "decode" else None,
         ))
     return out
@@ -281,7 +282,7 @@ def _proxy_process(
         name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
         cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
-        restart=spec.policy.restart, stop_timeout_s=10,
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s,
     )
 
 

@@ -150,6 +150,7 @@ class ProxySpec(Strict):
     cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
     extra_args: list[str] = Field(default_factory=list)  # appended to the built-in proxy's argv
     readiness_path: str = "/health"
+    start_timeout_s: float = Field(120.0, gt=0)
 
 
 class BenchmarkSpec(Strict):
@@ -176,7 +177,7 @@ class PolicySpec(Strict):
     spare_nodes: list[str] = Field(default_factory=list)  # empty with `replace`: any unused member
     lease_ttl_s: int = Field(10, ge=2)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
-    start_timeout_s: float = Field(3600.0, gt=0)
+    start_timeout_s: float = Field(3600.0, gt=0)  # submit -> ready, for the whole cluster
 
 
 class ClusterSpec(Strict):

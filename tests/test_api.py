@@ -112,3 +112,25 @@ def test_spec_lease_ttl_governs_member_and_leader_leases(one_agent):
     status, _ = one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
     assert status == 202
     one_agent.wait_phase("stopped", 10)
+
+
+def test_start_wait_fails_with_the_reason_after_the_start_timeout(one_agent, tmp_path):
+    import subprocess
+    import sys
+
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    spec["policy"]["start_timeout_s"] = 1
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    try:
+        run = subprocess.run([sys.executable, "-m", "pdsupervisor", "start", "-f", str(path), "--wait",
+                              "--api", one_agent.api(), "--token-file", str(token)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1
+        assert "start failed: cluster not ready" in run.stderr and "policy.start_timeout_s 1" in run.stderr
+        assert "missing: decode.node_names: node n2 is not registered" in run.stdout  # progress said why
+    finally:
+        one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+        one_agent.wait_phase("stopped", 10)
