@@ -54,6 +54,9 @@ async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False)
         record = SpecRecord(
             generation=(current.generation if current else 0) + 1, action="start", spec=spec_doc,
             placement=current.placement if keep_placement and current else {}, submitted_at=time.time(),
+            # a replacing spec keeps the master's identity: engines restart only if their spec changed
+            master_pid=current.master_pid if current and current.action == "start" else None,
+            master_epoch=current.master_epoch if current else 0,
         )
         if await store.put_spec_record(record.model_dump(mode="json"),
                                        expect_mod_revision=kv.mod_revision if kv else 0):
