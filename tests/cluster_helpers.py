@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -18,22 +19,31 @@ from tests.agent_helpers import AgentProc, kill_marked
 from tests.conftest import free_port, wait_for
 
 HAVE_MASTER = shutil.which("mooncake_master") is not None
+HAVE_MOONCAKE = HAVE_MASTER and importlib.util.find_spec("mooncake") is not None
+
+# Engines in `--sim-kv-transfer mooncake` mode: caps on the JSON's production sizes (the store
+# allocates its whole segment at start-up) and the transfer engine's address on the node's IP.
+MOONCAKE_KV_ENV = {"PDSIM_MOONCAKE_SEGMENT_CAP": "16MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "2MiB",
+                   "MC_TCP_BIND_ADDRESS": "{node_ip}"}
 
 
-def sim_argv(kv_role: str) -> list[str]:
+def sim_argv(kv_role: str, mooncake_kv: bool = False) -> list[str]:
     return ["{python}", "-m", "pdsupervisor.simengine", "--model", "{model}", "--host", "{host}", "--port", "{port}",
-            "-tp", "{tp}", "--max-num-seqs", "32",
+            "-tp", "{tp}", "--max-num-seqs", "32", *(["--sim-kv-transfer", "mooncake"] if mooncake_kv else []),
             "--kv-transfer-config", json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": kv_role})]
 
 
 def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: list[str] | None = None,
-                 ttl: int = 3) -> dict[str, Any]:
-    """1 prefill node (n1, 1 engine) and decode nodes with 2 engines each, one DP group."""
+                 ttl: int = 3, mooncake_kv: bool = False) -> dict[str, Any]:
+    """1 prefill node (n1, 1 engine) and decode nodes with 2 engines each, one DP group.
+
+    `mooncake_kv`: engines hand KV over through the real Mooncake Store (needs HAVE_MOONCAKE).
+    """
     readiness = {"path": "/health", "period_s": 0.1}
     return {
         "cluster": cluster,
         "model": "sim-model",
-        "engine_env": {"SHARED_FLAG": "on"},
+        "engine_env": {"SHARED_FLAG": "on", **(MOONCAKE_KV_ENV if mooncake_kv else {})},
         "etcd": {"endpoints": [etcd]},
         "mooncake": {
             "enabled": HAVE_MASTER, "protocol": "tcp", "gc_args": [], "port": free_port(),
@@ -41,10 +51,10 @@ def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: lis
                            "-rpc_thread_num", "2"],
         },
         "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port(),
-                    "argv": sim_argv("kv_producer"), "readiness": readiness, "stop_timeout_s": 5},
+                    "argv": sim_argv("kv_producer", mooncake_kv), "readiness": readiness, "stop_timeout_s": 5},
         "decode": {"node_names": decode_nodes, "tp": 1, "slots": 2, "base_port": free_port(),
                    "dp_master_port": free_port(),
-                   "argv": sim_argv("kv_consumer"), "readiness": readiness, "stop_timeout_s": 5},
+                   "argv": sim_argv("kv_consumer", mooncake_kv), "readiness": readiness, "stop_timeout_s": 5},
         "proxy": {"kind": "builtin", "port": free_port()},
         "policy": {"node_loss": "replace" if spare else "wait", "spare_nodes": spare or [], "lease_ttl_s": ttl,
                    "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2}},

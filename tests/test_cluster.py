@@ -13,7 +13,9 @@ import pytest
 
 from pdsupervisor.store import Store
 from tests.agent_helpers import alive, kill_marked, run
-from tests.cluster_helpers import HAVE_MASTER, LocalCluster, cluster_spec, get_json, monotonic, post_json, ready_pids
+from tests.cluster_helpers import (
+    HAVE_MASTER, HAVE_MOONCAKE, LocalCluster, cluster_spec, get_json, monotonic, post_json, ready_pids,
+)
 from tests.conftest import kill_tree, wait_for
 
 TTL = 3
@@ -24,7 +26,10 @@ pytestmark = pytest.mark.slow
 def cluster(etcd_server, tmp_path_factory):
     name = f"clu-{id(tmp_path_factory) % 100000}"
     c = LocalCluster(tmp_path_factory.mktemp("cluster"), etcd_server.endpoint, name, ["n1", "n2", "n3", "n4"], ttl=TTL)
-    c.spec = cluster_spec(name, etcd_server.endpoint, decode_nodes=["n2", "n3"], spare=["n4"], ttl=TTL)
+    # With Mooncake installed the engines hand KV over through the real store, reading the JSON
+    # their agents wrote (test_mooncake_kv.py covers the details).
+    c.spec = cluster_spec(name, etcd_server.endpoint, decode_nodes=["n2", "n3"], spare=["n4"], ttl=TTL,
+                          mooncake_kv=HAVE_MOONCAKE)
     c.start("n4")  # n4 (the spare) starts first and becomes the coordinator
     wait_for(lambda: run(_leader(c)) == "n4", 15, what="n4 to lead")
     c.start("n1", "n2", "n3")
@@ -84,9 +89,20 @@ def test_start_reaches_ready_in_order(cluster):
 
     answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "hello", "max_tokens": 5})
     assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] == 5
+    _assert_kv_handed_over(doc)
 
     kinds = [e["message"] for e in run(_events(cluster))]
     assert any("proxy released" in m for m in kinds)
+
+
+def _assert_kv_handed_over(doc: dict) -> None:
+    """With Mooncake: the last request's KV went prefill -> Mooncake Store -> a decode, verified."""
+    if not HAVE_MOONCAKE:
+        return
+    prefill = next(p for p in doc["processes"] if p["role"] == "prefill")
+    put = get_json(f"http://{prefill['endpoint']}/debug/kv")["last_put"]
+    gets = [get_json(f"http://{p['endpoint']}/debug/kv")["last_get"] for p in doc["processes"] if p["role"] == "decode"]
+    assert put and [g for g in gets if g and g["key"] == put["key"] and g["sha256_ok"]], (put, gets)
 
 
 def test_cli_status_events_and_logs(cluster):
@@ -185,6 +201,10 @@ def test_master_restart_restarts_engines_after_it_is_ready(cluster):
     messages = [e["message"] for e in run(_events(cluster))]
     restarted = [m for m in messages if m.startswith("mooncake master restarted")]
     assert len(restarted) == 1 and f"pid {master['pid']} -> {new_master['pid']}" in restarted[0]
+    # the restarted engines registered with the new master from the same JSON
+    answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "new master", "max_tokens": 2})
+    assert answer["usage"]["completion_tokens"] == 2
+    _assert_kv_handed_over(doc)
 
 
 def test_stop_leaves_nothing_running(cluster):

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def require_mooncake() -> None:
 
 # Caps on the JSON's sizes for this machine (the JSON keeps the spec's production defaults:
 # a 50 GiB segment that the store would allocate at start-up).
-CAPS = {"PDSIM_MOONCAKE_SEGMENT_CAP": "32MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "16MiB",
+CAPS = {"PDSIM_MOONCAKE_SEGMENT_CAP": "32MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "16MiB", "PDSIM_KV_TIMEOUT": "1.5",
         # keep the transfer engine's advertised address on loopback (else: first active NIC)
         "MC_TCP_BIND_ADDRESS": "{node_ip}"}
 
@@ -141,7 +142,7 @@ def kv_cluster(etcd_server, tmp_path_factory):
         proxy, _ = procs.proxy("--prefill", engines["prefill"].endpoint, "--decode", engines["decode"].endpoint)
         yield {"plan": plan, "proxy": proxy, "prefill": f"http://{engines['prefill'].endpoint}",
                "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: started.log(engines[role]),
-               "procs": running}
+               "procs": running, "master": m}
     finally:
         procs.kill_all()
         started.kill_all()
@@ -199,11 +200,44 @@ def test_bad_kv_is_an_error_not_a_fallback(kv_cluster):
     assert status == 200  # the genuine params still read back fine
 
 
+def test_unanswered_master_is_a_bounded_error(kv_cluster):
+    """A frozen master makes the store wait ~30 s; the request fails after --sim-kv-timeout instead."""
+    pre, dec = kv_cluster["prefill"], kv_cluster["decode"]
+    prompt = "frozen " * 4
+    status, out = http("POST", pre + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert status == 200
+    kv = json.loads(out)["kv_transfer_params"]
+    master = kv_cluster["master"]
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        status, out = http("POST", dec + "/v1/completions", {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": kv})
+        took = time.monotonic() - t0
+    finally:
+        os.kill(master.pid, signal.SIGCONT)
+    assert status == 500 and b"timed out" in out, out
+    assert 1.4 < took < 5
+
+
 def test_sigterm_closes_the_store_and_exits(kv_cluster):
     """Last on the module's cluster: a stopped engine unmounts its segment instead of hanging."""
     proc = kv_cluster["procs"]["decode"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0, kv_cluster["log"]("decode")
+
+
+def test_stop_with_master_and_etcd_gone_is_bounded(kv_cluster, etcd_server):
+    """The store retries a gone master/etcd for ~25 s on close; the engine still stops promptly."""
+    kill_tree(kv_cluster["master"].pid)
+    etcd_server.pause()
+    try:
+        proc = kv_cluster["procs"]["prefill"]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)  # status 1 when the watchdog had to cut close() short
+        assert time.monotonic() - t0 < 8, kv_cluster["log"]("prefill")
+    finally:
+        etcd_server.resume()
 
 
 # ---- no library needed ----------------------------------------------------------------

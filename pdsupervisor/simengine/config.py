@@ -50,6 +50,7 @@ class SimConfig:
     kv_transfer: str = "none"
     kv_bytes_per_token: int = 4096  # KV bytes a prefill writes per prompt token...
     kv_max_bytes: int = 1 << 20  # ...capped at this (keep it <= the local buffer)
+    kv_timeout_s: float = 10.0  # a put/get slower than this is a failed request
     # Caps applied to the Mooncake JSON's sizes (the JSON file itself is never edited):
     # the store allocates its whole global segment at start-up, so the production
     # default (50 GiB) does not fit a test machine. 0 = no cap.
@@ -96,6 +97,7 @@ class SimConfig:
                 "kv_transfer": self.kv_transfer,
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_max_bytes": self.kv_max_bytes,
+                "kv_timeout_s": self.kv_timeout_s,
                 "mooncake_segment_cap": self.mooncake_segment_cap,
                 "mooncake_buffer_cap": self.mooncake_buffer_cap,
             },
@@ -119,6 +121,7 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--sim-kv-transfer": ("kv_transfer", str),
     "--sim-kv-bytes-per-token": ("kv_bytes_per_token", lambda v: parse_size(v)),
     "--sim-kv-max-bytes": ("kv_max_bytes", lambda v: parse_size(v)),
+    "--sim-kv-timeout": ("kv_timeout_s", float),
     "--sim-mooncake-segment-cap": ("mooncake_segment_cap", lambda v: parse_size(v)),
     "--sim-mooncake-buffer-cap": ("mooncake_buffer_cap", lambda v: parse_size(v)),
 }
@@ -134,6 +137,7 @@ _SIM_ENV: dict[str, str] = {
     "PDSIM_KV_TRANSFER": "--sim-kv-transfer",
     "PDSIM_KV_BYTES_PER_TOKEN": "--sim-kv-bytes-per-token",
     "PDSIM_KV_MAX_BYTES": "--sim-kv-max-bytes",
+    "PDSIM_KV_TIMEOUT": "--sim-kv-timeout",
     "PDSIM_MOONCAKE_SEGMENT_CAP": "--sim-mooncake-segment-cap",
     "PDSIM_MOONCAKE_BUFFER_CAP": "--sim-mooncake-buffer-cap",
 }
@@ -210,6 +214,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
         raise ConfigError("--sim-max-batch must be >= 1")
     if cfg.kv_transfer not in KV_TRANSFER_MODES:
         raise ConfigError(f"--sim-kv-transfer must be one of {', '.join(KV_TRANSFER_MODES)}")
+    if cfg.kv_timeout_s <= 0:
+        raise ConfigError("--sim-kv-timeout must be > 0")
     if cfg.kv_bytes_per_token < 1 or cfg.kv_max_bytes < 1:
         raise ConfigError("--sim-kv-bytes-per-token and --sim-kv-max-bytes must be >= 1")
 

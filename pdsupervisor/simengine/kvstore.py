@@ -11,15 +11,20 @@ What the real store needs from the JSON (learned against mooncake-transfer-engin
 - the JSON's names are vLLM's (`device_name`, `master_server_address`); the store's
   dict-form `setup` calls them `rdma_devices` and `master_server_addr`, so they are passed
   positionally here;
-- `global_segment_size` is allocated (and registered) at start-up and must be at least
-  16 MiB; 0 is refused, and the production default (50 GiB) fails on a small machine;
+- `global_segment_size` is mapped (address space, not resident memory) and registered at
+  start-up and must be at least 16 MiB; 0 is refused; a segment larger than RAM + swap fails
+  under the kernel's default overcommit (the production default, 50 GiB, on a small machine);
 - `local_buffer_size` bounds the largest single value: a `put` bigger than it fails;
 - a `put` may land in any engine's mounted segment, including one of an engine that died
   and whose lease the master has not yet expired; puts here prefer this engine's own
   segment (a prefill's KV lives in its own memory), so only the prefill's death loses KV,
   and a decode then reads 0 bytes at once (verification fails: a 500, never a hang);
 - with `protocol: tcp` the transfer engine advertises the first active interface's IP,
-  not `local_hostname`, unless `MC_TCP_BIND_ADDRESS` is set in the engine's environment.
+  not `local_hostname`, unless `MC_TCP_BIND_ADDRESS` is set in the engine's environment;
+- `put`/`get` release the GIL but wait ~30 s on an unreachable master: the engine bounds
+  them (`--sim-kv-timeout`);
+- `close` holds the GIL and retries a gone master/etcd for ~25 s: only a C-level watchdog
+  (faulthandler) can bound it, see `server.serve`.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class MooncakeKV:
         log.info("mooncake store ready in %.3fs: %s", self.setup_s, p)
 
     def close(self) -> None:
+        """Unmount this engine's segment (blocks, holding the GIL)."""
         store, self.store = self.store, None
         if store is not None:
             store.close()

@@ -9,6 +9,7 @@ armed at all, so the simulator is a cheap baseline for proxy benchmarks.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import itertools
 import json
 import logging
@@ -24,6 +25,8 @@ from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
 
 log = logging.getLogger("pdsupervisor.simengine")
+
+KV_CLOSE_TIMEOUT_S = 4.0
 
 
 class EngineMetrics:
@@ -150,11 +153,14 @@ class SimEngine:
                 seed = f"{req_id}\n{json.dumps(body.get('messages') if chat else body.get('prompt'))}"
                 size = self.kv.size_for(prompt_tokens)
                 try:
-                    kv_out.update(await asyncio.to_thread(self.kv.put, f"pdsim/{self.endpoint}/{req_id}", seed, size))
-                except KVError as exc:
+                    kv_out.update(await asyncio.wait_for(
+                        asyncio.to_thread(self.kv.put, f"pdsim/{self.endpoint}/{req_id}", seed, size),
+                        self.cfg.kv_timeout_s))
+                except (KVError, asyncio.TimeoutError) as exc:
+                    message = str(exc) or f"mooncake put timed out ({self.cfg.kv_timeout_s}s)"
                     self.metrics.mc_failures.inc()
-                    log.error("%s", exc)
-                    return _error(str(exc), 500)
+                    log.error("%s", message)
+                    return _error(message, 500)
                 self.metrics.mc_put_bytes.inc(size)
 
         self.waiting += 1
@@ -216,8 +222,12 @@ class SimEngine:
         """Read and verify the prefill's KV; an OpenAI-shaped 500 when it fails (never a fallback)."""
         assert self.kv is not None
         try:
-            got = await asyncio.to_thread(self.kv.get_verified, str(kv["mooncake_key"]), kv.get("kv_bytes"),
-                                          kv.get("kv_sha256"))
+            got = await asyncio.wait_for(asyncio.to_thread(
+                self.kv.get_verified, str(kv["mooncake_key"]), kv.get("kv_bytes"), kv.get("kv_sha256"),
+            ), self.cfg.kv_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.mc_failures.inc()
+            return _error(f"KV transfer failed: mooncake get timed out ({self.cfg.kv_timeout_s}s)", 500)
         except KVError as exc:
             self.metrics.mc_failures.inc()
             log.error("%s", exc)
@@ -262,5 +272,12 @@ async def serve(cfg: SimConfig) -> None:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
-        if engine.kv is not None:  # unmounts this engine's segment from the master
-            await asyncio.to_thread(engine.kv.close)
+        if engine.kv is not None:  # unmount this engine's segment, but never hang a stop on it:
+            # close() holds the GIL while it retries a gone master/etcd (~25 s), so only the
+            # C-level faulthandler watchdog can cut it short (it exits with status 1).
+            log.info("closing the mooncake store (at most %.0fs)", KV_CLOSE_TIMEOUT_S)
+            faulthandler.dump_traceback_later(KV_CLOSE_TIMEOUT_S, exit=True)
+            try:
+                engine.kv.close()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
