@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.etcd_server import etcd_argv  # noqa: E402
+from pdsupervisor.localcluster import kill_tree  # noqa: E402
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, Probe  # noqa: E402
 from pdsupervisor.store import Store  # noqa: E402
 
@@ -33,20 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=5)
 
 
 def etcd_writes(endpoint: str) -> float:

@@ -40,6 +40,8 @@ from _localbench import (  # noqa: E402
     ApiClient, boot, create_time, finish, machine, make_spec, new_cluster, wait_doc,
 )
 
+from pdsupervisor.localcluster import kill_tree  # noqa: E402
+
 
 def row(doc: dict, node: str, name: str) -> dict | None:
     return next((p for p in doc["processes"] if p["node"] == node and p["name"] == name), None)
@@ -95,14 +97,9 @@ async def node_loss(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
     victim = next(a for a in reversed(lc.agents) if a.name != leader and a.name != "node1")
     client = poller(lc, {victim.name})
     proc = psutil.Process(victim.proc.pid)
-    tree = proc.children(recursive=True) + [proc]
-    dead = {p.pid for p in tree}
+    dead = {p.pid for p in proc.children(recursive=True) + [proc]}
     t0 = time.time()
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_tree(proc.pid)
     victim.proc.wait(5)
     t_lost, _ = await wait_doc(client, lambda d: victim.name not in d["members"], ttl + 30)
     t_degraded, _ = await wait_doc(client, lambda d: d["phase"] == "degraded"

@@ -116,19 +116,30 @@ class LocalCluster:
     def kill_all(self, grace_s: float = 5.0) -> list[psutil.Process]:
         """SIGTERM, then SIGKILL, whatever of this cluster is still alive; returns what was left."""
         left = self.processes()
-        for p in left:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
+        _signal(left, signal.SIGTERM)
         _, alive = psutil.wait_procs(left, timeout=grace_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=grace_s)
         return left
+
+
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_tree(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL a process and every descendant (collected before the first signal)."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    _signal(procs, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]

@@ -24,6 +24,17 @@ from tests.conftest import free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
+# A child that starts a grandchild in its own session (setsid) and another in its group;
+# it writes both pids to the file named by its first argument.
+TREE = (
+    "import os, subprocess, sys, time\n"
+    "a = subprocess.Popen([sys.executable, '-c', 'import os,time; os.setsid(); time.sleep(600)'])\n"
+    "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "open(sys.argv[1], 'w').write(f'{a.pid} {b.pid}')\n"
+    "time.sleep(600)\n"
+)
+
 
 class AgentProc:
     def __init__(self, tmp: Path, etcd: str, cluster: str, name: str = "n1", ttl: int = 2,

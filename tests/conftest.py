@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pdsupervisor.etcd_server import etcd_argv, etcd_binary
+from pdsupervisor.localcluster import kill_tree  # noqa: F401 - re-exported for the tests
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,21 +33,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (collected before the first signal)."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=5)
 
 
 class EtcdServer:

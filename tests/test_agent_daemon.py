@@ -16,18 +16,10 @@ import pytest
 
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, RestartPolicy
 from pdsupervisor.store import Store, StoreUnavailable
-from tests.agent_helpers import AgentProc, alive, kill_marked, run
+from tests.agent_helpers import SLEEP, TREE, AgentProc, alive, kill_marked, run
 from tests.conftest import kill_tree, wait_for
 
 FAST = RestartPolicy(initial_backoff_s=0.3, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
-SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
-TREE = (
-    "import os, subprocess, sys, time\n"
-    "a = subprocess.Popen([sys.executable, '-c', 'import os,time; os.setsid(); time.sleep(600)'])\n"
-    "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-    "open(sys.argv[1], 'w').write(f'{a.pid} {b.pid}')\n"
-    "time.sleep(600)\n"
-)
 
 
 class View:

@@ -15,18 +15,11 @@ import pytest
 from agent.statefile import ProcRecord, ProcStore, matches
 from agent.supervisor import ManagedProcess, backoff_delay, child_env
 from pdsupervisor.models import ProcessSpec, ProcessState, RestartPolicy
+from tests.agent_helpers import TREE
 from tests.conftest import kill_tree
 
 FAST = RestartPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
 
-# A child that starts a grandchild in its own session (setsid) and another in its group.
-TREE = (
-    "import os, subprocess, sys, time\n"
-    "a = subprocess.Popen([sys.executable, '-c', 'import os,time; os.setsid(); time.sleep(600)'])\n"
-    "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-    "open(sys.argv[1], 'w').write(f'{a.pid} {b.pid}')\n"
-    "time.sleep(600)\n"
-)
 
 
 async def until(pred, timeout=10.0, what="condition"):
