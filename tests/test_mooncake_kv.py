@@ -219,23 +219,23 @@ def test_unanswered_master_is_a_bounded_error(kv_cluster):
     assert 1.4 < took < 5
 
 
-def test_sigterm_closes_the_store_and_exits(kv_cluster):
-    """Last on the module's cluster: a stopped engine unmounts its segment instead of hanging."""
+def test_sigterm_exits_cleanly(kv_cluster):
+    """A stopped engine exits at once and cleanly, leaving its segment to the master's TTL."""
     proc = kv_cluster["procs"]["decode"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0, kv_cluster["log"]("decode")
 
 
 def test_stop_with_master_and_etcd_gone_is_bounded(kv_cluster, etcd_server):
-    """The store retries a gone master/etcd for ~25 s on close; the engine still stops promptly."""
+    """With the master and etcd gone, a stop still takes no Mooncake call: prompt and clean."""
     kill_tree(kv_cluster["master"].pid)
     etcd_server.pause()
     try:
         proc = kv_cluster["procs"]["prefill"]
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)  # status 1 when the watchdog had to cut close() short
-        assert time.monotonic() - t0 < 8, kv_cluster["log"]("prefill")
+        assert proc.wait(timeout=15) == 0, kv_cluster["log"]("prefill")
+        assert time.monotonic() - t0 < 5, kv_cluster["log"]("prefill")
     finally:
         etcd_server.resume()
 

@@ -23,8 +23,9 @@ What the real store needs from the JSON (learned against mooncake-transfer-engin
   not `local_hostname`, unless `MC_TCP_BIND_ADDRESS` is set in the engine's environment;
 - `put`/`get` release the GIL but wait ~30 s on an unreachable master: the engine bounds
   them (`--sim-kv-timeout`);
-- `close` holds the GIL and retries a gone master/etcd for ~25 s: only a C-level watchdog
-  (faulthandler) can bound it, see `server.serve`.
+- `close` holds the GIL and retries a gone master/etcd for ~25 s, and was seen to crash the
+  process (SIGSEGV) after a frozen master: a stopping engine does not call it (see
+  `server.serve`); the master drops a gone client's segment after its client TTL.
 """
 
 from __future__ import annotations
@@ -112,12 +113,6 @@ class MooncakeKV:
         self.store = store
         self.segment = store.get_hostname()
         log.info("mooncake store ready in %.3fs: %s", self.setup_s, p)
-
-    def close(self) -> None:
-        """Unmount this engine's segment (blocks, holding the GIL)."""
-        store, self.store = self.store, None
-        if store is not None:
-            store.close()
 
     def size_for(self, prompt_tokens: int) -> int:
         return max(1, min(self.cfg.kv_max_bytes, self.cfg.kv_bytes_per_token * max(1, prompt_tokens)))
