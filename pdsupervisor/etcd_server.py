@@ -40,11 +40,13 @@ def etcd_argv(
     """A one-member etcd listening for clients on `client_host:client_port`."""
     client_url = f"http://{client_host}:{client_port}"
     peer_url = f"http://{client_host}:{peer_port}"
+    # Also on loopback, so `127.0.0.1:<port>` (the agent's default endpoint, etcdctl) reaches it.
+    listen = [client_url] + ([f"http://127.0.0.1:{client_port}"] if not client_host.startswith("127.") else [])
     return [
         binary or etcd_binary(),
         "--name", name,
         "--data-dir", data_dir,
-        "--listen-client-urls", client_url,
+        "--listen-client-urls", ",".join(listen),
         "--advertise-client-urls", client_url,
         "--listen-peer-urls", peer_url,
         "--initial-advertise-peer-urls", peer_url,
