@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,10 +31,20 @@ class ApiClient:
     token: str | None = None
     ca_file: str | None = None
     timeout_s: float = 10.0
+    cert_file: str | None = None  # client certificate, for an agent that requires one
+    key_file: str | None = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not (self.ca_file or self.cert_file):
+            return True
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
 
     def _session(self) -> aiohttp.ClientSession:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        ssl_ctx: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        ssl_ctx = self._ssl()
         return aiohttp.ClientSession(
             base_url=self.base_url.rstrip("/") + "/", headers=headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
@@ -66,7 +77,7 @@ class ApiClient:
 
     async def logs(self, api_url: str, process: str, tail: int, follow: bool) -> AsyncIterator[str]:
         """Lines of a process's log from the agent at `api_url` (its node's own API)."""
-        other = ApiClient(api_url, self.token, self.ca_file, timeout_s=0 if follow else self.timeout_s)
+        other = dataclasses.replace(self, base_url=api_url)
         params = {"tail": str(tail), **({"follow": "1"} if follow else {})}
         timeout = aiohttp.ClientTimeout(total=None if follow else self.timeout_s)
         async with other._session() as session, session.get(f"logs/{process}", params=params, timeout=timeout) as resp:

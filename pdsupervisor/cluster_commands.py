@@ -28,18 +28,20 @@ def api_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--token-file", envvar="PDSUPERVISOR_TOKEN_FILE", type=click.Path(dir_okay=False),
                      help="Bearer token file (env PDSUPERVISOR_TOKEN_FILE; or PDSUPERVISOR_TOKEN).")(f)
     f = click.option("--ca-file", envvar="PDSUPERVISOR_CA_FILE", type=click.Path(dir_okay=False),
-                     help="CA bundle for an https API.")(f)
+                     help="CA bundle for an https API (env PDSUPERVISOR_CA_FILE).")(f)
     return f
 
 
 def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiClient:
+    """The API client; a client certificate comes from PDSUPERVISOR_CERT_FILE / _KEY_FILE."""
     token = os.environ.get("PDSUPERVISOR_TOKEN")
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:
             raise click.ClickException(f"--token-file {token_file}: {exc.strerror}") from None
-    return ApiClient(api, token, ca_file)
+    return ApiClient(api, token, ca_file, cert_file=os.environ.get("PDSUPERVISOR_CERT_FILE"),
+                     key_file=os.environ.get("PDSUPERVISOR_KEY_FILE"))
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -122,5 +122,13 @@ async def test_tls_with_client_certificates(tmp_path):
                 async with s.get(url, ssl=no_cert) as r:
                     await r.read()
         assert a.api_url.startswith("https://")
+        # the CLI's client, with and without a client certificate
+        from pdsupervisor.client import ApiClient
+
+        base = f"https://127.0.0.1:{rest.port}"
+        mtls = ApiClient(base, ca_file=str(d / "ca.crt"), cert_file=str(d / "client.crt"), key_file=str(d / "client.key"))
+        assert (await mtls.request("GET", "/healthz"))["ok"]
+        with pytest.raises(aiohttp.ClientError):
+            await ApiClient(base, ca_file=str(d / "ca.crt")).request("GET", "/healthz")
     finally:
         await runner.cleanup()
