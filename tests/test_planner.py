@@ -153,6 +153,10 @@ def test_replace_keeps_dp_ranks_on_the_spare():
     old = [p.env for p in first.nodes["g14"].processes]
     new = [p.env for p in second.nodes["g15"].processes]
     assert [e["VLLM_DP_RANK"] for e in new] == [e["VLLM_DP_RANK"] for e in old] == [str(r) for r in range(8, 16)]
+    # the seed's proxy takes its engines on the command line: new argv, so its agent restarts it
+    old_proxy, new_proxy = (p.nodes["g10"].processes[-1] for p in (first, second))
+    assert "10.239.129.165:8200" in old_proxy.argv and "10.239.129.200:8200" in new_proxy.argv
+    assert old_proxy.spec_hash() != new_proxy.spec_hash()
     del nodes["g15"]
     with pytest.raises(PlanError, match="g14 lost and no spare"):
         plan_cluster(spec, nodes, previous=second.placement | {"decode": ["g13", "g14"]})
