@@ -7,6 +7,7 @@ any agent can answer a read and the leader decides from the very same view.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ class Observed:
     assignments: dict[str, NodeAssignment]
     statuses: dict[str, NodeStatus]
     leader: str | None = None
+    record_revision: int = 0  # mod revision the spec record was read at (0: absent)
 
 
 @dataclass
@@ -142,8 +144,7 @@ def desired_state(obs: Observed) -> Desired:
     restarted = master_restart(obs, plan)
     if restarted is not None and restarted.master_epoch != record.master_epoch:
         # re-plan against the new epoch: engines get a new hash and their agents restart them
-        obs = Observed(record=restarted, members=obs.members, assignments=obs.assignments,
-                       statuses=obs.statuses, leader=obs.leader)
+        obs = dataclasses.replace(obs, record=restarted)
         _, plan, missing = try_plan(obs)
         assert plan is not None
     record = restarted or record

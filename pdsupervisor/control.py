@@ -23,7 +23,8 @@ async def observe(store: Store) -> Observed:
         store.get(store.keys.spec), store.members(), store.assignments(), store.statuses(), store.leader()
     )
     record = SpecRecord.model_validate_json(record_raw.value) if record_raw else None
-    return Observed(record=record, members=members, assignments=assignments, statuses=statuses, leader=leader)
+    return Observed(record=record, members=members, assignments=assignments, statuses=statuses, leader=leader,
+                    record_revision=record_raw.mod_revision if record_raw else 0)
 
 
 @dataclass

@@ -146,8 +146,14 @@ class Coordinator:
         if not puts and not deletes:
             self._note_missing(desired.missing)
             return
-        if not await self.store.write_as_leader(self.name, puts, deletes):
-            self._step_down("fenced: leader key no longer ours")
+        # Fenced on the leader key, and on the spec record we decided from: a stop or a
+        # replacing spec submitted during this cycle must not be overwritten.
+        if not await self.store.write_as_leader(self.name, puts, deletes,
+                                                unchanged={self.store.keys.spec: obs.record_revision}):
+            if await self.store.is_leader(self.name):
+                self._changed.set()  # the spec changed under us: decide again from a fresh read
+            else:
+                self._step_down("fenced: leader key no longer ours")
             return
         await self._describe_writes(obs, desired, record)
 

@@ -241,13 +241,22 @@ class Store:
         return kv.value.decode() if kv else None
 
     async def acquire_leader(self, name: str, lease_id: int) -> bool:
-        """Take the leader key if nobody holds it (create_revision == 0)."""
+        """Take the leader key if nobody holds it (create_revision == 0), or keep it if it is
+        already ours under this very lease (e.g. after one failed cycle made us step down).
+
+        The failure branch reads the key in the same transaction: trust our own CAS, not a
+        separate read.
+        """
         resp = await self._kv.txn(
             [KVService.txn_compare_create_revision(self.keys.leader, 0)],
             [KVService.txn_op_put(self.keys.leader, name, lease=lease_id)],
+            [KVService.txn_op_get(self.keys.leader)],
             timeout=self.timeout_s,
         )
-        return bool(resp.succeeded)
+        if resp.succeeded:
+            return True
+        held = resp.responses[0].response_range.kvs if resp.responses else []
+        return bool(held) and held[0].value == name.encode() and held[0].lease == lease_id
 
     async def release_leader(self, name: str) -> None:
         with contextlib.suppress(*StoreUnavailable):
@@ -258,19 +267,29 @@ class Store:
             )
 
     async def write_as_leader(
-        self, name: str, puts: Mapping[str, bytes | BaseModel | Mapping[str, Any]], deletes: list[str] = ()  # type: ignore[assignment]
+        self,
+        name: str,
+        puts: Mapping[str, bytes | BaseModel | Mapping[str, Any]],
+        deletes: list[str] = (),  # type: ignore[assignment]
+        *,
+        unchanged: Mapping[str, int] | None = None,
     ) -> bool:
-        """Apply puts and deletes in one transaction, only while `name` holds the leader key.
+        """Apply puts and deletes in one transaction, only while `name` holds the leader key
+        and every key in `unchanged` still has the mod revision it was read at (0: absent).
 
-        False means we are no longer the leader: the caller must stop acting as one.
+        False means the write did not happen: we are no longer the leader, or what the
+        decision was based on changed meanwhile (`is_leader` tells which).
         """
         ops = [
             KVService.txn_op_put(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()
         ] + [KVService.txn_op_delete(k) for k in deletes]
-        resp = await self._kv.txn(
-            [KVService.txn_compare_value(self.keys.leader, name)], ops, timeout=self.timeout_s
-        )
+        compare = [KVService.txn_compare_value(self.keys.leader, name)]
+        compare += [_compare_mod_revision(k, rev) for k, rev in (unchanged or {}).items()]
+        resp = await self._kv.txn(compare, ops, timeout=self.timeout_s)
         return bool(resp.succeeded)
+
+    async def is_leader(self, name: str) -> bool:
+        return await self.leader() == name
 
     # ---- events ----------------------------------------------------------------------
 

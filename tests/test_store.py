@@ -56,3 +56,26 @@ async def test_watch_sees_changes_after_read_revision(etcd_server, cluster_name)
         await store.delete(store.keys.assignment("x"))
         await asyncio.wait_for(task, 10)
         assert seen == [("x", False), ("x", True)]
+
+
+async def test_leader_key_is_kept_under_the_same_lease_only(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        mine, other = await store.grant_lease(5), await store.grant_lease(5)
+        assert await store.acquire_leader("a", mine)
+        assert await store.acquire_leader("a", mine)  # ours already: resumed, not refused
+        assert not await store.acquire_leader("a", other)  # same name, another incarnation's lease
+        assert not await store.acquire_leader("b", other)
+
+
+async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(5)
+        assert await store.acquire_leader("a", lease)
+        await store.put(store.keys.spec, b'{"v": 1}')
+        read = await store.get(store.keys.spec)
+        await store.put(store.keys.spec, b'{"v": 2}')  # e.g. a stop arrives mid-cycle
+        key = store.keys.assignment("n1")
+        assert not await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: read.mod_revision})
+        assert await store.get(key) is None and await store.is_leader("a")
+        fresh = await store.get(store.keys.spec)
+        assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision})

@@ -1,0 +1,48 @@
+"""The coordinator's loop against a real etcd: leadership survives a failed cycle, and a
+decision never overwrites a stop that arrived while it was being made."""
+
+from __future__ import annotations
+
+from pdsupervisor.cluster_view import desired_state
+from pdsupervisor.control import observe, request_stop, submit_spec
+from pdsupervisor.coordinator import Coordinator
+from pdsupervisor.models import NodeFacts
+from pdsupervisor.spec import validate_spec
+from pdsupervisor.store import Store
+from tests.cluster_helpers import cluster_spec
+
+
+async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        coord = Coordinator(store, "a", ttl=5)
+        await coord.cycle()
+        assert coord.is_leader and await store.leader() == "a"
+        coord._step_down("etcd call timed out")  # what a StoreUnavailable in a cycle does
+        await coord.cycle()
+        assert coord.is_leader  # took its own key back instead of waiting on itself forever
+        other = Coordinator(store, "b", ttl=5)
+        await other.cycle()
+        assert not other.is_leader and await store.leader() == "a"
+        await store.revoke_lease(coord.lease)
+
+
+async def test_a_stop_during_a_cycle_is_not_overwritten(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(10)
+        for i, name in enumerate(("n1", "n2"), start=1):
+            await store.register_member(NodeFacts(name=name, ip=f"127.0.0.{i}"), lease)
+        spec = validate_spec(cluster_spec(cluster_name, etcd_server.endpoint, decode_nodes=["n2"]))
+        assert (await submit_spec(store, spec)).status == 202
+        coord = Coordinator(store, "a", ttl=5)
+        assert await coord._hold_leadership()
+        obs = await observe(store)
+        desired = desired_state(obs)
+        assert desired.record is not None and desired.record != obs.record  # it wants to write the record
+        assert (await request_stop(store)).status == 202  # the user stops meanwhile
+        await coord._apply(obs, desired)
+        record = await store.spec_record()
+        assert record["action"] == "stop"
+        assert await store.assignments() == {}  # nothing from the stale decision was written
+        assert coord.is_leader
+        await store.revoke_lease(lease)
+        await store.revoke_lease(coord.lease)
