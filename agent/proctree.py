@@ -3,8 +3,9 @@
 A tree is collected before the first signal: the root's descendants
 (`children(recursive=True)`, which catches grandchildren that called setsid) plus every
 member of the root's session (catches orphans already reparented away). The session is
-scanned only while the root pid still identifies our process (same create_time, zombie
-allowed), because a free pid can become someone else's session id.
+scanned while the root pid still identifies our process (same create_time, zombie
+allowed) or names no process at all (a pid is not reused while it names a session); never
+when the pid belongs to someone else.
 """
 
 from __future__ import annotations
@@ -37,18 +38,25 @@ def gone(p: psutil.Process) -> bool:
 
 
 def collect_tree(pid: int, create_time: float) -> list[psutil.Process]:
-    """Root (if still ours and alive), its descendants and its session's members."""
+    """Root (if still ours and alive), its descendants and its session's members.
+
+    With the root gone (an adopted engine is not our child: init reaps it at once), its
+    session's members are still found: Linux does not hand out a pid while it still names a
+    session, so processes whose session id is `pid` can only be our root's leftovers.
+    """
     root = same_process(pid, create_time)
-    if root is None:
-        return []
     found: dict[int, psutil.Process] = {}
-    if not gone(root):
-        found[root.pid] = root
-    try:
-        for c in root.children(recursive=True):
-            found.setdefault(c.pid, c)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
+    if root is None:
+        if psutil.pid_exists(pid):
+            return []  # the pid now belongs to someone else: never touch its session
+    else:
+        if not gone(root):
+            found[root.pid] = root
+        try:
+            for c in root.children(recursive=True):
+                found.setdefault(c.pid, c)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     me = os.getpid()
     for p in psutil.process_iter():
         if p.pid in found or p.pid == me:

@@ -170,3 +170,35 @@ def test_copytruncate_rotation_keeps_child_writing(tmp_path, procs):
     assert logs.rotate_if_needed(path, 10, keep=2) and path.with_name("w.log.2").exists()
     assert not logs.rotate_if_needed(path, 10**9, keep=2)
     assert logs.tail(path.with_name("w.log.1"), 2) == ["x" * 99] * 2
+
+
+async def test_workers_of_a_root_reaped_elsewhere_are_still_stopped(tmp_path):
+    """An adopted engine is not our child: when it dies, init reaps it at once. Its workers
+    (same session) must still be found and stopped, not orphaned holding ports and memory."""
+    import subprocess
+    import sys
+
+    from agent import proctree
+    from tests.conftest import wait_for
+
+    pid_file = tmp_path / "worker.pid"
+    script = ("import subprocess, sys, time\n"
+              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              "open(sys.argv[1], 'w').write(str(w.pid))\n"
+              "time.sleep(600)\n")
+    root = subprocess.Popen([sys.executable, "-c", script, str(pid_file)], start_new_session=True)
+    worker = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="worker pid"))
+    created = psutil.Process(root.pid).create_time()
+    root.kill()
+    root.wait()  # reaped: the root's pid is free, the worker still names it as its session
+    try:
+        assert psutil.pid_exists(worker)
+        assert [p.pid for p in proctree.collect_tree(root.pid, created)] == [worker]
+        left = await proctree.terminate_tree(root.pid, created, signal.SIGTERM, 2)
+        assert left == []
+        try:  # dead; a zombie until whatever adopted it reaps it
+            assert psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
+    finally:
+        kill_tree(worker)
