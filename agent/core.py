@@ -69,6 +69,7 @@ class Agent:
             heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
         )
         self.registration = Registration(self.store, self.facts, config.ttl, self._registered)
+        self.reconciler.lease_of = lambda: self.registration.lease_id
         self.bootstrap: ManagedProcess | None = None
         self.runner: web.AppRunner | None = None
         self.started_mono = time.monotonic()

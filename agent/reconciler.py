@@ -9,6 +9,7 @@ otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no write
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -48,6 +49,7 @@ class Reconciler:
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
         self._force = False
+        self.lease_of: Callable[[], int | None] = lambda: None  # the agent's current member lease
         self._lock = asyncio.Lock()
 
     # ---- adoption ----------------------------------------------------------------
@@ -146,7 +148,8 @@ class Reconciler:
         return [self.procs[n] for n in names]
 
     def snapshot(self) -> NodeStatus:
-        return NodeStatus(node=self.node, updated_at=time.time(), processes=[m.status() for m in self.snapshot_procs()])
+        return NodeStatus(node=self.node, updated_at=time.time(), lease=self.lease_of() or 0,
+                          processes=[m.status() for m in self.snapshot_procs()])
 
     @staticmethod
     def _comparable(st: NodeStatus) -> list[dict]:
@@ -167,15 +170,19 @@ class Reconciler:
             self._dirty.clear()
             if not self.assignment_seen and not self.procs:
                 continue
+            # Take the force flag with the snapshot: a re-registration during the write below
+            # sets it again and gets a write of its own (readers ignore status older than it).
+            force, self._force = self._force, False
             st = self.snapshot()
             cmp = self._comparable(st)
             stale = time.monotonic() - last_write >= self.heartbeat_s
-            if cmp == last and not stale and not self._force:
+            if cmp == last and not stale and not force:
                 continue
             try:
                 await self.store.put_status(st)
-                last, last_write, delay, self._force = cmp, time.monotonic(), 0.5, False
+                last, last_write, delay = cmp, time.monotonic(), 0.5
             except StoreUnavailable as exc:
+                self._force = self._force or force
                 log.warning("status write failed, will retry", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -57,12 +57,12 @@ class Registration:
         return self.last_refresh_mono is not None and time.monotonic() - self.last_refresh_mono < self.ttl
 
     def _comparable(self, f: NodeFacts) -> dict:
-        return f.model_dump(exclude={"registered_at", "hugepages_free"})
+        return f.model_dump(exclude={"registered_at", "hugepages_free", "lease"})
 
     async def _register(self) -> None:
         lease = await self.store.grant_lease(self.ttl)
         self._registered_at = time.time()
-        facts = self.facts().model_copy(update={"registered_at": self._registered_at})
+        facts = self.facts().model_copy(update={"registered_at": self._registered_at, "lease": lease})
         await self.store.register_member(facts, lease)
         self.lease_id = lease
         self._facts_sent = self._comparable(facts)
@@ -78,9 +78,9 @@ class Registration:
         self._facts_checked = time.monotonic()
         facts = self.facts()
         if self._comparable(facts) != self._facts_sent:
-            # keep the registration time: status written before it is what readers treat as stale
-            await self.store.register_member(facts.model_copy(update={"registered_at": self._registered_at}),
-                                             self.lease_id)
+            await self.store.register_member(
+                facts.model_copy(update={"registered_at": self._registered_at, "lease": self.lease_id}),
+                self.lease_id)
             self._facts_sent = self._comparable(facts)
             log.info("node facts updated")
 

@@ -130,14 +130,15 @@ class NodeStatus(Strict):
     node: str
     updated_at: float
     processes: list[ProcessStatus] = Field(default_factory=list)
+    lease: int = 0  # the member lease of the agent that wrote it
 
     def current_for(self, member: NodeFacts | None) -> bool:
-        """Written by the node's agent since it registered (both times from that node's clock).
+        """Written by the agent that holds the node's member key now (same lease).
 
         A status key outlives a dead agent; until the restarted agent reports, what it says
-        about pids and readiness is history, not observation.
+        about pids and readiness is history, not observation. Lease ids, not clocks, decide.
         """
-        return member is not None and self.updated_at >= member.registered_at
+        return member is not None and self.lease == member.lease
 
 
 class RdmaPort(Strict):
@@ -179,6 +180,7 @@ class NodeFacts(Strict):
     state_dir: str = "/var/lib/pdsupervisor"
     python: str = "python3"  # the agent's interpreter: what {python} renders to in argv templates
     registered_at: float = 0.0
+    lease: int = 0  # the lease this record is held by (set by the agent when it registers)
 
     def rdma_up(self, allow: list[str] | None = None) -> list[str]:
         """Names of RDMA devices with a port up, restricted to `allow` when given."""
