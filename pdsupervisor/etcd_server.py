@@ -53,5 +53,8 @@ def etcd_argv(
         "--initial-cluster", f"{name}={peer_url}",
         "--initial-cluster-state", "new",
         "--log-level", "warn",
+        # Status heartbeats and events keep adding revisions: without compaction the backend
+        # reaches its quota in weeks and etcd refuses every write (NOSPACE).
+        "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
         *(extra or []),
     ]

@@ -29,6 +29,10 @@ from pdsupervisor.models import NodeAssignment, NodeFacts, NodeStatus
 
 M = TypeVar("M", bound=BaseModel)
 
+class WatchLost(ConnectionError):
+    """The server ended a watch: read again, then watch from the new revision."""
+
+
 # Errors a caller treats as "etcd is away for now": retry later, touch nothing.
 StoreUnavailable: tuple[type[BaseException], ...] = (
     EtcdError,
@@ -152,6 +156,10 @@ class Store:
         async for resp in self._client.watch.watch(  # type: ignore[union-attr]
             prefix, range_end=prefix_range_end(prefix), start_revision=start_revision
         ):
+            if resp.canceled or resp.compact_revision > 0:
+                # The server ended this watch (e.g. our revision was compacted away) but may
+                # keep the stream open: end it here, so the caller re-reads and re-watches.
+                raise WatchLost(f"watch on {prefix} canceled (compacted to {resp.compact_revision})")
             for ev in resp.events:
                 deleted = ev.type == 1  # mvccpb.Event.DELETE
                 yield WatchEvent(
@@ -159,6 +167,10 @@ class Store:
                     value=None if deleted else ev.kv.value,
                     revision=ev.kv.mod_revision,
                 )
+
+    async def compact(self, revision: int) -> None:
+        """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""
+        await self._kv.compact(revision, timeout=self.timeout_s)
 
     async def current_revision(self) -> int:
         resp = await self._kv.get(self.keys.root, count_only=True, timeout=self.timeout_s)

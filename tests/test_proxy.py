@@ -91,6 +91,35 @@ def test_ejected_instance_is_probed_back(procs):
     assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
 
 
+def test_black_holed_instance_is_ejected_and_the_request_retried(procs):
+    """A node that drops SYNs (full accept queue) costs one connect timeout, once."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue: later SYNs are dropped, connects hang
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(hole.getsockname())
+        fillers.append(c)
+    try:
+        pre, _ = procs.engine("prefill")
+        dec, _ = procs.engine("decode")
+        black = f"127.0.0.1:{hole.getsockname()[1]}"
+        base, _ = procs.proxy("--prefill", pre, "--decode", black, dec, "--connect-timeout", "0.5",
+                              "--round-robin")
+        answers = [http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] for _ in range(4)]
+        assert answers == [200] * 4
+        status = json.loads(http("GET", base + "/status")[1])
+        assert black in json.dumps(status["ejected"])
+    finally:
+        for c in fillers:
+            c.close()
+        hole.close()
+
+
 def test_api_key(procs, tmp_path):
     keyfile = tmp_path / "keys"
     keyfile.write_text("s3cret\n")

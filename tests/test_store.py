@@ -79,3 +79,22 @@ async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, c
         assert await store.get(key) is None and await store.is_leader("a")
         fresh = await store.get(store.keys.spec)
         assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision})
+
+
+async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_server, cluster_name):
+    import pytest
+
+    from pdsupervisor.store import WatchLost
+
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        first = await store.put(store.keys.assignment("x"), b"1")
+        await store.put(store.keys.assignment("x"), b"2")
+        latest = await store.put(store.keys.assignment("x"), b"3")
+        await store.compact(latest)
+
+        async def consume() -> None:
+            async for _ in store.watch_prefix(store.keys.assignments, first):
+                pass
+
+        with pytest.raises(WatchLost):
+            await asyncio.wait_for(consume(), 5)

@@ -67,7 +67,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--repeat-p-request", default=1, type=int, hidden=True, help="Accepted for the seed; only 1 is supported.")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="File with accepted API keys, one a line.")
-@click.option("--connect-timeout", default=60.0, show_default=True, type=float)
+@click.option("--connect-timeout", default=10.0, show_default=True, type=float,
+              help="Seconds to connect upstream; a timeout ejects the instance and retries elsewhere.")
 @click.option("--read-timeout", default=1200.0, show_default=True, type=float)
 @click.option("--total-timeout", default=6 * 3600.0, show_default=True, type=float)
 @click.option("--probe-interval", default=1.0, show_default=True, type=float, help="Seconds between probes of ejected instances.")

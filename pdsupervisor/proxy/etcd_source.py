@@ -14,11 +14,12 @@ import logging
 
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.proxy.instances import ROLES, Registry
-from pdsupervisor.store import Store, StoreUnavailable
+from pdsupervisor.store import Store, StoreUnavailable, WatchLost
 
 log = logging.getLogger("pdsupervisor.proxy.etcd")
 
 DEBOUNCE_S = 0.05
+RESYNC_S = 30.0  # re-read even without events: a watch can miss or lose them
 
 
 def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts]) -> dict[str, list[str]]:
@@ -76,23 +77,30 @@ class EtcdSource:
         return revision
 
     async def _watch(self, revision: int) -> None:
+        """Watch, refresh on relevant events (debounced) and every RESYNC_S regardless."""
         dirty = asyncio.Event()
+
+        async def watcher() -> None:
+            async for ev in self.store.watch_prefix(self.store.keys.root, revision + 1):
+                if ev.key.startswith(self._relevant):
+                    dirty.set()
+            raise WatchLost("membership watch ended")
 
         async def refresher() -> None:
             while True:
-                await dirty.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(dirty.wait(), RESYNC_S)
                 await asyncio.sleep(DEBOUNCE_S)
                 dirty.clear()
                 await self.refresh()
 
-        task = asyncio.ensure_future(refresher())
+        tasks = [asyncio.ensure_future(watcher()), asyncio.ensure_future(refresher())]
         try:
-            async for ev in self.store.watch_prefix(self.store.keys.root, revision + 1):
-                if ev.key.startswith(self._relevant):
-                    dirty.set()
-                if task.done():
-                    task.result()  # re-raise the refresher's failure into run()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # whichever failed: back to run(), which re-reads and re-watches
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await asyncio.gather(*tasks)

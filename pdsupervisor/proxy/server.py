@@ -49,7 +49,7 @@ class ProxyConfig:
     benchmark_mode: bool = False
     repeat_d_times: int = 0
     api_keys: list[str] = field(default_factory=list)
-    connect_timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0  # the seed used 60 s: a black-holed node then hangs requests
     read_timeout_s: float = 1200.0
     total_timeout_s: float = 6 * 3600.0
     probe_interval_s: float = 1.0
@@ -279,8 +279,12 @@ class PDProxy:
                     if up.status >= 400:
                         raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
                     return data, up.status, up.headers.get("Content-Type", "application/json")
+            except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
+                self._outcome(inst, "conn_error", t0)
+                self._eject(inst, repr(exc))
             except asyncio.TimeoutError:
                 self._outcome(inst, "timeout", t0)
+                self._eject(inst, "timed out")  # a hung engine must not take the next request too
                 raise ProxyError(504, f"{role} instance {inst.endpoint} timed out", "GatewayTimeout") from None
             except aiohttp.ClientError as exc:
                 if not _retryable(exc):
@@ -367,8 +371,12 @@ class PDProxy:
                     self._outcome(inst, "ok", t0)
                     await resp.write_eof()
                     return resp
+            except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
+                self._outcome(inst, "conn_error", t0)
+                self._eject(inst, repr(exc))
             except asyncio.TimeoutError:
                 self._outcome(inst, "timeout", t0)
+                self._eject(inst, "timed out")  # a hung engine must not take the next request too
                 if resp is not None:
                     return await _abort_stream(resp, "decode instance timed out")
                 raise ProxyError(504, f"decode instance {inst.endpoint} timed out", "GatewayTimeout") from None
