@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import ProcessSpec
 
+__all__ = ["CREATE_TIME_TOLERANCE_S", "ProcRecord", "ProcStore", "atomic_write", "cmdline_matches", "matches"]
+
 CREATE_TIME_TOLERANCE_S = 1.0
-
-
-def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, chmod, rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 @dataclass

@@ -252,6 +252,7 @@ def _proxy_process(
         "model": spec.model, "port": px.port, "node_ip": facts.ip, "node": facts.name, "host": facts.ip,
         "python": facts.python, "cluster": spec.cluster, "etcd_endpoints": ",".join(etcd_endpoints),
         "repeat_d_times": spec.benchmark.repeat_d_times, "first_token_from": px.first_token_from,
+        "state_dir": facts.state_dir,
     }
     lists: dict[str, list[str]] = {
         "prefill_endpoints": [p.endpoint for n in prefill for p in n.processes if p.role == "prefill" and p.endpoint],
@@ -263,6 +264,7 @@ def _proxy_process(
         template = [
             "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
             "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
+            "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
         ]
         if px.first_token_from == "prefill":
             template.append("--generator-on-p-node")

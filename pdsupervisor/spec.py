@@ -24,7 +24,7 @@ ENGINE_PLACEHOLDERS = frozenset(
 # they expand to several argv items.
 PROXY_PLACEHOLDERS = frozenset(
     {"model", "port", "node_ip", "node", "host", "python", "cluster", "etcd_endpoints",
-     "repeat_d_times", "first_token_from"}
+     "repeat_d_times", "first_token_from", "state_dir"}
 )
 PROXY_LIST_PLACEHOLDERS = frozenset(
     {"prefill_endpoints", "decode_endpoints", "first_token_args", "benchmark_args"}

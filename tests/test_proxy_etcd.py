@@ -64,3 +64,21 @@ def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
     for _ in range(3):
         assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
     assert metric(f"http://{dec1}", "vllm:request_success_total") == before
+
+
+def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_name, tmp_path):
+    from conftest import free_port
+
+    pre, _ = procs.engine("prefill")
+    dec, _ = procs.engine("decode")
+    asyncio.run(_register(etcd_server.endpoint, cluster_name, "node-a", "prefill", pre))
+    asyncio.run(_register(etcd_server.endpoint, cluster_name, "node-b", "decode", dec))
+    cache = tmp_path / "routing.json"
+    _, first = procs.proxy("--cluster", cluster_name, "--etcd", etcd_server.endpoint, "--routing-cache", str(cache))
+    wait_for(lambda: cache.exists() and json.loads(cache.read_text()) == {"prefill": [pre], "decode": [dec]},
+             timeout=10, what="routing cached")
+    first.kill()
+    first.wait(5)
+    # restarted while etcd is unreachable: it serves what it last knew instead of nothing
+    base, _ = procs.proxy("--cluster", cluster_name, "--etcd", f"127.0.0.1:{free_port()}", "--routing-cache", str(cache))
+    assert http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200

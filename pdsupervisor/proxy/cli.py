@@ -59,6 +59,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--decode", multiple=True, help="Decode instance host:port (repeatable, or several after one flag).")
 @click.option("--cluster", default=None, help="Read instances live from etcd for this cluster.")
 @click.option("--etcd", default=None, help="etcd endpoints host:port[,host:port] (with --cluster).")
+@click.option("--routing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --cluster: keep the last routing here; used at start while etcd is away.")
 @click.option("--policy", type=click.Choice(["load", "round-robin"]), default="load", show_default=True)
 @click.option("--round-robin", "round_robin", is_flag=True, help="Same as --policy round-robin.")
 @click.option("--generator-on-p-node", "generator_on_p", is_flag=True, help="First token comes from the prefill node.")
@@ -100,10 +102,11 @@ def proxy(**opts: Any) -> None:
     etcd = opts["etcd"].split(",") if opts["cluster"] else None
     _use_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(cfg, registry, opts["cluster"], etcd))
+        asyncio.run(_serve(cfg, registry, opts["cluster"], etcd, opts["routing_cache"]))
 
 
-async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd: list[str] | None) -> None:
+async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd: list[str] | None,
+                 routing_cache: Path | None = None) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,7 +119,8 @@ async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd
         from pdsupervisor.store import Store
 
         store = Store(etcd, cluster)
-        source = EtcdSource(store, registry)
+        source = EtcdSource(store, registry, routing_cache)
+        source.load_cache()
         proxy_.source = f"etcd:{cluster}"
         source_task = asyncio.ensure_future(source.run())
     runner = web.AppRunner(proxy_.app(), access_log=None, handler_cancellation=True)

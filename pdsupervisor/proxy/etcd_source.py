@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from pathlib import Path
 
+from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.proxy.instances import ROLES, Registry
 from pdsupervisor.store import Store, StoreUnavailable, WatchLost
@@ -39,11 +42,40 @@ def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts])
 
 
 class EtcdSource:
-    def __init__(self, store: Store, registry: Registry) -> None:
+    """Routing from etcd. With `cache`, the last routing is kept on disk, so a proxy that
+    restarts while etcd is away serves the engines it last knew instead of nothing."""
+
+    def __init__(self, store: Store, registry: Registry, cache: Path | None = None) -> None:
         self.store = store
         self.registry = registry
+        self.cache = cache
         self.synced = asyncio.Event()
         self._relevant = (store.keys.members, store.keys.status)
+        self._cached: dict[str, list[str]] | None = None
+
+    def load_cache(self) -> bool:
+        """Start from the cached routing (before etcd answers); False when there is none."""
+        if self.cache is None:
+            return False
+        try:
+            engines = json.loads(self.cache.read_text())
+            routing = {role: [str(e) for e in engines.get(role, [])] for role in ROLES}
+        except (OSError, ValueError, AttributeError):
+            return False
+        for role in ROLES:
+            self.registry.set_endpoints(role, routing[role])
+        self._cached = routing
+        log.info("serving the cached routing until etcd answers: %s", routing)
+        return True
+
+    def _save_cache(self, engines: dict[str, list[str]]) -> None:
+        if self.cache is None or engines == self._cached:
+            return
+        try:
+            atomic_write(self.cache, json.dumps(engines).encode())
+            self._cached = engines
+        except OSError as exc:
+            log.warning("cannot write the routing cache %s: %s", self.cache, exc)
 
     async def run(self) -> None:
         backoff = 0.5
@@ -73,6 +105,7 @@ class EtcdSource:
             if before != engines[role]:
                 log.info("%s instances: %s", role, " ".join(engines[role]) or "(none)")
             self.registry.set_endpoints(role, engines[role])
+        self._save_cache(engines)
         self.synced.set()
         return revision
 
