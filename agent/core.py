@@ -39,6 +39,12 @@ log = structlog.get_logger("agent")
 TaskFactory = Callable[["Agent"], Awaitable[None]]
 
 
+def store_timeout(ttl: int) -> float:
+    """Per-call etcd timeout: a refresh every ttl/3 plus two timed-out calls still fit in the
+    TTL (Patroni's `loop_wait + 2 * retry_timeout <= ttl`)."""
+    return max(0.5, min(3.0, ttl / 3))
+
+
 class Agent:
     """The per-node daemon. Extension points for the coordinator (and anything else):
 
@@ -62,7 +68,7 @@ class Agent:
         self.name = config.name
         self.state_dir = Path(config.state_dir)
         self.log_dir = self.state_dir / "logs"
-        self.store = Store(config.etcd, config.cluster, timeout_s=max(0.5, min(3.0, config.ttl / 3)))
+        self.store = Store(config.etcd, config.cluster, timeout_s=store_timeout(config.ttl))
         self.notifier = notifier or Notifier()
         self.reconciler = Reconciler(
             self.name, self.store, ProcStore(self.state_dir / "procs"), self.log_dir,
@@ -97,6 +103,11 @@ class Agent:
 
     def add_routes(self, routes: list[web.RouteDef]) -> None:
         self._extra_routes.extend(routes)
+
+    def follow_ttl(self, ttl: int) -> None:
+        """The cluster spec's lease TTL: member lease and etcd call timeouts follow it."""
+        self.store.timeout_s = store_timeout(ttl)
+        self.registration.set_ttl(ttl)
 
     # ---- facts ---------------------------------------------------------------------
 
@@ -175,7 +186,8 @@ class Agent:
             await asyncio.sleep(lc.check_interval_s)
             for path in list(self.log_dir.glob("*.log")):
                 try:
-                    if logs.rotate_if_needed(path, lc.max_bytes, lc.keep):
+                    # a copy of a large log must not stall lease refreshes and probes
+                    if await asyncio.to_thread(logs.rotate_if_needed, path, lc.max_bytes, lc.keep):
                         log.info("log rotated", path=str(path))
                 except OSError as exc:
                     log.warning("log rotation failed", path=str(path), error=str(exc))

@@ -121,7 +121,7 @@ def add_coordinator(agent: Any) -> None:
 
     agent.add_routes(cluster_routes(agent.store))
     agent.add_task(
-        lambda a: Coordinator(a.store, a.name, a.config.ttl, on_spec_ttl=a.registration.set_ttl).run(), "coordinator"
+        lambda a: Coordinator(a.store, a.name, a.config.ttl, on_spec_ttl=a.follow_ttl).run(), "coordinator"
     )
 
 
