@@ -3,7 +3,7 @@
 A tree is collected before the first signal: the root's descendants
 (`children(recursive=True)`, which catches grandchildren that called setsid) plus every
 member of the root's session (catches orphans already reparented away). The session is
-scanned while the root pid still identifies our process (same create_time, zombie
+scanned while the root pid still identifies our process (same start time, zombie
 allowed) or names no process at all (a pid is not reused while it names a session); never
 when the pid belongs to someone else.
 """
@@ -17,13 +17,37 @@ import signal
 import psutil
 
 GRACE_AFTER_KILL_S = 5.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+START_TOLERANCE_S = 0.05  # start times are whole clock ticks: equal, give or take rounding
 
 
-def same_process(pid: int, create_time: float, tolerance: float = 1.0) -> psutil.Process | None:
-    """The process `pid` if it is still the one created at `create_time` (zombies included)."""
+def started(pid: int) -> float:
+    """Seconds from boot to the process's start (`starttime` of /proc/<pid>/stat).
+
+    This is the process's identity with its pid. Unlike psutil's `create_time()` (boot time
+    + this), it does not move when the wall clock is stepped (NTP), so a step can neither
+    make us miss our own process nor take a stranger for it.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise psutil.NoSuchProcess(pid) from None
+    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return int(fields[19]) / CLOCK_TICKS  # field 22, starttime, in clock ticks
+
+
+def boot_id() -> str:
+    """Changes at every boot: start times from a previous boot identify nothing."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def same_process(pid: int, start: float) -> psutil.Process | None:
+    """The process `pid` if it is still the one that started at `start` (zombies included)."""
     try:
         p = psutil.Process(pid)
-        if abs(p.create_time() - create_time) <= tolerance:
+        if abs(started(pid) - start) <= START_TOLERANCE_S:
             return p
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         pass
@@ -37,14 +61,14 @@ def gone(p: psutil.Process) -> bool:
         return True
 
 
-def collect_tree(pid: int, create_time: float) -> list[psutil.Process]:
+def collect_tree(pid: int, start: float) -> list[psutil.Process]:
     """Root (if still ours and alive), its descendants and its session's members.
 
     With the root gone (an adopted engine is not our child: init reaps it at once), its
     session's members are still found: Linux does not hand out a pid while it still names a
     session, so processes whose session id is `pid` can only be our root's leftovers.
     """
-    root = same_process(pid, create_time)
+    root = same_process(pid, start)
     found: dict[int, psutil.Process] = {}
     if root is None:
         if psutil.pid_exists(pid):
@@ -88,16 +112,16 @@ async def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil
 
 
 async def terminate_tree(
-    pid: int, create_time: float, sig: int, timeout: float, *, group: bool = True
+    pid: int, start: float, sig: int, timeout: float, *, group: bool = True
 ) -> list[psutil.Process]:
     """`sig` to the whole tree and its process group, wait `timeout`, SIGKILL the rest.
 
     Returns what is still alive afterwards (should be empty; the caller logs it).
     """
-    procs = collect_tree(pid, create_time)
+    procs = collect_tree(pid, start)
     if not procs:
         return []
-    root_is_ours = same_process(pid, create_time) is not None
+    root_is_ours = same_process(pid, start) is not None
     if group and root_is_ours:
         try:
             os.killpg(pid, sig)  # our children lead their own session and group (pgid == pid)
@@ -106,7 +130,7 @@ async def terminate_tree(
     _signal_all(procs, sig)
     alive = await _wait_gone(procs, timeout)
     if alive or (group and root_is_ours):
-        if group and same_process(pid, create_time) is not None:
+        if group and same_process(pid, start) is not None:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

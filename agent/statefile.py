@@ -1,8 +1,9 @@
 """Process records in the state dir, written atomically: what lets a restarted agent adopt.
 
-`<state>/procs/<name>.json` holds the pid, the kernel's create_time and the spec. A record
-is adopted only if the pid is alive, its create_time is within 1 s of the recorded one and
-its command line matches argv: a reused pid is never adopted, so never signalled.
+`<state>/procs/<name>.json` holds the pid, its start time (seconds after boot, immune to
+wall-clock steps), the boot id and the spec. A record is adopted only if it is from this
+boot, the pid is alive with the same start time and its command line matches argv: a reused
+pid is never adopted, so never signalled.
 """
 
 from __future__ import annotations
@@ -14,23 +15,23 @@ from pathlib import Path
 
 import psutil
 
+from agent import proctree
 from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import ProcessSpec
 
-__all__ = ["CREATE_TIME_TOLERANCE_S", "ProcRecord", "ProcStore", "atomic_write", "cmdline_matches", "matches"]
-
-CREATE_TIME_TOLERANCE_S = 1.0
+__all__ = ["ProcRecord", "ProcStore", "atomic_write", "cmdline_matches", "matches"]
 
 
 @dataclass
 class ProcRecord:
     name: str
     pid: int
-    create_time: float
+    create_time: float  # seconds after boot (proctree.started), not the wall clock
     spec_hash: str
     spec: dict  # ProcessSpec as JSON
     started_at: float  # wall clock, for people
     restarts: int = 0
+    boot_id: str = ""  # proctree.boot_id() when the record was written
 
     @property
     def process_spec(self) -> ProcessSpec:
@@ -88,7 +89,7 @@ def matches(rec: ProcRecord) -> psutil.Process | None:
         proc = psutil.Process(rec.pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        if abs(proc.create_time() - rec.create_time) > CREATE_TIME_TOLERANCE_S:
+        if rec.boot_id != proctree.boot_id() or proctree.same_process(rec.pid, rec.create_time) is None:
             return None
         if not cmdline_matches(proc.cmdline(), list(rec.spec.get("argv", []))):
             return None

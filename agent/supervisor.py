@@ -73,7 +73,7 @@ class Child:
     def __init__(self, proc: psutil.Process, create_time: float, popen: subprocess.Popen[bytes] | None) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.create_time = create_time
+        self.create_time = create_time  # seconds after boot (proctree.started)
         self.popen = popen
         self._exited = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -231,7 +231,7 @@ class ManagedProcess:
         self.records.save(ProcRecord(
             name=self.name, pid=self.child.pid, create_time=self.child.create_time,
             spec_hash=self.spec.spec_hash(), spec=self.spec.model_dump(mode="json"),
-            started_at=self.started_at or time.time(), restarts=self.restarts,
+            started_at=self.started_at or time.time(), restarts=self.restarts, boot_id=proctree.boot_id(),
         ))
 
     def _write_files(self) -> None:
@@ -255,10 +255,10 @@ class ManagedProcess:
             os.close(fd)
         proc = psutil.Process(popen.pid)
         try:
-            create_time = proc.create_time()
-        except psutil.NoSuchProcess:  # died already; still a zombie of ours, so this is rare
-            create_time = time.time()
-        self.child = Child(proc, create_time, popen)
+            start = proctree.started(popen.pid)  # our unreaped child: its /proc entry stays
+        except psutil.NoSuchProcess:
+            start = -1.0  # cannot happen before we reap it; never matches anything
+        self.child = Child(proc, start, popen)
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self._save_record()

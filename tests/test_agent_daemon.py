@@ -16,6 +16,7 @@ import pytest
 
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, RestartPolicy
 from pdsupervisor.store import Store, StoreUnavailable
+from agent import proctree
 from tests.agent_helpers import SLEEP, TREE, AgentProc, alive, kill_marked, run
 from tests.conftest import kill_tree, wait_for
 
@@ -166,8 +167,9 @@ def test_stale_pid_record_is_not_adopted_nor_signalled(env, tmp_path):
         (state / "procs").mkdir(parents=True)
         s = spec("x", SLEEP + ["ours"])
         # the pid is alive but it is not ours: its start time and command line differ
-        rec = {"name": "x", "pid": stranger.pid, "create_time": stranger.create_time() - 100,
-               "spec_hash": s.spec_hash(), "spec": s.model_dump(mode="json"), "started_at": 0, "restarts": 0}
+        rec = {"name": "x", "pid": stranger.pid, "create_time": proctree.started(stranger.pid) - 100,
+               "spec_hash": s.spec_hash(), "spec": s.model_dump(mode="json"), "started_at": 0, "restarts": 0,
+               "boot_id": proctree.boot_id()}
         (state / "procs" / "x.json").write_text(json.dumps(rec))
         view.assign("n1", s)
         agent(state_dir=state)

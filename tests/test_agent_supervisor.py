@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent import proctree
 from agent.statefile import ProcRecord, ProcStore, matches
 from agent.supervisor import ManagedProcess, backoff_delay, child_env
 from pdsupervisor.models import ProcessSpec, ProcessState, RestartPolicy
@@ -122,12 +123,16 @@ async def test_adoption_record_matches_only_same_process(tmp_path, procs):
     procs[1].append(p.pid)
     await until(lambda: p.cmdline() == argv, what="exec")
     spec = ProcessSpec(name="x", role="prefill", argv=argv)
-    rec = ProcRecord(name="x", pid=p.pid, create_time=p.create_time(), spec_hash=spec.spec_hash(),
-                     spec=spec.model_dump(mode="json"), started_at=time.time())
+    rec = ProcRecord(name="x", pid=p.pid, create_time=proctree.started(p.pid), spec_hash=spec.spec_hash(),
+                     spec=spec.model_dump(mode="json"), started_at=time.time(), boot_id=proctree.boot_id())
     assert matches(rec) is not None
     rec.create_time -= 5  # same pid, different start time: a reused pid
     assert matches(rec) is None
     rec.create_time += 5
+    rec.boot_id = "another-boot"  # same pid and start time, but before a reboot
+    assert matches(rec) is None
+    rec.boot_id = proctree.boot_id()
+    assert matches(rec) is not None
     rec.spec["argv"] = ["/bin/other"]
     assert matches(rec) is None
 
@@ -178,7 +183,6 @@ async def test_workers_of_a_root_reaped_elsewhere_are_still_stopped(tmp_path):
     import subprocess
     import sys
 
-    from agent import proctree
     from tests.conftest import wait_for
 
     pid_file = tmp_path / "worker.pid"
@@ -188,7 +192,7 @@ async def test_workers_of_a_root_reaped_elsewhere_are_still_stopped(tmp_path):
               "time.sleep(600)\n")
     root = subprocess.Popen([sys.executable, "-c", script, str(pid_file)], start_new_session=True)
     worker = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="worker pid"))
-    created = psutil.Process(root.pid).create_time()
+    created = proctree.started(root.pid)
     root.kill()
     root.wait()  # reaped: the root's pid is free, the worker still names it as its session
     try:
@@ -202,3 +206,20 @@ async def test_workers_of_a_root_reaped_elsewhere_are_still_stopped(tmp_path):
             pass
     finally:
         kill_tree(worker)
+
+
+async def test_a_wall_clock_step_does_not_change_who_is_ours(monkeypatch):
+    """NTP stepping the clock moves psutil's create_time(); our identity (start after boot)
+    must not move, or stop() would miss our own engine (and adoption would take a stranger)."""
+    import psutil._pslinux as pslinux
+
+    child = psutil.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        start = proctree.started(child.pid)
+        real_boot = pslinux.boot_time
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real_boot() + 5.0)  # the clock stepped 5 s
+        assert proctree.same_process(child.pid, start) is not None
+        assert await proctree.terminate_tree(child.pid, start, signal.SIGTERM, 2) == []
+        assert child.wait(5) is not None
+    finally:
+        kill_tree(child.pid)
