@@ -272,27 +272,28 @@ class PDProxy:
                 async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
                     data = await up.read()
                     if up.status >= 500:
-                        self._outcome(inst, "5xx", t0)
-                        self._eject(inst, f"HTTP {up.status}")
+                        self._failed(inst, t0, "5xx", f"HTTP {up.status}")
                         continue
                     self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
                     if up.status >= 400:
                         raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
                     return data, up.status, up.headers.get("Content-Type", "application/json")
             except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
-                self._outcome(inst, "conn_error", t0)
-                self._eject(inst, repr(exc))
+                self._failed(inst, t0, "conn_error", repr(exc))
             except asyncio.TimeoutError:
-                self._outcome(inst, "timeout", t0)
-                self._eject(inst, "timed out")  # a hung engine must not take the next request too
+                self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
                 raise ProxyError(504, f"{role} instance {inst.endpoint} timed out", "GatewayTimeout") from None
             except aiohttp.ClientError as exc:
                 if not _retryable(exc):
                     raise
-                self._outcome(inst, "conn_error", t0)
-                self._eject(inst, repr(exc))
+                self._failed(inst, t0, "conn_error", repr(exc))
             finally:
                 self.registry.release(inst, tokens)
+
+    def _failed(self, inst: Instance, t0: float, outcome: str, reason: str) -> None:
+        """Count the failed exchange and eject the instance until its probe answers again."""
+        self._outcome(inst, outcome, t0)
+        self._eject(inst, reason)
 
     def _pick(self, role: ProxyRole, tried: set[Instance]) -> Instance:
         inst = self.registry.pick(role, tried)
@@ -344,8 +345,7 @@ class PDProxy:
                 async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
                     if up.status >= 500:
                         await up.read()
-                        self._outcome(inst, "5xx", t0)
-                        self._eject(inst, f"HTTP {up.status}")
+                        self._failed(inst, t0, "5xx", f"HTTP {up.status}")
                         continue
                     ctype = up.headers.get("Content-Type", "application/json")
                     if not (stream and up.status == 200 and ctype.startswith("text/event-stream")):
@@ -372,19 +372,16 @@ class PDProxy:
                     await resp.write_eof()
                     return resp
             except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
-                self._outcome(inst, "conn_error", t0)
-                self._eject(inst, repr(exc))
+                self._failed(inst, t0, "conn_error", repr(exc))
             except asyncio.TimeoutError:
-                self._outcome(inst, "timeout", t0)
-                self._eject(inst, "timed out")  # a hung engine must not take the next request too
+                self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
                 if resp is not None:
                     return await _abort_stream(resp, "decode instance timed out")
                 raise ProxyError(504, f"decode instance {inst.endpoint} timed out", "GatewayTimeout") from None
             except aiohttp.ClientError as exc:
                 if not _retryable(exc):
                     raise
-                self._outcome(inst, "conn_error", t0)
-                self._eject(inst, repr(exc))
+                self._failed(inst, t0, "conn_error", repr(exc))
                 if resp is not None:  # bytes already sent: no retry possible
                     self.metrics.child(self.metrics.errors, "stream_broken").inc()
                     return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
