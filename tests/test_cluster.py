@@ -225,3 +225,30 @@ def test_stop_leaves_nothing_running(cluster):
             continue
     assert leftovers == []
     kill_marked(cluster.marker)
+
+
+def test_wait_policy_holds_the_slot_until_the_node_returns(cluster):
+    """After the stop above: the agents back (n3 too), a spec with `node_loss: wait`."""
+    for name, agent in cluster.agents.items():
+        if agent.proc is None or agent.proc.poll() is not None:
+            cluster.restart(name)
+    wait_for(lambda: len(cluster.doc()["members"]) == 4, 20, what="all four agents registered")
+    spec = cluster_spec(cluster.cluster, cluster.etcd, decode_nodes=["n2", "n3"], ttl=TTL)
+    status, body = cluster.submit(spec)
+    assert status == 202
+    doc = cluster.wait_phase("ready", 60)
+    n3_ranks = sorted(p["dp_rank"] for p in doc["processes"] if p["node"] == "n3")
+    agent = cluster.agents["n3"]
+    kill_tree(agent.proc.pid)  # the node dies
+    agent.proc.wait(5)
+    doc = cluster.wait_phase("degraded", TTL + 10)
+    assert {p["state"] for p in doc["processes"] if p["node"] == "n3"} == {"lost"}
+    assert "decode.node_names: node n3 is not registered" in doc["missing"]
+    assert doc["placement"]["decode"] == ["n2", "n3"]  # nobody took its slot
+    assert not any(p["node"] == "n4" for p in doc["processes"])
+    cluster.restart("n3")  # the node comes back: its agent starts what is still assigned to it
+    doc = cluster.wait_phase("ready", 60)
+    assert sorted(p["dp_rank"] for p in doc["processes"] if p["node"] == "n3") == n3_ranks
+    status, _ = cluster.request("POST", "/cluster/stop")
+    assert status == 202
+    cluster.wait_phase("stopped", 60)
