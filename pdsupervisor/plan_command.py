@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pdsupervisor.doctor import hard_failures
 from pdsupervisor.models import NodeFacts, RdmaDevice, RdmaPort
 from pdsupervisor.planner import Plan, plan_cluster
 from pdsupervisor.spec import SpecError, load_spec
@@ -84,6 +85,9 @@ def plan_command(spec_file: Path, nodes: tuple[str, ...], output: str) -> None:
         for path, why in exc.problems:
             click.echo(f"  {path}: {why}", err=True)
         sys.exit(2)
+    for node, check, why in hard_failures(spec, facts, plan):  # what the coordinator would refuse
+        click.echo(f"warning: {node}: {check}: {why} (host_requirements.hard: the cluster would stay pending)",
+                   err=True)
     if output == "json":
         click.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
     else:

@@ -86,7 +86,7 @@ def test_plan_command_json_and_errors(tmp_path):
     result = runner.invoke(main, ["plan", "-f", str(EXAMPLE), *nodes, "-o", "json"])
     assert result.exit_code == 0, result.output
     import json
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert set(plan["nodes"]) == {"g10", "g13", "g14"}
     roles = {p["role"] for n in plan["nodes"].values() for p in n["processes"]}
     assert roles == {"etcd", "mooncake-master", "prefill", "decode", "proxy"}
@@ -107,6 +107,13 @@ def test_plan_command_json_and_errors(tmp_path):
     bad.write_text(yaml.safe_dump(d))
     res = runner.invoke(main, ["plan", "-f", str(bad), *nodes])
     assert res.exit_code == 2 and "decode.tp: decode.slots (8) is not divisible by decode.tp (3)" in res.output
+
+    # the example makes hugepages a hard requirement: a node short of them is flagged, the plan still shown
+    short_pages = ["--node", "g10=10.0.0.9,hugepages=32768", "--node", "g13=10.0.0.81,hugepages=100",
+                   "--node", "g14=10.0.0.165,hugepages=32768"]
+    res = runner.invoke(main, ["plan", "-f", str(EXAMPLE), *short_pages, "-o", "json"])
+    assert res.exit_code == 0 and "warning: g13: hugepages:" in res.stderr and "g14: hugepages" not in res.stderr
+    assert json.loads(res.stdout)["nodes"]["g13"]
 
     res = runner.invoke(main, ["plan", "-f", str(EXAMPLE), "--node", "g10"])
     assert res.exit_code != 0 and "expected NAME=IP" in res.output
