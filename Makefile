@@ -1,10 +1,28 @@
 # Two entry points a new user needs: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+
+# A distribution's own Python (Debian, Ubuntu) refuses `pip install` (PEP 668): use a
+# virtual environment there. Elsewhere (pyenv, a venv you activated) install in place.
+EXTERNALLY_MANAGED := $(shell $(PYTHON) -c "import os, sysconfig; print(int(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))))")
+ifeq ($(EXTERNALLY_MANAGED),1)
+VENV := .venv
+PY := $(VENV)/bin/python
+SCRIPTS := $(abspath $(VENV)/bin)
+else
+VENV :=
+PY := $(PYTHON)
+SCRIPTS := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+endif
+PIP := $(PY) -m pip
+# Console scripts installed with the packages (mooncake_master, etcd) must be on PATH.
+RUN := PATH="$(SCRIPTS):$$PATH"
 
 .PHONY: install install-test system-deps demo test
 
-install:
+.venv:
+	$(PYTHON) -m venv .venv || { echo "python3 -m venv failed: install Debian's python3-venv"; exit 1; }
+
+install: $(VENV)
 	$(PIP) install -q -e .
 
 # Debian's libibverbs1 lets the real mooncake_master run; installed when we are root.
@@ -15,13 +33,13 @@ system-deps:
 	  else echo "note: libibverbs1 missing; tests that need the real mooncake_master will be skipped"; fi; \
 	fi
 
-install-test: system-deps
+install-test: $(VENV) system-deps
 	$(PIP) install -q -e '.[test]'
 	-$(PIP) install -q mooncake-transfer-engine-non-cuda
 
 demo: install system-deps
 	-$(PIP) install -q mooncake-transfer-engine-non-cuda
-	pdsupervisor demo
+	$(RUN) $(PY) -m pdsupervisor demo
 
 test: install-test
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(RUN) $(PY) -m pytest -q -p no:cacheprovider
