@@ -36,6 +36,13 @@ class Interrupted(Exception):
     """SIGTERM or Ctrl-C: stop the demo in order."""
 
 
+def _name(p: Any) -> str:
+    try:
+        return str(p.name())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "?"
+
+
 def _port_taken(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,7 +202,8 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
         code = 1
     finally:
         lc.stop_agents()
-        left = lc.kill_all()
-        console.print(f"stopped; {len(left)} leftover process(es) ended (etcd)" if left else "stopped.")
+        names = sorted({_name(p) for p in lc.processes()})  # e.g. the bootstrap etcd
+        lc.kill_all()
+        console.print(f"stopped; ended what the agents leave running: {', '.join(names)}" if names else "stopped.")
         lock.close()
     sys.exit(code)

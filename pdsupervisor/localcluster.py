@@ -82,8 +82,10 @@ class LocalCluster:
         env = {**os.environ, MARKER_ENV: self.marker}
         env.pop("NOTIFY_SOCKET", None)
         with open(agent.log_path, "ab") as log:
+            # own session: a terminal's Ctrl-C reaches the demo, which stops the cluster in order,
+            # not the agents behind its back
             agent.proc = subprocess.Popen(self.argv(agent), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          stdin=subprocess.DEVNULL)
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def start(self) -> None:
         for agent in self.agents:

@@ -1,4 +1,5 @@
-"""`pdsupervisor demo` end to end: ready, a second demo refused clearly, SIGTERM leaves nothing."""
+"""`pdsupervisor demo` end to end: ready, a second demo refused clearly, Ctrl-C stops it in order
+and leaves nothing."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
     state = tmp_path / "demo"
     argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)]
     out = open(tmp_path / "demo.out", "wb")
-    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+                            start_new_session=True)  # its own process group, like a terminal's job
     try:
         wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
@@ -51,7 +53,7 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         assert "a demo is already running" in second.stdout + second.stderr
         assert _phase() == "ready"  # the second attempt touched nothing
 
-        demo.send_signal(signal.SIGTERM)
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
         assert demo.wait(60) == 0
         text = (tmp_path / "demo.out").read_text()
         assert "stopped: members 3" in text
