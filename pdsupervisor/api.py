@@ -6,6 +6,7 @@ token middleware guards every mutating method (`Authorization: Bearer <token>`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -71,8 +72,8 @@ async def get_cluster(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:
-    obs = await observe(store)
-    return web.json_response({"leader": obs.leader, "nodes": members_by_name(obs.members)})
+    members, leader = await asyncio.gather(store.members(), store.leader())
+    return web.json_response({"leader": leader, "nodes": members_by_name(members)})
 
 
 async def get_events(request: web.Request, store: Store) -> web.Response:
@@ -87,6 +88,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=_openapi_text(), content_type="application/yaml")
 
 
+@functools.cache
 def _openapi_text() -> str:
     return resources.files("pdsupervisor").joinpath("openapi.yaml").read_text()
 

@@ -17,14 +17,19 @@ from pdsupervisor.spec import ClusterSpec
 from pdsupervisor.store import Store
 
 
+async def read_record(store: Store) -> tuple[SpecRecord | None, int]:
+    """The spec record and the mod revision it was read at (0: absent), for a later CAS."""
+    kv = await store.get(store.keys.spec)
+    return (SpecRecord.model_validate_json(kv.value), kv.mod_revision) if kv else (None, 0)
+
+
 async def observe(store: Store) -> Observed:
     """Read everything the view needs, concurrently."""
-    record_raw, members, assignments, statuses, leader = await asyncio.gather(
-        store.get(store.keys.spec), store.members(), store.assignments(), store.statuses(), store.leader()
+    (record, revision), members, assignments, statuses, leader = await asyncio.gather(
+        read_record(store), store.members(), store.assignments(), store.statuses(), store.leader()
     )
-    record = SpecRecord.model_validate_json(record_raw.value) if record_raw else None
     return Observed(record=record, members=members, assignments=assignments, statuses=statuses, leader=leader,
-                    record_revision=record_raw.mod_revision if record_raw else 0)
+                    record_revision=revision)
 
 
 @dataclass
@@ -40,8 +45,7 @@ async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False)
     Compare-and-swap on the record's revision, so two concurrent submits cannot both win.
     """
     for _ in range(5):
-        kv = await store.get(store.keys.spec)
-        current = SpecRecord.model_validate_json(kv.value) if kv else None
+        current, revision = await read_record(store)
         spec_doc = spec.model_dump(mode="json")
         if current is not None and current.action == "start" and not replace:
             if _same(current.spec, spec_doc):
@@ -59,8 +63,7 @@ async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False)
             master_pid=current.master_pid if current and current.action == "start" else None,
             master_epoch=current.master_epoch if current else 0,
         )
-        if await store.put_spec_record(record.model_dump(mode="json"),
-                                       expect_mod_revision=kv.mod_revision if kv else 0):
+        if await store.put_spec_record(record.model_dump(mode="json"), expect_mod_revision=revision):
             await store.append_event("spec", f"generation {record.generation} submitted", generation=record.generation)
             return SubmitResult(202, record.generation)
     return SubmitResult(409, 0, "the spec changed concurrently; try again")
@@ -68,14 +71,13 @@ async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False)
 
 async def request_stop(store: Store) -> SubmitResult:
     for _ in range(5):
-        kv = await store.get(store.keys.spec)
-        if kv is None:
+        current, revision = await read_record(store)
+        if current is None:
             return SubmitResult(202, 0, "nothing to stop")
-        current = SpecRecord.model_validate_json(kv.value)
         if current.action == "stop":
             return SubmitResult(202, current.generation, "already stopping")
         record = current.model_copy(update={"action": "stop"})
-        if await store.put_spec_record(record.model_dump(mode="json"), expect_mod_revision=kv.mod_revision):
+        if await store.put_spec_record(record.model_dump(mode="json"), expect_mod_revision=revision):
             await store.append_event("spec", f"stop of generation {record.generation} requested",
                                      generation=record.generation)
             return SubmitResult(202, record.generation)

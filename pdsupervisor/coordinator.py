@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state, live_status
-from pdsupervisor.control import observe
+from pdsupervisor.control import observe, read_record
 from pdsupervisor.models import NodeAssignment, ProcessStatus
 from pdsupervisor.store import Store, StoreUnavailable
 
@@ -86,19 +86,25 @@ class Coordinator:
         self._known_procs = {}
 
     async def cycle(self) -> None:
-        await self._follow_spec_ttl()
+        if not self.is_leader:  # a follower reads the spec for its TTL only
+            await self._follow_spec_ttl((await read_record(self.store))[0])
         if not await self._hold_leadership():
             return
         obs = await observe(self.store)
+        if await self._follow_spec_ttl(obs.record):
+            return  # stepped down to take the key again under the new TTL
         await self._record_events(obs)
         desired = desired_state(obs)
         await self._apply(obs, desired)
 
-    async def _follow_spec_ttl(self) -> None:
-        """The spec's `policy.lease_ttl_s` sets member leases and, from the next election, ours."""
-        record = await self.store.spec_record()
-        ttl = ((record or {}).get("spec", {}).get("policy") or {}).get("lease_ttl_s")
-        if isinstance(ttl, int) and ttl != self.ttl:
+    async def _follow_spec_ttl(self, record: SpecRecord | None) -> bool:
+        """The spec's `policy.lease_ttl_s` sets member leases and, from the next election, ours.
+
+        True when the TTL changed (a leader then hands its key over to take it anew).
+        """
+        ttl = ((record.spec if record else {}).get("policy") or {}).get("lease_ttl_s")
+        changed = isinstance(ttl, int) and ttl != self.ttl
+        if changed:
             self.ttl = ttl
             self.loop_wait = max(0.5, ttl / 3)
             self.on_spec_ttl(ttl)
@@ -108,6 +114,7 @@ class Coordinator:
             if self.lease is not None:
                 await self.store.revoke_lease(self.lease)
                 self.lease = None
+        return changed
 
     async def _hold_leadership(self) -> bool:
         now = time.monotonic()
