@@ -51,8 +51,8 @@ class Agent:
     - `agent.store`: the agent's `Store` (the only etcd client of the process).
     - `agent.name`, `agent.config` (`AgentConfig`), `agent.facts()` (current `NodeFacts`).
     - `agent.lease_id`: the current lease (None while unregistered; it changes after a lost
-      lease is replaced). `await agent.wait_registered()` waits for the first one;
-      `agent.on_lease_change(cb)` calls `cb(lease_id)` on every (re)registration.
+      lease is replaced). `await agent.wait_registered()` waits for the first one.
+    - `agent.follow_ttl(ttl)`: take the cluster spec's lease TTL (the coordinator calls it).
     - `agent.add_task(factory, name)`: before `run()`, add a background task
       `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
       started again after a backoff; it is cancelled first at shutdown.
@@ -78,10 +78,8 @@ class Agent:
         self.reconciler.lease_of = lambda: self.registration.lease_id
         self.bootstrap: ManagedProcess | None = None
         self.runner: web.AppRunner | None = None
-        self.started_mono = time.monotonic()
         self._task_factories: list[tuple[str, TaskFactory]] = []
         self._extra_routes: list[web.RouteDef] = []
-        self._lease_callbacks: list[Callable[[int], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._extra_tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -94,9 +92,6 @@ class Agent:
 
     async def wait_registered(self) -> None:
         await self.registration.registered.wait()
-
-    def on_lease_change(self, callback: Callable[[int], None]) -> None:
-        self._lease_callbacks.append(callback)
 
     def add_task(self, factory: TaskFactory, name: str = "extra") -> None:
         self._task_factories.append((name, factory))
@@ -133,11 +128,6 @@ class Agent:
 
     def _registered(self, lease: int) -> None:
         self.reconciler.mark_dirty(force=True)  # resynchronise status after (re)registration
-        for cb in self._lease_callbacks:
-            try:
-                cb(lease)
-            except Exception:  # noqa: BLE001 - a callback must not break registration
-                log.exception("lease callback failed")
 
     # ---- embedded etcd -------------------------------------------------------------
 

@@ -110,8 +110,3 @@ class Registration:
                 log.warning("etcd unavailable, retrying", error=str(exc) or type(exc).__name__, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, period)
-
-    async def revoke(self) -> None:
-        if self.lease_id is not None:
-            await self.store.revoke_lease(self.lease_id)
-            self.lease_id = None

@@ -32,10 +32,6 @@ from pdsupervisor.localcluster import LocalCluster
 REPO_DEMO_SPEC = Path(__file__).resolve().parent.parent / "etc" / "pdsupervisor" / "demo.yaml"
 
 
-class Interrupted(Exception):
-    """SIGTERM or Ctrl-C: stop the demo in order."""
-
-
 def _name(p: Any) -> str:
     try:
         return str(p.name())

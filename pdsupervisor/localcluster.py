@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +141,3 @@ def kill_tree(pid: int, timeout: float = 5.0) -> None:
         return
     _signal(procs, signal.SIGKILL)
     psutil.wait_procs(procs, timeout=timeout)
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
-    """Poll a condition with a deadline on the monotonic clock."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

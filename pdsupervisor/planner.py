@@ -134,10 +134,6 @@ def _label_note(role: RoleSpec) -> str:
     return f" with labels {role.labels}" if role.labels else ""
 
 
-def _endpoint_host(endpoint: str) -> str:
-    return endpoint.split("://", 1)[-1].rpartition(":")[0]
-
-
 def mooncake_config(spec: ClusterSpec, facts: NodeFacts, etcd_endpoint: str, master_address: str) -> dict[str, object]:
     """The node's Mooncake JSON. `auto` protocol: rdma only when an allowed device is up."""
     mc = spec.mooncake

@@ -148,9 +148,6 @@ class Store:
     async def delete(self, key: str) -> None:
         await self._kv.delete(key, timeout=self.timeout_s)
 
-    async def delete_prefix(self, prefix: str) -> None:
-        await self._kv.delete(prefix, range_end=prefix_range_end(prefix), timeout=self.timeout_s)
-
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events under `prefix` from `start_revision` on (read once, then watch from rev+1)."""
         async for resp in self._client.watch.watch(  # type: ignore[union-attr]

@@ -30,7 +30,6 @@ class Instance:
     failures: int = 0
     ejected_at: float | None = None  # monotonic
     ejected_reason: str = ""
-    removed: bool = False
 
     def __post_init__(self) -> None:
         self.base_url = f"http://{self.endpoint}"
@@ -59,13 +58,7 @@ class Registry:
         """Replace a role's membership; instances that stay keep their load and ejection."""
         current = self._by_role[role]
         wanted = list(dict.fromkeys(endpoints))
-        fresh: dict[str, Instance] = {}
-        for ep in wanted:
-            fresh[ep] = current.get(ep) or Instance(endpoint=ep, role=role)
-        for ep, inst in current.items():
-            if ep not in fresh:
-                inst.removed = True
-        self._by_role[role] = fresh
+        self._by_role[role] = {ep: current.get(ep) or Instance(endpoint=ep, role=role) for ep in wanted}
         for cb in self.on_change:
             cb()
 
