@@ -314,14 +314,16 @@ class PDProxy:
     ) -> web.StreamResponse:
         if not (self.cfg.benchmark_mode and self.cfg.repeat_d_times > 0):
             return await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
-        extras = [asyncio.ensure_future(self._drain_decode(path, payload, tokens)) for _ in range(self.cfg.repeat_d_times)]
+        # The duplicates are load, not the answer: once the client has its whole answer they
+        # run to their end even if the client hangs up (that cancels this handler); they are
+        # dropped only when the client's own answer fails or is abandoned.
+        extras = [self._spawn(self._drain_decode(path, payload, tokens)) for _ in range(self.cfg.repeat_d_times)]
         try:
-            resp = await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
-            await asyncio.gather(*extras, return_exceptions=True)
-            return resp
-        finally:
+            return await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
+        except BaseException:
             for t in extras:
                 t.cancel()
+            raise
 
     async def _drain_decode(self, path: str, payload: bytes, tokens: int) -> None:
         """A benchmark-mode duplicate: same prompt to another decode slot, answer dropped."""
