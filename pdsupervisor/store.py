@@ -13,6 +13,7 @@ The key layout (one cluster under one prefix)::
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -20,14 +21,17 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
-from etcd3aio import Etcd3Client, EtcdError
-from etcd3aio.kv import KVService, prefix_range_end
+import aiohttp
 from pydantic import BaseModel
 
 from pdsupervisor.models import NodeAssignment, NodeFacts, NodeStatus
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class EtcdError(Exception):
+    """etcd answered with an error (e.g. a revision compacted away, a lease not found)."""
+
 
 class WatchLost(ConnectionError):
     """The server ended a watch: read again, then watch from the new revision."""
@@ -36,7 +40,7 @@ class WatchLost(ConnectionError):
 # Errors a caller treats as "etcd is away for now": retry later, touch nothing.
 StoreUnavailable: tuple[type[BaseException], ...] = (
     EtcdError,
-    grpc.aio.AioRpcError,
+    aiohttp.ClientError,
     asyncio.TimeoutError,
     ConnectionError,
 )
@@ -90,22 +94,28 @@ def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
 
 
 def parse_endpoint(url: str) -> str:
-    """`http://10.0.0.1:2379` or `10.0.0.1:2379` -> `10.0.0.1:2379` (what gRPC wants)."""
-    return url.split("://", 1)[-1].rstrip("/")
+    """`10.0.0.1:2379` or `http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`."""
+    url = url.strip().rstrip("/")
+    return url if "://" in url else "http://" + url
 
 
 class Store:
-    """One cluster's view of etcd: typed reads and writes, leases, fenced leader writes."""
+    """One cluster's view of etcd: typed reads and writes, leases, fenced leader writes.
+
+    It speaks etcd's v3 JSON gateway (served on the client port) over aiohttp, which the
+    agent already carries for its REST API: no gRPC stack in a daemon that sits on every
+    node. Endpoints are tried in turn when one refuses connections.
+    """
 
     def __init__(self, endpoints: list[str], cluster: str, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         self.cluster = cluster
         self.keys = Keys(cluster)
         self.timeout_s = timeout_s
-        self._client = Etcd3Client(
-            self.endpoints, rpc_max_attempts=2, watch_max_reconnect_backoff_seconds=2.0
-        )
-        self._connected = False
+        self._session: aiohttp.ClientSession | None = None
+        self._current = 0  # index of the endpoint that answered last
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -115,89 +125,130 @@ class Store:
         await self.close()
 
     async def connect(self) -> None:
-        if not self._connected:
-            await self._client.connect()
-            self._connected = True
+        """Open the HTTP session (no request is made: etcd may come up later)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")),
+            )
 
     async def close(self) -> None:
-        if self._connected:
-            self._connected = False
-            await self._client.close()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
-    @property
-    def _kv(self) -> KVService:
-        if self._client.kv is None:
-            raise ConnectionError("not connected to etcd yet")
-        return self._client.kv
+    # ---- transport -------------------------------------------------------------------
+
+    def _endpoint_order(self) -> list[int]:
+        n = len(self.endpoints)
+        return [(self._current + i) % n for i in range(n)]
+
+    async def _open(self, path: str, body: Mapping[str, Any], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """POST to the first endpoint that accepts a connection; the caller reads and releases."""
+        await self.connect()
+        assert self._session is not None
+        error: BaseException = ConnectionError("no etcd endpoint")
+        for i in self._endpoint_order():
+            try:
+                resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout)
+            except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next endpoint may answer
+                error = exc
+                continue
+            self._current = i
+            if resp.status != 200:
+                try:
+                    raise EtcdError(_error_text(await resp.read(), resp.status))
+                finally:
+                    resp.release()
+            return resp
+        raise error
+
+    async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        resp = await self._open(path, body, aiohttp.ClientTimeout(total=self.timeout_s))
+        async with resp:
+            out = await resp.json(content_type=None)
+        if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
+            out = out["result"]
+        if "error" in out:
+            raise EtcdError(_error_text(json.dumps(out["error"]).encode(), 200))
+        return out
 
     # ---- raw key/value -------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._kv.get(key, timeout=self.timeout_s)
-        return _kv(resp.kvs[0]) if resp.kvs else None
+        out = await self._call("/v3/kv/range", {"key": _b64(key)})
+        kvs = out.get("kvs") or []
+        return _kv(kvs[0]) if kvs else None
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` and the store revision they were read at."""
-        resp = await self._kv.get(prefix, range_end=prefix_range_end(prefix), timeout=self.timeout_s)
-        return [_kv(kv) for kv in resp.kvs], resp.header.revision
+        out = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        return [_kv(kv) for kv in out.get("kvs") or []], _revision(out)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = await self._kv.put(key, value, lease=lease, timeout=self.timeout_s)
-        return resp.header.revision
+        return _revision(await self._call("/v3/kv/put", _put(key, value, lease)))
 
     async def delete(self, key: str) -> None:
-        await self._kv.delete(key, timeout=self.timeout_s)
+        await self._call("/v3/kv/deleterange", {"key": _b64(key)})
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Events under `prefix` from `start_revision` on (read once, then watch from rev+1)."""
-        async for resp in self._client.watch.watch(  # type: ignore[union-attr]
-            prefix, range_end=prefix_range_end(prefix), start_revision=start_revision
-        ):
-            if resp.canceled or resp.compact_revision > 0:
-                # The server ended this watch (e.g. our revision was compacted away) but may
-                # keep the stream open: end it here, so the caller re-reads and re-watches.
-                raise WatchLost(f"watch on {prefix} canceled (compacted to {resp.compact_revision})")
-            for ev in resp.events:
-                deleted = ev.type == 1  # mvccpb.Event.DELETE
-                yield WatchEvent(
-                    key=ev.kv.key.decode(),
-                    value=None if deleted else ev.kv.value,
-                    revision=ev.kv.mod_revision,
-                )
+        """Events under `prefix` from `start_revision` on (read once, then watch from rev+1).
+
+        The stream ends with WatchLost when etcd cancels the watch (e.g. the revision was
+        compacted away) or the connection drops: the caller re-reads and re-watches.
+        """
+        create = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "start_revision": start_revision}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        resp = await self._open("/v3/watch", {"create_request": create}, timeout)
+        async with resp:
+            try:
+                async for message in _json_stream(resp.content):
+                    result = message.get("result")
+                    if not isinstance(result, dict):
+                        raise WatchLost(f"watch on {prefix} failed: {message.get('error') or message}")
+                    if result.get("canceled") or int(result.get("compact_revision", 0)) > 0:
+                        raise WatchLost(f"watch on {prefix} canceled (compacted to {result.get('compact_revision', 0)})")
+                    for ev in result.get("events") or []:
+                        kv = ev.get("kv") or {}
+                        deleted = ev.get("type") == "DELETE"
+                        yield WatchEvent(
+                            key=_unb64(kv.get("key")).decode(),
+                            value=None if deleted else _unb64(kv.get("value")),
+                            revision=int(kv.get("mod_revision", 0)),
+                        )
+            except aiohttp.ClientPayloadError as exc:
+                raise WatchLost(f"watch on {prefix} broken: {exc}") from exc
+        raise WatchLost(f"watch on {prefix} closed by the server")
 
     async def compact(self, revision: int) -> None:
         """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""
-        await self._kv.compact(revision, timeout=self.timeout_s)
+        await self._call("/v3/kv/compaction", {"revision": revision})
 
     async def current_revision(self) -> int:
-        resp = await self._kv.get(self.keys.root, count_only=True, timeout=self.timeout_s)
-        return resp.header.revision
+        return _revision(await self._call("/v3/kv/range", {"key": _b64(self.keys.root), "count_only": True}))
 
     # ---- leases --------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
-        resp = await self._client.lease.grant(ttl=ttl, timeout=self.timeout_s)  # type: ignore[union-attr]
-        return resp.ID
+        return int((await self._call("/v3/lease/grant", {"TTL": ttl}))["ID"])
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Send one keep-alive; the remaining TTL, or 0 when the lease is gone."""
-        stream = self._client.lease.keep_alive(lease_id)  # type: ignore[union-attr]
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                async for resp in stream:
-                    return max(0, resp.TTL)
-        finally:
-            stream.cancel()
-        return 0
+        out = await self._call("/v3/lease/keepalive", {"ID": lease_id})
+        return max(0, int(out.get("TTL", 0)))
 
     async def lease_granted_ttl(self, lease_id: int) -> int:
         """The TTL a lease was granted with (0 when it no longer exists)."""
-        resp = await self._client.lease.time_to_live(lease_id, timeout=self.timeout_s)  # type: ignore[union-attr]
-        return max(0, resp.grantedTTL) if resp.TTL > 0 else 0
+        out = await self._call("/v3/lease/timetolive", {"ID": lease_id})
+        return max(0, int(out.get("grantedTTL", 0))) if int(out.get("TTL", 0)) > 0 else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(*StoreUnavailable):
-            await self._client.lease.revoke(lease_id, timeout=self.timeout_s)  # type: ignore[union-attr]
+            await self._call("/v3/lease/revoke", {"ID": lease_id})
+
+    async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                   failure: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        return await self._call("/v3/kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
 
     # ---- typed cluster records ------------------------------------------------------
 
@@ -236,12 +287,9 @@ class Store:
         if expect_mod_revision is None:
             await self.put(self.keys.spec, _dump(record))
             return True
-        resp = await self._kv.txn(
-            [_compare_mod_revision(self.keys.spec, expect_mod_revision)],
-            [KVService.txn_op_put(self.keys.spec, _dump(record))],
-            timeout=self.timeout_s,
-        )
-        return bool(resp.succeeded)
+        out = await self._txn([_compare_mod(self.keys.spec, expect_mod_revision)],
+                              [{"request_put": _put(self.keys.spec, _dump(record))}])
+        return bool(out.get("succeeded"))
 
     # ---- leader election and fenced writes -------------------------------------------
 
@@ -256,24 +304,21 @@ class Store:
         The failure branch reads the key in the same transaction: trust our own CAS, not a
         separate read.
         """
-        resp = await self._kv.txn(
-            [KVService.txn_compare_create_revision(self.keys.leader, 0)],
-            [KVService.txn_op_put(self.keys.leader, name, lease=lease_id)],
-            [KVService.txn_op_get(self.keys.leader)],
-            timeout=self.timeout_s,
+        out = await self._txn(
+            [{"key": _b64(self.keys.leader), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            [{"request_put": _put(self.keys.leader, name.encode(), lease_id)}],
+            [{"request_range": {"key": _b64(self.keys.leader)}}],
         )
-        if resp.succeeded:
+        if out.get("succeeded"):
             return True
-        held = resp.responses[0].response_range.kvs if resp.responses else []
+        responses = out.get("responses") or [{}]
+        held = [_kv(kv) for kv in (responses[0].get("response_range") or {}).get("kvs") or []]
         return bool(held) and held[0].value == name.encode() and held[0].lease == lease_id
 
     async def release_leader(self, name: str) -> None:
         with contextlib.suppress(*StoreUnavailable):
-            await self._kv.txn(
-                [KVService.txn_compare_value(self.keys.leader, name)],
-                [KVService.txn_op_delete(self.keys.leader)],
-                timeout=self.timeout_s,
-            )
+            await self._txn([_compare_value(self.keys.leader, name)],
+                            [{"request_delete_range": {"key": _b64(self.keys.leader)}}])
 
     async def write_as_leader(
         self,
@@ -290,12 +335,11 @@ class Store:
         decision was based on changed meanwhile (`is_leader` tells which).
         """
         ops = [
-            KVService.txn_op_put(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()
-        ] + [KVService.txn_op_delete(k) for k in deletes]
-        compare = [KVService.txn_compare_value(self.keys.leader, name)]
-        compare += [_compare_mod_revision(k, rev) for k, rev in (unchanged or {}).items()]
-        resp = await self._kv.txn(compare, ops, timeout=self.timeout_s)
-        return bool(resp.succeeded)
+            {"request_put": _put(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
+        ] + [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
+        compare = [_compare_value(self.keys.leader, name)]
+        compare += [_compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
+        return bool((await self._txn(compare, ops)).get("succeeded"))
 
     async def is_leader(self, name: str) -> bool:
         return await self.leader() == name
@@ -318,17 +362,80 @@ class Store:
             await self.delete(kv.key)
 
 
-def _compare_mod_revision(key: str, revision: int):  # type: ignore[no-untyped-def]
-    from etcd3aio._protobuf import Compare
-
-    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=revision)
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
-def _kv(kv: Any) -> KeyValue:
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """The range end that covers every key starting with `prefix` (etcd's convention)."""
+    raw = bytearray(prefix.encode())
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def _put(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return req
+
+
+def _compare_mod(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": revision}
+
+
+def _compare_value(key: str, value: str) -> dict[str, Any]:
+    return {"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
+
+
+def _revision(out: Mapping[str, Any]) -> int:
+    return int((out.get("header") or {}).get("revision", 0))
+
+
+def _kv(kv: Mapping[str, Any]) -> KeyValue:
+    """A gateway kv (base64 bytes, int64 as strings, zero values left out) as a KeyValue."""
     return KeyValue(
-        key=kv.key.decode(),
-        value=kv.value,
-        mod_revision=kv.mod_revision,
-        create_revision=kv.create_revision,
-        lease=kv.lease,
+        key=_unb64(kv.get("key")).decode(),
+        value=_unb64(kv.get("value")),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        create_revision=int(kv.get("create_revision", 0)),
+        lease=int(kv.get("lease", 0)),
     )
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        err = json.loads(body)
+        return str(err.get("message") or err.get("error") or err) if isinstance(err, dict) else str(err)
+    except ValueError:
+        return f"HTTP {status}: {body[:200]!r}"
+
+
+async def _json_stream(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """The gateway's stream of JSON messages (one per line; tolerant of any split)."""
+    decoder = json.JSONDecoder()
+    pending = b""
+    async for chunk in content.iter_any():
+        pending += chunk
+        try:
+            text = pending.decode()
+        except UnicodeDecodeError:
+            continue  # a character split across chunks: wait for the rest
+        while True:
+            text = text.lstrip()
+            try:
+                message, end = decoder.raw_decode(text)
+            except ValueError:
+                break  # empty or incomplete: wait for more bytes
+            text = text[end:]
+            if isinstance(message, dict):
+                yield message
+        pending = text.encode()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from conftest import free_port
+
 from pdsupervisor.models import NodeAssignment, NodeFacts, ProcessSpec
-from pdsupervisor.store import Store
+from pdsupervisor.store import EtcdError, Store, StoreUnavailable, WatchLost
 
 
 async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
@@ -82,10 +85,6 @@ async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, c
 
 
 async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_server, cluster_name):
-    import pytest
-
-    from pdsupervisor.store import WatchLost
-
     async with Store([etcd_server.endpoint], cluster_name) as store:
         first = await store.put(store.keys.assignment("x"), b"1")
         await store.put(store.keys.assignment("x"), b"2")
@@ -98,3 +97,30 @@ async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_se
 
         with pytest.raises(WatchLost):
             await asyncio.wait_for(consume(), 5)
+
+
+async def test_a_refused_endpoint_is_skipped_for_the_next_one(etcd_server, cluster_name):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    async with Store([dead, etcd_server.endpoint], cluster_name) as store:
+        rev = await store.put(store.keys.spec, b'{"v": 1}')
+        kv = await store.get(store.keys.spec)
+        assert kv is not None and kv.value == b'{"v": 1}' and kv.mod_revision == rev
+    async with Store([dead], cluster_name, timeout_s=1) as store:
+        with pytest.raises(StoreUnavailable):
+            await store.get(store.keys.spec)
+
+
+async def test_an_etcd_error_names_what_etcd_said(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        rev = await store.current_revision()
+        with pytest.raises(EtcdError, match="future revision"):
+            await store.compact(rev + 1000)
+
+
+async def test_values_and_keys_survive_the_gateway_encoding(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        raw = bytes(range(256))
+        key = store.keys.assignment("nöde-ü")
+        await store.put(key, raw)
+        kvs, _ = await store.get_prefix(store.keys.assignments)
+        assert [(kv.key, kv.value) for kv in kvs] == [(key, raw)]
