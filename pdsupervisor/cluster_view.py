@@ -125,6 +125,11 @@ def _assigned(obs: Observed) -> set[tuple[str, str]]:
     return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
 
 
+def _assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
+    assignment = obs.assignments.get(node)
+    return next((p for p in assignment.processes if p.name == name), None) if assignment else None
+
+
 def _assigned_roles(obs: Observed) -> set[str]:
     return {p.role for a in obs.assignments.values() for p in a.processes}
 
@@ -153,15 +158,22 @@ def desired_state(obs: Observed) -> Desired:
     planned = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"]
     masters = [(n, p) for n, p in planned if p.role == "mooncake-master"]
     engines = [(n, p) for n, p in planned if p.role in ENGINE_ROLES]
-    engines_released = any((n, p.name) in assigned for n, p in engines) or all(
-        is_ready(obs, n, p) for n, p in masters
-    )
+    masters_ready = all(is_ready(obs, n, p) for n, p in masters)
+    engines_released = masters_ready or any((n, p.name) in assigned for n, p in engines)
     proxy_released = any(r == "proxy" for r in _assigned_roles(obs)) or (
         engines_released and all(is_ready(obs, n, p) for n, p in engines)
     )
     wanted: dict[str, list[ProcessSpec]] = {}
     for node, proc in planned:
         if proc.role in ENGINE_ROLES and not engines_released:
+            continue
+        if proc.role in ENGINE_ROLES and not masters_ready:
+            # The master is (re)starting, e.g. a replacing spec changed it: an engine keeps
+            # what it runs until the master is ready, then restarts once (new epoch and new
+            # spec together) instead of once now and once more for the master's new pid.
+            held = _assigned_spec(obs, node, proc.name)
+            if held is not None:
+                wanted.setdefault(node, []).append(held)
             continue
         if proc.role == "proxy" and not proxy_released:
             continue

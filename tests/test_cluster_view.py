@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from pdsupervisor.cluster_view import Observed, SpecRecord, cluster_document
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from pdsupervisor.cluster_view import Observed, SpecRecord, cluster_document, desired_state
 from pdsupervisor.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.spec import validate_spec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _obs(state: ProcessState, started_at: float, member_lease: int = 7, status_lease: int = 7) -> Observed:
@@ -35,3 +43,74 @@ def test_status_of_a_previous_agent_is_not_observation():
     assert row["state"] == "pending" and row["pid"] is None
     fresh = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=8), now=60.0)
     assert fresh["processes"][0]["state"] == "ready" and fresh["processes"][0]["pid"] == 42
+
+
+def _demo_spec(master_port: int) -> dict:
+    spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
+    spec["mooncake"]["port"] = master_port
+    return validate_spec(spec).model_dump(mode="json")
+
+
+def _running(obs: Observed, assignments: dict[str, NodeAssignment], pids: dict[str, int]) -> Observed:
+    """`obs` once every agent runs its assignment and reports each process ready."""
+    statuses = {
+        node: NodeStatus(node=node, updated_at=1.0, lease=obs.members[node].lease, processes=[
+            ProcessStatus(name=p.name, role=p.role, state=ProcessState.ready, pid=pids.get(p.name, 1000 + i),
+                          spec_hash=p.spec_hash())
+            for i, p in enumerate(a.processes)
+        ])
+        for node, a in assignments.items() if a is not None
+    }
+    return dataclasses.replace(obs, assignments={n: a for n, a in assignments.items() if a}, statuses=statuses)
+
+
+def _engines(assignments: dict[str, NodeAssignment | None]) -> dict[tuple[str, str], str]:
+    return {(n, p.name): p.spec_hash() for n, a in assignments.items() if a for p in a.processes
+            if p.role in ("prefill", "decode")}
+
+
+def _settle(obs: Observed, pids: dict[str, int]) -> tuple[Observed, list[dict[tuple[str, str], str]]]:
+    """Apply desired states until they stop changing; the engines' spec hashes at each step."""
+    history: list[dict[tuple[str, str], str]] = []
+    for _ in range(10):
+        desired = desired_state(obs)
+        obs = _running(dataclasses.replace(obs, record=desired.record), desired.assignments, pids)
+        history.append(_engines(desired.assignments))
+        if len(history) > 1 and history[-1] == history[-2] and desired.record == obs.record:
+            break
+    return obs, history
+
+
+def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
+    members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
+               for i in (1, 2, 3)}
+    obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
+                   assignments={}, statuses={})
+    obs, _ = _settle(obs, {"mooncake-master": 500})
+    assert obs.record.master_pid == 500 and obs.record.master_epoch == 0
+    before = _engines(obs.assignments)
+    assert len(before) == 6
+
+    # a replacing spec moves the master's port: the master restarts (new pid), and the
+    # engines' Mooncake config changes with it
+    obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    desired = desired_state(obs)
+    assert _engines(desired.assignments) == before  # held while the master restarts
+    obs, history = _settle(obs, {"mooncake-master": 600})
+    distinct = [h for i, h in enumerate(history) if i == 0 or h != history[i - 1]]
+    assert len(distinct) == 2, "every engine's spec changes exactly once"
+    after = distinct[-1]
+    assert all(after[name] != before[name] for name in before)
+    assert obs.record.master_pid == 600 and obs.record.master_epoch == 1
+
+
+def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
+    members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
+               for i in (1, 2, 3)}
+    obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
+                   assignments={}, statuses={})
+    obs, _ = _settle(obs, {"mooncake-master": 500})
+    before = _engines(obs.assignments)
+    obs, history = _settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
+    assert obs.record.master_epoch == 1
+    assert all(history[-1][name] != before[name] for name in before)
