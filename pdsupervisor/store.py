@@ -46,6 +46,8 @@ StoreUnavailable: tuple[type[BaseException], ...] = (
 )
 
 DEFAULT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
+WATCH_IDLE_S = 30.0
 EVENTS_KEPT = 500
 
 
@@ -143,15 +145,23 @@ class Store:
         n = len(self.endpoints)
         return [(self._current + i) % n for i in range(n)]
 
-    async def _open(self, path: str, body: Mapping[str, Any], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        """POST to the first endpoint that accepts a connection; the caller reads and releases."""
+    async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None) -> aiohttp.ClientResponse:
+        """POST to the first endpoint that takes the connection; the caller reads and releases.
+
+        An endpoint that refuses, or does not accept within the connect timeout (a dead
+        host drops SYNs), is skipped for the next: nothing was sent to it. A request
+        (`idle_s` None) has `timeout_s` in all; a stream fails after `idle_s` of silence.
+        """
         await self.connect()
         assert self._session is not None
+        connect_s = min(CONNECT_TIMEOUT_S, self.timeout_s)
+        timeout = (aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect_s) if idle_s is None
+                   else aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=idle_s))
         error: BaseException = ConnectionError("no etcd endpoint")
         for i in self._endpoint_order():
             try:
                 resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout)
-            except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next endpoint may answer
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 error = exc
                 continue
             self._current = i
@@ -164,7 +174,7 @@ class Store:
         raise error
 
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        resp = await self._open(path, body, aiohttp.ClientTimeout(total=self.timeout_s))
+        resp = await self._open(path, body)
         async with resp:
             out = await resp.json(content_type=None)
         if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
@@ -191,34 +201,29 @@ class Store:
     async def delete(self, key: str) -> None:
         await self._call("/v3/kv/deleterange", {"key": _b64(key)})
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
         """Events under `prefix` from `start_revision` on (read once, then watch from rev+1).
 
-        The stream ends with WatchLost when etcd cancels the watch (e.g. the revision was
-        compacted away) or the connection drops: the caller re-reads and re-watches.
+        A watch quiet for `idle_s` is opened again from the revision after the last event
+        (so a silently dead peer is noticed: the re-open fails). The stream ends with
+        WatchLost when etcd cancels the watch (e.g. the revision was compacted away) or the
+        connection drops: the caller re-reads and re-watches.
         """
-        create = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "start_revision": start_revision}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
-        resp = await self._open("/v3/watch", {"create_request": create}, timeout)
-        async with resp:
-            try:
-                async for message in _json_stream(resp.content):
-                    result = message.get("result")
-                    if not isinstance(result, dict):
-                        raise WatchLost(f"watch on {prefix} failed: {message.get('error') or message}")
-                    if result.get("canceled") or int(result.get("compact_revision", 0)) > 0:
-                        raise WatchLost(f"watch on {prefix} canceled (compacted to {result.get('compact_revision', 0)})")
-                    for ev in result.get("events") or []:
-                        kv = ev.get("kv") or {}
-                        deleted = ev.get("type") == "DELETE"
-                        yield WatchEvent(
-                            key=_unb64(kv.get("key")).decode(),
-                            value=None if deleted else _unb64(kv.get("value")),
-                            revision=int(kv.get("mod_revision", 0)),
-                        )
-            except aiohttp.ClientPayloadError as exc:
-                raise WatchLost(f"watch on {prefix} broken: {exc}") from exc
-        raise WatchLost(f"watch on {prefix} closed by the server")
+        next_rev = start_revision
+        while True:
+            create = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "start_revision": next_rev}
+            resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s)
+            async with resp:
+                try:
+                    async for message in _json_stream(resp.content):
+                        for event in _watch_events(prefix, message):
+                            next_rev = max(next_rev, event.revision + 1)
+                            yield event
+                except asyncio.TimeoutError:
+                    continue  # nothing for idle_s: open it again from next_rev
+                except aiohttp.ClientPayloadError as exc:
+                    raise WatchLost(f"watch on {prefix} broken: {exc}") from exc
+            raise WatchLost(f"watch on {prefix} closed by the server")
 
     async def compact(self, revision: int) -> None:
         """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""
@@ -409,6 +414,24 @@ def _kv(kv: Mapping[str, Any]) -> KeyValue:
         create_revision=int(kv.get("create_revision", 0)),
         lease=int(kv.get("lease", 0)),
     )
+
+
+def _watch_events(prefix: str, message: Mapping[str, Any]) -> list[WatchEvent]:
+    """The events of one watch message; WatchLost when etcd ended the watch."""
+    result = message.get("result")
+    if not isinstance(result, dict):
+        raise WatchLost(f"watch on {prefix} failed: {message.get('error') or message}")
+    if result.get("canceled") or int(result.get("compact_revision", 0)) > 0:
+        raise WatchLost(f"watch on {prefix} canceled (compacted to {result.get('compact_revision', 0)})")
+    events = []
+    for ev in result.get("events") or []:
+        kv = ev.get("kv") or {}
+        events.append(WatchEvent(
+            key=_unb64(kv.get("key")).decode(),
+            value=None if ev.get("type") == "DELETE" else _unb64(kv.get("value")),
+            revision=int(kv.get("mod_revision", 0)),
+        ))
+    return events
 
 
 def _error_text(body: bytes, status: int) -> str:

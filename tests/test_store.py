@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 
 from pdsupervisor.models import NodeAssignment, NodeFacts, ProcessSpec
 from pdsupervisor.store import EtcdError, Store, StoreUnavailable, WatchLost
@@ -124,3 +126,51 @@ async def test_values_and_keys_survive_the_gateway_encoding(etcd_server, cluster
         await store.put(key, raw)
         kvs, _ = await store.get_prefix(store.keys.assignments)
         assert [(kv.key, kv.value) for kv in kvs] == [(key, raw)]
+
+
+async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_timeout(etcd_server, cluster_name):
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue: later SYNs are dropped, a connect hangs
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(hole.getsockname())
+        fillers.append(c)
+    try:
+        silent = "http://127.0.0.1:%d" % hole.getsockname()[1]
+        async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
+            await store.put(store.keys.spec, b"{}")
+            assert (await store.get(store.keys.spec)).value == b"{}"
+    finally:
+        for c in fillers:
+            c.close()
+        hole.close()
+
+
+def _watch_streams_started(endpoint: str) -> float:
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("grpc_server_started_total{") and 'grpc_service="etcdserverpb.Watch"' in line)
+
+
+async def test_a_quiet_watch_is_opened_again_without_losing_or_repeating_events(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        first = await store.put(store.keys.assignment("a"), b"1")
+        seen: list[tuple[str, bytes | None]] = []
+
+        async def consume() -> None:
+            async for ev in store.watch_prefix(store.keys.assignments, first, idle_s=0.3):
+                seen.append((ev.key.rsplit("/", 1)[-1], ev.value))
+
+        opened = _watch_streams_started(etcd_server.endpoint)
+        task = asyncio.create_task(consume())
+        try:
+            await asyncio.to_thread(wait_for, lambda: _watch_streams_started(etcd_server.endpoint) >= opened + 3,
+                                    10, 0.1, "the quiet watch to be opened again twice")
+            await store.put(store.keys.assignment("b"), b"2")
+            await asyncio.to_thread(wait_for, lambda: len(seen) >= 2, 10, 0.05, "the event after the re-opens")
+        finally:
+            task.cancel()
+        assert seen == [("a", b"1"), ("b", b"2")]
