@@ -6,8 +6,8 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

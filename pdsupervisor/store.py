@@ -219,7 +219,7 @@ class Store:
                         for event in _watch_events(prefix, message):
                             next_rev = max(next_rev, event.revision + 1)
                             yield event
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue  # nothing for idle_s: open it again from next_rev
                 except aiohttp.ClientPayloadError as exc:
                     raise WatchLost(f"watch on {prefix} broken: {exc}") from exc

@@ -139,7 +139,7 @@ async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_t
         c.connect_ex(hole.getsockname())
         fillers.append(c)
     try:
-        silent = "http://127.0.0.1:%d" % hole.getsockname()[1]
+        silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
         async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
             await store.put(store.keys.spec, b"{}")
             assert (await store.get(store.keys.spec)).value == b"{}"

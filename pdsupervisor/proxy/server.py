@@ -145,7 +145,7 @@ class PDProxy:
         try:
             async with self.session.get(inst.base_url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         if ok and inst.ejected:
             self.registry.restore(inst)
@@ -187,7 +187,7 @@ class PDProxy:
                     body = await resp.read()
                     if resp.status == 200:
                         return web.Response(body=body, headers=JSON_HEADERS)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 self._eject(inst, f"/v1/models: {exc!r}")
         return error_response(503, "no engine instance is available", "ServiceUnavailable")
 
@@ -280,7 +280,7 @@ class PDProxy:
                     return data, up.status, up.headers.get("Content-Type", "application/json")
             except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
                 self._failed(inst, t0, "conn_error", repr(exc))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
                 raise ProxyError(504, f"{role} instance {inst.endpoint} timed out", "GatewayTimeout") from None
             except aiohttp.ClientError as exc:
@@ -375,7 +375,7 @@ class PDProxy:
                     return resp
             except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
                 self._failed(inst, t0, "conn_error", repr(exc))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
                 if resp is not None:
                     return await _abort_stream(resp, "decode instance timed out")
