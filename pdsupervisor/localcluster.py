@@ -105,14 +105,7 @@ class LocalCluster:
 
     def processes(self) -> list[psutil.Process]:
         """Every live process carrying this cluster's marker (agents, etcd, engines...)."""
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and p.environ().get(MARKER_ENV) == self.marker:
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return marked_processes(MARKER_ENV, self.marker)
 
     def kill_all(self, grace_s: float = 5.0) -> list[psutil.Process]:
         """SIGTERM, then SIGKILL, whatever of this cluster is still alive; returns what was left."""
@@ -122,6 +115,25 @@ class LocalCluster:
         _signal(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=grace_s)
         return left
+
+
+def marked_processes(env_name: str, value: str | None = None) -> list[psutil.Process]:
+    """Live processes (not this one) whose environment has `env_name` (equal to `value` if given).
+
+    Children inherit the environment, so this finds a whole family of processes even after
+    their parents died or they left the process group.
+    """
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid == os.getpid():
+                continue
+            seen = p.environ().get(env_name)
+            if seen is not None and (value is None or seen == value):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def _signal(procs: list[psutil.Process], sig: int) -> None:

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import psutil
 
+from pdsupervisor.localcluster import marked_processes
 from tests.conftest import free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_MARKER_ENV = "PD_TEST_MARKER"
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 # A child that starts a grandchild in its own session (setsid) and another in its group;
@@ -61,7 +63,7 @@ class AgentProc:
                 "--etcd", self.etcd, "--cluster", self.cluster, "--listen", f"127.0.0.1:{self.port}",
                 "--state-dir", str(self.state_dir), "--ttl", str(self.ttl), "--accelerators", "0",
                 "--log-level", "debug", *self.extra]
-        env = {**os.environ, **self.env, "PD_TEST_MARKER": self.marker, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **self.env, TEST_MARKER_ENV: self.marker, "PYTHONPATH": str(ROOT)}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         log.close()
@@ -88,14 +90,15 @@ class AgentProc:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+def marked(marker: str) -> list[psutil.Process]:
+    """Every live process of one test (its agents and all they started)."""
+    return marked_processes(TEST_MARKER_ENV, marker)
+
+
 def kill_marked(marker: str) -> None:
     """SIGKILL every process carrying the marker in its environment."""
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("PD_TEST_MARKER") == marker:
-                kill_tree(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
+    for p in marked(marker):
+        kill_tree(p.pid)
 
 
 def run(coro):  # noqa: ANN001, ANN201 - sync tests drive the async store one call at a time

@@ -5,6 +5,7 @@ start, lose the coordinator, lose a decode node, stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from pdsupervisor.store import Store
-from tests.agent_helpers import alive, kill_marked, run
+from tests.agent_helpers import alive, kill_marked, marked, run
 from tests.cluster_helpers import (
     HAVE_MASTER, HAVE_MOONCAKE, LocalCluster, cluster_spec, get_json, monotonic, post_json, ready_pids,
 )
@@ -217,12 +218,10 @@ def test_stop_leaves_nothing_running(cluster):
     wait_for(lambda: not any(alive(pid) for pid in pids), 10, what="every cluster process gone")
     agents = {a.proc.pid for a in cluster.agents.values() if a.proc and a.proc.poll() is None}
     leftovers = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.environ().get("PD_TEST_MARKER") == cluster.marker and p.pid not in agents:
-                leftovers.append(p.info["cmdline"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
+    for p in marked(cluster.marker):
+        if p.pid not in agents:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftovers.append(p.cmdline())
     assert leftovers == []
     kill_marked(cluster.marker)
 

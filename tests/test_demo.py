@@ -13,7 +13,7 @@ import urllib.request
 import psutil
 import pytest
 
-from pdsupervisor.localcluster import MARKER_ENV
+from pdsupervisor.localcluster import MARKER_ENV, marked_processes
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -28,14 +28,7 @@ def _phase() -> str | None:
 
 
 def _demo_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if MARKER_ENV in p.environ():
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
+    return marked_processes(MARKER_ENV)
 
 
 def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
