@@ -81,12 +81,17 @@ def _settle(obs: Observed, pids: dict[str, int]) -> tuple[Observed, list[dict[tu
     return obs, history
 
 
-def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
+def _demo_running(master_pid: int) -> Observed:
+    """The demo spec on its three nodes, every process ready, the master with `master_pid`."""
     members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
                for i in (1, 2, 3)}
     obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
                    assignments={}, statuses={})
-    obs, _ = _settle(obs, {"mooncake-master": 500})
+    return _settle(obs, {"mooncake-master": master_pid})[0]
+
+
+def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
+    obs = _demo_running(master_pid=500)
     assert obs.record.master_pid == 500 and obs.record.master_epoch == 0
     before = _engines(obs.assignments)
     assert len(before) == 6
@@ -105,11 +110,7 @@ def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
 
 
 def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
-    members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
-               for i in (1, 2, 3)}
-    obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
-                   assignments={}, statuses={})
-    obs, _ = _settle(obs, {"mooncake-master": 500})
+    obs = _demo_running(master_pid=500)
     before = _engines(obs.assignments)
     obs, history = _settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
     assert obs.record.master_epoch == 1
