@@ -202,6 +202,25 @@ def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     return {node: None for node in obs.assignments}
 
 
+def converged(obs: Observed) -> bool:
+    """The coordinator has nothing left to write: assignments and record are what it wants.
+
+    Without this, the moment between a replacing spec's submission and the coordinator's
+    next cycle (or a master restart and the engines' new epoch) would read as `ready`.
+    """
+    if obs.record is None or obs.record.action != "start":
+        return True
+    desired = desired_state(obs)
+    if desired.record is not None and desired.record != obs.record:
+        return False
+    nodes = set(desired.assignments) | set(obs.assignments)
+    return all(same_assignment(desired.assignments.get(n), obs.assignments.get(n)) for n in nodes)
+
+
+def same_assignment(a: NodeAssignment | None, b: NodeAssignment | None) -> bool:
+    return (a.model_dump() if a else None) == (b.model_dump() if b else None)
+
+
 def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     record = obs.record
     if record is None:
@@ -264,6 +283,8 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     spec, plan, missing = try_plan(obs) if obs.record and obs.record.action == "start" else (None, None, [])
     phase = phase_of(obs, plan)
+    if phase == "ready" and not converged(obs):
+        phase = "starting"  # e.g. a replacing spec the coordinator has not applied yet
     problems, timed_out = problems_of(obs, spec, phase, now)
     processes: list[dict[str, Any]] = []
     listed: set[tuple[str, str]] = set()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state, live_status
+from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state, live_status, same_assignment
 from pdsupervisor.control import observe, read_record
 from pdsupervisor.models import NodeAssignment, ProcessStatus
 from pdsupervisor.store import Store, StoreUnavailable
@@ -145,7 +145,7 @@ class Coordinator:
             if want is None:
                 if have is not None:
                     deletes.append(self.store.keys.assignment(node))
-            elif have is None or have.model_dump() != want.model_dump():
+            elif not same_assignment(want, have):
                 puts[self.store.keys.assignment(node)] = want
         record = obs.record
         if desired.record is not None and desired.record != record:

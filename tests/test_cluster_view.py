@@ -115,3 +115,13 @@ def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
     obs, history = _settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
     assert obs.record.master_epoch == 1
     assert all(history[-1][name] != before[name] for name in before)
+
+
+def test_a_replacing_spec_is_not_ready_until_the_coordinator_applied_it():
+    obs = _demo_running(master_pid=500)
+    assert cluster_document(obs, now=10.0)["phase"] == "ready"
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    doc = cluster_document(replaced, now=10.0)  # every process still ready, under the old spec
+    assert doc["generation"] == 2 and doc["phase"] == "starting"
+    settled, _ = _settle(replaced, {"mooncake-master": 600})
+    assert cluster_document(settled, now=10.0)["phase"] == "ready"
