@@ -297,7 +297,10 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
             for proc in np_.processes:
                 if proc.role != "etcd" and (node, proc.name) not in listed:
                     processes.append(_process_row(obs, node, proc, default_state="waiting"))
-    proxy_url = plan.proxy_url if plan else None
+    # without a plan (a node lost under `wait`), the proxy that runs still serves: show where
+    assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
+                           if p.role == "proxy" and p.endpoint), None)
+    proxy_url = plan.proxy_url if plan else (f"http://{assigned_proxy}" if assigned_proxy else None)
     return {
         "cluster": obs.record.spec.get("cluster") if obs.record else None,
         "generation": obs.record.generation if obs.record else 0,

@@ -125,3 +125,11 @@ def test_a_replacing_spec_is_not_ready_until_the_coordinator_applied_it():
     assert doc["generation"] == 2 and doc["phase"] == "starting"
     settled, _ = _settle(replaced, {"mooncake-master": 600})
     assert cluster_document(settled, now=10.0)["phase"] == "ready"
+
+
+def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
+    obs = _demo_running(master_pid=500)
+    lost = dataclasses.replace(obs, members={n: m for n, m in obs.members.items() if n != "node3"})
+    doc = cluster_document(lost, now=10.0)
+    assert doc["phase"] == "degraded" and any("node3" in m for m in doc["missing"])
+    assert doc["proxy_url"] == "http://127.0.0.1:8868"
