@@ -42,15 +42,23 @@ class Procs:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: dict[int, Path] = {}
+
+    def run(self, argv: list[str], env: dict[str, str] | None = None, name: str = "p") -> subprocess.Popen[bytes]:
+        path = self.tmp / f"{name}-{len(self.procs)}.log"
+        with open(path, "wb") as log:
+            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+        self.procs.append(p)
+        self._logs[p.pid] = path
+        return p
 
     def start(self, module: str, args: list[str], env: dict[str, str] | None = None, name: str = "p") -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}-{len(self.procs)}.log", "wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                             env=full_env, start_new_session=True)
-        log.close()
-        self.procs.append(p)
-        return p
+        return self.run([sys.executable, "-m", module, *args], env, name)
+
+    def log(self, p: subprocess.Popen[bytes]) -> str:
+        """The end of a started process's output, for assertion messages."""
+        return self._logs[p.pid].read_text(errors="replace")[-3000:]
 
     def engine(self, role: str | None = None, *extra: str, env: dict[str, str] | None = None, wait: bool = True,
                port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:

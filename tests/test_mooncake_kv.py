@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.statefile import atomic_write
+from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.planner import plan_cluster
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV, kv_payload
 from pdsupervisor.spec import validate_spec
+from tests.cluster_helpers import sim_argv
 from tests.conftest import free_port, kill_tree, wait_for
 from tests.pdproc import Procs, http, metric
 
@@ -58,12 +59,6 @@ CAPS = {"PDSIM_MOONCAKE_SEGMENT_CAP": "32MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "16M
         "MC_TCP_BIND_ADDRESS": "{node_ip}"}
 
 
-def sim_argv(kv_role: str) -> list[str]:
-    return ["{python}", "-m", "pdsupervisor.simengine", "--model", "{model}", "--host", "{host}",
-            "--port", "{port}", "-tp", "{tp}", "--sim-kv-transfer", "mooncake",
-            "--kv-transfer-config", json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": kv_role})]
-
-
 def mooncake_plan(tmp: Path, etcd: str):
     spec = validate_spec({
         "cluster": "mc-kv",
@@ -77,9 +72,9 @@ def mooncake_plan(tmp: Path, etcd: str):
                            "-metrics_port", str(free_port()), "-rpc_thread_num", "2"],
         },
         "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port(),
-                    "argv": sim_argv("kv_producer")},
+                    "argv": sim_argv("kv_producer", mooncake_kv=True)},
         "decode": {"node_names": ["n2"], "tp": 1, "slots": 1, "base_port": free_port(),
-                   "argv": sim_argv("kv_consumer")},
+                   "argv": sim_argv("kv_consumer", mooncake_kv=True)},
         "proxy": {"kind": "builtin", "port": free_port()},
         "host_requirements": {"thp_mode": None},
     })
@@ -88,29 +83,11 @@ def mooncake_plan(tmp: Path, etcd: str):
     return plan_cluster(spec, nodes)
 
 
-class Started:
-    """Processes from plan argv, each in its own session; every tree is killed at teardown."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, p) -> subprocess.Popen[bytes]:  # p: ProcessSpec
-        for f in p.files:  # as the agent's supervisor does before a spawn
-            atomic_write(f.path, f.content.encode(), f.mode)
-        with open(self.tmp / f"{p.role}-{p.name}.log", "wb") as log:
-            proc = subprocess.Popen(p.argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **p.env},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def log(self, p) -> str:
-        return (self.tmp / f"{p.role}-{p.name}.log").read_text(errors="replace")[-3000:]
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            kill_tree(proc.pid)
-            proc.wait(timeout=5)
+def start_spec(procs: Procs, p) -> subprocess.Popen[bytes]:  # p: ProcessSpec
+    """Run a planned process as the agent's supervisor would: its files first, then its argv."""
+    for f in p.files:
+        atomic_write(f.path, f.content.encode(), f.mode)
+    return procs.run(p.argv, p.env, name=f"{p.role}-{p.name}")
 
 
 def _tcp_open(host: str, port: int) -> bool:
@@ -126,26 +103,24 @@ def kv_cluster(etcd_server, tmp_path_factory):
     require_mooncake()
     tmp = tmp_path_factory.mktemp("mckv")
     plan = mooncake_plan(tmp, etcd_server.endpoint)
-    started = Started(tmp)
     procs = Procs(tmp)
     try:
         (master,) = [p for np_ in plan.nodes.values() for p in np_.processes if p.role == "mooncake-master"]
-        m = started.start(master)
+        m = start_spec(procs, master)
         wait_for(lambda: _tcp_open(master.host, master.port) or m.poll() is not None, 10, what="mooncake_master")
-        assert m.poll() is None, started.log(master)
+        assert m.poll() is None, procs.log(m)
         engines = {p.role: p for _, p in plan.engines()}
-        running = {role: started.start(p) for role, p in engines.items()}
+        running = {role: start_spec(procs, p) for role, p in engines.items()}
         for role, p in engines.items():
             wait_for(lambda p=p, role=role: http("GET", f"http://{p.endpoint}/health", timeout=1)[0] == 200
                      or running[role].poll() is not None, 20, what=f"{role} engine")
-            assert running[role].poll() is None, started.log(p)
+            assert running[role].poll() is None, procs.log(running[role])
         proxy, _ = procs.proxy("--prefill", engines["prefill"].endpoint, "--decode", engines["decode"].endpoint)
         yield {"plan": plan, "proxy": proxy, "prefill": f"http://{engines['prefill'].endpoint}",
-               "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: started.log(engines[role]),
+               "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: procs.log(running[role]),
                "procs": running, "master": m}
     finally:
         procs.kill_all()
-        started.kill_all()
 
 
 def test_plan_json_is_the_production_shape(kv_cluster):
@@ -181,12 +156,17 @@ def test_request_moves_verified_kv_bytes_through_mooncake(kv_cluster):
     assert metric(dec, "vllm:sim_mooncake_kv_failures_total") == 0
 
 
+def _prefill_kv(pre: str, prompt: str) -> dict:
+    """Prefill `prompt` on the producer; the kv_transfer_params it answers with."""
+    status, out = http("POST", pre + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert status == 200, out
+    return json.loads(out)["kv_transfer_params"]
+
+
 def test_bad_kv_is_an_error_not_a_fallback(kv_cluster):
     pre, dec = kv_cluster["prefill"], kv_cluster["decode"]
     prompt = "tamper " * 8
-    status, out = http("POST", pre + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
-    assert status == 200
-    kv = json.loads(out)["kv_transfer_params"]
+    kv = _prefill_kv(pre, prompt)
     failures = metric(dec, "vllm:sim_mooncake_kv_failures_total")
     for bad in ({**kv, "kv_sha256": "0" * 64}, {**kv, "mooncake_key": kv["mooncake_key"] + "-missing"}):
         status, out = http("POST", dec + "/v1/completions", {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": bad})
@@ -204,9 +184,7 @@ def test_unanswered_master_is_a_bounded_error(kv_cluster):
     """A frozen master makes the store wait ~30 s; the request fails after --sim-kv-timeout instead."""
     pre, dec = kv_cluster["prefill"], kv_cluster["decode"]
     prompt = "frozen " * 4
-    status, out = http("POST", pre + "/v1/completions", {"prompt": prompt, "max_tokens": 1})
-    assert status == 200
-    kv = json.loads(out)["kv_transfer_params"]
+    kv = _prefill_kv(pre, prompt)
     master = kv_cluster["master"]
     os.kill(master.pid, signal.SIGSTOP)
     try:

@@ -104,6 +104,16 @@ class SimConfig:
         }
 
 
+def parse_size(value: str | int) -> int:
+    """Bytes from `65536`, `64k`, `64MiB`, `1g` (binary units, as Mooncake's own parser)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 # flag -> (attribute, converter); aliases share an entry.
 _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--model": ("model", str),
@@ -119,11 +129,11 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--sim-max-batch": ("max_batch", int),
     "--sim-natural-len": ("natural_len", int),
     "--sim-kv-transfer": ("kv_transfer", str),
-    "--sim-kv-bytes-per-token": ("kv_bytes_per_token", lambda v: parse_size(v)),
-    "--sim-kv-max-bytes": ("kv_max_bytes", lambda v: parse_size(v)),
+    "--sim-kv-bytes-per-token": ("kv_bytes_per_token", parse_size),
+    "--sim-kv-max-bytes": ("kv_max_bytes", parse_size),
     "--sim-kv-timeout": ("kv_timeout_s", float),
-    "--sim-mooncake-segment-cap": ("mooncake_segment_cap", lambda v: parse_size(v)),
-    "--sim-mooncake-buffer-cap": ("mooncake_buffer_cap", lambda v: parse_size(v)),
+    "--sim-mooncake-segment-cap": ("mooncake_segment_cap", parse_size),
+    "--sim-mooncake-buffer-cap": ("mooncake_buffer_cap", parse_size),
 }
 
 KV_TRANSFER_MODES = ("none", "mooncake")
@@ -144,16 +154,6 @@ _SIM_ENV: dict[str, str] = {
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from `65536`, `64k`, `64MiB`, `1g` (binary units, as Mooncake's own parser)."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _canonical(flag: str) -> str:
