@@ -58,6 +58,7 @@ class Desired:
     record: SpecRecord | None
     plan: Plan | None
     missing: list[str] = field(default_factory=list)
+    spec: ClusterSpec | None = None  # the validated spec of a `start` record
 
 
 def live_status(obs: Observed, node: str) -> NodeStatus | None:
@@ -143,14 +144,14 @@ def desired_state(obs: Observed) -> Desired:
     if record.action == "stop":
         return Desired(assignments=_stop_step(obs), record=record, plan=None)
 
-    _, plan, missing = try_plan(obs)
+    spec, plan, missing = try_plan(obs)
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
-        return Desired(assignments=current, record=record, plan=None, missing=missing)
+        return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
     restarted = master_restart(obs, plan)
     if restarted is not None and restarted.master_epoch != record.master_epoch:
         # re-plan against the new epoch: engines get a new hash and their agents restart them
         obs = dataclasses.replace(obs, record=restarted)
-        _, plan, missing = try_plan(obs)
+        _, plan, _ = try_plan(obs)
         assert plan is not None
     record = restarted or record
 
@@ -184,7 +185,8 @@ def desired_state(obs: Observed) -> Desired:
     }
     for node in obs.assignments:
         desired.setdefault(node, None)
-    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan)
+    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
+                   spec=spec)
 
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
@@ -202,15 +204,12 @@ def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     return {node: None for node in obs.assignments}
 
 
-def converged(obs: Observed) -> bool:
+def converged(obs: Observed, desired: Desired) -> bool:
     """The coordinator has nothing left to write: assignments and record are what it wants.
 
     Without this, the moment between a replacing spec's submission and the coordinator's
     next cycle (or a master restart and the engines' new epoch) would read as `ready`.
     """
-    if obs.record is None or obs.record.action != "start":
-        return True
-    desired = desired_state(obs)
     if desired.record is not None and desired.record != obs.record:
         return False
     nodes = set(desired.assignments) | set(obs.assignments)
@@ -281,9 +280,10 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
 
 def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
-    spec, plan, missing = try_plan(obs) if obs.record and obs.record.action == "start" else (None, None, [])
+    desired = desired_state(obs)  # the same decision the coordinator makes from this view
+    spec, plan = desired.spec, desired.plan
     phase = phase_of(obs, plan)
-    if phase == "ready" and not converged(obs):
+    if phase == "ready" and not converged(obs, desired):
         phase = "starting"  # e.g. a replacing spec the coordinator has not applied yet
     problems, timed_out = problems_of(obs, spec, phase, now)
     processes: list[dict[str, Any]] = []
@@ -307,7 +307,7 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
         "action": obs.record.action if obs.record else None,
         "phase": phase,
         "leader": obs.leader,
-        "missing": missing,
+        "missing": desired.missing,
         "problems": problems,
         "start_timed_out": timed_out,
         "members": sorted(obs.members),
