@@ -80,10 +80,10 @@ class AgentConfig(_Strict):
     def api_host(self) -> str:
         return self.ip if self.rest.host in ("0.0.0.0", "::", "") and self.ip else self.rest.host
 
-    @property
-    def api_url(self) -> str:
+    def api_url(self, port: int | None = None) -> str:
+        """Where other nodes reach this agent's API (`port`: the one actually bound)."""
         scheme = "https" if self.rest.tls_cert else "http"
-        return f"{scheme}://{self.api_host}:{self.rest.port}"
+        return f"{scheme}://{self.api_host}:{port or self.rest.port}"
 
 
 class ConfigError(ValueError):

@@ -57,7 +57,8 @@ class Agent:
       `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
       started again after a backoff; it is cancelled first at shutdown.
     - `agent.add_routes(routes)`: before `run()`, extra aiohttp `RouteDef`s for the REST app
-      (guard mutating ones with `agent.rest.require_token`).
+      (mutating methods are guarded by the token middleware; `agent.rest.require_token`
+      guards a read).
     - `agent.reconciler.procs`: the managed processes by name (read-only for others).
     """
 
@@ -121,10 +122,7 @@ class Agent:
 
     @property
     def api_url(self) -> str:
-        c = self.config
-        port = self.runner.addresses[0][1] if self.runner and self.runner.addresses else c.rest.port
-        scheme = "https" if c.rest.tls_cert else "http"
-        return f"{scheme}://{c.api_host}:{port}"
+        return self.config.api_url(self.runner.addresses[0][1] if self.runner and self.runner.addresses else None)
 
     def _registered(self, lease: int) -> None:
         self.reconciler.mark_dirty(force=True)  # resynchronise status after (re)registration

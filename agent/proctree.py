@@ -11,6 +11,7 @@ when the pid belongs to someone else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 
@@ -37,6 +38,7 @@ def started(pid: int) -> float:
     return int(fields[19]) / CLOCK_TICKS  # field 22, starttime, in clock ticks
 
 
+@functools.cache
 def boot_id() -> str:
     """Changes at every boot: start times from a previous boot identify nothing."""
     with open("/proc/sys/kernel/random/boot_id") as f:
@@ -111,9 +113,7 @@ async def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil
     return alive
 
 
-async def terminate_tree(
-    pid: int, start: float, sig: int, timeout: float, *, group: bool = True
-) -> list[psutil.Process]:
+async def terminate_tree(pid: int, start: float, sig: int, timeout: float) -> list[psutil.Process]:
     """`sig` to the whole tree and its process group, wait `timeout`, SIGKILL the rest.
 
     Returns what is still alive afterwards (should be empty; the caller logs it).
@@ -122,15 +122,15 @@ async def terminate_tree(
     if not procs:
         return []
     root_is_ours = same_process(pid, start) is not None
-    if group and root_is_ours:
+    if root_is_ours:
         try:
             os.killpg(pid, sig)  # our children lead their own session and group (pgid == pid)
         except (ProcessLookupError, PermissionError):
             pass
     _signal_all(procs, sig)
     alive = await _wait_gone(procs, timeout)
-    if alive or (group and root_is_ours):
-        if group and same_process(pid, start) is not None:
+    if alive or root_is_ours:
+        if same_process(pid, start) is not None:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -44,8 +44,7 @@ class Reconciler:
         self.heartbeat_s = heartbeat_s
         self.resync_s = resync_s
         self.min_interval_s = min_interval_s
-        self.procs: dict[str, ManagedProcess] = {}
-        self.order: list[str] = []  # start order of the current assignment (stop: reverse)
+        self.procs: dict[str, ManagedProcess] = {}  # in the assignment's order
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
         self._force = False
@@ -79,25 +78,22 @@ class Reconciler:
         async with self._lock:
             self.assignment_seen = True
             desired = {p.name: p for p in (assignment.processes if assignment else [])}
-            order = list(desired)
-            stop = [n for n in reversed(self.order + [n for n in self.procs if n not in self.order])
-                    if n in self.procs and n not in desired]
+            stop = [n for n in self.procs if n not in desired]
             changed = [n for n, s in desired.items()
-                       if n in self.procs and self.procs[n].spec.spec_hash() != s.spec_hash()]
+                       if n in self.procs and self.procs[n].spec_hash != s.spec_hash()]
             if stop or changed:
                 log.info("stopping", removed=stop, changed=changed)
             await asyncio.gather(*(self.procs[n].stop() for n in stop + changed))
             for n in stop + changed:
                 self.procs.pop(n, None)
-            for n in order:
-                spec = desired[n]
+            for n, spec in desired.items():
                 if n in self.procs:
                     if self.procs[n].spec != spec:
                         self.procs[n].update_spec(spec)
                 else:
                     log.info("starting", process=n)
                     self._new(spec).start()
-            self.order = order
+            self.procs = {n: self.procs[n] for n in desired}
             self.mark_dirty()
 
     async def watch_assignment(self) -> None:
@@ -106,19 +102,17 @@ class Reconciler:
         delay = 0.5
         while True:
             try:
-                kvs, rev = await self.store.get_prefix(key)
-                kv = next((k for k in kvs if k.key == key), None)
+                kv, rev = await self.store.read(key)
                 await self._apply_raw(kv.value if kv else None)
                 delay = 0.5
                 loop = asyncio.get_running_loop()
                 try:
                     async with asyncio.timeout(self.resync_s) as deadline, \
-                            aclosing(self.store.watch_prefix(key, rev + 1)) as events:
+                            aclosing(self.store.watch_key(key, rev + 1)) as events:
                         async for ev in events:
-                            if ev.key == key:  # the prefix also matches longer node names
-                                deadline.reschedule(None)  # never cancel an apply half-way
-                                await self._apply_raw(ev.value)
-                                deadline.reschedule(loop.time() + self.resync_s)
+                            deadline.reschedule(None)  # never cancel an apply half-way
+                            await self._apply_raw(ev.value)
+                            deadline.reschedule(loop.time() + self.resync_s)
                 except TimeoutError:
                     continue  # periodic re-read, in case the watch silently missed something
             except StoreUnavailable as exc:
@@ -144,8 +138,7 @@ class Reconciler:
         self._dirty.set()
 
     def snapshot_procs(self) -> list[ManagedProcess]:
-        names = [n for n in self.order if n in self.procs] + [n for n in self.procs if n not in self.order]
-        return [self.procs[n] for n in names]
+        return list(self.procs.values())
 
     def snapshot(self) -> NodeStatus:
         return NodeStatus(node=self.node, updated_at=time.time(), lease=self.lease_of() or 0,

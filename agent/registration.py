@@ -77,11 +77,12 @@ class Registration:
             return
         self._facts_checked = time.monotonic()
         facts = self.facts()
-        if self._comparable(facts) != self._facts_sent:
+        comparable = self._comparable(facts)
+        if comparable != self._facts_sent:
             await self.store.register_member(
                 facts.model_copy(update={"registered_at": self._registered_at, "lease": self.lease_id}),
                 self.lease_id)
-            self._facts_sent = self._comparable(facts)
+            self._facts_sent = comparable
             log.info("node facts updated")
 
     async def run(self) -> None:

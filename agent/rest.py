@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -42,14 +43,18 @@ def token_ok(request: web.Request) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def _json_error(kind: type[web.HTTPError], message: str) -> web.HTTPError:
+    """An HTTP error whose body is `{"error": message}` (encoded, whatever the message holds)."""
+    return kind(text=json.dumps({"error": message}), content_type="application/json")
+
+
 def require_token(handler: Handler) -> Handler:
     """Decorator: answer 401 unless the request carries the configured bearer token."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         if not token_ok(request):
-            raise web.HTTPUnauthorized(text='{"error": "missing or wrong bearer token"}',
-                                       content_type="application/json")
+            raise _json_error(web.HTTPUnauthorized, "missing or wrong bearer token")
         return await handler(request)
 
     return wrapped
@@ -58,8 +63,7 @@ def require_token(handler: Handler) -> Handler:
 @web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in MUTATING and not token_ok(request):
-        raise web.HTTPUnauthorized(text='{"error": "missing or wrong bearer token"}',
-                                   content_type="application/json")
+        raise _json_error(web.HTTPUnauthorized, "missing or wrong bearer token")
     return await handler(request)
 
 
@@ -106,11 +110,11 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
     name = request.match_info["process"]
     path = a.log_dir / f"{name}.log"
     if not _NAME.match(name) or not path.is_file():
-        raise web.HTTPNotFound(text=f'{{"error": "no log for process {name!r}"}}', content_type="application/json")
+        raise _json_error(web.HTTPNotFound, f"no log for process {name!r}")
     try:
         n = max(0, min(int(request.query.get("tail", "100")), 100_000))
     except ValueError:
-        raise web.HTTPBadRequest(text='{"error": "tail must be an integer"}', content_type="application/json")
+        raise _json_error(web.HTTPBadRequest, "tail must be an integer") from None
     lines = logs.tail(path, n)
     if request.query.get("follow") not in ("1", "true", "yes"):
         return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")

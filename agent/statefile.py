@@ -19,7 +19,7 @@ from agent import proctree
 from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import ProcessSpec
 
-__all__ = ["ProcRecord", "ProcStore", "atomic_write", "cmdline_matches", "matches"]
+__all__ = ["ProcRecord", "ProcStore", "cmdline_matches", "matches"]
 
 
 @dataclass

@@ -21,7 +21,8 @@ import psutil
 import structlog
 
 from agent import logs, proctree
-from agent.statefile import ProcRecord, ProcStore, atomic_write
+from agent.statefile import ProcRecord, ProcStore
+from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import Probe, ProcessSpec, ProcessState, ProcessStatus
 
 log = structlog.get_logger("agent.supervisor")
@@ -78,6 +79,7 @@ class Child:
         self._exited = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._pidfd: int | None = None
+        self._poller: asyncio.Future[None] | None = None
         try:
             self._pidfd = os.pidfd_open(self.pid)
             self._loop.add_reader(self._pidfd, self._on_exit)
@@ -105,12 +107,11 @@ class Child:
     def detach(self) -> None:
         """Forget the process without touching it (agent shutdown)."""
         self._close_fd()
+        if self._poller is not None:
+            self._poller.cancel()
 
     async def wait(self) -> None:
         await self._exited.wait()
-
-    def exited(self) -> bool:
-        return self._exited.is_set() or proctree.gone(self.proc)
 
     async def reap(self) -> int | None:
         """Collect the exit code (our child) or None (adopted: not ours to wait for)."""
@@ -153,8 +154,13 @@ class ManagedProcess:
         self._started_mono: float | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
-        self._adopt = adopt
+        self.spec_hash = spec.spec_hash()
         self.log = log.bind(process=spec.name)
+        # Adopted here, not in the task: a stop() before the task ever ran still finds the
+        # process (and stops it) instead of forgetting it.
+        self._adopted = adopt is not None
+        if adopt is not None:
+            self._adopt_child(*adopt)
 
     # ---- public ------------------------------------------------------------------
 
@@ -172,7 +178,7 @@ class ManagedProcess:
         return ProcessStatus(
             name=s.name, role=s.role, state=self.state, pid=self.pid, restarts=self.restarts,
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
-            uptime_s=round(up, 1) if up is not None else None, spec_hash=s.spec_hash(),
+            uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
         )
 
@@ -182,7 +188,7 @@ class ManagedProcess:
 
     def update_spec(self, spec: ProcessSpec) -> None:
         """Same hash, new metadata (generation): keep the process, remember the new spec."""
-        assert spec.spec_hash() == self.spec.spec_hash()
+        assert spec.spec_hash() == self.spec_hash
         self.spec = spec
         if self.child:
             self._save_record()
@@ -230,7 +236,7 @@ class ManagedProcess:
         assert self.child is not None
         self.records.save(ProcRecord(
             name=self.name, pid=self.child.pid, create_time=self.child.create_time,
-            spec_hash=self.spec.spec_hash(), spec=self.spec.model_dump(mode="json"),
+            spec_hash=self.spec_hash, spec=self.spec.model_dump(mode="json"),
             started_at=self.started_at or time.time(), restarts=self.restarts, boot_id=proctree.boot_id(),
         ))
 
@@ -245,7 +251,7 @@ class ManagedProcess:
         self._write_files()
         fd = logs.open_log(self.log_path)
         try:
-            os.write(fd, f"--- pd-agent: starting {self.name} ({self.spec.spec_hash()}) at "
+            os.write(fd, f"--- pd-agent: starting {self.name} ({self.spec_hash}) at "
                          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             popen = subprocess.Popen(
                 self.spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
@@ -274,9 +280,8 @@ class ManagedProcess:
 
     async def _run(self) -> None:
         attempt = 0
-        if self._adopt is not None:
-            self._adopt_child(*self._adopt)
-            self._adopt = None
+        if self._adopted:
+            self._adopted = False
             self._set(ProcessState.running, "adopted")
         while True:
             if self.child is None:
@@ -330,7 +335,7 @@ class ManagedProcess:
             self._set(ProcessState.ready, self.message if self.message == "adopted" else "")
             return
         failures = 0
-        while not child.exited():
+        while True:  # cancelled by _run as soon as the child exits
             ok = await probe_once(p)
             if ok:
                 failures = 0

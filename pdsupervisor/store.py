@@ -186,9 +186,13 @@ class Store:
     # ---- raw key/value -------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
+        return (await self.read(key))[0]
+
+    async def read(self, key: str) -> tuple[KeyValue | None, int]:
+        """One key and the store revision it was read at (to watch from the next one)."""
         out = await self._call("/v3/kv/range", {"key": _b64(key)})
         kvs = out.get("kvs") or []
-        return _kv(kvs[0]) if kvs else None
+        return (_kv(kvs[0]) if kvs else None), _revision(out)
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` and the store revision they were read at."""
@@ -201,7 +205,11 @@ class Store:
     async def delete(self, key: str) -> None:
         await self._call("/v3/kv/deleterange", {"key": _b64(key)})
 
-    async def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+    def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+        """Events of exactly `key` from `start_revision` on (see `watch_prefix`)."""
+        return self._watch(key, None, start_revision, idle_s)
+
+    def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
         """Events under `prefix` from `start_revision` on (read once, then watch from rev+1).
 
         A watch quiet for `idle_s` is opened again from the revision after the last event
@@ -209,21 +217,27 @@ class Store:
         WatchLost when etcd cancels the watch (e.g. the revision was compacted away) or the
         connection drops: the caller re-reads and re-watches.
         """
+        return self._watch(prefix, _prefix_end(prefix), start_revision, idle_s)
+
+    async def _watch(self, key: str, range_end: bytes | None, start_revision: int,
+                     idle_s: float) -> AsyncIterator[WatchEvent]:
         next_rev = start_revision
         while True:
-            create = {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "start_revision": next_rev}
+            create: dict[str, Any] = {"key": _b64(key), "start_revision": next_rev}
+            if range_end is not None:
+                create["range_end"] = _b64(range_end)
             resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s)
             async with resp:
                 try:
                     async for message in _json_stream(resp.content):
-                        for event in _watch_events(prefix, message):
+                        for event in _watch_events(key, message):
                             next_rev = max(next_rev, event.revision + 1)
                             yield event
                 except TimeoutError:
                     continue  # nothing for idle_s: open it again from next_rev
                 except aiohttp.ClientPayloadError as exc:
-                    raise WatchLost(f"watch on {prefix} broken: {exc}") from exc
-            raise WatchLost(f"watch on {prefix} closed by the server")
+                    raise WatchLost(f"watch on {key} broken: {exc}") from exc
+            raise WatchLost(f"watch on {key} closed by the server")
 
     async def compact(self, revision: int) -> None:
         """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -32,6 +33,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         if last:
             return last
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
+    """`wait_for` inside an event loop: the loop keeps running while we poll."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 

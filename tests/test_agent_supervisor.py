@@ -17,20 +17,10 @@ from agent.statefile import ProcRecord, ProcStore, matches
 from agent.supervisor import ManagedProcess, backoff_delay, child_env
 from pdsupervisor.models import ProcessSpec, ProcessState, RestartPolicy
 from tests.agent_helpers import TREE
-from tests.conftest import kill_tree
+from tests.conftest import kill_tree, until
 
 FAST = RestartPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
 
-
-
-async def until(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -135,6 +125,24 @@ async def test_adoption_record_matches_only_same_process(tmp_path, procs):
     assert matches(rec) is not None
     rec.spec["argv"] = ["/bin/other"]
     assert matches(rec) is None
+
+
+async def test_an_adopted_process_stopped_before_its_task_ran_is_stopped(tmp_path, procs):
+    """What the bootstrap etcd's reconfiguration does: adopt the old one, stop it at once."""
+    argv = [sys.executable, "-c", "import time; time.sleep(600)"]
+    p = psutil.Popen(argv)
+    procs[1].append(p.pid)
+    await until(lambda: p.cmdline() == argv, what="exec")
+    spec = ProcessSpec(name="old", role="etcd", argv=argv, stop_timeout_s=2)
+    records = ProcStore(tmp_path / "procs")
+    rec = ProcRecord(name="old", pid=p.pid, create_time=proctree.started(p.pid), spec_hash=spec.spec_hash(),
+                     spec=spec.model_dump(mode="json"), started_at=time.time(), boot_id=proctree.boot_id())
+    records.save(rec)
+    m = ManagedProcess(spec, records=records, log_dir=tmp_path / "logs", adopt=(rec, matches(rec)))
+    m.start()
+    await m.stop()  # the supervision task never got to run
+    assert p.wait(timeout=5) is not None  # it was signalled (and is reaped here, being our child)
+    assert records.load_all() == [] and m.state == ProcessState.exited
 
 
 def test_backoff_grows_and_caps():

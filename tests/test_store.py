@@ -7,7 +7,7 @@ import socket
 import urllib.request
 
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, until, wait_for
 
 from pdsupervisor.models import NodeAssignment, NodeFacts, ProcessSpec
 from pdsupervisor.store import EtcdError, Store, StoreUnavailable, WatchLost
@@ -170,7 +170,7 @@ async def test_a_quiet_watch_is_opened_again_without_losing_or_repeating_events(
             await asyncio.to_thread(wait_for, lambda: _watch_streams_started(etcd_server.endpoint) >= opened + 3,
                                     10, 0.1, "the quiet watch to be opened again twice")
             await store.put(store.keys.assignment("b"), b"2")
-            await asyncio.to_thread(wait_for, lambda: len(seen) >= 2, 10, 0.05, "the event after the re-opens")
+            await until(lambda: len(seen) >= 2, what="the event after the re-opens")
         finally:
             task.cancel()
         assert seen == [("a", b"1"), ("b", b"2")]
