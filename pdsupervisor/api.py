@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pdsupervisor.cluster_view import cluster_document, members_by_name
 from pdsupervisor.control import SubmitResult, observe, request_stop, submit_spec
-from pdsupervisor.spec import SpecError, validate_spec
+from pdsupervisor.spec import SpecError, load_spec
 from pdsupervisor.store import Store, StoreUnavailable
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
@@ -47,13 +47,8 @@ def _submit_response(result: SubmitResult) -> web.Response:
 
 
 async def start_cluster(request: web.Request, store: Store) -> web.Response:
-    raw = await request.text()
     try:
-        data = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        return error(400, "body is not YAML or JSON", problems=[{"field": "spec", "message": str(exc)}])
-    try:
-        spec = validate_spec(data)
+        spec = load_spec(await request.read())
     except SpecError as exc:
         return error(400, "invalid spec", problems=[{"field": p, "message": w} for p, w in exc.problems])
     if spec.cluster != store.cluster:

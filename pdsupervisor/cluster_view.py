@@ -99,9 +99,14 @@ def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]
     refused = hard_failures(spec, obs.members, plan)
     if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
         return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
-    for _, proc in plan.engines():
-        proc.restart_epoch = obs.record.master_epoch
+    _set_epoch(plan, obs.record.master_epoch)
     return spec, plan, []
+
+
+def _set_epoch(plan: Plan, epoch: int) -> None:
+    """Engines carry the master's restart epoch in their spec (and so in their hash)."""
+    for _, proc in plan.engines():
+        proc.restart_epoch = epoch
 
 
 def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
@@ -149,10 +154,9 @@ def desired_state(obs: Observed) -> Desired:
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
     restarted = master_restart(obs, plan)
     if restarted is not None and restarted.master_epoch != record.master_epoch:
-        # re-plan against the new epoch: engines get a new hash and their agents restart them
+        # the new epoch: engines get a new hash and their agents restart them
         obs = dataclasses.replace(obs, record=restarted)
-        _, plan, _ = try_plan(obs)
-        assert plan is not None
+        _set_epoch(plan, restarted.master_epoch)
     record = restarted or record
 
     assigned = _assigned(obs)
@@ -204,20 +208,39 @@ def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     return {node: None for node in obs.assignments}
 
 
+@dataclass
+class Changes:
+    """What the coordinator must write to get from `obs` to `desired`."""
+
+    puts: dict[str, NodeAssignment] = field(default_factory=dict)  # by node
+    deletes: list[str] = field(default_factory=list)  # nodes
+    record: SpecRecord | None = None  # the record to write, when it changed
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes or self.record)
+
+
+def changes(obs: Observed, desired: Desired) -> Changes:
+    out = Changes()
+    for node in sorted(set(desired.assignments) | set(obs.assignments)):
+        want, have = desired.assignments.get(node), obs.assignments.get(node)
+        if want is None:
+            if have is not None:
+                out.deletes.append(node)
+        elif have is None or have.model_dump() != want.model_dump():
+            out.puts[node] = want
+    if desired.record is not None and desired.record != obs.record:
+        out.record = desired.record
+    return out
+
+
 def converged(obs: Observed, desired: Desired) -> bool:
     """The coordinator has nothing left to write: assignments and record are what it wants.
 
     Without this, the moment between a replacing spec's submission and the coordinator's
     next cycle (or a master restart and the engines' new epoch) would read as `ready`.
     """
-    if desired.record is not None and desired.record != obs.record:
-        return False
-    nodes = set(desired.assignments) | set(obs.assignments)
-    return all(same_assignment(desired.assignments.get(n), obs.assignments.get(n)) for n in nodes)
-
-
-def same_assignment(a: NodeAssignment | None, b: NodeAssignment | None) -> bool:
-    return (a.model_dump() if a else None) == (b.model_dump() if b else None)
+    return not changes(obs, desired)
 
 
 def phase_of(obs: Observed, plan: Plan | None) -> Phase:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, desired_state, live_status, same_assignment
+from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, changes, desired_state, live_status
 from pdsupervisor.control import observe, read_record
 from pdsupervisor.models import NodeAssignment, ProcessStatus
 from pdsupervisor.store import Store, StoreUnavailable
@@ -68,12 +68,14 @@ class Coordinator:
                     await asyncio.shield(self.store.revoke_lease(self.lease))
 
     async def _watch(self) -> None:
-        """Wake the loop on any change in the cluster's keys (events excluded)."""
+        """Wake the loop on a change it acts on: any cluster key (events excluded) for the
+        leader; for a follower only the leader key (to take over) and the spec (its TTL)."""
+        keys = self.store.keys
         while True:
             try:
                 rev = await self.store.current_revision()
-                async for ev in self.store.watch_prefix(self.store.keys.root, rev + 1):
-                    if not ev.key.startswith(self.store.keys.events):
+                async for ev in self.store.watch_prefix(keys.root, rev + 1):
+                    if ev.key in (keys.leader, keys.spec) or (self.is_leader and not ev.key.startswith(keys.events)):
                         self._changed.set()
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
@@ -138,19 +140,14 @@ class Coordinator:
         return False
 
     async def _apply(self, obs: Observed, desired: Desired) -> None:
-        puts: dict[str, NodeAssignment | dict[str, object]] = {}
-        deletes: list[str] = []
-        for node, want in desired.assignments.items():
-            have = obs.assignments.get(node)
-            if want is None:
-                if have is not None:
-                    deletes.append(self.store.keys.assignment(node))
-            elif not same_assignment(want, have):
-                puts[self.store.keys.assignment(node)] = want
+        todo = changes(obs, desired)
         record = obs.record
-        if desired.record is not None and desired.record != record:
-            puts[self.store.keys.spec] = desired.record.model_dump(mode="json")
-        if not puts and not deletes:
+        keys = self.store.keys
+        puts: dict[str, NodeAssignment | dict[str, object]] = {keys.assignment(n): a for n, a in todo.puts.items()}
+        deletes = [keys.assignment(n) for n in todo.deletes]
+        if todo.record is not None:
+            puts[keys.spec] = todo.record.model_dump(mode="json")
+        if not todo:
             self._note_missing(desired.missing)
             return
         # Fenced on the leader key, and on the spec record we decided from: a stop or a

@@ -372,13 +372,26 @@ class Store:
         await self.put(key, _dump(event))
 
     async def events(self, limit: int = 100) -> list[dict[str, Any]]:
-        kvs, _ = await self.get_prefix(self.keys.events)
-        return [json.loads(kv.value) for kv in kvs[-limit:]]
+        """The newest `limit` events, oldest first (one read of just those keys)."""
+        prefix = self.keys.events
+        out = await self._call("/v3/kv/range", {
+            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "limit": limit,
+            "sort_order": "DESCEND", "sort_target": "KEY",
+        })
+        return [json.loads(_kv(kv).value) for kv in reversed(out.get("kvs") or [])]
 
     async def trim_events(self, keep: int = EVENTS_KEPT) -> None:
-        kvs, _ = await self.get_prefix(self.keys.events)
-        for kv in kvs[:-keep] if len(kvs) > keep else []:
-            await self.delete(kv.key)
+        """Delete all but the newest `keep` events: a count, the excess keys, one range delete."""
+        prefix, end = self.keys.events, _b64(_prefix_end(self.keys.events))
+        counted = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": end, "count_only": True})
+        excess = int(counted.get("count", 0)) - keep
+        if excess <= 0:
+            return
+        oldest = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": end, "keys_only": True,
+                                                   "limit": excess})
+        last = _unb64((oldest.get("kvs") or [{}])[-1].get("key"))
+        if last:
+            await self._call("/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(last + b"\0")})
 
 
 def _b64(data: str | bytes) -> str:

@@ -174,3 +174,14 @@ async def test_a_quiet_watch_is_opened_again_without_losing_or_repeating_events(
         finally:
             task.cancel()
         assert seen == [("a", b"1"), ("b", b"2")]
+
+
+async def test_events_are_read_newest_last_and_trimmed_to_the_newest(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        for i in range(7):
+            await store.append_event("t", f"e{i}")
+        assert [e["message"] for e in await store.events(3)] == ["e4", "e5", "e6"]
+        await store.trim_events(keep=4)
+        assert [e["message"] for e in await store.events(100)] == ["e3", "e4", "e5", "e6"]
+        await store.trim_events(keep=4)  # nothing in excess: nothing deleted
+        assert len(await store.events(100)) == 4
