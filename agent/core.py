@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -109,16 +108,12 @@ class Agent:
 
     def facts(self) -> NodeFacts:
         c = self.config
-        root = c.sys_root
-        total, free = probes.hugepages(root)
-        return NodeFacts(
-            name=self.name, ip=c.ip or "127.0.0.1", ips=probes.ipv4_addresses(), hostname=socket.gethostname(),
-            labels=c.labels, cpu_count=probes.cpu_count(), memory_bytes=probes.memory_bytes(),
-            accelerators=c.accelerators if c.accelerators is not None else probes.accelerators(root),
-            rdma_devices=probes.rdma_devices(root), hugepages_total=total, hugepages_free=free,
-            thp_mode=probes.thp_mode(root), agent_version=__version__, api_url=self.api_url,
-            state_dir=str(self.state_dir), python=sys.executable,
-        )
+        host = probes.node_facts(c.sys_root, name=self.name, ip=c.ip or "127.0.0.1", slots=c.accelerators)
+        return host.model_copy(update={
+            "ips": probes.ipv4_addresses(), "labels": c.labels, "cpu_count": probes.cpu_count(),
+            "memory_bytes": probes.memory_bytes(), "agent_version": __version__, "api_url": self.api_url,
+            "state_dir": str(self.state_dir), "python": sys.executable,
+        })
 
     @property
     def api_url(self) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from pdsupervisor.models import RdmaDevice, RdmaPort
+from pdsupervisor.models import NodeFacts, RdmaDevice, RdmaPort
 
 
 def _read(path: Path) -> str | None:
@@ -91,3 +91,14 @@ def cpu_count() -> int:
 
 def memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
+
+
+def node_facts(root: str | Path, *, name: str, ip: str, slots: int | None = None) -> NodeFacts:
+    """The host facts a placement depends on, read under `root` (the agent adds its own);
+    `slots` overrides the probed accelerator count."""
+    total, free = hugepages(root)
+    return NodeFacts(
+        name=name, ip=ip, hostname=socket.gethostname(),
+        accelerators=slots if slots is not None else accelerators(root),
+        rdma_devices=rdma_devices(root), hugepages_total=total, hugepages_free=free, thp_mode=thp_mode(root),
+    )

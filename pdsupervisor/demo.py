@@ -13,7 +13,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.console import Console
 from pdsupervisor.client import ApiClient, ApiError
 from pdsupervisor.cluster_commands import console as make_console
 from pdsupervisor.cluster_commands import status_table, wait_for_phase
+from pdsupervisor.doctor_command import taken_ports
 from pdsupervisor.localcluster import LocalCluster
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parent.parent / "etc" / "pdsupervisor" / "demo.yaml"
@@ -37,16 +37,6 @@ def _name(p: Any) -> str:
         return str(p.name())
     except Exception:  # noqa: BLE001 - gone meanwhile
         return "?"
-
-
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def _take_lock(state_dir: Path) -> Any:
@@ -68,8 +58,7 @@ def _take_lock(state_dir: Path) -> Any:
     return lock
 
 
-def _demo_spec(spec_path: Path, console: Console) -> str:
-    doc = yaml.safe_load(spec_path.read_text())
+def _demo_spec(doc: dict[str, Any], console: Console) -> str:
     if doc.get("mooncake", {}).get("enabled", True) and not shutil.which(doc.get("mooncake", {}).get("binary", "mooncake_master")):
         console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
                       "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
@@ -91,7 +80,7 @@ async def _one_completion(proxy_url: str, model: str) -> dict[str, Any]:
             return await resp.json()
 
 
-async def _run_demo(lc: LocalCluster, spec_text: str, timeout: float, console: Console, stop: asyncio.Event,
+async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float, console: Console, stop: asyncio.Event,
                     exit_when_ready: bool) -> None:
     client = ApiClient(lc.agents[0].api_url)
     started = time.monotonic()
@@ -115,7 +104,6 @@ async def _run_demo(lc: LocalCluster, spec_text: str, timeout: float, console: C
     console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
     doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
     console.print(f"[green]ready[/] in {time.monotonic() - started:.1f}s\n")
-    model = yaml.safe_load(spec_text)["model"]
     completion = await _one_completion(doc["proxy_url"], model)
     text = completion.get("choices", [{}])[0].get("text", completion)
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
@@ -157,23 +145,23 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
     if not spec_path.exists():
         raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
     lock = _take_lock(state_dir)
-    lc = LocalCluster(cluster=yaml.safe_load(spec_path.read_text())["cluster"], root=state_dir / "run")
-    spec = yaml.safe_load(spec_path.read_text())
-    ports = [(a.ip, a.api_port) for a in lc.agents] + [("127.0.0.1", lc.etcd_port), ("127.0.0.1", lc.etcd_port + 1),
-                                                        ("127.0.0.1", spec.get("proxy", {}).get("port", 8868))]
-    taken = [f"{h}:{p}" for h, p in ports if _port_taken(h, p)]
+    doc = yaml.safe_load(spec_path.read_text())
+    lc = LocalCluster(cluster=doc["cluster"], root=state_dir / "run")
+    ports = [a.api_port for a in lc.agents] + [lc.etcd_port, lc.etcd_port + 1, doc.get("proxy", {}).get("port", 8868)]
+    taken = taken_ports(ports)
     if taken:
-        raise click.ClickException(f"ports already in use: {', '.join(taken)} (another etcd or demo?)")
+        held = ", ".join(f"{port}" + (f" by {holder}" if holder else "") for port, holder in taken.items())
+        raise click.ClickException(f"ports already in use: {held} (another etcd or demo?)")
     if lc.root.exists():
         shutil.rmtree(lc.root)  # a fresh etcd and fresh process records each run
-    spec_text = _demo_spec(spec_path, console)
+    spec_text = _demo_spec(doc, console)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = asyncio.create_task(_run_demo(lc, spec_text, timeout, console, stop, exit_when_ready))
+        runner = asyncio.create_task(_run_demo(lc, spec_text, doc["model"], timeout, console, stop, exit_when_ready))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
         try:

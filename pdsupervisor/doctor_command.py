@@ -70,15 +70,11 @@ def _nr_hugepages(root: str) -> int | None:
 
 
 def local_facts(root: str, name: str, ip: str, accelerators: int | None) -> NodeFacts:
-    """This node's facts, read exactly as the agent registers them (agent.probes under `root`)."""
-    total, free = probes.hugepages(root)
+    """This node's facts as the agent reads them (`probes.node_facts`), except the hugepages
+    total: the kernel's setting, so a `--fix` that just wrote it is judged by what it wrote."""
+    facts = probes.node_facts(root, name=name, ip=ip, slots=accelerators)
     nr = _nr_hugepages(root)
-    return NodeFacts(
-        name=name, ip=ip, hostname=socket.gethostname(),
-        accelerators=probes.accelerators(root) if accelerators is None else accelerators,
-        rdma_devices=probes.rdma_devices(root), hugepages_total=nr if nr is not None else total,
-        hugepages_free=free, thp_mode=probes.thp_mode(root),
-    )
+    return facts if nr is None else facts.model_copy(update={"hugepages_total": nr})
 
 
 def taken_ports(ports: list[int]) -> dict[int, str]:
