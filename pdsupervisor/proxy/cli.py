@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from aiohttp import web
 
+from pdsupervisor.aioserve import run_until_signalled, start_site
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PDProxy, ProxyConfig
 
@@ -54,7 +53,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.command("proxy", cls=_SeedArgs, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8868, show_default=True, type=int)
-@click.option("--model", default=None, help="Model name (informational).")
+@click.option("--model", default=None, hidden=True, help="Accepted for the seed's argv; the engines name the model.")
 @click.option("--prefill", multiple=True, help="Prefill instance host:port (repeatable, or several after one flag).")
 @click.option("--decode", multiple=True, help="Decode instance host:port (repeatable, or several after one flag).")
 @click.option("--cluster", default=None, help="Read instances live from etcd for this cluster.")
@@ -66,7 +65,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--generator-on-p-node", "generator_on_p", is_flag=True, help="First token comes from the prefill node.")
 @click.option("--benchmark-mode", is_flag=True, help="Fan each prompt out to extra decode requests.")
 @click.option("--repeat-d-times", default=0, show_default=True, type=int)
-@click.option("--repeat-p-request", default=1, type=int, hidden=True, help="Accepted for the seed; only 1 is supported.")
+@click.option("--repeat-p-request", default=1, type=click.IntRange(1, 1), hidden=True,
+              help="Accepted for the seed; only 1 is supported.")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="File with accepted API keys, one a line.")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float,
@@ -91,7 +91,7 @@ def proxy(**opts: Any) -> None:
         if not keys:
             raise click.UsageError("--api-key-file holds no key")
     cfg = ProxyConfig(
-        host=opts["host"], port=opts["port"], model=opts["model"], generator_on_p=opts["generator_on_p"],
+        host=opts["host"], port=opts["port"], generator_on_p=opts["generator_on_p"],
         benchmark_mode=opts["benchmark_mode"], repeat_d_times=opts["repeat_d_times"], api_keys=keys,
         connect_timeout_s=opts["connect_timeout"], read_timeout_s=opts["read_timeout"],
         total_timeout_s=opts["total_timeout"], probe_interval_s=opts["probe_interval"],
@@ -100,17 +100,11 @@ def proxy(**opts: Any) -> None:
     registry.set_endpoints("prefill", prefill)
     registry.set_endpoints("decode", decode)
     etcd = opts["etcd"].split(",") if opts["cluster"] else None
-    _use_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(cfg, registry, opts["cluster"], etcd, opts["routing_cache"]))
+    run_until_signalled(lambda: _serve(cfg, registry, opts["cluster"], etcd, opts["routing_cache"]))
 
 
 async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd: list[str] | None,
                  routing_cache: Path | None = None) -> None:
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
     proxy_ = PDProxy(cfg, registry)
     source_task = None
     store = None
@@ -123,15 +117,10 @@ async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd
         source.load_cache()
         proxy_.source = f"etcd:{cluster}"
         source_task = asyncio.ensure_future(source.run())
-    runner = web.AppRunner(proxy_.app(), access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
-    await site.start()
+    runner = await start_site(proxy_.app(), cfg.host, cfg.port)
     log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, proxy_.source)
     try:
         await asyncio.Event().wait()
-    except asyncio.CancelledError:
-        pass
     finally:
         if source_task:
             source_task.cancel()
@@ -141,14 +130,6 @@ async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd
             with contextlib.suppress(Exception):
                 await store.close()
         await runner.cleanup()
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 if __name__ == "__main__":

@@ -49,24 +49,22 @@ class EtcdSource:
         self.store = store
         self.registry = registry
         self.cache = cache
-        self.synced = asyncio.Event()
         self._relevant = (store.keys.members, store.keys.status)
         self._cached: dict[str, list[str]] | None = None
 
-    def load_cache(self) -> bool:
-        """Start from the cached routing (before etcd answers); False when there is none."""
+    def load_cache(self) -> None:
+        """Start from the cached routing (before etcd answers), when there is one."""
         if self.cache is None:
-            return False
+            return
         try:
             engines = json.loads(self.cache.read_text())
             routing = {role: [str(e) for e in engines.get(role, [])] for role in ROLES}
         except (OSError, ValueError, AttributeError):
-            return False
+            return
         for role in ROLES:
             self.registry.set_endpoints(role, routing[role])
         self._cached = routing
         log.info("serving the cached routing until etcd answers: %s", routing)
-        return True
 
     def _save_cache(self, engines: dict[str, list[str]]) -> None:
         if self.cache is None or engines == self._cached:
@@ -96,7 +94,7 @@ class EtcdSource:
 
     async def refresh(self) -> int:
         """Read statuses and members; apply them; return the revision to watch after."""
-        _, revision = await self.store.get_prefix(self.store.keys.spec)
+        revision = await self.store.current_revision()  # read first: the watch from it misses nothing
         statuses = await self.store.statuses()
         members = await self.store.members()
         engines = engines_from(statuses, members)
@@ -104,9 +102,8 @@ class EtcdSource:
             before = [i.endpoint for i in self.registry.instances(role)]
             if before != engines[role]:
                 log.info("%s instances: %s", role, " ".join(engines[role]) or "(none)")
-            self.registry.set_endpoints(role, engines[role])
+                self.registry.set_endpoints(role, engines[role])
         self._save_cache(engines)
-        self.synced.set()
         return revision
 
     async def _watch(self, revision: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +22,7 @@ ROLES: tuple[ProxyRole, ProxyRole] = ("prefill", "decode")
 class Instance:
     endpoint: str  # host:port
     role: ProxyRole
-    base_url: str = ""
+    base_url: str = field(init=False)
     inflight: int = 0
     tokens: int = 0  # prompt tokens of the requests in flight
     total_tokens: int = 0  # accumulated since it joined: spreads load when all are idle
@@ -52,15 +52,12 @@ class Registry:
     policy: Literal["load", "round-robin"] = "load"
     _by_role: dict[str, dict[str, Instance]] = field(default_factory=lambda: {r: {} for r in ROLES})
     _rr: dict[str, itertools.count[int]] = field(default_factory=lambda: {r: itertools.count() for r in ROLES})
-    on_change: list[Callable[[], None]] = field(default_factory=list)
 
     def set_endpoints(self, role: ProxyRole, endpoints: Iterable[str]) -> None:
         """Replace a role's membership; instances that stay keep their load and ejection."""
         current = self._by_role[role]
         wanted = list(dict.fromkeys(endpoints))
         self._by_role[role] = {ep: current.get(ep) or Instance(endpoint=ep, role=role) for ep in wanted}
-        for cb in self.on_change:
-            cb()
 
     def instances(self, role: ProxyRole | None = None) -> list[Instance]:
         roles = ROLES if role is None else (role,)

@@ -44,7 +44,6 @@ PREFILL_KV_REQUEST = {
 class ProxyConfig:
     host: str = "0.0.0.0"
     port: int = 8868
-    model: str | None = None
     generator_on_p: bool = False
     benchmark_mode: bool = False
     repeat_d_times: int = 0

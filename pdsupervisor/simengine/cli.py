@@ -6,14 +6,12 @@ arguments unprocessed and `config.parse_args` interprets them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
 import sys
 
 import click
 
+from pdsupervisor.aioserve import run_until_signalled
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve
@@ -35,30 +33,10 @@ def run(argv: list[str]) -> None:
         cfg = parse_args(argv)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    _use_uvloop()
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_main(cfg))
+        run_until_signalled(lambda: serve(cfg))
     except KVError as exc:  # the store could not be set up: the engine never becomes ready
         raise click.ClickException(str(exc)) from exc
-
-
-async def _main(cfg) -> None:  # type: ignore[no-untyped-def]
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
-    with contextlib.suppress(asyncio.CancelledError):
-        await serve(cfg)
-
-
-def _use_uvloop() -> None:
-    """uvloop is an optional speed-up; plain asyncio works the same."""
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @click.command(

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pdsupervisor.aioserve import start_site
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
@@ -261,10 +262,7 @@ async def serve(cfg: SimConfig) -> None:
         await asyncio.sleep(cfg.load_time_s)
     if engine.kv is not None:  # part of the "load": the port opens only once the store is up
         await asyncio.to_thread(engine.kv.setup)
-    runner = web.AppRunner(engine.app(), access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
-    await site.start()
+    runner = await start_site(engine.app(), cfg.host, cfg.port)
     log.info("sim engine %s (kv_role=%s) listening on %s:%d", cfg.model_id, cfg.kv_role, cfg.host, cfg.port)
     try:
         await asyncio.Event().wait()
