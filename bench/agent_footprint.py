@@ -11,12 +11,12 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
@@ -25,15 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.etcd_server import etcd_argv  # noqa: E402
-from pdsupervisor.localcluster import kill_tree  # noqa: E402
+from pdsupervisor.localcluster import MARKER_ENV, free_port, kill_tree, marked_processes  # noqa: E402
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, Probe  # noqa: E402
 from pdsupervisor.store import Store  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def etcd_writes(endpoint: str) -> float:
@@ -61,14 +55,14 @@ def main() -> None:
     cport, pport, rport = free_port(), free_port(), free_port()
     endpoint = f"127.0.0.1:{cport}"
     cluster = "bench"
-    started: list[subprocess.Popen[bytes]] = []
-    child_pids: list[int] = []
+    # every process started here, and all they start, carries one marker: found at the end
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | {MARKER_ENV: marker}
     try:
-        etcd = subprocess.Popen(
+        subprocess.Popen(
             etcd_argv(name="bench", data_dir=str(tmp / "etcd"), client_host="127.0.0.1",
                       client_port=cport, peer_port=pport),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        started.append(etcd)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -92,8 +86,7 @@ def main() -> None:
             [sys.executable, "-m", "agent.main", "--name", "n1", "--ip", "127.0.0.1", "--etcd", endpoint,
              "--cluster", cluster, "--listen", f"127.0.0.1:{rport}", "--state-dir", str(tmp / "state"),
              "--ttl", str(args.ttl), "--accelerators", "0", "--log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))
-        started.append(agent)
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"), env=env)
 
         def ready() -> bool:
             st = asyncio.run(store_call(endpoint, cluster, lambda s: s.get_model(s.keys.node_status("n1"), NodeStatus)))
@@ -104,7 +97,6 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("children did not become ready; see " + str(tmp / "agent.log"))
             time.sleep(0.2)
-        child_pids = [c.pid for c in psutil.Process(agent.pid).children()]
         time.sleep(3)  # let the start-up burst settle (status coalescing, first lease refreshes)
 
         proc = psutil.Process(agent.pid)
@@ -127,17 +119,9 @@ def main() -> None:
         print(f"  etcd writes from this node: {(w1 - w0) / elapsed:.3f} /s ({w1 - w0:.0f} in {elapsed:.0f} s)"
               "   target <= 1 /s")
     finally:
-        for p in reversed(started):
+        for p in marked_processes(MARKER_ENV, marker):
             kill_tree(p.pid)
-        for pid in child_pids:
-            kill_tree(pid)
-        # children were started in their own sessions: find any left by their state records
-        for rec in (tmp / "state" / "procs").glob("*.json") if (tmp / "state" / "procs").exists() else []:
-            import json
-
-            kill_tree(json.loads(rec.read_text())["pid"])
 
 
 if __name__ == "__main__":
-    os.environ.pop("NOTIFY_SOCKET", None)
     main()

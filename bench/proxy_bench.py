@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,13 +31,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _localbench import machine  # noqa: E402
+
+from pdsupervisor.localcluster import free_port  # noqa: E402
+
 BODY = {"model": "sim-model", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 16}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 30) -> bool:
@@ -226,7 +226,7 @@ def contender_argv(name: str, port: int, pre: int, dec: int) -> list[str] | str:
 
 
 def print_table(results: dict[str, dict[int, Result]], notes: dict[str, str], concs: list[int], loadgen: str) -> None:
-    print(f"\n## load generator: {loadgen}; nproc {os.cpu_count()}; {cpu_model()}\n")
+    print(f"\n## load generator: {loadgen}; {machine()}\n")
     print("| contender | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = results.get("direct", {})
@@ -242,15 +242,6 @@ def print_table(results: dict[str, dict[int, Result]], notes: dict[str, str], co
     for name, note in notes.items():
         print(f"\n{name}: skipped: {note}")
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

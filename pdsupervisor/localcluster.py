@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -115,6 +116,13 @@ class LocalCluster:
         _signal(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=grace_s)
         return left
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now on `host` (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def marked_processes(env_name: str, value: str | None = None) -> list[psutil.Process]:

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 from pdsupervisor.etcd_server import etcd_argv, etcd_binary
-from pdsupervisor.localcluster import kill_tree  # noqa: F401 - re-exported for the tests
+from pdsupervisor.localcluster import free_port, kill_tree  # noqa: F401 - re-exported for the tests
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now on `host`."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
