@@ -6,7 +6,6 @@ import importlib.util
 import json
 import shutil
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -153,10 +152,6 @@ def post_json(url: str, payload: dict[str, Any], timeout: float = 10) -> Any:
 
 def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:
     return {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["state"] == "ready"}
-
-
-def monotonic() -> float:
-    return time.monotonic()
 
 
 PY = sys.executable

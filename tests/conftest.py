@@ -95,12 +95,24 @@ class EtcdServer:
 def etcd_server(tmp_path_factory) -> Iterator[EtcdServer]:
     """A real etcd for the whole module (tests use distinct cluster names to stay apart)."""
     server = EtcdServer(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 def cluster_name(request) -> str:
     """A cluster name unique to the test, so tests sharing one etcd never see each other."""
     return "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60] + f"-{os.getpid()}"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Processes started through `pdproc.Procs`; every tree is killed at teardown."""
+    from pdproc import Procs  # pdproc imports this module
+
+    started = Procs(tmp_path)
+    yield started
+    started.kill_all()

@@ -21,9 +21,11 @@ def one_agent(etcd_server, tmp_path_factory):
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     c = LocalCluster(tmp, etcd_server.endpoint, "api-test", ["n1"], ttl=3, token_file=token_file)
-    c.start()
-    yield c
-    c.close()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
 
 
 async def _snapshot(etcd: str, cluster: str) -> list[tuple[str, bytes]]:

@@ -8,34 +8,30 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
+import uuid
 
-import psutil
 import pytest
 
-from pdsupervisor.localcluster import MARKER_ENV, marked_processes
+from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
 from tests.conftest import wait_for
+from tests.pdproc import http
 
 pytestmark = pytest.mark.slow
+DEMO_API = "http://127.0.0.1:8471"  # the demo's first agent (LocalCluster's api_base_port)
 
 
 def _phase() -> str | None:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:8471/cluster", timeout=2) as r:
-            return json.loads(r.read())["phase"]
-    except OSError:
-        return None
-
-
-def _demo_processes() -> list[psutil.Process]:
-    return marked_processes(MARKER_ENV)
+    status, body = http("GET", f"{DEMO_API}/cluster", timeout=2)
+    return json.loads(body)["phase"] if status == 200 else None
 
 
 def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
     state = tmp_path / "demo"
     argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)]
     out = open(tmp_path / "demo.out", "wb")
-    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+    marker = uuid.uuid4().hex  # inherited by everything the demo starts: found whatever happens
+    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker}
+    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group, like a terminal's job
     try:
         wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
@@ -50,10 +46,9 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         assert demo.wait(60) == 0
         text = (tmp_path / "demo.out").read_text()
         assert "stopped: members 3" in text
-        assert _demo_processes() == []
+        assert marked(marker) == []
     finally:
         if demo.poll() is None:
             demo.kill()
-        for p in _demo_processes():
-            p.kill()
+        kill_marked(marker)
         out.close()

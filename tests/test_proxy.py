@@ -9,15 +9,8 @@ import signal
 
 import aiohttp
 import openai
-import pytest
-from pdproc import Procs, http, metric, wait_for
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
+from conftest import until
+from pdproc import http, metric, wait_for
 
 
 def _pd(procs, n_pre=1, n_dec=2, *engine_args, proxy_args=()):
@@ -186,8 +179,7 @@ def test_decode_killed_under_load_loses_nothing_unstarted(procs):
                     await one(s, i)
 
             tasks = [asyncio.create_task(bounded(i)) for i in range(160)]
-            while len(results) < 30:
-                await asyncio.sleep(0.01)
+            await until(lambda: len(results) >= 30, 30, what="30 answers before the kill", interval=0.01)
             os.kill(p1.pid, signal.SIGKILL)
             await asyncio.gather(*tasks, return_exceptions=True)
 

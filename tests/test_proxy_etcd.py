@@ -6,18 +6,10 @@ import asyncio
 import json
 import time
 
-import pytest
-from pdproc import Procs, http, metric, wait_for
+from pdproc import http, metric, wait_for
 
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.store import Store
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
 
 
 async def _register(etcd: str, cluster: str, node: str, role: str, endpoint: str, state=ProcessState.ready) -> None:

@@ -8,14 +8,7 @@ import threading
 import time
 
 import pytest
-from pdproc import Procs, http, metric, wait_for, wait_up
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
+from pdproc import http, metric, wait_for, wait_up
 
 
 def test_debug_config_shows_flags_env_and_mooncake_json(procs, tmp_path):
