@@ -67,6 +67,10 @@ def live_status(obs: Observed, node: str) -> NodeStatus | None:
     return status if status is not None and status.current_for(obs.members.get(node)) else None
 
 
+def _live_statuses(obs: Observed) -> dict[str, NodeStatus]:
+    return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+
+
 def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
     status = live_status(obs, node)
     if status is None:
@@ -116,7 +120,7 @@ def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
     lost Mooncake's metadata, so every engine is restarted, after the master is ready again.
     """
     record = obs.record
-    masters = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role == "mooncake-master"]
+    masters = [(n, p) for n, p in plan.assignable() if p.role == "mooncake-master"]
     if record is None or not masters or not is_ready(obs, *masters[0]):
         return None
     seen = observed_process(obs, masters[0][0], masters[0][1].name)
@@ -160,7 +164,7 @@ def desired_state(obs: Observed) -> Desired:
     record = restarted or record
 
     assigned = _assigned(obs)
-    planned = [(n, p) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"]
+    planned = plan.assignable()
     masters = [(n, p) for n, p in planned if p.role == "mooncake-master"]
     engines = [(n, p) for n, p in planned if p.role in ENGINE_ROLES]
     masters_ready = all(is_ready(obs, n, p) for n, p in masters)
@@ -195,7 +199,7 @@ def desired_state(obs: Observed) -> Desired:
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     """Remove the next stage only once the previous one is gone from every live node."""
-    live_statuses = {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+    live_statuses = _live_statuses(obs)
     for stage in STOP_STAGES:
         if any(p.role in stage for a in obs.assignments.values() for p in a.processes):
             out: dict[str, NodeAssignment | None] = {}
@@ -247,7 +251,7 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     record = obs.record
     if record is None:
         return "stopped"
-    live = {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+    live = _live_statuses(obs)
     running = any(p.role != "etcd" for s in live.values() for p in s.processes)
     if record.action == "stop":
         return "stopping" if obs.assignments or running else "stopped"
@@ -260,7 +264,7 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     all_ready = all(is_ready(obs, n, p) for n, p in desired)
     proxy_assigned = "proxy" in _assigned_roles(obs)
     if plan is not None:
-        planned = {(n, p.name) for n, np_ in plan.nodes.items() for p in np_.processes if p.role != "etcd"}
+        planned = {(n, p.name) for n, p in plan.assignable()}
         all_ready = all_ready and planned <= _assigned(obs)
     if all_ready and proxy_assigned:
         return "ready"
@@ -316,10 +320,8 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
             listed.add((node, proc.name))
             processes.append(_process_row(obs, node, proc))
     if plan is not None and obs.record and obs.record.action == "start":
-        for node, np_ in plan.nodes.items():
-            for proc in np_.processes:
-                if proc.role != "etcd" and (node, proc.name) not in listed:
-                    processes.append(_process_row(obs, node, proc, default_state="waiting"))
+        processes += [_process_row(obs, node, proc, default_state="waiting")
+                      for node, proc in plan.assignable() if (node, proc.name) not in listed]
     # without a plan (a node lost under `wait`), the proxy that runs still serves: show where
     assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
                            if p.role == "proxy" and p.endpoint), None)

@@ -53,6 +53,10 @@ class Plan(Strict):
         """Every prefill and decode engine as (node, process)."""
         return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role in ENGINE_ROLES]
 
+    def assignable(self) -> list[tuple[str, ProcessSpec]]:
+        """What the coordinator assigns: every planned process but etcd (its agent starts it)."""
+        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role != "etcd"]
+
 
 def render(template: str, values: Mapping[str, object]) -> str:
     """Fill `{name}` placeholders inside one argv item; other braces (JSON) are left alone."""
