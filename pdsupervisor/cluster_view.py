@@ -239,12 +239,14 @@ def changes(obs: Observed, desired: Desired) -> Changes:
 
 
 def converged(obs: Observed, desired: Desired) -> bool:
-    """The coordinator has nothing left to write: assignments and record are what it wants.
+    """The coordinator has no assignment left to write (a new generation or master epoch
+    changes every assignment; record bookkeeping such as the spare list does not count).
 
     Without this, the moment between a replacing spec's submission and the coordinator's
     next cycle (or a master restart and the engines' new epoch) would read as `ready`.
     """
-    return not changes(obs, desired)
+    todo = changes(obs, desired)
+    return not (todo.puts or todo.deletes)
 
 
 def phase_of(obs: Observed, plan: Plan | None) -> Phase:

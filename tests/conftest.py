@@ -18,28 +18,37 @@ from pdsupervisor.localcluster import free_port, kill_tree  # noqa: F401 - re-ex
 
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
+class _Poll:
+    """One condition polled until a deadline: the part `wait_for` and `until` share."""
+
+    def __init__(self, predicate, timeout: float, what: str) -> None:
+        self.predicate, self.timeout, self.what = predicate, timeout, what
+        self.deadline = time.monotonic() + timeout
+
+    def check(self):  # noqa: ANN201 - whatever the predicate returns
+        """The predicate's value when truthy; None to try again; AssertionError past the deadline."""
+        last = self.predicate()
         if last:
             return last
+        if time.monotonic() >= self.deadline:
+            raise AssertionError(f"timed out after {self.timeout}s waiting for {self.what} (last: {last!r})")
+        return None
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail the test on timeout."""
+    poll = _Poll(predicate, timeout, what)
+    while (value := poll.check()) is None:
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    return value
 
 
 async def until(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
     """`wait_for` inside an event loop: the loop keeps running while we poll."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
+    poll = _Poll(predicate, timeout, what)
+    while (value := poll.check()) is None:
         await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    return value
 
 
 class EtcdServer:

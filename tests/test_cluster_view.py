@@ -133,3 +133,10 @@ def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
     doc = cluster_document(lost, now=10.0)
     assert doc["phase"] == "degraded" and any("node3" in m for m in doc["missing"])
     assert doc["proxy_url"] == "http://127.0.0.1:8868"
+
+
+def test_record_bookkeeping_alone_does_not_unready_the_cluster():
+    obs = _demo_running(master_pid=500)
+    stale = dataclasses.replace(obs, record=obs.record.model_copy(update={"placement": {}}))
+    assert desired_state(stale).record != stale.record  # the coordinator would rewrite the record
+    assert cluster_document(stale, now=10.0)["phase"] == "ready"
