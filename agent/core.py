@@ -11,7 +11,7 @@ even under the `replace` node-loss policy. Every child is left running for the n
 from __future__ import annotations
 
 import asyncio
-
+import io
 import signal
 import sys
 import time
@@ -29,6 +29,7 @@ from agent.registration import Registration
 from agent.statefile import ProcStore, matches
 from agent.supervisor import ManagedProcess
 from pdsupervisor import __version__
+from pdsupervisor.aiowait import cancel_and_wait
 from pdsupervisor.etcd_server import etcd_argv
 from pdsupervisor.models import NodeFacts, ProcessSpec, ProcessState, Probe, RestartPolicy
 from pdsupervisor.store import Store
@@ -36,6 +37,7 @@ from pdsupervisor.store import Store
 log = structlog.get_logger("agent")
 
 TaskFactory = Callable[["Agent"], Awaitable[None]]
+SHUTDOWN_TASK_WAIT_S = 5.0  # per group of background tasks, after their cancellation
 
 
 def store_timeout(ttl: int) -> float:
@@ -247,12 +249,12 @@ class Agent:
     async def shutdown(self) -> None:
         """Leave every child running and the lease to expire by itself (see the module docstring)."""
         self.notifier.stopping()
-        for t in self._extra_tasks:  # the coordinator first: it may still want the store
-            t.cancel()
-        await asyncio.gather(*self._extra_tasks, return_exceptions=True)
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # the coordinator first: it may still want the store
+        for tasks in (self._extra_tasks, self._tasks):
+            for stuck in await cancel_and_wait(tasks, SHUTDOWN_TASK_WAIT_S):
+                stack = io.StringIO()
+                stuck.print_stack(file=stack)
+                log.error("task did not stop when cancelled; going on", task=stuck.get_name(), stack=stack.getvalue())
         await self.reconciler.detach_all()
         if self.bootstrap is not None:
             await self.bootstrap.detach()

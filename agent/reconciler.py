@@ -9,8 +9,8 @@ otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no write
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from agent.statefile import ProcStore, matches
 from agent.supervisor import ManagedProcess
+from pdsupervisor.aiowait import wait_event
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec
 from pdsupervisor.store import Store, StoreUnavailable
 
@@ -154,10 +155,7 @@ class Reconciler:
         last_write = -1e9
         delay = 0.5
         while True:
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_s)
-            except TimeoutError:
-                pass
+            await wait_event(self._dirty, self.heartbeat_s)
             wait = self.min_interval_s - (time.monotonic() - last_write)
             await asyncio.sleep(max(0.05, wait))  # coalesce a burst of changes into one write
             self._dirty.clear()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
+from pdsupervisor.aiowait import wait_event
 from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, changes, desired_state, live_status
 from pdsupervisor.control import observe, read_record
 from pdsupervisor.models import NodeAssignment, ProcessStatus
@@ -52,8 +53,7 @@ class Coordinator:
                     self._step_down(None)
                 except Exception:  # a bug must not kill the agent that hosts us
                     log.exception("coordinator cycle failed")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.loop_wait)
+                await wait_event(self._changed, self.loop_wait)
                 self._changed.clear()
                 await asyncio.sleep(0.02)  # let a burst of watch events coalesce into one cycle
         finally:

@@ -8,6 +8,7 @@ the whole set (the agents leave their children running by design).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -118,11 +119,44 @@ class LocalCluster:
         return left
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now on `host` (for tests and benchmarks)."""
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _can_bind(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
+    """The first of `span` consecutive ports nobody listens on now on `host` (tests, benchmarks).
+
+    Not the kernel's `bind(0)`: that draws from the ephemeral range, where the agents' own
+    outgoing connections take ports too, and may hand the same port out twice before anyone
+    listens on it (a proxy and an agent API once got one port). These ports lie outside
+    that range and are never handed out twice by one process.
+    """
+    low, high = _ephemeral_range()
+    lo, hi = (10000, low) if low - 10000 >= 5000 else (high + 1, 65536)
+    rng = random.Random()
+    for _ in range(2000):
+        first = rng.randrange(lo, hi - span)
+        ports = range(first, first + span)
+        if _handed_out.isdisjoint(ports) and all(_can_bind(host, p) for p in ports):
+            _handed_out.update(ports)
+            return first
+    raise RuntimeError(f"no {span} free consecutive port(s) on {host} in {lo}-{hi - 1}")
 
 
 def marked_processes(env_name: str, value: str | None = None) -> list[psutil.Process]:

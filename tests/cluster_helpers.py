@@ -51,7 +51,7 @@ def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: lis
         },
         "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port(),
                     "argv": sim_argv("kv_producer", mooncake_kv), "readiness": readiness, "stop_timeout_s": 5},
-        "decode": {"node_names": decode_nodes, "tp": 1, "slots": 2, "base_port": free_port(),
+        "decode": {"node_names": decode_nodes, "tp": 1, "slots": 2, "base_port": free_port(span=2),
                    "dp_master_port": free_port(),
                    "argv": sim_argv("kv_consumer", mooncake_kv), "readiness": readiness, "stop_timeout_s": 5},
         "proxy": {"kind": "builtin", "port": free_port()},

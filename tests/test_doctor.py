@@ -56,7 +56,7 @@ def spec_doc(tmp: Path, **over) -> dict:
         "etcd": {"endpoints": [f"127.0.0.1:{free_port()}"]},
         "mooncake": {"rdma_devices": ["mlx5_0", "mlx5_3", "mlx5_4"], "port": free_port()},
         "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port()},
-        "decode": {"node_names": ["n2"], "tp": 1, "slots": 2, "base_port": free_port(), "dp_master_port": free_port()},
+        "decode": {"node_names": ["n2"], "tp": 1, "slots": 2, "base_port": free_port(span=2), "dp_master_port": free_port()},
         "proxy": {"port": free_port()},
         "host_requirements": {"thp_mode": "always", "hugepages": 32768, "hard": ["hugepages"]},
     }

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from pdsupervisor.aiowait import wait_event
 from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.proxy.instances import ROLES, Registry
@@ -118,8 +119,7 @@ class EtcdSource:
 
         async def refresher() -> None:
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(dirty.wait(), RESYNC_S)
+                await wait_event(dirty, RESYNC_S)
                 await asyncio.sleep(DEBOUNCE_S)
                 dirty.clear()
                 await self.refresh()

@@ -152,10 +152,10 @@ class SimEngine:
                 seed = f"{req_id}\n{json.dumps(body.get('messages') if chat else body.get('prompt'))}"
                 size = self.kv.size_for(prompt_tokens)
                 try:
-                    kv_out.update(await asyncio.wait_for(
-                        asyncio.to_thread(self.kv.put, f"pdsim/{self.endpoint}/{req_id}", seed, size),
-                        self.cfg.kv_timeout_s))
-                except (KVError, asyncio.TimeoutError) as exc:
+                    async with asyncio.timeout(self.cfg.kv_timeout_s):
+                        kv_out.update(await asyncio.to_thread(
+                            self.kv.put, f"pdsim/{self.endpoint}/{req_id}", seed, size))
+                except (KVError, TimeoutError) as exc:
                     message = str(exc) or f"mooncake put timed out ({self.cfg.kv_timeout_s}s)"
                     self.metrics.mc_failures.inc()
                     log.error("%s", message)
@@ -221,10 +221,10 @@ class SimEngine:
         """Read and verify the prefill's KV; an OpenAI-shaped 500 when it fails (never a fallback)."""
         assert self.kv is not None
         try:
-            got = await asyncio.wait_for(asyncio.to_thread(
-                self.kv.get_verified, str(kv["mooncake_key"]), kv.get("kv_bytes"), kv.get("kv_sha256"),
-            ), self.cfg.kv_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.cfg.kv_timeout_s):
+                got = await asyncio.to_thread(
+                    self.kv.get_verified, str(kv["mooncake_key"]), kv.get("kv_bytes"), kv.get("kv_sha256"))
+        except TimeoutError:
             self.metrics.mc_failures.inc()
             return _error(f"KV transfer failed: mooncake get timed out ({self.cfg.kv_timeout_s}s)", 500)
         except KVError as exc:
