@@ -57,6 +57,8 @@ class Agent:
     - `agent.add_task(factory, name)`: before `run()`, add a background task
       `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
       started again after a backoff; it is cancelled first at shutdown.
+    - `agent.stopping`: an `asyncio.Event` set when the agent is asked to stop; a handler
+      that runs long (a log follower) ends when it is set.
     - `agent.add_routes(routes)`: before `run()`, extra aiohttp `RouteDef`s for the REST app
       (mutating methods are guarded by the token middleware; `agent.rest.require_token`
       guards a read).
@@ -84,7 +86,7 @@ class Agent:
         self._extra_routes: list[web.RouteDef] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._extra_tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
+        self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT; long-lived handlers end on it
 
     # ---- extension points ----------------------------------------------------------
 
@@ -214,7 +216,8 @@ class Agent:
         adopted = self.reconciler.adopt()  # before etcd is even contacted
         log.info("agent starting", name=self.name, cluster=self.config.cluster, adopted=adopted)
         app = build_app(self, self._extra_routes)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # a request still running 3 s into shutdown is cancelled (aiohttp would wait 60 s)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)
         await self.runner.setup()
         rc = self.config.rest
         site = web.TCPSite(self.runner, rc.host, rc.port, ssl_context=ssl_context(rc), reuse_address=True)
@@ -236,13 +239,13 @@ class Agent:
         self._extra_tasks += [spawn(self._supervised(n, f), name=n) for n, f in self._task_factories]
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self.stopping.set()
 
     async def run(self) -> None:
         """Start, wait for `request_stop()` (SIGTERM/SIGINT in main), shut down."""
         try:
             await self.start()
-            await self._stop.wait()
+            await self.stopping.wait()
         finally:
             await self.shutdown()
 

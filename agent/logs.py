@@ -15,6 +15,8 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from pdsupervisor.aiowait import wait_event
+
 
 def open_log(path: Path) -> int:
     """An O_APPEND fd for a child's stdout/stderr (caller closes it after the spawn)."""
@@ -58,10 +60,11 @@ def tail(path: Path, lines: int, chunk: int = 65536) -> list[str]:
     return out[-lines:] if lines > 0 else []
 
 
-async def follow(path: Path, interval_s: float = 0.5) -> AsyncIterator[bytes]:
-    """Bytes appended to `path` from now on; restarts from the top after a truncation."""
+async def follow(path: Path, until: asyncio.Event, interval_s: float = 0.5) -> AsyncIterator[bytes]:
+    """Bytes appended to `path` from now on, until `until` is set; restarts from the top after
+    a truncation. The agent sets `until` when it stops, so a follower never holds it up."""
     pos = path.stat().st_size if path.exists() else 0
-    while True:
+    while not until.is_set():
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -74,4 +77,4 @@ async def follow(path: Path, interval_s: float = 0.5) -> AsyncIterator[bytes]:
                 data = f.read(size - pos)
             pos += len(data)
             yield data
-        await asyncio.sleep(interval_s)
+        await wait_event(until, interval_s)

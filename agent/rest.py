@@ -122,7 +122,7 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write("".join(line + "\n" for line in lines).encode())
     try:
-        async for chunk in logs.follow(path):
+        async for chunk in logs.follow(path, a.stopping):
             await resp.write(chunk)
     except (ConnectionResetError, ConnectionError):
         pass

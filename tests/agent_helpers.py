@@ -68,6 +68,15 @@ class AgentProc:
         log.close()
         return self
 
+    def sigterm(self, timeout: float = 10) -> int:
+        """SIGTERM, then the exit code; a hang fails with the agent's log (it names a stuck task)."""
+        assert self.proc
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"agent {self.name} still running {timeout}s after SIGTERM:\n{self.logs()}") from None
+
     def kill9(self) -> None:
         assert self.proc
         self.proc.send_signal(signal.SIGKILL)

@@ -144,8 +144,7 @@ def test_agent_kill9_member_key_expires_and_restart_adopts(env):
     local = wait_for(lambda: len(offline.local_procs()) == 2 and offline.local_procs(), what="adopted offline")
     assert {n: p["pid"] for n, p in local.items()} == pids
     assert offline.get("/healthz")["registered"] is False
-    offline.proc.send_signal(signal.SIGTERM)
-    assert offline.proc.wait(10) == 0
+    assert offline.sigterm() == 0
     assert all(alive(p) for p in pids.values())
     b = agent(state_dir=a.state_dir)  # same node, same state dir
     wait_for(lambda: view.member("n1"), timeout=15, what="re-registered")
@@ -213,8 +212,7 @@ def test_sigterm_leaves_children_and_a_restart_keeps_membership(env):
     view.assign("n1", spec("s", SLEEP))
     pid = wait_for(lambda: view.status("n1").get("s", {}).get("pid"), timeout=15, what="started")
     first = wait_for(lambda: view.member("n1"), what="registered")
-    a.proc.send_signal(signal.SIGTERM)
-    assert a.proc.wait(10) == 0
+    assert a.sigterm() == 0
     assert alive(pid)
     # The lease is left to run out: a restart within the TTL is never seen as a lost node.
     assert view.member("n1") is not None
@@ -266,3 +264,21 @@ def test_sd_notify_ready_after_registration_and_children_without_notify_socket(e
         receive_until(lambda: got.count(b"WATCHDOG=1") >= 2)
     pid = wait_for(lambda: view.status("n1").get("s", {}).get("pid"), timeout=15, what="child")
     assert "NOTIFY_SOCKET" not in psutil.Process(pid).environ()
+
+
+def test_sigterm_does_not_wait_for_a_log_follower(env):
+    """`systemctl restart pd-agent` while someone runs `pdsupervisor logs -f`: the agent
+    ends the stream and exits at once, it does not wait out aiohttp's shutdown timeout."""
+    import urllib.request
+
+    view, agent = env
+    a = agent()
+    view.assign("n1", spec("s", [sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(600)"]))
+    wait_for(lambda: a.get("/logs/s") and "hello" in a.get("/logs/s"), timeout=15, what="a log line")
+    with urllib.request.urlopen(a.url + "/logs/s?follow=1", timeout=30) as stream:
+        assert b"hello" in stream.readline() + stream.readline()  # the agent's start marker, then ours
+        t0 = time.monotonic()
+        assert a.sigterm() == 0
+        took = time.monotonic() - t0
+        assert took < 2.5, f"shutdown waited {took:.1f} s for the follower (the 3 s backstop, or worse)"
+        assert stream.read() == b""  # the stream ended, nothing half-written
