@@ -277,8 +277,7 @@ def test_sigterm_does_not_wait_for_a_log_follower(env):
     wait_for(lambda: a.get("/logs/s") and "hello" in a.get("/logs/s"), timeout=15, what="a log line")
     with urllib.request.urlopen(a.url + "/logs/s?follow=1", timeout=30) as stream:
         assert b"hello" in stream.readline() + stream.readline()  # the agent's start marker, then ours
-        t0 = time.monotonic()
         assert a.sigterm() == 0
-        took = time.monotonic() - t0
-        assert took < 2.5, f"shutdown waited {took:.1f} s for the follower (the 3 s backstop, or worse)"
-        assert stream.read() == b""  # the stream ended, nothing half-written
+        # ended by the agent, whole: aiohttp's cancellation (the 3 s backstop) would cut the
+        # chunked stream short (IncompleteRead); without either, sigterm() times out
+        assert stream.read() == b""
