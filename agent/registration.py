@@ -14,7 +14,7 @@ from collections.abc import Callable
 import structlog
 
 from pdsupervisor.models import NodeFacts
-from pdsupervisor.store import Store, StoreUnavailable
+from pdsupervisor.store import Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("agent.registration")
 
@@ -88,7 +88,7 @@ class Registration:
     async def run(self) -> None:
         delay = 0.25
         while True:
-            period = max(0.5, self.ttl / 3)
+            period = lease_refresh_interval(self.ttl)
             try:
                 if self.lease_id is None:
                     await self._register()

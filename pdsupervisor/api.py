@@ -63,7 +63,8 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:
-    return web.json_response(cluster_document(await observe(store), time.time()))
+    obs, leader = await asyncio.gather(observe(store), store.leader())
+    return web.json_response(cluster_document(obs, time.time(), leader))
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:

@@ -46,7 +46,6 @@ class Observed:
     members: dict[str, NodeFacts]
     assignments: dict[str, NodeAssignment]
     statuses: dict[str, NodeStatus]
-    leader: str | None = None
     record_revision: int = 0  # mod revision the spec record was read at (0: absent)
 
 
@@ -67,7 +66,7 @@ def live_status(obs: Observed, node: str) -> NodeStatus | None:
     return status if status is not None and status.current_for(obs.members.get(node)) else None
 
 
-def _live_statuses(obs: Observed) -> dict[str, NodeStatus]:
+def live_statuses(obs: Observed) -> dict[str, NodeStatus]:
     return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
 
 
@@ -79,12 +78,9 @@ def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | Non
 
 
 def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
-    """Ready, on a live member, running exactly this spec."""
+    """Ready, on a live member (see `live_status`), running exactly this spec."""
     seen = observed_process(obs, node, proc.name)
-    return (
-        node in obs.members and seen is not None and seen.state == ProcessState.ready
-        and seen.spec_hash == proc.spec_hash()
-    )
+    return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
 def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
@@ -120,13 +116,13 @@ def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
     lost Mooncake's metadata, so every engine is restarted, after the master is ready again.
     """
     record = obs.record
-    masters = [(n, p) for n, p in plan.assignable() if p.role == "mooncake-master"]
+    masters = plan.masters()
     if record is None or not masters or not is_ready(obs, *masters[0]):
         return None
     seen = observed_process(obs, masters[0][0], masters[0][1].name)
     if seen is None or seen.pid is None or seen.pid == record.master_pid:
         return None
-    engines_assigned = any(p.role in ENGINE_ROLES for a in obs.assignments.values() for p in a.processes)
+    engines_assigned = not assigned_roles(obs).isdisjoint(ENGINE_ROLES)
     bump = record.master_pid is not None and engines_assigned
     return record.model_copy(update={"master_pid": seen.pid, "master_epoch": record.master_epoch + int(bump)})
 
@@ -140,7 +136,7 @@ def _assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
     return next((p for p in assignment.processes if p.name == name), None) if assignment else None
 
 
-def _assigned_roles(obs: Observed) -> set[str]:
+def assigned_roles(obs: Observed) -> set[str]:
     return {p.role for a in obs.assignments.values() for p in a.processes}
 
 
@@ -164,16 +160,14 @@ def desired_state(obs: Observed) -> Desired:
     record = restarted or record
 
     assigned = _assigned(obs)
-    planned = plan.assignable()
-    masters = [(n, p) for n, p in planned if p.role == "mooncake-master"]
-    engines = [(n, p) for n, p in planned if p.role in ENGINE_ROLES]
-    masters_ready = all(is_ready(obs, n, p) for n, p in masters)
+    engines = plan.engines()
+    masters_ready = all(is_ready(obs, n, p) for n, p in plan.masters())
     engines_released = masters_ready or any((n, p.name) in assigned for n, p in engines)
-    proxy_released = any(r == "proxy" for r in _assigned_roles(obs)) or (
+    proxy_released = "proxy" in assigned_roles(obs) or (
         engines_released and all(is_ready(obs, n, p) for n, p in engines)
     )
     wanted: dict[str, list[ProcessSpec]] = {}
-    for node, proc in planned:
+    for node, proc in plan.assignable():
         if proc.role in ENGINE_ROLES and not engines_released:
             continue
         if proc.role in ENGINE_ROLES and not masters_ready:
@@ -199,15 +193,15 @@ def desired_state(obs: Observed) -> Desired:
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
     """Remove the next stage only once the previous one is gone from every live node."""
-    live_statuses = _live_statuses(obs)
+    live, roles = live_statuses(obs), assigned_roles(obs)
     for stage in STOP_STAGES:
-        if any(p.role in stage for a in obs.assignments.values() for p in a.processes):
+        if not roles.isdisjoint(stage):
             out: dict[str, NodeAssignment | None] = {}
             for node, a in obs.assignments.items():
                 keep = [p for p in a.processes if p.role not in stage]
                 out[node] = a.model_copy(update={"processes": keep}) if keep else None
             return out
-        if any(p.role in stage for s in live_statuses.values() for p in s.processes):
+        if any(p.role in stage for s in live.values() for p in s.processes):
             return dict(obs.assignments)  # wait for this stage to be gone
     return {node: None for node in obs.assignments}
 
@@ -231,7 +225,7 @@ def changes(obs: Observed, desired: Desired) -> Changes:
         if want is None:
             if have is not None:
                 out.deletes.append(node)
-        elif have is None or have.model_dump() != want.model_dump():
+        elif have != want:
             out.puts[node] = want
     if desired.record is not None and desired.record != obs.record:
         out.record = desired.record
@@ -253,7 +247,7 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     record = obs.record
     if record is None:
         return "stopped"
-    live = _live_statuses(obs)
+    live = live_statuses(obs)
     running = any(p.role != "etcd" for s in live.values() for p in s.processes)
     if record.action == "stop":
         return "stopping" if obs.assignments or running else "stopped"
@@ -264,7 +258,7 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
         return "degraded"
     desired = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
     all_ready = all(is_ready(obs, n, p) for n, p in desired)
-    proxy_assigned = "proxy" in _assigned_roles(obs)
+    proxy_assigned = "proxy" in assigned_roles(obs)
     if plan is not None:
         planned = {(n, p.name) for n, p in plan.assignable()}
         all_ready = all_ready and planned <= _assigned(obs)
@@ -307,7 +301,7 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
     return problems, timed_out
 
 
-def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
+def cluster_document(obs: Observed, now: float, leader: str | None = None) -> dict[str, Any]:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = desired_state(obs)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
@@ -333,7 +327,7 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
         "generation": obs.record.generation if obs.record else 0,
         "action": obs.record.action if obs.record else None,
         "phase": phase,
-        "leader": obs.leader,
+        "leader": leader,
         "missing": desired.missing,
         "problems": problems,
         "start_timed_out": timed_out,

@@ -25,10 +25,10 @@ async def read_record(store: Store) -> tuple[SpecRecord | None, int]:
 
 async def observe(store: Store) -> Observed:
     """Read everything the view needs, concurrently."""
-    (record, revision), members, assignments, statuses, leader = await asyncio.gather(
-        read_record(store), store.members(), store.assignments(), store.statuses(), store.leader()
+    (record, revision), members, assignments, statuses = await asyncio.gather(
+        read_record(store), store.members(), store.assignments(), store.statuses()
     )
-    return Observed(record=record, members=members, assignments=assignments, statuses=statuses, leader=leader,
+    return Observed(record=record, members=members, assignments=assignments, statuses=statuses,
                     record_revision=revision)
 
 

@@ -17,21 +17,24 @@ from collections.abc import Callable
 import structlog
 
 from pdsupervisor.aiowait import wait_event
-from pdsupervisor.cluster_view import Desired, Observed, SpecRecord, changes, desired_state, live_status
+from pdsupervisor.cluster_view import (
+    Desired, Observed, SpecRecord, assigned_roles, changes, desired_state, live_statuses,
+)
 from pdsupervisor.control import observe, read_record
 from pdsupervisor.models import NodeAssignment, ProcessStatus
-from pdsupervisor.store import Store, StoreUnavailable
+from pdsupervisor.store import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
 
 
 class Coordinator:
     def __init__(self, store: Store, name: str, ttl: int = 10,
-                 on_spec_ttl: Callable[[int], None] = lambda ttl: None) -> None:
+                 on_spec_ttl: Callable[[int], None] = lambda ttl: None, events_kept: int = EVENTS_KEPT) -> None:
         self.store = store
         self.name = name
         self.ttl = ttl
-        self.loop_wait = max(0.5, ttl / 3)
+        self.events_kept = events_kept
+        self._events_added = False
         self.on_spec_ttl = on_spec_ttl  # every agent follows the spec's lease TTL, leader or not
         self.lease: int | None = None
         self.is_leader = False
@@ -40,6 +43,10 @@ class Coordinator:
         self._known_members: set[str] | None = None
         self._known_procs: dict[tuple[str, str], ProcessStatus] = {}
         self._last_phase_note: str | None = None
+
+    @property
+    def loop_wait(self) -> float:
+        return lease_refresh_interval(self.ttl)
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, give the leader key up so another takes over at once."""
@@ -98,6 +105,13 @@ class Coordinator:
         await self._record_events(obs)
         desired = desired_state(obs)
         await self._apply(obs, desired)
+        if self._events_added:  # also a crash loop's events, which change no assignment
+            self._events_added = False
+            await self.store.trim_events(self.events_kept)
+
+    async def _event(self, kind: str, message: str, **fields: object) -> None:
+        await self.store.append_event(kind, message, **fields)
+        self._events_added = True
 
     async def _follow_spec_ttl(self, record: SpecRecord | None) -> bool:
         """The spec's `policy.lease_ttl_s` sets member leases and, from the next election, ours.
@@ -108,7 +122,6 @@ class Coordinator:
         changed = isinstance(ttl, int) and ttl != self.ttl
         if changed:
             self.ttl = ttl
-            self.loop_wait = max(0.5, ttl / 3)
             self.on_spec_ttl(ttl)
             if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
                 await self.store.release_leader(self.name)
@@ -135,31 +148,29 @@ class Coordinator:
         if await self.store.acquire_leader(self.name, self.lease):
             self.is_leader = True
             log.info("became leader", node=self.name)
-            await self.store.append_event("leader", f"{self.name} is the coordinator", node=self.name)
+            await self._event("leader", f"{self.name} is the coordinator", node=self.name)
             return True
         return False
 
     async def _apply(self, obs: Observed, desired: Desired) -> None:
         todo = changes(obs, desired)
-        record = obs.record
-        keys = self.store.keys
-        puts: dict[str, NodeAssignment | dict[str, object]] = {keys.assignment(n): a for n, a in todo.puts.items()}
-        deletes = [keys.assignment(n) for n in todo.deletes]
-        if todo.record is not None:
-            puts[keys.spec] = todo.record.model_dump(mode="json")
         if not todo:
             self._note_missing(desired.missing)
             return
+        keys = self.store.keys
+        puts: dict[str, NodeAssignment | SpecRecord] = {keys.assignment(n): a for n, a in todo.puts.items()}
+        if todo.record is not None:
+            puts[keys.spec] = todo.record
+        deletes = [keys.assignment(n) for n in todo.deletes]
         # Fenced on the leader key, and on the spec record we decided from: a stop or a
         # replacing spec submitted during this cycle must not be overwritten.
-        if not await self.store.write_as_leader(self.name, puts, deletes,
-                                                unchanged={self.store.keys.spec: obs.record_revision}):
-            if await self.store.is_leader(self.name):
-                self._changed.set()  # the spec changed under us: decide again from a fresh read
-            else:
-                self._step_down("fenced: leader key no longer ours")
-            return
-        await self._describe_writes(obs, desired, record)
+        outcome = await self.store.write_as_leader(self.name, puts, deletes, unchanged={keys.spec: obs.record_revision})
+        if outcome == "changed":
+            self._changed.set()  # the spec changed under us: decide again from a fresh read
+        elif outcome == "deposed":
+            self._step_down("fenced: leader key no longer ours")
+        else:
+            await self._describe_writes(obs, desired)
 
     def _note_missing(self, missing: list[str]) -> None:
         note = "; ".join(missing)
@@ -167,45 +178,45 @@ class Coordinator:
             log.info("waiting for members", missing=note)
         self._last_phase_note = note
 
-    async def _describe_writes(self, obs: Observed, desired: Desired, record: SpecRecord | None) -> None:
-        before = {p.role for a in obs.assignments.values() for p in a.processes}
+    async def _describe_writes(self, obs: Observed, desired: Desired) -> None:
+        record = obs.record
+        before = assigned_roles(obs)
         after = {p.role for a in desired.assignments.values() if a for p in a.processes}
         for role in sorted(after - before):
             message = "proxy released: every engine is ready" if role == "proxy" else f"{role} assigned"
-            await self.store.append_event("assign", message, role=role)
+            await self._event("assign", message, role=role)
         for role in sorted(before - after):
-            await self.store.append_event("unassign", f"{role} removed", role=role)
+            await self._event("unassign", f"{role} removed", role=role)
         new = desired.record
         if record is not None and new is not None and new.placement != record.placement and record.placement:
-            await self.store.append_event("replan", f"placement now {new.placement}", placement=new.placement)
+            await self._event("replan", f"placement now {new.placement}", placement=new.placement)
         if record is not None and new is not None and new.master_epoch != record.master_epoch:
-            await self.store.append_event(
+            await self._event(
                 "master", f"mooncake master restarted (pid {record.master_pid} -> {new.master_pid}): "
                 "restarting the engines, now that it is ready", pid=new.master_pid, epoch=new.master_epoch)
-        await self.store.trim_events()
 
     async def _record_events(self, obs: Observed) -> None:
         members = set(obs.members)
         if self._known_members is None:  # new leader: a node with work but no lease was lost
             for node in sorted(set(obs.assignments) - members):
-                await self.store.append_event("member", f"{node} lost (lease expired)", node=node)
+                await self._event("member", f"{node} lost (lease expired)", node=node)
         else:
             for node in sorted(members - self._known_members):
-                await self.store.append_event("member", f"{node} joined", node=node)
+                await self._event("member", f"{node} joined", node=node)
             for node in sorted(self._known_members - members):
-                await self.store.append_event("member", f"{node} lost (lease expired)", node=node)
+                await self._event("member", f"{node} lost (lease expired)", node=node)
         self._known_members = members
-        procs = {(n, p.name): p for n in members if (s := live_status(obs, n)) for p in s.processes}
+        procs = {(n, p.name): p for n, s in live_statuses(obs).items() for p in s.processes}
         for key, now in procs.items():
             prev = self._known_procs.get(key)
             if prev is None or now.pid is None:
                 continue
             if now.restarts > prev.restarts:
-                await self.store.append_event(
+                await self._event(
                     "process", f"{key[1]} on {key[0]} restarted (exit code {now.last_exit_code})",
                     node=key[0], process=key[1], exit_code=now.last_exit_code, restarts=now.restarts,
                 )
             elif prev.pid is None or (prev.pid != now.pid and now.restarts == prev.restarts):
-                await self.store.append_event("process", f"{key[1]} on {key[0]} started (pid {now.pid})",
+                await self._event("process", f"{key[1]} on {key[0]} started (pid {now.pid})",
                                               node=key[0], process=key[1], pid=now.pid)
         self._known_procs = procs

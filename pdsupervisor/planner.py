@@ -57,6 +57,10 @@ class Plan(Strict):
         """What the coordinator assigns: every planned process but etcd (its agent starts it)."""
         return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role != "etcd"]
 
+    def masters(self) -> list[tuple[str, ProcessSpec]]:
+        """The Mooncake master as (node, process); empty when Mooncake is disabled."""
+        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role == "mooncake-master"]
+
 
 def render(template: str, values: Mapping[str, object]) -> str:
     """Fill `{name}` placeholders inside one argv item; other braces (JSON) are left alone."""

@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from pydantic import BaseModel
@@ -49,6 +49,14 @@ DEFAULT_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
 WATCH_IDLE_S = 30.0
 EVENTS_KEPT = 500
+
+
+def lease_refresh_interval(ttl: float) -> float:
+    """How often a lease holder refreshes: three tries per TTL (Patroni's loop_wait)."""
+    return max(0.5, ttl / 3)
+
+
+LeaderWrite = Literal["written", "changed", "deposed"]
 
 
 @dataclass(frozen=True)
@@ -297,10 +305,6 @@ class Store:
     async def statuses(self) -> dict[str, NodeStatus]:
         return await self.get_models(self.keys.status, NodeStatus)
 
-    async def spec_record(self) -> dict[str, Any] | None:
-        kv = await self.get(self.keys.spec)
-        return json.loads(kv.value) if kv else None
-
     async def put_spec_record(self, record: Mapping[str, Any], *, expect_mod_revision: int | None = None) -> bool:
         """Write the spec record; with `expect_mod_revision`, only if nobody wrote it since."""
         if expect_mod_revision is None:
@@ -328,11 +332,14 @@ class Store:
             [{"request_put": _put(self.keys.leader, name.encode(), lease_id)}],
             [{"request_range": {"key": _b64(self.keys.leader)}}],
         )
-        if out.get("succeeded"):
-            return True
-        responses = out.get("responses") or [{}]
+        return bool(out.get("succeeded")) or self._holder_matches(out, name, lease_id)
+
+    @staticmethod
+    def _holder_matches(failed_txn: Mapping[str, Any], name: str, lease_id: int | None = None) -> bool:
+        """Whether the leader key read in a failed txn's failure branch is `name`'s (under `lease_id`)."""
+        responses = failed_txn.get("responses") or [{}]
         held = [_kv(kv) for kv in (responses[0].get("response_range") or {}).get("kvs") or []]
-        return bool(held) and held[0].value == name.encode() and held[0].lease == lease_id
+        return bool(held) and held[0].value == name.encode() and lease_id in (None, held[0].lease)
 
     async def release_leader(self, name: str) -> None:
         with contextlib.suppress(*StoreUnavailable):
@@ -346,22 +353,22 @@ class Store:
         deletes: list[str] = (),  # type: ignore[assignment]
         *,
         unchanged: Mapping[str, int] | None = None,
-    ) -> bool:
+    ) -> LeaderWrite:
         """Apply puts and deletes in one transaction, only while `name` holds the leader key
         and every key in `unchanged` still has the mod revision it was read at (0: absent).
 
-        False means the write did not happen: we are no longer the leader, or what the
-        decision was based on changed meanwhile (`is_leader` tells which).
+        Not written: "deposed" (the leader key is not ours) or "changed" (what the decision
+        was based on changed meanwhile), told apart by the leader key read in the same txn.
         """
         ops = [
             {"request_put": _put(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
         ] + [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
         compare = [_compare_value(self.keys.leader, name)]
         compare += [_compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
-        return bool((await self._txn(compare, ops)).get("succeeded"))
-
-    async def is_leader(self, name: str) -> bool:
-        return await self.leader() == name
+        out = await self._txn(compare, ops, [{"request_range": {"key": _b64(self.keys.leader)}}])
+        if out.get("succeeded"):
+            return "written"
+        return "changed" if self._holder_matches(out, name) else "deposed"
 
     # ---- events ----------------------------------------------------------------------
 

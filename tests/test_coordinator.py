@@ -4,7 +4,7 @@ decision never overwrites a stop that arrived while it was being made."""
 from __future__ import annotations
 
 from pdsupervisor.cluster_view import desired_state
-from pdsupervisor.control import observe, request_stop, submit_spec
+from pdsupervisor.control import observe, read_record, request_stop, submit_spec
 from pdsupervisor.coordinator import Coordinator
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.spec import validate_spec
@@ -40,9 +40,21 @@ async def test_a_stop_during_a_cycle_is_not_overwritten(etcd_server, cluster_nam
         assert desired.record is not None and desired.record != obs.record  # it wants to write the record
         assert (await request_stop(store)).status == 202  # the user stops meanwhile
         await coord._apply(obs, desired)
-        record = await store.spec_record()
-        assert record["action"] == "stop"
+        record, _ = await read_record(store)
+        assert record is not None and record.action == "stop"
         assert await store.assignments() == {}  # nothing from the stale decision was written
         assert coord.is_leader
         await store.revoke_lease(lease)
+        await store.revoke_lease(coord.lease)
+
+
+async def test_events_are_trimmed_by_a_cycle_that_writes_no_assignment(etcd_server, cluster_name):
+    """A crash loop adds events every backoff while no assignment changes: the log is trimmed anyway."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        for i in range(6):
+            await store.append_event("process", f"restart {i}")
+        coord = Coordinator(store, "a", ttl=5, events_kept=3)
+        await coord.cycle()  # no spec: nothing to assign, one `leader` event added
+        events = await store.events(limit=100)
+        assert [e["kind"] for e in events] == ["process", "process", "leader"]
         await store.revoke_lease(coord.lease)

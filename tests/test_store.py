@@ -33,14 +33,14 @@ async def test_only_leader_key_holder_can_write(etcd_server, cluster_name):
         assert await store.leader() == "a"
         assignment = NodeAssignment(node="n1", processes=[ProcessSpec(name="p", role="prefill", argv=["true"])])
         key = store.keys.assignment("n1")
-        assert not await store.write_as_leader("b", {key: assignment})
+        assert await store.write_as_leader("b", {key: assignment}) == "deposed"
         assert await store.assignment("n1") is None
-        assert await store.write_as_leader("a", {key: assignment})
+        assert await store.write_as_leader("a", {key: assignment}) == "written"
         assert (await store.assignment("n1")) == assignment
         await store.revoke_lease(lease_a)  # a loses leadership: its next write is fenced off
-        assert not await store.write_as_leader("a", {}, deletes=[key])
+        assert await store.write_as_leader("a", {}, deletes=[key]) == "deposed"
         assert await store.acquire_leader("b", lease_b)
-        assert await store.write_as_leader("b", {}, deletes=[key])
+        assert await store.write_as_leader("b", {}, deletes=[key]) == "written"
         assert await store.assignment("n1") is None
 
 
@@ -80,10 +80,10 @@ async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, c
         read = await store.get(store.keys.spec)
         await store.put(store.keys.spec, b'{"v": 2}')  # e.g. a stop arrives mid-cycle
         key = store.keys.assignment("n1")
-        assert not await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: read.mod_revision})
-        assert await store.get(key) is None and await store.is_leader("a")
+        outcome = await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: read.mod_revision})
+        assert outcome == "changed" and await store.get(key) is None and await store.leader() == "a"
         fresh = await store.get(store.keys.spec)
-        assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision})
+        assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision}) == "written"
 
 
 async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_server, cluster_name):
