@@ -7,8 +7,8 @@ assignments. Every etcd call still goes through `Store`.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,53 +39,63 @@ class SubmitResult:
     message: str = ""
 
 
-async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False) -> SubmitResult:
-    """Record `spec` to run. Another spec already running is a conflict unless `replace`.
+# What to do with the current record: a new record to write (and the event that says so),
+# or the answer as it stands.
+Decision = tuple[SpecRecord, str] | SubmitResult
 
-    Compare-and-swap on the record's revision, so two concurrent submits cannot both win.
-    """
+
+async def _change_record(store: Store, decide: Callable[[SpecRecord | None], Decision]) -> SubmitResult:
+    """Read, decide, write only if nobody wrote the record meanwhile (CAS on its revision,
+    so two concurrent requests cannot both win); retry a few times on a race."""
     for _ in range(5):
         current, revision = await read_record(store)
-        spec_doc = spec.model_dump(mode="json")
-        if current is not None and current.action == "start" and not replace:
-            if _same(current.spec, spec_doc):
-                return SubmitResult(202, current.generation, "already running")
-            return SubmitResult(
-                409, current.generation,
-                f"cluster {spec.cluster} is running generation {current.generation} of another spec; "
-                "stop it first or ask to replace it",
-            )
-        keep_placement = current is not None and current.action == "start" and _same_roles(current.spec, spec_doc)
-        record = SpecRecord(
-            generation=(current.generation if current else 0) + 1, action="start", spec=spec_doc,
-            placement=current.placement if keep_placement and current else {}, submitted_at=time.time(),
-            # a replacing spec keeps the master's identity: engines restart only if their spec changed
-            master_pid=current.master_pid if current and current.action == "start" else None,
-            master_epoch=current.master_epoch if current else 0,
-        )
+        decision = decide(current)
+        if isinstance(decision, SubmitResult):
+            return decision
+        record, event = decision
         if await store.put_spec_record(record.model_dump(mode="json"), expect_mod_revision=revision):
-            await store.append_event("spec", f"generation {record.generation} submitted", generation=record.generation)
+            await store.append_event("spec", event, generation=record.generation)
             return SubmitResult(202, record.generation)
     return SubmitResult(409, 0, "the spec changed concurrently; try again")
 
 
+async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False) -> SubmitResult:
+    """Record `spec` to run. Another spec already running is a conflict unless `replace`."""
+    spec_doc = spec.model_dump(mode="json")
+
+    def decide(current: SpecRecord | None) -> Decision:
+        running = current if current is not None and current.action == "start" else None
+        if running is not None and not replace:
+            if running.spec == spec_doc:
+                return SubmitResult(202, running.generation, "already running")
+            return SubmitResult(
+                409, running.generation,
+                f"cluster {spec.cluster} is running generation {running.generation} of another spec; "
+                "stop it first or ask to replace it",
+            )
+        keep_placement = running is not None and _same_roles(running.spec, spec_doc)
+        record = SpecRecord(
+            generation=(current.generation if current else 0) + 1, action="start", spec=spec_doc,
+            placement=running.placement if running is not None and keep_placement else {},
+            submitted_at=time.time(),
+            # a replacing spec keeps the master's identity: engines restart only if their spec changed
+            master_pid=running.master_pid if running is not None else None,
+            master_epoch=current.master_epoch if current else 0,
+        )
+        return record, f"generation {record.generation} submitted"
+
+    return await _change_record(store, decide)
+
+
 async def request_stop(store: Store) -> SubmitResult:
-    for _ in range(5):
-        current, revision = await read_record(store)
+    def decide(current: SpecRecord | None) -> Decision:
         if current is None:
             return SubmitResult(202, 0, "nothing to stop")
         if current.action == "stop":
             return SubmitResult(202, current.generation, "already stopping")
-        record = current.model_copy(update={"action": "stop"})
-        if await store.put_spec_record(record.model_dump(mode="json"), expect_mod_revision=revision):
-            await store.append_event("spec", f"stop of generation {record.generation} requested",
-                                     generation=record.generation)
-            return SubmitResult(202, record.generation)
-    return SubmitResult(409, 0, "the spec changed concurrently; try again")
+        return current.model_copy(update={"action": "stop"}), f"stop of generation {current.generation} requested"
 
-
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    return await _change_record(store, decide)
 
 
 def _same_roles(a: dict[str, Any], b: dict[str, Any]) -> bool:
