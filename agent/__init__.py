@@ -5,7 +5,7 @@ Modules, one concern each:
 - `config`: `AgentConfig` (etc/pdsupervisor/agent.yaml; flags override it).
 - `probes`: node facts read from /sys, /proc, /dev under a configurable root.
 - `proctree`: kill a whole process tree, never a stranger (pid + start time since boot).
-- `statefile`: atomic writes and the process records used for adoption.
+- `statefile`: the process records used for adoption (written with `pdsupervisor.atomic`).
 - `logs`: per-process log files (direct O_APPEND fds, copy-truncate rotation, tail/follow).
 - `supervisor`: `ManagedProcess`, one supervised process (spawn, probe, backoff, stop).
 - `reconciler`: assignment watch -> start/stop/restart; status written on change.

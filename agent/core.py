@@ -26,7 +26,7 @@ from agent.config import AgentConfig
 from agent.notify import Notifier
 from agent.reconciler import Reconciler
 from agent.registration import Registration
-from agent.statefile import ProcStore, matches
+from agent.statefile import ProcStore
 from agent.supervisor import ManagedProcess
 from pdsupervisor import __version__
 from pdsupervisor.aiowait import cancel_and_wait
@@ -70,7 +70,7 @@ class Agent:
             config = config.model_copy(update={"ip": probes.default_ip()})
         self.config = config
         self.name = config.name
-        self.state_dir = Path(config.state_dir)
+        self.state_dir = Path(config.state_dir).absolute()  # it goes into specs and facts
         self.log_dir = self.state_dir / "logs"
         self.store = Store(config.etcd, config.cluster, timeout_s=store_timeout(config.ttl))
         self.notifier = notifier or Notifier()
@@ -124,7 +124,7 @@ class Agent:
         return self.config.api_url(self.runner.addresses[0][1] if self.runner and self.runner.addresses else None)
 
     def _registered(self, lease: int) -> None:
-        self.reconciler.mark_dirty(force=True)  # resynchronise status after (re)registration
+        self.reconciler.mark_dirty()  # status under the new lease (see Reconciler._comparable)
 
     # ---- embedded etcd -------------------------------------------------------------
 
@@ -146,23 +146,18 @@ class Agent:
         spec = self._etcd_spec()
         records = ProcStore(self.state_dir / "bootstrap")
         adopt = None
-        for rec in records.load_all():
-            proc = matches(rec)
-            if proc is not None and rec.spec_hash == spec.spec_hash():
+        for rec, proc in records.live():
+            if rec.spec_hash == spec.spec_hash():
                 adopt = (rec, proc)
-            elif proc is not None:  # our etcd, but configured differently now: restart it
-                old = ManagedProcess(rec.process_spec, records=records, log_dir=self.log_dir, adopt=(rec, proc))
-                old.start()
-                await old.stop()
-            else:
-                records.remove(rec.name)
-        self.bootstrap = ManagedProcess(
-            spec, records=records, log_dir=self.log_dir, on_change=self.reconciler.mark_dirty, adopt=adopt
-        )
+            else:  # our etcd, but configured differently now: restart it
+                await ManagedProcess(rec.process_spec, records=records, log_dir=self.log_dir, adopt=(rec, proc)).stop()
+        changed = asyncio.Event()  # not the reconciler's: etcd is not in the node's status
+        self.bootstrap = ManagedProcess(spec, records=records, log_dir=self.log_dir, on_change=changed.set, adopt=adopt)
         self.bootstrap.start()
         self.notifier.status("waiting for the embedded etcd")
         while self.bootstrap.state != ProcessState.ready:
-            await asyncio.sleep(0.1)
+            await changed.wait()
+            changed.clear()
         log.info("embedded etcd ready", endpoint=spec.endpoint, adopted=adopt is not None)
 
     # ---- background loops ----------------------------------------------------------

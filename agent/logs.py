@@ -43,20 +43,21 @@ def rotate_if_needed(path: Path, max_bytes: int, keep: int) -> bool:
 
 
 def tail(path: Path, lines: int, chunk: int = 65536) -> list[str]:
-    """The last `lines` lines of `path` (reads backwards; cheap on big files)."""
+    """The last `lines` lines of `path` (reads backwards, chunk by chunk: linear in what it reads)."""
+    blocks: list[bytes] = []
+    newlines = 0
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            data = b""
-            while end > 0 and data.count(b"\n") <= lines:
+            end = f.seek(0, os.SEEK_END)
+            while end > 0 and newlines <= lines:
                 step = min(chunk, end)
                 end -= step
                 f.seek(end)
-                data = f.read(step) + data
+                blocks.append(f.read(step))
+                newlines += blocks[-1].count(b"\n")
     except FileNotFoundError:
         return []
-    out = data.decode(errors="replace").splitlines()
+    out = b"".join(reversed(blocks)).decode(errors="replace").splitlines()
     return out[-lines:] if lines > 0 else []
 
 

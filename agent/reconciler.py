@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from agent.statefile import ProcStore, matches
+from agent.statefile import ProcStore
 from agent.supervisor import ManagedProcess
 from pdsupervisor.aiowait import wait_event
 from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec
@@ -48,7 +48,6 @@ class Reconciler:
         self.procs: dict[str, ManagedProcess] = {}  # in the assignment's order
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
-        self._force = False
         self.lease_of: Callable[[], int | None] = lambda: None  # the agent's current member lease
         self._lock = asyncio.Lock()
 
@@ -57,14 +56,8 @@ class Reconciler:
     def adopt(self) -> list[str]:
         """Adopt live processes from the records, before any assignment is read."""
         adopted = []
-        for rec in self.records.load_all():
-            proc = matches(rec)
-            if proc is None:
-                log.warning("stale process record, not adopted", process=rec.name, pid=rec.pid)
-                self.records.remove(rec.name)
-                continue
-            m = self._new(rec.process_spec, adopt=(rec, proc))
-            m.start()
+        for rec, proc in self.records.live():
+            self._new(rec.process_spec, adopt=(rec, proc)).start()
             adopted.append(rec.name)
         return adopted
 
@@ -85,8 +78,8 @@ class Reconciler:
             if stop or changed:
                 log.info("stopping", removed=stop, changed=changed)
             await asyncio.gather(*(self.procs[n].stop() for n in stop + changed))
-            for n in stop + changed:
-                self.procs.pop(n, None)
+            for n in changed:  # started anew below; removed ones go with the rebuild at the end
+                self.procs.pop(n)
             for n, spec in desired.items():
                 if n in self.procs:
                     if self.procs[n].spec != spec:
@@ -134,8 +127,7 @@ class Reconciler:
 
     # ---- status ------------------------------------------------------------------
 
-    def mark_dirty(self, force: bool = False) -> None:
-        self._force = self._force or force
+    def mark_dirty(self) -> None:
         self._dirty.set()
 
     def snapshot_procs(self) -> list[ManagedProcess]:
@@ -146,12 +138,15 @@ class Reconciler:
                           processes=[m.status() for m in self.snapshot_procs()])
 
     @staticmethod
-    def _comparable(st: NodeStatus) -> list[dict]:
-        return [p.model_dump(exclude={"uptime_s"}) for p in st.processes]
+    def _comparable(st: NodeStatus) -> tuple[int, list[dict]]:
+        """What a write must carry when it changes: the processes, and the lease they are
+        reported under (readers ignore status under any other lease, so a re-registration
+        gets its own write)."""
+        return st.lease, [p.model_dump(exclude={"uptime_s"}) for p in st.processes]
 
     async def report_status(self) -> None:
         """Write status on change (coalesced) and every `heartbeat_s`; retry while etcd is away."""
-        last: list[dict] | None = None
+        last: tuple[int, list[dict]] | None = None
         last_write = -1e9
         delay = 0.5
         while True:
@@ -161,19 +156,15 @@ class Reconciler:
             self._dirty.clear()
             if not self.assignment_seen and not self.procs:
                 continue
-            # Take the force flag with the snapshot: a re-registration during the write below
-            # sets it again and gets a write of its own (readers ignore status older than it).
-            force, self._force = self._force, False
             st = self.snapshot()
             cmp = self._comparable(st)
             stale = time.monotonic() - last_write >= self.heartbeat_s
-            if cmp == last and not stale and not force:
+            if cmp == last and not stale:
                 continue
             try:
                 await self.store.put_status(st)
                 last, last_write, delay = cmp, time.monotonic(), 0.5
             except StoreUnavailable as exc:
-                self._force = self._force or force
                 log.warning("status write failed, will retry", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -59,30 +59,29 @@ class Registration:
     def _comparable(self, f: NodeFacts) -> dict:
         return f.model_dump(exclude={"registered_at", "hugepages_free", "lease"})
 
+    async def _publish(self, facts: NodeFacts, lease: int) -> None:
+        await self.store.register_member(
+            facts.model_copy(update={"registered_at": self._registered_at, "lease": lease}), lease)
+        self._facts_sent = self._comparable(facts)
+        self._facts_checked = time.monotonic()
+
     async def _register(self) -> None:
         lease = await self.store.grant_lease(self.ttl)
         self._registered_at = time.time()
-        facts = self.facts().model_copy(update={"registered_at": self._registered_at, "lease": lease})
-        await self.store.register_member(facts, lease)
+        await self._publish(self.facts(), lease)
         self.lease_id = lease
-        self._facts_sent = self._comparable(facts)
-        self._facts_checked = time.monotonic()
         self.last_refresh_mono = time.monotonic()
         log.info("registered", lease=hex(lease), ttl=self.ttl)
         self.registered.set()
         self.on_registered(lease)
 
-    async def _maybe_update_facts(self) -> None:
-        if time.monotonic() - self._facts_checked < FACTS_RECHECK_S or self.lease_id is None:
+    async def _maybe_update_facts(self, lease: int) -> None:
+        if time.monotonic() - self._facts_checked < FACTS_RECHECK_S:
             return
         self._facts_checked = time.monotonic()
         facts = self.facts()
-        comparable = self._comparable(facts)
-        if comparable != self._facts_sent:
-            await self.store.register_member(
-                facts.model_copy(update={"registered_at": self._registered_at, "lease": self.lease_id}),
-                self.lease_id)
-            self._facts_sent = comparable
+        if self._comparable(facts) != self._facts_sent:
+            await self._publish(facts, lease)
             log.info("node facts updated")
 
     async def run(self) -> None:
@@ -104,7 +103,7 @@ class Registration:
                         self.lease_id = None
                         continue
                     self.last_refresh_mono = time.monotonic()
-                    await self._maybe_update_facts()
+                    await self._maybe_update_facts(self.lease_id)
                 delay = 0.25
                 await asyncio.sleep(period)
             except StoreUnavailable as exc:

@@ -9,6 +9,7 @@ DELETE) need `Authorization: Bearer <token>` when a token file is configured, ch
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import json
@@ -115,16 +116,17 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
         n = max(0, min(int(request.query.get("tail", "100")), 100_000))
     except ValueError:
         raise _json_error(web.HTTPBadRequest, "tail must be an integer") from None
-    lines = logs.tail(path, n)
+    lines = await asyncio.to_thread(logs.tail, path, n)  # a big tail must not stall the loop
+    text = "".join(line + "\n" for line in lines)
     if request.query.get("follow") not in ("1", "true", "yes"):
-        return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
+        return web.Response(text=text, content_type="text/plain")
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    await resp.write("".join(line + "\n" for line in lines).encode())
+    await resp.write(text.encode())
     try:
         async for chunk in logs.follow(path, a.stopping):
             await resp.write(chunk)
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         pass
     return resp
 

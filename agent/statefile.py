@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+import structlog
 
 from agent import proctree
 from pdsupervisor.atomic import atomic_write
 from pdsupervisor.models import ProcessSpec
+
+log = structlog.get_logger("agent.statefile")
 
 __all__ = ["ProcRecord", "ProcStore", "cmdline_matches", "matches"]
 
@@ -64,6 +67,18 @@ class ProcStore:
                 out.append(ProcRecord(**json.loads(p.read_text())))
             except (OSError, ValueError, TypeError):
                 p.unlink(missing_ok=True)  # unreadable record: nothing we could safely adopt
+        return out
+
+    def live(self) -> list[tuple[ProcRecord, psutil.Process]]:
+        """Records whose process still runs, with it; a stale record is removed (and logged)."""
+        out = []
+        for rec in self.load_all():
+            proc = matches(rec)
+            if proc is None:
+                log.warning("stale process record, not adopted", process=rec.name, pid=rec.pid)
+                self.remove(rec.name)
+            else:
+                out.append((rec, proc))
         return out
 
 

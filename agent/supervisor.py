@@ -158,7 +158,6 @@ class ManagedProcess:
         self.log = log.bind(process=spec.name)
         # Adopted here, not in the task: a stop() before the task ever ran still finds the
         # process (and stops it) instead of forgetting it.
-        self._adopted = adopt is not None
         if adopt is not None:
             self._adopt_child(*adopt)
 
@@ -187,12 +186,12 @@ class ManagedProcess:
             self._task = asyncio.create_task(self._run(), name=f"proc:{self.name}")
 
     def update_spec(self, spec: ProcessSpec) -> None:
-        """Same hash, new metadata (generation): keep the process, remember the new spec."""
+        """Same hash, new metadata (generation): keep the process, remember the new spec
+        (the caller reports the status change)."""
         assert spec.spec_hash() == self.spec_hash
         self.spec = spec
         if self.child:
             self._save_record()
-        self._set(self.state, self.message)
 
     async def stop(self) -> None:
         """Stop the supervision and the whole process tree; forget the process."""
@@ -241,11 +240,8 @@ class ManagedProcess:
         ))
 
     def _write_files(self) -> None:
-        for f in self.spec.files:
-            path = Path(f.path)
-            if not path.is_absolute():
-                path = Path(self.spec.cwd or self.records.dir.parent) / path
-            atomic_write(path, f.content.encode(), f.mode)
+        for f in self.spec.files:  # a relative path is where the child sees it: under its cwd
+            atomic_write(Path(self.spec.cwd or ".", f.path), f.content.encode(), f.mode)
 
     def _spawn(self) -> None:
         self._write_files()
@@ -280,8 +276,7 @@ class ManagedProcess:
 
     async def _run(self) -> None:
         attempt = 0
-        if self._adopted:
-            self._adopted = False
+        if self.child is not None:  # adopted: a child of our own is only spawned below
             self._set(ProcessState.running, "adopted")
         while True:
             if self.child is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent import proctree
+from agent import logs, proctree
 from agent.statefile import ProcRecord, ProcStore, matches
 from agent.supervisor import ManagedProcess, backoff_delay, child_env
 from pdsupervisor.models import ProcessSpec, ProcessState, RestartPolicy
@@ -105,6 +105,24 @@ async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
     await m.stop()
 
 
+async def test_a_relative_file_is_written_where_the_child_runs(tmp_path, cleanup, monkeypatch):
+    from pdsupervisor.models import FileSpec
+
+    workdir = tmp_path / "agent-cwd"  # not the state dir (tmp_path): the child runs here
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    spec = ProcessSpec(
+        name="reader", role="decode", files=[FileSpec(path="rel/cfg.json", content="seen")], restart=FAST,
+        argv=[sys.executable, "-c", "import time; print(open('rel/cfg.json').read(), flush=True); time.sleep(600)"],
+    )
+    m = mp(tmp_path, spec)
+    cleanup[0].append(m)
+    m.start()
+    await until(lambda: "seen" in m.log_path.read_text() if m.log_path.exists() else False, what="child read it")
+    assert (workdir / "rel" / "cfg.json").read_text() == "seen" and m.restarts == 0
+    await m.stop()
+
+
 async def test_adoption_record_matches_only_same_process(tmp_path, cleanup):
     argv = [sys.executable, "-c", "import time; time.sleep(600)"]
     p = psutil.Popen(argv)
@@ -139,7 +157,8 @@ async def test_an_adopted_process_stopped_before_its_task_ran_is_stopped(tmp_pat
     m = ManagedProcess(spec, records=records, log_dir=tmp_path / "logs", adopt=(rec, matches(rec)))
     m.start()
     await m.stop()  # the supervision task never got to run
-    assert p.wait(timeout=5) is not None  # it was signalled (and is reaped here, being our child)
+    # it was stopped with the spec's stop_signal, SIGTERM (and is reaped here, being our child)
+    assert p.wait(timeout=5) == -signal.SIGTERM
     assert records.load_all() == [] and m.state == ProcessState.exited
 
 
@@ -159,7 +178,6 @@ def test_child_env_strips_notify_socket(monkeypatch):
 def test_copytruncate_rotation_keeps_child_writing(tmp_path, cleanup):
     import subprocess
 
-    from agent import logs
 
     path = tmp_path / "logs" / "w.log"
     fd = logs.open_log(path)
@@ -226,6 +244,15 @@ async def test_a_wall_clock_step_does_not_change_who_is_ours(monkeypatch):
         monkeypatch.setattr(pslinux, "boot_time", lambda: real_boot() + 5.0)  # the clock stepped 5 s
         assert proctree.same_process(child.pid, start) is not None
         assert await proctree.terminate_tree(child.pid, start, signal.SIGTERM, 2) == []
-        assert child.wait(5) is not None
+        assert child.wait(5) == -signal.SIGTERM  # the SIGTERM ended it, not the SIGKILL after the timeout
     finally:
         kill_tree(child.pid)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 250, 10_000])
+def test_tail_reads_back_across_chunks(tmp_path, n):
+    """Lines of uneven length, a chunk far smaller than the file: the same as reading it all."""
+    path = tmp_path / "p.log"
+    text = "".join(f"{i} {'y' * (i % 37)}\n" for i in range(3000))
+    path.write_text(text)
+    assert logs.tail(path, n, chunk=100) == (text.splitlines()[-n:] if n else [])
