@@ -7,6 +7,7 @@ import click
 from pdsupervisor import __version__
 from pdsupervisor.cluster_commands import events_command, logs_command, start_command, status_command, stop_command
 from pdsupervisor.demo import demo_command
+from pdsupervisor.doctor_command import doctor_command
 from pdsupervisor.plan_command import plan_command
 from pdsupervisor.proxy.cli import proxy
 from pdsupervisor.simengine.cli import sim_engine
@@ -19,8 +20,5 @@ def main() -> None:
 
 
 for _command in (plan_command, start_command, status_command, stop_command, events_command, logs_command,
-                 demo_command, proxy, sim_engine):
+                 demo_command, doctor_command, proxy, sim_engine):
     main.add_command(_command)
-
-# Further subcommands register below, one line each, from their own modules.
-from pdsupervisor.doctor_command import doctor_command; main.add_command(doctor_command)  # noqa: E402, E702

@@ -53,7 +53,7 @@ class ApiClient:
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
         async with self._session() as session, session.request(method, path.lstrip("/"), **kw) as resp:
-            body: Any = await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text()
+            body = await _body(resp)
             if resp.status >= 400:
                 raise ApiError(resp.status, body)
             return body
@@ -82,6 +82,11 @@ class ApiClient:
         timeout = aiohttp.ClientTimeout(total=None if follow else self.timeout_s)
         async with other._session() as session, session.get(f"logs/{process}", params=params, timeout=timeout) as resp:
             if resp.status >= 400:
-                raise ApiError(resp.status, await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text())
+                raise ApiError(resp.status, await _body(resp))
             async for line in resp.content:
                 yield line.decode(errors="replace")
+
+
+async def _body(resp: aiohttp.ClientResponse) -> Any:
+    """JSON when the agent says so (every answer of ours), else the text (a proxy in between)."""
+    return await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text()

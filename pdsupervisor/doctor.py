@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pdsupervisor.models import NodeFacts
-from pdsupervisor.planner import ENGINE_ROLES, NodePlan, Plan, mooncake_config
+from pdsupervisor.planner import ENGINE_ROLES, Plan, mooncake_config, port_claims
 from pdsupervisor.spec import ClusterSpec
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -163,15 +163,7 @@ def fact_checks(spec: ClusterSpec, facts: NodeFacts, roles: Collection[str]) -> 
 def ports_needed(spec: ClusterSpec, plan: Plan | None, node: str) -> dict[int, str]:
     """Port -> what needs it on `node`. Without a plan: every port any role might put here."""
     if plan is not None:
-        np_: NodePlan | None = plan.nodes.get(node)
-        if np_ is None:
-            return {}
-        out = {p.port: p.name for p in np_.processes if p.port is not None}
-        if "etcd" in np_.roles:
-            out[spec.etcd.peer_port] = "etcd peer"
-        if node == plan.dp_master and plan.dp_size > 1:
-            out[spec.decode.dp_master_port] = "decode DP master"
-        return out
+        return {c.port: c.holder for c in port_claims(spec, plan, node)}
     out = {spec.etcd.client_port: "etcd", spec.etcd.peer_port: "etcd peer",
            spec.mooncake.port: "mooncake-master", spec.proxy.port: "proxy",
            spec.decode.dp_master_port: "decode DP master"}

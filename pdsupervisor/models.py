@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["etcd", "mooncake-master", "prefill", "decode", "proxy"]
-ROLES: tuple[str, ...] = ("etcd", "mooncake-master", "prefill", "decode", "proxy")
 
 
 class Strict(BaseModel):

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pdsupervisor.cluster_commands import console
 from pdsupervisor.doctor import hard_failures
 from pdsupervisor.models import NodeFacts, RdmaDevice, RdmaPort
 from pdsupervisor.planner import Plan, plan_cluster
@@ -48,8 +49,8 @@ def parse_node(text: str) -> NodeFacts:
     return NodeFacts.model_validate(fields)
 
 
-def plan_table(plan: Plan, console: Console) -> None:
-    console.print(
+def plan_table(plan: Plan, out: Console) -> None:
+    out.print(
         f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  master {plan.master_address}  "
         f"DP size {plan.dp_size} (master {plan.dp_master})  EP {plan.ep_size}  proxy {plan.proxy_url}"
     )
@@ -60,10 +61,10 @@ def plan_table(plan: Plan, console: Console) -> None:
         for p in np_.processes:
             table.add_row(node, np_.ip, p.name, p.role, p.endpoint or "", "" if p.dp_rank is None else str(p.dp_rank),
                           " ".join(p.argv))
-    console.print(table)
+    out.print(table)
     for node, np_ in plan.nodes.items():
         if np_.mooncake_config:
-            console.print(f"{node}: {np_.mooncake_config_path} = {json.dumps(np_.mooncake_config)}")
+            out.print(f"{node}: {np_.mooncake_config_path} = {json.dumps(np_.mooncake_config)}")
 
 
 @click.command("plan")
@@ -91,4 +92,4 @@ def plan_command(spec_file: Path, nodes: tuple[str, ...], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
     else:
-        plan_table(plan, Console(width=200))
+        plan_table(plan, console())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from pydantic import Field
 
@@ -184,16 +185,13 @@ def _etcd_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
 
 def _engine_processes(
     spec: ClusterSpec, role_name: str, facts: NodeFacts, node_index: int, dp_master: NodeFacts | None,
-    config_path: str,
+    config_file: FileSpec, dp_size: int, ep_size: int,
 ) -> list[ProcessSpec]:
+    """The node's engines of one role. `dp_size`/`ep_size`: the decode group's (1 for prefill)."""
     role: RoleSpec = spec.prefill if role_name == "prefill" else spec.decode
     per_node = role.engines_per_node
     decode = spec.decode
-    dp_size = 1
-    ep_size = 1
-    if role_name == "decode":
-        dp_size = _decode_dp_size(spec, _decode_count(spec))
-        ep_size = decode.ep_size or dp_size * decode.tp
+    config_path = config_file.path
     out = []
     for local in range(per_node):
         port = role.base_port + local
@@ -228,16 +226,9 @@ def _engine_processes(
             restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
             start_timeout_s=role.readiness.start_timeout_s,
             dp_rank=rank if role_name == "decode" else None,
+            files=[config_file],  # every engine carries it: whichever starts first writes it
         ))
     return out
-
-
-def _decode_count(spec: ClusterSpec) -> int:
-    return spec.decode.nodes or len(spec.decode.node_names)
-
-
-def _decode_dp_size(spec: ClusterSpec, decode_nodes: int) -> int:
-    return decode_nodes * spec.decode.engines_per_node
 
 
 def interleaved_decode_endpoints(plan_nodes: Sequence[NodePlan]) -> list[str]:
@@ -319,7 +310,8 @@ def plan_cluster(
     master_facts = nodes[master_node]
     master_address = f"{master_facts.ip}:{spec.mooncake.port}"
     decode_nodes = placement["decode"]
-    dp_size = _decode_dp_size(spec, len(decode_nodes))
+    dp_size = len(decode_nodes) * spec.decode.engines_per_node
+    ep_size = spec.decode.ep_size or dp_size * spec.decode.tp
     dp_master = nodes[decode_nodes[0]] if decode_nodes else None
     plans: dict[str, NodePlan] = {}
 
@@ -342,20 +334,12 @@ def plan_cluster(
             facts = nodes[name]
             np_ = node_plan(name)
             np_.roles.append(role_name)
-            path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
             np_.mooncake_config = mooncake_config(spec, facts, etcd_endpoints[0], master_address)
-            np_.mooncake_config_path = path
-            np_.processes += _engine_processes(spec, role_name, facts, index, dp_master, path)
-
-    # Every engine carries the node's Mooncake JSON, so whichever starts first writes it.
-    for np_ in plans.values():
-        engines = [p for p in np_.processes if p.role in ENGINE_ROLES]
-        if np_.mooncake_config is not None and engines:
-            config_file = FileSpec(
-                path=np_.mooncake_config_path or "", content=json.dumps(np_.mooncake_config, indent=2) + "\n",
-            )
-            for engine in engines:
-                engine.files.append(config_file)
+            np_.mooncake_config_path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
+            config_file = FileSpec(path=np_.mooncake_config_path,
+                                   content=json.dumps(np_.mooncake_config, indent=2) + "\n")
+            group = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            np_.processes += _engine_processes(spec, role_name, facts, index, dp_master, config_file, *group)
 
     px = node_plan(proxy_node)
     px.roles.append("proxy")
@@ -367,7 +351,7 @@ def plan_cluster(
         cluster=spec.cluster, generation=generation, placement=placement, etcd_endpoints=etcd_endpoints,
         master_node=master_node, master_address=master_address, proxy_node=proxy_node,
         proxy_url=f"http://{nodes[proxy_node].ip}:{spec.proxy.port}", dp_size=dp_size,
-        ep_size=spec.decode.ep_size or dp_size * spec.decode.tp,
+        ep_size=ep_size,
         dp_master=dp_master.name if dp_master else None,
         nodes=dict(sorted(plans.items())),
     )
@@ -378,21 +362,38 @@ def plan_cluster(
     return plan
 
 
+_PORT_FIELD = {
+    "etcd": "etcd.client_port", "mooncake-master": "mooncake.port", "prefill": "prefill.base_port",
+    "decode": "decode.base_port", "proxy": "proxy.port",
+}
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    port: int
+    field: str  # the spec field that sets it
+    holder: str  # what binds it: a process name, "etcd peer", "decode DP master"
+
+
+def port_claims(spec: ClusterSpec, plan: Plan, node: str) -> list[PortClaim]:
+    """Every port the plan binds on `node`, the etcd peer and DP rendezvous ports included."""
+    np_ = plan.nodes.get(node)
+    if np_ is None:
+        return []
+    claims = [PortClaim(p.port, _PORT_FIELD[p.role], p.name) for p in np_.processes if p.port is not None]
+    if "etcd" in np_.roles:
+        claims.append(PortClaim(spec.etcd.peer_port, "etcd.peer_port", "etcd peer"))
+    if node == plan.dp_master and plan.dp_size > 1:
+        claims.append(PortClaim(spec.decode.dp_master_port, "decode.dp_master_port", "decode DP master"))
+    return claims
+
+
 def _check_ports(spec: ClusterSpec, plan: Plan) -> None:
-    """(node, port) pairs must be unique, the DP rendezvous port included."""
+    """(node, port) pairs must be unique."""
     problems: list[tuple[str, str]] = []
-    field_of = {
-        "etcd": "etcd.client_port", "mooncake-master": "mooncake.port", "prefill": "prefill.base_port",
-        "decode": "decode.base_port", "proxy": "proxy.port",
-    }
     for np_ in plan.nodes.values():
         seen: dict[int, str] = {}
-        claims = [(p.port, field_of[p.role]) for p in np_.processes if p.port is not None]
-        if "etcd" in np_.roles:
-            claims.append((spec.etcd.peer_port, "etcd.peer_port"))
-        if np_.node == plan.dp_master and plan.dp_size > 1:
-            claims.append((spec.decode.dp_master_port, "decode.dp_master_port"))
-        for port, field in claims:
+        for port, field in ((c.port, c.field) for c in port_claims(spec, plan, np_.node)):
             if port in seen and seen[port] != field:
                 problems.append((field, f"port {port} on node {np_.node} is also {seen[port]}"))
             elif port in seen:

@@ -220,7 +220,7 @@ def _role_problems(name: str, role: RoleSpec) -> list[tuple[str, str]]:
         problems.append((f"{name}.nodes", f"{role.nodes} but node_names lists {len(role.node_names)}"))
     if len(set(role.node_names)) != len(role.node_names):
         problems.append((f"{name}.node_names", "a node is listed twice"))
-    if role.slots // max(role.tp, 1) and role.base_port + role.slots // max(role.tp, 1) - 1 > 65535:
+    if role.base_port + role.engines_per_node - 1 > 65535:
         problems.append((f"{name}.base_port", "engine ports run past 65535"))
     problems += _placeholder_problems(f"{name}.argv", role.argv, ENGINE_PLACEHOLDERS)
     problems += _placeholder_problems(f"{name}.env", role.env.values(), ENGINE_PLACEHOLDERS)

@@ -260,3 +260,21 @@ def test_port_clash_names_both_fields():
     doc["decode"]["dp_master_port"] = 8203
     with pytest.raises(PlanError, match="decode.dp_master_port.*g13"):
         plan_cluster(validate_spec(doc), seed_nodes())
+
+
+def test_every_placeholder_the_spec_accepts_is_filled():
+    """spec.py's placeholder lists and what the planner fills are kept in step by this test:
+    a name accepted but not filled would reach an engine or the proxy as a literal `{name}`."""
+    from pdsupervisor.spec import ENGINE_PLACEHOLDERS, PROXY_LIST_PLACEHOLDERS, PROXY_PLACEHOLDERS
+
+    doc = example_doc()
+    for role in ("prefill", "decode"):
+        doc[role]["argv"] = [f"--{n}={{{n}}}" for n in sorted(ENGINE_PLACEHOLDERS)]
+    doc["proxy"] = {**doc.get("proxy", {}), "kind": "external",
+                    "argv": [f"--{n}={{{n}}}" for n in sorted(PROXY_PLACEHOLDERS)]
+                    + [f"{{{n}}}" for n in sorted(PROXY_LIST_PLACEHOLDERS)]}
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    argvs = [p.argv for np_ in plan.nodes.values() for p in np_.processes if p.role in ("prefill", "decode", "proxy")]
+    assert len(argvs) == 1 + 16 + 1
+    left = sorted({item for argv in argvs for item in argv if "{" in item})
+    assert left == [], left
