@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pdsupervisor.models import is_wildcard
+
 DEFAULT_PORT = 8470
 DEFAULT_CONFIG_PATH = "/etc/pdsupervisor/agent.yaml"
 
@@ -78,7 +80,7 @@ class AgentConfig(_Strict):
 
     @property
     def api_host(self) -> str:
-        return self.ip if self.rest.host in ("0.0.0.0", "::", "") and self.ip else self.rest.host
+        return self.ip if is_wildcard(self.rest.host) and self.ip else self.rest.host
 
     def api_url(self, port: int | None = None) -> str:
         """Where other nodes reach this agent's API (`port`: the one actually bound)."""

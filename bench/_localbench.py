@@ -21,14 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.client import ApiClient, ApiError  # noqa: E402
-from pdsupervisor.localcluster import LocalCluster  # noqa: E402
+from pdsupervisor.doctor_command import taken_ports  # noqa: E402
+from pdsupervisor.localcluster import BootError, LocalCluster  # noqa: E402
 
 # Private ports: below the ephemeral range (32768+), away from the demo's.
 ETCD_PORT = 12379          # and 12380 for peers
@@ -67,8 +67,7 @@ def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *
 
 def ports_in_use(n_agents: int) -> list[int]:
     wanted = [ETCD_PORT, ETCD_PORT + 1, PROXY_PORT] + [API_BASE_PORT + i for i in range(n_agents)]
-    busy = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-    return [p for p in wanted if p in busy]
+    return sorted(taken_ports(wanted))
 
 
 def new_cluster(name: str, nodes: int, ttl: int) -> LocalCluster:
@@ -81,20 +80,10 @@ async def boot(lc: LocalCluster, timeout: float = 180.0) -> float:
     busy = ports_in_use(len(lc.agents))
     if busy:
         raise SystemExit(f"ports already in use: {busy} (another bench running?)")
-    t0 = time.monotonic()
-    lc.start()
-    client = ApiClient(lc.agents[0].api_url, timeout_s=3)
-    while True:
-        for a in lc.agents:
-            if a.proc and a.proc.poll() is not None:
-                raise SystemExit(f"agent {a.name} exited {a.proc.returncode}; see {a.log_path}")
-        with contextlib.suppress(OSError, ApiError, asyncio.TimeoutError):
-            if len((await client.nodes())["nodes"]) >= len(lc.agents):
-                break
-        if time.monotonic() - t0 > timeout:
-            raise SystemExit(f"agents did not all register in {timeout}s; logs in {lc.root}")
-        await asyncio.sleep(0.2)
-    return time.monotonic() - t0
+    try:
+        return await lc.boot(timeout, poll_s=0.2)
+    except BootError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 _last_error: list[str] = []

@@ -40,7 +40,7 @@ from _localbench import (  # noqa: E402
     standalone_engine_startup, summary, wait_doc,
 )
 
-ENGINE_ROLES = ("prefill", "decode")
+from pdsupervisor.planner import ENGINE_ROLES  # noqa: E402
 
 
 def split_nodes(n: int) -> tuple[list[str], list[str]]:

@@ -26,8 +26,10 @@ from rich.console import Console
 from pdsupervisor.client import ApiClient, ApiError
 from pdsupervisor.cluster_commands import console as make_console
 from pdsupervisor.cluster_commands import status_table, wait_for_phase
+from pdsupervisor.doctor import ports_needed
 from pdsupervisor.doctor_command import taken_ports
-from pdsupervisor.localcluster import LocalCluster
+from pdsupervisor.localcluster import BootError, LocalCluster
+from pdsupervisor.spec import ClusterSpec, SpecError, load_spec
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parent.parent / "etc" / "pdsupervisor" / "demo.yaml"
 
@@ -66,11 +68,18 @@ def _demo_spec(doc: dict[str, Any], console: Console) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-async def _nodes_or_none(client: ApiClient) -> list[dict[str, Any]] | None:
-    try:
-        return (await client.nodes())["nodes"]
-    except ApiError:  # 503 while the agent's etcd connection comes up
-        return None
+def _refuse_taken_ports(spec: ClusterSpec, lc: LocalCluster) -> None:
+    """Every port the demo's processes bind, all on this machine: the spec's (any role's, as
+    `doctor` without a plan) and the agents' APIs. A taken one stops the demo before it starts."""
+    needed = ports_needed(spec, None, lc.agents[0].name)
+    if not spec.mooncake.enabled and needed.get(spec.mooncake.port) == "mooncake-master":
+        del needed[spec.mooncake.port]
+    needed.update({a.api_port: f"{a.name}'s agent API" for a in lc.agents})
+    taken = taken_ports(sorted(needed))
+    if taken:
+        held = ", ".join(f"{port}" + (f" by {holder}" if holder else "") + f" (needed by {needed[port]})"
+                         for port, holder in sorted(taken.items()))
+        raise click.ClickException(f"ports already in use: {held} (another etcd or demo?)")
 
 
 async def _one_completion(proxy_url: str, model: str) -> dict[str, Any]:
@@ -85,21 +94,10 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     client = ApiClient(lc.agents[0].api_url)
     started = time.monotonic()
     console.print(f"starting etcd and {len(lc.agents)} agents (logs in {lc.root}) ...")
-    lc.start()
-    for agent in lc.agents:
-        while True:
-            if agent.proc and agent.proc.poll() is not None:
-                raise click.ClickException(f"agent {agent.name} exited with {agent.proc.returncode}; see {agent.log_path}")
-            with contextlib.suppress(OSError, ApiError, asyncio.TimeoutError):
-                await ApiClient(agent.api_url, timeout_s=1).request("GET", "/healthz")
-                break
-            if time.monotonic() - started > timeout:
-                raise click.ClickException(f"agent {agent.name} did not answer; see {agent.log_path}")
-            await asyncio.sleep(0.1)
-    while len((await _nodes_or_none(client)) or []) < len(lc.agents):
-        if time.monotonic() - started > timeout:
-            raise click.ClickException(f"agents did not register in etcd; see {lc.root}/*/agent.log")
-        await asyncio.sleep(0.1)
+    try:
+        await lc.boot(timeout)
+    except BootError as exc:
+        raise click.ClickException(str(exc)) from None
     answer = await client.start(spec_text)
     console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
     doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
@@ -146,15 +144,17 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
         raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
     lock = _take_lock(state_dir)
     doc = yaml.safe_load(spec_path.read_text())
-    lc = LocalCluster(cluster=doc["cluster"], root=state_dir / "run")
-    ports = [a.api_port for a in lc.agents] + [lc.etcd_port, lc.etcd_port + 1, doc.get("proxy", {}).get("port", 8868)]
-    taken = taken_ports(ports)
-    if taken:
-        held = ", ".join(f"{port}" + (f" by {holder}" if holder else "") for port, holder in taken.items())
-        raise click.ClickException(f"ports already in use: {held} (another etcd or demo?)")
+    spec_text = _demo_spec(doc, console)
+    try:
+        spec = load_spec(spec_text)
+    except SpecError as exc:
+        raise click.ClickException(f"{spec_path}: invalid:\n{exc}") from None
+    # node1's agent starts etcd where the spec (and so the plan) has it
+    lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
+                      etcd_peer_port=spec.etcd.peer_port)
+    _refuse_taken_ports(spec, lc)
     if lc.root.exists():
         shutil.rmtree(lc.root)  # a fresh etcd and fresh process records each run
-    spec_text = _demo_spec(doc, console)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +174,22 @@ def _load(spec_file: Path) -> ClusterSpec:
         raise click.ClickException(f"{spec_file}: invalid:\n{exc}") from None
 
 
+def _jsonable(value: Any) -> Any:
+    """A report with its CheckResult/FixDone objects as dicts: what `-o json` prints."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: int | None,
               nodes: tuple[str, ...], etcd: str | None, fix: bool) -> dict[str, Any]:
-    """Every check for this node; with `fix`, write the safe fixes first and check again."""
+    """Every check for this node; with `fix`, write the safe fixes first and check again.
+
+    The report holds the CheckResult and FixDone objects (`_jsonable` for JSON)."""
     local = local_facts(root, name, ip, accelerators)
     fixes: list[FixDone] = []
     if fix:
@@ -198,12 +211,17 @@ def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: in
     return {
         "node": name, "roles": roles,
         "plan": "planned" if plan is not None else f"not planned ({plan_note}): ports are every role's",
-        "fixes": [asdict(f) for f in fixes], "status": worst(results),
-        "results": [r.as_dict() for r in results],
+        "fixes": fixes, "status": worst(results), "results": results,
     }
 
 
 async def _cluster_results(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
+    """Every member's checks as `-o json` prints them."""
+    return _jsonable(await _cluster_checks(client, spec))
+
+
+async def _cluster_checks(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
+    """Every member's checks from its registered facts (CheckResult objects)."""
     members = {n["name"]: NodeFacts.model_validate(n) for n in (await client.nodes())["nodes"]}
     plan, plan_note = _plan(spec, members)
     nodes: dict[str, Any] = {}
@@ -212,7 +230,7 @@ async def _cluster_results(client: ApiClient, spec: ClusterSpec) -> dict[str, An
         roles = planned_roles(plan, name)
         results = fact_checks(spec, facts, roles)
         every += results
-        nodes[name] = {"roles": roles, "status": worst(results), "results": [r.as_dict() for r in results]}
+        nodes[name] = {"roles": roles, "status": worst(results), "results": results}
     return {"plan": "planned" if plan is not None else f"not planned ({plan_note})",
             "status": worst(every), "nodes": nodes}
 
@@ -224,7 +242,7 @@ async def _cluster_results(client: ApiClient, spec: ClusterSpec) -> dict[str, An
               help="Every member's registered facts (GET /nodes) instead of this host.")
 @api_options
 @click.option("--root", default="/", show_default=True, help="Root for /sys, /proc and /dev (a test tree).")
-@click.option("--name", default=None, help="This node's name [default: short hostname].")
+@click.option("--name", default=None, help="This node's name [default: the hostname, as pd-agent's].")
 @click.option("--ip", default=None, help="This node's IP [default: first non-loopback IPv4].")
 @click.option("--accelerators", type=int, default=None, help="Override the accelerator count probed.")
 @click.option("--node", "nodes", multiple=True, metavar="NAME=IP[,key=value...]",
@@ -243,21 +261,22 @@ def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: st
     if cluster_wide:
         if fix:
             raise click.ClickException("--fix applies to this host only: run `pdsupervisor doctor --fix` on each node")
-        doc = run(_cluster_results(make_client(api, token_file, ca_file), spec))
-        rows = [(n, CheckResult(**r)) for n, d in doc["nodes"].items() for r in d["results"]]
+        doc = run(_cluster_checks(make_client(api, token_file, ca_file), spec))
+        rows = [(n, r) for n, d in doc["nodes"].items() for r in d["results"]]
     else:
-        name = name or socket.gethostname().split(".")[0]
+        name = name or socket.gethostname()  # pd-agent's default name: the plan must agree
         doc = run_local(spec, root, name, ip or probes.default_ip(), accelerators, nodes, etcd, fix)
-        rows = [(name, CheckResult(**r)) for r in doc["results"]]
+        rows = [(name, r) for r in doc["results"]]
     if output == "json":
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(_jsonable(doc), indent=2))
     else:
         out = console()
-        for f in doc.get("fixes", []):
-            if f["error"]:
-                out.print(f"[red]could not fix[/] {f['check']}: {f['path']}: {f['error']}")
+        fixes: list[FixDone] = doc.get("fixes", [])
+        for f in fixes:
+            if f.error:
+                out.print(f"[red]could not fix[/] {f.check}: {f.path}: {f.error}")
             else:
-                out.print(f"[green]fixed[/] {f['check']}: wrote {f['after']} to {f['path']} (was {f['before']})")
+                out.print(f"[green]fixed[/] {f.check}: wrote {f.after} to {f.path} (was {f.before})")
         out.print(f"plan: {doc['plan']}")
         out.print(results_table(rows, with_node=cluster_wide))
         out.print(f"overall: [{STATUS_STYLE[doc['status']]}]{doc['status']}[/]")

@@ -7,12 +7,15 @@ the whole set (the agents leave their children running by design).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,10 @@ from pathlib import Path
 import psutil
 
 MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
+
+
+class BootError(RuntimeError):
+    """An agent exited, or not every agent registered in time."""
 
 
 @dataclass
@@ -48,12 +55,14 @@ class LocalCluster:
     root: Path
     nodes: int = 3
     etcd_port: int = 2379
+    etcd_peer_port: int = 0  # 0: etcd_port + 1
     api_base_port: int = 8471
     ttl: int = 5
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     agents: list[LocalAgent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.etcd_peer_port = self.etcd_peer_port or self.etcd_port + 1
         self.agents = [
             LocalAgent(
                 name=f"node{i + 1}", ip=f"127.0.0.{i + 1}", api_port=self.api_base_port + i,
@@ -75,7 +84,7 @@ class LocalCluster:
         ]
         if agent.bootstrap_etcd:
             argv += ["--bootstrap-etcd", "--etcd-client-port", str(self.etcd_port),
-                     "--etcd-peer-port", str(self.etcd_port + 1)]
+                     "--etcd-peer-port", str(self.etcd_peer_port)]
         return argv
 
     def start_agent(self, agent: LocalAgent) -> None:
@@ -91,6 +100,36 @@ class LocalCluster:
     def start(self) -> None:
         for agent in self.agents:
             self.start_agent(agent)
+
+    async def boot(self, timeout: float, poll_s: float = 0.1) -> float:
+        """Start every agent and wait until all are registered (`GET /nodes` on node1); seconds taken.
+
+        BootError, naming the log to read, when an agent process exits or `timeout` passes first.
+        """
+        from aiohttp import ClientError
+
+        from pdsupervisor.client import ApiClient, ApiError
+
+        t0 = time.monotonic()
+        self.start()
+        client = ApiClient(self.agents[0].api_url, timeout_s=3)
+        registered: set[str] | None = None  # None: node1's API has not answered yet
+        while True:
+            for a in self.agents:
+                if a.proc and a.proc.poll() is not None:
+                    raise BootError(f"agent {a.name} exited with {a.proc.returncode}; see {a.log_path}")
+            with contextlib.suppress(OSError, ClientError, ApiError, asyncio.TimeoutError):  # 503 while etcd comes up
+                registered = {n["name"] for n in (await client.nodes())["nodes"]}
+                if registered >= {a.name for a in self.agents}:
+                    return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                if registered is None:
+                    raise BootError(f"agent {self.agents[0].name} did not answer on {client.base_url} "
+                                    f"in {timeout:g}s; see {self.agents[0].log_path}")
+                missing = ", ".join(a.name for a in self.agents if a.name not in registered)
+                raise BootError(f"agents not registered in etcd after {timeout:g}s: {missing}; "
+                                f"see {self.root}/<node>/agent.log")
+            await asyncio.sleep(poll_s)
 
     def stop_agents(self, timeout: float = 10) -> None:
         """SIGTERM every agent (they leave their processes running) and wait for them."""

@@ -37,7 +37,8 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
                  what="the demo's completion")
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        # the same marker: anything a second demo wrongly started is found (and killed) too
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         assert second.returncode == 1
         assert "a demo is already running" in second.stdout + second.stderr
         assert _phase() == "ready"  # the second attempt touched nothing
@@ -52,3 +53,33 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
             demo.kill()
         kill_marked(marker)
         out.close()
+
+
+def test_demo_refuses_a_taken_engine_port_before_starting_anything(tmp_path):
+    import socket
+
+    import yaml
+
+    from pdsupervisor.demo import REPO_DEMO_SPEC
+    from tests.conftest import free_port
+
+    doc = yaml.safe_load(REPO_DEMO_SPEC.read_text())
+    port = free_port(span=2)
+    doc["prefill"]["base_port"] = port  # prefill-0's port, held below
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker}
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--spec", str(spec), "--state-dir", str(tmp_path / "demo"),
+            "--timeout", "20", "--exit-when-ready"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen(1)
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        finally:
+            kill_marked(marker)
+    text = " ".join((out.stdout + out.stderr).split())  # rich may wrap the message
+    assert out.returncode == 1
+    assert "ports already in use" in text and f"{port}" in text and "prefill-0" in text
+    assert not (tmp_path / "demo" / "run").exists()  # nothing was started

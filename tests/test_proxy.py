@@ -9,8 +9,9 @@ import signal
 
 import aiohttp
 import openai
-from conftest import until
-from pdproc import http, metric, wait_for
+
+from tests.conftest import until
+from tests.pdproc import http, metric, wait_for
 
 
 def _pd(procs, n_pre=1, n_dec=2, *engine_args, proxy_args=()):
@@ -57,7 +58,7 @@ def test_openai_client(procs):
 
 
 def test_errors_are_openai_shaped(procs, tmp_path):
-    from conftest import free_port
+    from tests.conftest import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     dec, _ = procs.engine("decode")
@@ -73,7 +74,7 @@ def test_errors_are_openai_shaped(procs, tmp_path):
 
 
 def test_ejected_instance_is_probed_back(procs):
-    from conftest import free_port
+    from tests.conftest import free_port
 
     pre, _ = procs.engine("prefill")
     port = free_port()
@@ -84,33 +85,17 @@ def test_ejected_instance_is_probed_back(procs):
     assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
 
 
-def test_black_holed_instance_is_ejected_and_the_request_retried(procs):
+def test_black_holed_instance_is_ejected_and_the_request_retried(procs, black_hole):
     """A node that drops SYNs (full accept queue) costs one connect timeout, once."""
-    import socket
-
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):  # fill the accept queue: later SYNs are dropped, connects hang
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(hole.getsockname())
-        fillers.append(c)
-    try:
-        pre, _ = procs.engine("prefill")
-        dec, _ = procs.engine("decode")
-        black = f"127.0.0.1:{hole.getsockname()[1]}"
-        base, _ = procs.proxy("--prefill", pre, "--decode", black, dec, "--connect-timeout", "0.5",
-                              "--round-robin")
-        answers = [http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] for _ in range(4)]
-        assert answers == [200] * 4
-        status = json.loads(http("GET", base + "/status")[1])
-        assert black in json.dumps(status["ejected"])
-    finally:
-        for c in fillers:
-            c.close()
-        hole.close()
+    pre, _ = procs.engine("prefill")
+    dec, _ = procs.engine("decode")
+    black = black_hole
+    base, _ = procs.proxy("--prefill", pre, "--decode", black, dec, "--connect-timeout", "0.5",
+                          "--round-robin")
+    answers = [http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] for _ in range(4)]
+    assert answers == [200] * 4
+    status = json.loads(http("GET", base + "/status")[1])
+    assert black in json.dumps(status["ejected"])
 
 
 def test_api_key(procs, tmp_path):
@@ -192,3 +177,64 @@ def test_decode_killed_under_load_loses_nothing_unstarted(procs):
     assert sum(1 for stream, _, complete in results if stream and not complete) <= 8
     st = json.loads(http("GET", base + "/status")[1])
     assert dec1 in st["ejected"]
+
+
+def test_an_empty_200_from_decode_is_one_failed_exchange():
+    """Counted once, as a failure (not also as ok), retried elsewhere; `served` counts successes only."""
+    from aiohttp import web
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pdsupervisor.aioserve import start_site
+    from pdsupervisor.proxy.instances import Registry
+    from pdsupervisor.proxy.server import PDProxy, ProxyConfig
+    from tests.conftest import free_port
+
+    async def prefill(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"text": "t0"}], "kv_transfer_params": {"k": 1}})
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=200, body=b"", content_type="application/json")
+
+    async def decode(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"text": " t0 t1"}]})
+
+    def samples(text: str, name: str, **labels: str) -> list[float]:
+        return [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    async def go() -> None:
+        runners = []
+        eps = {}
+        for name, handler in (("pre", prefill), ("bad", empty), ("good", decode)):
+            app = web.Application()
+            app.router.add_post("/v1/completions", handler)
+            port = free_port()
+            runners.append(await start_site(app, "127.0.0.1", port))
+            eps[name] = f"127.0.0.1:{port}"
+        registry = Registry()
+        registry.set_endpoints("prefill", [eps["pre"]])
+        registry.set_endpoints("decode", [eps["bad"], eps["good"]])  # ties go to the first: the empty one
+        port = free_port()
+        runners.append(await start_site(PDProxy(ProxyConfig(port=port), registry).app(), "127.0.0.1", port))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 2}) as r:
+                    assert r.status == 200 and (await r.json())["choices"][0]["text"] == " t0 t1"
+                async with s.get(base + "/metrics") as r:
+                    text = await r.text()
+                async with s.get(base + "/status") as r:
+                    status = await r.json()
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+        bad = {"role": "decode", "instance": eps["bad"]}
+        assert samples(text, "pdproxy_upstream_requests_total", outcome="ok", **bad) == []
+        assert samples(text, "pdproxy_upstream_requests_total", outcome="conn_error", **bad) == [1.0]
+        assert samples(text, "pdproxy_upstream_latency_seconds_count", **bad) == [1.0]
+        assert samples(text, "pdproxy_upstream_requests_total", outcome="ok", role="decode", instance=eps["good"]) == [1.0]
+        served = {i["endpoint"]: (i["served"], i["failures"]) for i in status["instances"]}
+        assert served == {eps["pre"]: (1, 0), eps["bad"]: (0, 1), eps["good"]: (1, 0)}
+        assert status["ejected"] == [eps["bad"]]
+
+    asyncio.run(go())

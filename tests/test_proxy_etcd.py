@@ -6,10 +6,9 @@ import asyncio
 import json
 import time
 
-from pdproc import http, metric, wait_for
-
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.store import Store
+from tests.pdproc import http, metric, wait_for
 
 
 async def _register(etcd: str, cluster: str, node: str, role: str, endpoint: str, state=ProcessState.ready) -> None:
@@ -59,7 +58,7 @@ def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
 
 
 def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_name, tmp_path):
-    from conftest import free_port
+    from tests.conftest import free_port
 
     pre, _ = procs.engine("prefill")
     dec, _ = procs.engine("decode")
@@ -74,3 +73,76 @@ def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_nam
     # restarted while etcd is unreachable: it serves what it last knew instead of nothing
     base, _ = procs.proxy("--cluster", cluster_name, "--etcd", f"127.0.0.1:{free_port()}", "--routing-cache", str(cache))
     assert http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+class _SlowStopStore:
+    """A store whose second read hangs, and whose reader then takes a while to stop when cancelled."""
+
+    def __init__(self) -> None:
+        from pdsupervisor.store import Keys
+
+        self.keys = Keys("slow-stop")
+        self.connects = 0
+        self.reads = 0
+        self.in_read = asyncio.Event()
+        self.lose_watch = asyncio.Event()
+        self.reconnected = asyncio.Event()
+        self.reader_stopped = False
+        self.reader_stopped_before_reconnect: bool | None = None
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self.connects == 2:
+            self.reader_stopped_before_reconnect = self.reader_stopped
+            self.reconnected.set()
+
+    async def current_revision(self) -> int:
+        return 1
+
+    async def statuses(self) -> dict:
+        from pdsupervisor.aiowait import wait_event
+
+        self.reads += 1
+        if self.reads != 2:
+            return {}
+        self.in_read.set()
+        try:
+            await asyncio.Event().wait()
+        finally:  # cancelled: stops a little later (or at once when the source already moved on)
+            await wait_event(self.reconnected, 1.0)
+            self.reader_stopped = True
+        return {}
+
+    async def members(self) -> dict:
+        return {}
+
+    async def watch_prefix(self, prefix: str, start_revision: int):
+        from pdsupervisor.store import WatchEvent
+
+        if self.connects == 1:
+            yield WatchEvent(key=self.keys.members + "n", value=b"{}", revision=start_revision)
+            await self.lose_watch.wait()
+        else:
+            await asyncio.Event().wait()
+
+
+def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
+    """The refresher cancelled with a lost watch has ended before the source reconnects:
+    two refreshes never run at once."""
+    from pdsupervisor.aiowait import cancel_and_wait
+    from pdsupervisor.proxy.etcd_source import EtcdSource
+    from pdsupervisor.proxy.instances import Registry
+    from tests.conftest import until
+
+    async def go() -> None:
+        store = _SlowStopStore()
+        task = asyncio.ensure_future(EtcdSource(store, Registry()).run())  # type: ignore[arg-type]
+        try:
+            await until(store.in_read.is_set, 5, what="a refresh under way")
+            store.lose_watch.set()
+            await until(lambda: store.connects >= 2, 10, what="the source to reconnect")
+            assert store.reader_stopped_before_reconnect is True
+        finally:
+            assert await cancel_and_wait([task], 5) == []
+
+    asyncio.run(go())

@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from pdproc import http, metric, wait_for, wait_up
+
+from tests.pdproc import http, metric, wait_for, wait_up
 
 
 def test_debug_config_shows_flags_env_and_mooncake_json(procs, tmp_path):
@@ -69,7 +70,10 @@ def test_load_time_is_respected(procs):
     t0 = time.monotonic()
     ep, p = procs.engine(None, *port_args, wait=False)
     host, port = ep.split(":")
-    # not listening while "loading" (the interpreter starts well within the load time)
+    # not listening while "loading": once the engine says it is loading, 1.5 s remain before it listens
+    wait_for(lambda: "simulating model load" in procs.log(p) or p.poll() is not None, timeout=15,
+             what="engine to start loading")
+    assert "simulating model load" in procs.log(p), procs.log(p)
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=0.2).close()
     wait_up(ep, p)
@@ -107,3 +111,21 @@ def test_batch_slots_make_requests_wait(procs):
     for t in threads:
         t.join()
     assert metric(base, "vllm:num_requests_waiting") == 0 and metric(base, "vllm:generation_tokens_total") == 16
+
+
+def test_every_sim_flag_reads_its_env_var_and_a_flag_wins():
+    from pdsupervisor.simengine.config import _SIM_ENV, _VALUE_FLAGS, parse_args
+
+    assert set(_SIM_ENV.values()) == {f for f in _VALUE_FLAGS if f.startswith("--sim-")}
+    cfg = parse_args([], env={"PDSIM_NATURAL_LEN": "5", "PDSIM_MAX_BATCH": "3", "PDSIM_KV_MAX_BYTES": "64k"})
+    assert (cfg.natural_len, cfg.max_batch, cfg.kv_max_bytes) == (5, 3, 64 << 10)
+    assert parse_args(["--sim-natural-len", "7"], env={"PDSIM_NATURAL_LEN": "5"}).natural_len == 7
+
+
+def test_a_wildcard_bind_is_reached_through_loopback():
+    from pdsupervisor.simengine.config import SimConfig
+    from pdsupervisor.simengine.server import SimEngine
+
+    for host in ("0.0.0.0", "::", "[::]", ""):
+        assert SimEngine(SimConfig(argv=[], host=host, port=8123)).endpoint == "127.0.0.1:8123"
+    assert SimEngine(SimConfig(argv=[], host="10.0.0.7", port=8123)).endpoint == "10.0.0.7:8123"

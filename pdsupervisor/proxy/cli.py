@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from pdsupervisor.aioserve import run_until_signalled, start_site
+from pdsupervisor.aiowait import cancel_and_wait
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PDProxy, ProxyConfig
 
@@ -122,10 +123,8 @@ async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd
     try:
         await asyncio.Event().wait()
     finally:
-        if source_task:
-            source_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await source_task
+        if source_task and await cancel_and_wait([source_task], 5):
+            log.warning("the etcd membership source did not stop within 5s; going on")
         if store:
             with contextlib.suppress(Exception):
                 await store.close()

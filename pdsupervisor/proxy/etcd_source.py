@@ -9,14 +9,13 @@ away the last known routing stays in force and the source keeps reconnecting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from pathlib import Path
 
 from pdsupervisor.aiowait import wait_event
 from pdsupervisor.atomic import atomic_write
-from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
+from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, is_wildcard
 from pdsupervisor.proxy.instances import ROLES, Registry
 from pdsupervisor.store import Store, StoreUnavailable, WatchLost
 
@@ -36,7 +35,7 @@ def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts])
         for proc in statuses[node].processes:
             if proc.role in out and proc.state == ProcessState.ready and proc.endpoint:
                 host, _, port = proc.endpoint.rpartition(":")
-                if host in ("0.0.0.0", "::", "[::]", ""):
+                if is_wildcard(host):
                     host = facts.ip  # a wildcard bind is reached through the node's address
                 out[proc.role].append(f"{host}:{port}")
     return out
@@ -84,8 +83,6 @@ class EtcdSource:
                 revision = await self.refresh()
                 backoff = 0.5
                 await self._watch(revision)
-            except asyncio.CancelledError:
-                raise
             except (*StoreUnavailable, OSError) as exc:
                 log.warning("etcd unavailable (%r); keeping the current routing, retrying in %.1fs", exc, backoff)
             except Exception:  # a bad record must not stop membership updates for good
@@ -132,5 +129,6 @@ class EtcdSource:
         finally:
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.gather(*tasks)
+            # wait for both to end; their errors stay here (the one that matters is raised
+            # above), while a cancellation of this task still interrupts the wait
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -26,7 +26,7 @@ class Instance:
     inflight: int = 0
     tokens: int = 0  # prompt tokens of the requests in flight
     total_tokens: int = 0  # accumulated since it joined: spreads load when all are idle
-    served: int = 0
+    served: int = 0  # exchanges answered successfully (failures and 4xx are not counted)
     failures: int = 0
     ejected_at: float | None = None  # monotonic
     ejected_reason: str = ""
@@ -86,7 +86,6 @@ class Registry:
     def release(inst: Instance, tokens: int) -> None:
         inst.inflight -= 1
         inst.tokens -= tokens
-        inst.served += 1
 
     @staticmethod
     def eject(inst: Instance, reason: str) -> bool:

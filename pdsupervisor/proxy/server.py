@@ -76,8 +76,8 @@ def error_response(status: int, message: str, type_: str) -> web.Response:
     return web.Response(status=status, body=body, headers=JSON_HEADERS)
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError))
+def _retryable(exc: aiohttp.ClientError) -> bool:
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
 
 
 class PDProxy:
@@ -252,15 +252,15 @@ class PDProxy:
         req.pop("stream_options", None)
         req["kv_transfer_params"] = PREFILL_KV_REQUEST
         payload = json.dumps(req, separators=(",", ":")).encode()
-        data, _, _ = await self._call("prefill", path, payload, tokens)
+        data = await self._call("prefill", path, payload, tokens)
         try:
             out = json.loads(data)
         except ValueError:
             raise ProxyError(502, "prefill answered with invalid JSON", "BadGateway") from None
         return out if isinstance(out, dict) else {}
 
-    async def _call(self, role: ProxyRole, path: str, payload: bytes, tokens: int) -> tuple[bytes, int, str]:
-        """One non-streamed upstream request, retried on other instances of the role."""
+    async def _call(self, role: ProxyRole, path: str, payload: bytes, tokens: int) -> bytes:
+        """One non-streamed upstream request, retried on other instances of the role; its body."""
         tried: set[Instance] = set()
         while True:
             inst = self._pick(role, tried)
@@ -276,7 +276,7 @@ class PDProxy:
                     self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
                     if up.status >= 400:
                         raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
-                    return data, up.status, up.headers.get("Content-Type", "application/json")
+                    return data
             except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
                 self._failed(inst, t0, "conn_error", repr(exc))
             except TimeoutError:
@@ -303,6 +303,9 @@ class PDProxy:
         raise ProxyError(503, f"no {role} instance is available", "ServiceUnavailable")
 
     def _outcome(self, inst: Instance, outcome: str, t0: float) -> None:
+        """Count one upstream exchange (exactly once per attempt); "ok" is what `served` counts."""
+        if outcome == "ok":
+            inst.served += 1
         m = self.metrics
         m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
         m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
@@ -351,9 +354,9 @@ class PDProxy:
                     ctype = up.headers.get("Content-Type", "application/json")
                     if not (stream and up.status == 200 and ctype.startswith("text/event-stream")):
                         data = await up.read()
-                        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
-                        if up.status == 200 and not data:
+                        if up.status == 200 and not data:  # counted once, as a failure (below)
                             raise aiohttp.ClientPayloadError("empty 200 from decode")
+                        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
                         self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
                         return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
                     relay = _FirstTokenSwap(prefill, chat) if self.cfg.generator_on_p else None

@@ -18,13 +18,12 @@ from pdsupervisor.simengine.server import serve
 
 HELP = """Simulated vLLM OpenAI server. Takes vLLM's flags (--model, --host, --port, -tp,
 --kv-transfer-config; others are ignored) plus --sim-load-time S, --sim-ttft-per-token S,
---sim-tpot S, --sim-max-batch N, --sim-natural-len N (or env PDSIM_LOAD_TIME, PDSIM_TTFT_PER_TOKEN,
-PDSIM_TPOT, PDSIM_MAX_BATCH). Reads VLLM_DP_* / VLLM_EP_SIZE and MOONCAKE_CONFIG_PATH.
-Real KV hand-off through Mooncake Store (needs the mooncake package and MOONCAKE_CONFIG_PATH):
---sim-kv-transfer mooncake, --sim-kv-bytes-per-token N, --sim-kv-max-bytes N, --sim-kv-timeout S,
-and caps on the JSON's sizes --sim-mooncake-segment-cap N, --sim-mooncake-buffer-cap N (sizes take
-k/m/g suffixes; env PDSIM_KV_TRANSFER, PDSIM_KV_BYTES_PER_TOKEN, PDSIM_KV_MAX_BYTES, PDSIM_KV_TIMEOUT,
-PDSIM_MOONCAKE_SEGMENT_CAP, PDSIM_MOONCAKE_BUFFER_CAP)."""
+--sim-tpot S, --sim-max-batch N, --sim-natural-len N. Reads VLLM_DP_* / VLLM_EP_SIZE and
+MOONCAKE_CONFIG_PATH. Real KV hand-off through Mooncake Store (needs the mooncake package and
+MOONCAKE_CONFIG_PATH): --sim-kv-transfer mooncake, --sim-kv-bytes-per-token N, --sim-kv-max-bytes N,
+--sim-kv-timeout S, and caps on the JSON's sizes --sim-mooncake-segment-cap N,
+--sim-mooncake-buffer-cap N (sizes take k/m/g suffixes). Every --sim-* flag may also be given in the
+environment as PDSIM_<NAME> (--sim-max-batch: PDSIM_MAX_BATCH); a flag wins."""
 
 
 def run(argv: list[str]) -> None:

@@ -138,19 +138,14 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
 
 KV_TRANSFER_MODES = ("none", "mooncake")
 
-# Simulator knobs may also come from the environment (flags win).
-_SIM_ENV: dict[str, str] = {
-    "PDSIM_LOAD_TIME": "--sim-load-time",
-    "PDSIM_TTFT_PER_TOKEN": "--sim-ttft-per-token",
-    "PDSIM_TPOT": "--sim-tpot",
-    "PDSIM_MAX_BATCH": "--sim-max-batch",
-    "PDSIM_KV_TRANSFER": "--sim-kv-transfer",
-    "PDSIM_KV_BYTES_PER_TOKEN": "--sim-kv-bytes-per-token",
-    "PDSIM_KV_MAX_BYTES": "--sim-kv-max-bytes",
-    "PDSIM_KV_TIMEOUT": "--sim-kv-timeout",
-    "PDSIM_MOONCAKE_SEGMENT_CAP": "--sim-mooncake-segment-cap",
-    "PDSIM_MOONCAKE_BUFFER_CAP": "--sim-mooncake-buffer-cap",
-}
+
+def sim_env_var(flag: str) -> str:
+    """`--sim-max-batch` -> `PDSIM_MAX_BATCH`: the environment variable of a simulator flag."""
+    return "PDSIM_" + flag.removeprefix("--sim-").replace("-", "_").upper()
+
+
+# Every simulator knob (`--sim-*`) may also come from the environment (flags win).
+_SIM_ENV: dict[str, str] = {sim_env_var(flag): flag for flag in _VALUE_FLAGS if flag.startswith("--sim-")}
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}

@@ -59,6 +59,7 @@ class MooncakeKV:
     cfg: SimConfig
     store: Any = None
     segment: str = ""  # this engine's segment name at the master (`host:port`)
+    placement: Any = None  # the puts' ReplicateConfig: this engine's own segment preferred
     params: dict[str, Any] = field(default_factory=dict)
     setup_s: float | None = None
     last_put: dict[str, Any] | None = None
@@ -94,7 +95,7 @@ class MooncakeKV:
     def setup(self) -> None:
         self.params = self.setup_args()
         try:
-            from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found]
+            from mooncake.store import MooncakeDistributedStore, ReplicateConfig  # type: ignore[import-not-found]
         except ImportError as exc:
             raise KVError(f"--sim-kv-transfer mooncake needs the mooncake package: {exc}") from exc
         p = self.params
@@ -112,6 +113,8 @@ class MooncakeKV:
             raise KVError(f"MooncakeDistributedStore.setup returned {rc} with {p} (see the engine's stderr)")
         self.store = store
         self.segment = store.get_hostname()
+        self.placement = ReplicateConfig()
+        self.placement.preferred_segment = self.segment
         log.info("mooncake store ready in %.3fs: %s", self.setup_s, p)
 
     def size_for(self, prompt_tokens: int) -> int:
@@ -121,11 +124,7 @@ class MooncakeKV:
         """Write the request's KV; the answer goes into `kv_transfer_params`."""
         data = kv_payload(seed, size)
         digest = hashlib.sha256(data).hexdigest()
-        from mooncake.store import ReplicateConfig  # type: ignore[import-not-found]
-
-        placement = ReplicateConfig()
-        placement.preferred_segment = self.segment
-        rc = self.store.put(key, data, placement)
+        rc = self.store.put(key, data, self.placement)
         self.last_put = {"key": key, "bytes": size, "sha256": digest, "rc": rc, "segment": self.segment}
         if rc != 0:
             raise KVError(f"mooncake put {key} ({size} bytes) returned {rc}")

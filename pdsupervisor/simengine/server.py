@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdsupervisor.aioserve import start_site
+from pdsupervisor.models import is_wildcard
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
@@ -68,7 +69,7 @@ class SimEngine:
         self._id_prefix = f"{os.getpid():x}"
         self.metrics = EngineMetrics(self)
         self.kv: MooncakeKV | None = MooncakeKV(cfg) if cfg.kv_transfer == "mooncake" else None
-        self.endpoint = f"{cfg.host if cfg.host not in ('0.0.0.0', '::', '') else '127.0.0.1'}:{cfg.port}"
+        self.endpoint = f"{'127.0.0.1' if is_wildcard(cfg.host) else cfg.host}:{cfg.port}"
         models = {
             "object": "list",
             "data": [{
