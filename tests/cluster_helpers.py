@@ -6,8 +6,6 @@ import importlib.util
 import json
 import shutil
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import yaml
 
 from tests.agent_helpers import AgentProc, kill_marked
 from tests.conftest import free_port, wait_for
+from tests.pdproc import http
 
 HAVE_MASTER = shutil.which("mooncake_master") is not None
 HAVE_MOONCAKE = HAVE_MASTER and importlib.util.find_spec("mooncake") is not None
@@ -102,12 +101,10 @@ class LocalCluster:
         headers = {"Content-Type": "application/yaml"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.api(via) + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+        url = self.api(via) + path
+        status, raw = http(method, url, body, headers, timeout=10)
+        assert status, f"{method} {url}: no answer"
+        return status, json.loads(raw or b"null")
 
     def submit(self, spec: dict[str, Any], token: str | None = None) -> tuple[int, Any]:
         return self.request("POST", "/cluster/start", yaml.safe_dump(spec).encode(), token=token)
@@ -138,16 +135,18 @@ class LocalCluster:
         kill_marked(self.marker)
 
 
+def _json_ok(method: str, url: str, payload: Any = None, timeout: float = 10) -> Any:
+    status, raw = http(method, url, payload, timeout=timeout)
+    assert 200 <= status < 300, f"{method} {url} answered {status}: {raw[:500]!r}"
+    return json.loads(raw)
+
+
 def get_json(url: str, timeout: float = 5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
+    return _json_ok("GET", url, timeout=timeout)
 
 
 def post_json(url: str, payload: dict[str, Any], timeout: float = 10) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    return _json_ok("POST", url, payload, timeout=timeout)
 
 
 def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -51,6 +52,13 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition", inter
     return value
 
 
+def write(root: Path, rel: str, text: str = "") -> None:
+    """Write `text` to root/rel, making the directories: one file of a fake /sys, /proc or /dev tree."""
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
 class EtcdServer:
     def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -94,10 +102,13 @@ class EtcdServer:
 
     def stop(self) -> None:
         if self.proc:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            kill_tree(self.proc.pid)
-            self.proc.wait(timeout=5)
-            self.log.close()
+            try:
+                with contextlib.suppress(ProcessLookupError):  # etcd may be dead already
+                    os.kill(self.proc.pid, signal.SIGCONT)
+                kill_tree(self.proc.pid)
+                self.proc.wait(timeout=5)
+            finally:
+                self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +129,29 @@ def cluster_name(request) -> str:
 
 
 @pytest.fixture
+def black_hole() -> Iterator[str]:
+    """host:port of a listener whose accept queue is full: SYNs are dropped, a connect hangs."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue: later SYNs are dropped
+            c = socket.socket()
+            fillers.append(c)
+            c.setblocking(False)
+            c.connect_ex(hole.getsockname())
+        yield f"127.0.0.1:{hole.getsockname()[1]}"
+    finally:
+        for c in fillers:
+            c.close()
+        hole.close()
+
+
+@pytest.fixture
 def procs(tmp_path):
     """Processes started through `pdproc.Procs`; every tree is killed at teardown."""
-    from pdproc import Procs  # pdproc imports this module
+    from tests.pdproc import Procs  # pdproc imports this module
 
     started = Procs(tmp_path)
     yield started

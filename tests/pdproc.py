@@ -8,10 +8,11 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port, kill_tree, wait_for
+from tests.conftest import free_port, kill_tree, wait_for
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -27,8 +28,10 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
 
 
 def metric(base: str, name: str) -> float:
-    """Sum of a metric's samples (all label sets) from a Prometheus endpoint."""
-    _, text = http("GET", base + "/metrics")
+    """Sum of a metric's samples (all label sets) from a Prometheus endpoint (which must answer)."""
+    status, text = http("GET", base + "/metrics")
+    # `http` maps a refused connection to status 0: a dead engine must not read as "no samples"
+    assert status == 200, f"GET {base}/metrics answered {status}: {text[:300]!r}"
     total = 0.0
     for line in text.decode().splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -70,7 +73,7 @@ class Procs:
         p = self.start("pdsupervisor.simengine", args, env=env, name=f"engine-{role}")
         ep = f"127.0.0.1:{port}"
         if wait:
-            wait_up(ep, p)
+            wait_up(ep, p, log=lambda: self.log(p))
         return ep, p
 
     def proxy(self, *args: str, wait: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
@@ -83,18 +86,30 @@ class Procs:
         return base, p
 
     def kill_all(self) -> None:
+        """Kill every tree; one process that will not die does not leave the later ones running."""
+        stuck = []
         for p in self.procs:
             kill_tree(p.pid)
-            p.wait(timeout=5)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    stuck.append(p.pid)
+        assert not stuck, f"processes still running after SIGKILL: {stuck}"
 
 
 def _dead(p: subprocess.Popen[bytes]) -> bool:
     return p.poll() is not None
 
 
-def wait_up(ep: str, p: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    wait_for(lambda: http("GET", f"http://{ep}/health")[0] == 200 or _dead(p), timeout=timeout, what=f"engine {ep}")
-    assert p.poll() is None, f"engine {ep} exited"
+def wait_up(ep: str, p: subprocess.Popen[bytes], timeout: float = 15, log: Callable[[], str] | None = None) -> None:
+    """Wait until the engine at `ep` answers /health; fail (with `log()`, if given) if it exits first."""
+    wait_for(lambda: http("GET", f"http://{ep}/health", timeout=2)[0] == 200 or _dead(p), timeout=timeout,
+             what=f"engine {ep}")
+    assert p.poll() is None, f"engine {ep} exited" + (f":\n{log()}" if log else "")
 
 
 __all__ = ["Procs", "free_port", "http", "metric", "wait_for", "wait_up"]

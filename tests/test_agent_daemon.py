@@ -230,14 +230,15 @@ def test_embedded_etcd_bootstrap_and_adoption(env, tmp_path):
     flags = ["--bootstrap-etcd", "--etcd-client-port", str(cport), "--etcd-peer-port", str(pport)]
     a = agent(name="boot", etcd=endpoint, extra=flags)
     own = View(endpoint, a.cluster)
-    wait_for(lambda: own.member("boot"), timeout=20, what="registered in its own etcd")
+    first = wait_for(lambda: own.member("boot"), timeout=20, what="registered in its own etcd")
     etcd_pid = a.get("/status")["bootstrap"][0]["pid"]
     a.kill9()
     b = agent(name="boot", etcd=endpoint, extra=flags, state_dir=a.state_dir)
     wait_for(lambda: (s := b.get("/status")) and s["bootstrap"] and s["bootstrap"][0]["pid"], timeout=15,
              what="bootstrap etcd adopted")
     assert b.get("/status")["bootstrap"][0]["pid"] == etcd_pid
-    wait_for(lambda: own.member("boot") is not None, timeout=15, what="re-registered")
+    # the killed agent's key outlives it until its lease expires: wait for b's own lease
+    wait_for(lambda: (m := own.member("boot")) and m.lease != first.lease, timeout=15, what="re-registered")
     assert alive(etcd_pid)
 
 

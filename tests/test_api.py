@@ -114,7 +114,10 @@ async def _member_lease_ttls(etcd: str, cluster: str) -> dict[str, int]:
 def test_spec_lease_ttl_governs_member_and_leader_leases(one_agent):
     from tests.conftest import wait_for
 
-    assert asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test"))["n1"] == 3  # the agent's own
+    # the REST API answers before the agent registers: wait for its member key, then read its lease
+    ttls = wait_for(lambda: (t := asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test"))) and "n1" in t and t,
+                    15, what="n1 registered")
+    assert ttls["n1"] == 3  # the agent's own
     spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"], ttl=7)
     status, _ = one_agent.submit(spec, token=TOKEN)
     assert status == 202

@@ -23,16 +23,10 @@ from pdsupervisor.doctor_command import _cluster_results, probe_etcd
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.planner import plan_cluster
 from pdsupervisor.spec import validate_spec
-from tests.conftest import free_port
+from tests.conftest import free_port, write
 
 IB = "sys/class/infiniband"
 THP = "sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def write(root: Path, rel: str, text: str = "") -> None:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
 
 
 def rdma(root: Path, dev: str, state: str, netdev: str | None = None) -> None:

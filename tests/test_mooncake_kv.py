@@ -31,7 +31,7 @@ from pdsupervisor.simengine.kvstore import KVError, MooncakeKV, kv_payload
 from pdsupervisor.spec import validate_spec
 from tests.cluster_helpers import sim_argv
 from tests.conftest import free_port, kill_tree, wait_for
-from tests.pdproc import Procs, http, metric
+from tests.pdproc import Procs, http, metric, wait_up
 
 
 def _mooncake_missing() -> str | None:
@@ -112,9 +112,7 @@ def kv_cluster(etcd_server, tmp_path_factory):
         engines = {p.role: p for _, p in plan.engines()}
         running = {role: start_spec(procs, p) for role, p in engines.items()}
         for role, p in engines.items():
-            wait_for(lambda p=p, role=role: http("GET", f"http://{p.endpoint}/health", timeout=1)[0] == 200
-                     or running[role].poll() is not None, 20, what=f"{role} engine")
-            assert running[role].poll() is None, procs.log(running[role])
+            wait_up(p.endpoint, running[role], timeout=20, log=lambda role=role: procs.log(running[role]))
         proxy, _ = procs.proxy("--prefill", engines["prefill"].endpoint, "--decode", engines["decode"].endpoint)
         yield {"plan": plan, "proxy": proxy, "prefill": f"http://{engines['prefill'].endpoint}",
                "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: procs.log(running[role]),

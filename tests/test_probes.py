@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from agent import probes
-
-
-def write(root: Path, rel: str, text: str = "") -> None:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+from tests.conftest import write
 
 
 def test_rdma_up_down_and_netdevs(tmp_path):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 import pytest
-from conftest import free_port, until, wait_for
 
 from pdsupervisor.models import NodeAssignment, NodeFacts, ProcessSpec
 from pdsupervisor.store import EtcdError, Store, StoreUnavailable, WatchLost
+from tests.conftest import free_port, until, wait_for
 
 
 async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
@@ -128,25 +127,12 @@ async def test_values_and_keys_survive_the_gateway_encoding(etcd_server, cluster
         assert [(kv.key, kv.value) for kv in kvs] == [(key, raw)]
 
 
-async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_timeout(etcd_server, cluster_name):
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):  # fill the accept queue: later SYNs are dropped, a connect hangs
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(hole.getsockname())
-        fillers.append(c)
-    try:
-        silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
-        async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
-            await store.put(store.keys.spec, b"{}")
-            assert (await store.get(store.keys.spec)).value == b"{}"
-    finally:
-        for c in fillers:
-            c.close()
-        hole.close()
+async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_timeout(etcd_server, cluster_name,
+                                                                                       black_hole):
+    silent = f"http://{black_hole}"
+    async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
+        await store.put(store.keys.spec, b"{}")
+        assert (await store.get(store.keys.spec)).value == b"{}"
 
 
 def _watch_streams_started(endpoint: str) -> float:

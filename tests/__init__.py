@@ -1,0 +1,1 @@
+"""The test suite: a package, so each helper module (conftest, pdproc, ...) is loaded once, as tests.<name>."""
