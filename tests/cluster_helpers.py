@@ -149,6 +149,28 @@ def post_json(url: str, payload: dict[str, Any], timeout: float = 10) -> Any:
     return _json_ok("POST", url, payload, timeout=timeout)
 
 
+def wait_proxy_routes(doc: dict[str, Any], timeout: float = 15) -> dict[str, set[str]]:
+    """Wait until the proxy routes to exactly the engines `doc` lists as ready, none ejected.
+
+    The cluster document and the proxy both follow etcd, each on its own watch: when the
+    document says `ready`, the proxy may still be one refresh behind (tens of ms, more on a
+    loaded machine). Returns the routing seen.
+    """
+    wanted = {role: {p["endpoint"] for p in doc["processes"] if p["role"] == role and p["state"] == "ready"}
+              for role in ("prefill", "decode")}
+    seen: dict[str, set[str]] = {}
+
+    def routed() -> bool:
+        nonlocal seen
+        status = get_json(doc["proxy_url"] + "/status")
+        seen = {role: {i["endpoint"] for i in status["instances"] if i["role"] == role and not i["ejected"]}
+                for role in wanted}
+        return seen == wanted
+
+    wait_for(routed, timeout, 0.05, what=f"the proxy to route to {wanted} (last seen {seen})")
+    return seen
+
+
 def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:
     return {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["state"] == "ready"}
 

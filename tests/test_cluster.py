@@ -16,7 +16,7 @@ import pytest
 from pdsupervisor.store import Store
 from tests.agent_helpers import alive, kill_marked, marked, run
 from tests.cluster_helpers import (
-    HAVE_MASTER, HAVE_MOONCAKE, LocalCluster, cluster_spec, get_json, post_json, ready_pids,
+    HAVE_MASTER, HAVE_MOONCAKE, LocalCluster, cluster_spec, get_json, post_json, ready_pids, wait_proxy_routes,
 )
 from tests.conftest import kill_tree, wait_for
 
@@ -91,6 +91,7 @@ def test_start_reaches_ready_in_order(cluster):
     assert sorted(seen_ranks.values()) == [0, 1, 2, 3]
     assert seen_ranks[("n3", "decode-1")] == 3
 
+    wait_proxy_routes(doc)  # the proxy follows etcd on its own watch
     answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "hello", "max_tokens": 5})
     assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] == 5
     _assert_kv_handed_over(doc)
@@ -177,6 +178,7 @@ def test_decode_node_loss_is_replaced_with_same_dp_ranks(cluster):
     assert sorted(ranks.values()) == lost_ranks == [2, 3]
     messages = [e["message"] for e in run(_events(cluster))]
     assert "n3 lost (lease expired)" in messages
+    wait_proxy_routes(doc)  # the proxy follows etcd on its own watch
     answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "again", "max_tokens": 2})
     assert answer["usage"]["completion_tokens"] == 2
 
@@ -206,6 +208,7 @@ def test_master_restart_restarts_engines_after_it_is_ready(cluster):
     restarted = [m for m in messages if m.startswith("mooncake master restarted")]
     assert len(restarted) == 1 and f"pid {master['pid']} -> {new_master['pid']}" in restarted[0]
     # the restarted engines registered with the new master from the same JSON
+    wait_proxy_routes(doc)  # the proxy follows etcd on its own watch
     answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "new master", "max_tokens": 2})
     assert answer["usage"]["completion_tokens"] == 2
     _assert_kv_handed_over(doc)
