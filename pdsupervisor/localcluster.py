@@ -169,6 +169,10 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+# The transfer engine's MC_MIN_PRC_PORT..MC_MAX_PRC_PORT defaults (seen: two ports per engine).
+MOONCAKE_RPC_PORTS = frozenset(range(15000, 17001))
+
+
 def _can_bind(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -184,7 +188,9 @@ def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
     Not the kernel's `bind(0)`: that draws from the ephemeral range, where the agents' own
     outgoing connections take ports too, and may hand the same port out twice before anyone
     listens on it (a proxy and an agent API once got one port). These ports lie outside
-    that range and are never handed out twice by one process.
+    that range and outside Mooncake's transfer-engine RPC range (each engine binds random
+    ports there during its start, possibly before a port handed out here is listened on), and
+    are never handed out twice by one process.
     """
     low, high = _ephemeral_range()
     lo, hi = (10000, low) if low - 10000 >= 5000 else (high + 1, 65536)
@@ -192,7 +198,9 @@ def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
     for _ in range(2000):
         first = rng.randrange(lo, hi - span)
         ports = range(first, first + span)
-        if _handed_out.isdisjoint(ports) and all(_can_bind(host, p) for p in ports):
+        if not _handed_out.isdisjoint(ports) or not MOONCAKE_RPC_PORTS.isdisjoint(ports):
+            continue
+        if all(_can_bind(host, p) for p in ports):
             _handed_out.update(ports)
             return first
     raise RuntimeError(f"no {span} free consecutive port(s) on {host} in {lo}-{hi - 1}")
