@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -82,11 +83,16 @@ def _refuse_taken_ports(spec: ClusterSpec, lc: LocalCluster) -> None:
         raise click.ClickException(f"ports already in use: {held} (another etcd or demo?)")
 
 
-async def _one_completion(proxy_url: str, model: str) -> dict[str, Any]:
+async def _one_completion(proxy_url: str, model: str) -> str:
+    """The text of one completion through the proxy; a failure stops the demo, saying why."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         async with session.post(f"{proxy_url}/v1/completions",
                                 json={"model": model, "prompt": "The capital of France is", "max_tokens": 12}) as resp:
-            return await resp.json()
+            body = await resp.text()
+    try:
+        return str(json.loads(body)["choices"][0]["text"])
+    except (ValueError, LookupError, TypeError):
+        raise click.ClickException(f"the completion through the proxy failed: HTTP {resp.status}: {body[:300]}") from None
 
 
 async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float, console: Console, stop: asyncio.Event,
@@ -102,8 +108,7 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
     doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
     console.print(f"[green]ready[/] in {time.monotonic() - started:.1f}s\n")
-    completion = await _one_completion(doc["proxy_url"], model)
-    text = completion.get("choices", [{}])[0].get("text", completion)
+    text = await _one_completion(doc["proxy_url"], model)
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
     api = lc.agents[0].api_url

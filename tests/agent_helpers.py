@@ -84,7 +84,7 @@ class AgentProc:
 
     def get(self, path: str) -> dict | str | None:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as r:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
                 body = r.read().decode()
                 return json.loads(body) if r.headers.get_content_type() == "application/json" else body
         except OSError:

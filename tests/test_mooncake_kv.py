@@ -192,7 +192,7 @@ def test_unanswered_master_is_a_bounded_error(kv_cluster):
     finally:
         os.kill(master.pid, signal.SIGCONT)
     assert status == 500 and b"timed out" in out, out
-    assert 1.4 < took < 5
+    assert 1.4 < took < 10  # the point: --sim-kv-timeout, not the store's ~30 s
 
 
 def test_sigterm_exits_cleanly(kv_cluster):
@@ -211,7 +211,7 @@ def test_stop_with_master_and_etcd_gone_is_bounded(kv_cluster, etcd_server):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, kv_cluster["log"]("prefill")
-        assert time.monotonic() - t0 < 5, kv_cluster["log"]("prefill")
+        assert time.monotonic() - t0 < 10, kv_cluster["log"]("prefill")  # not the store's ~30 s
     finally:
         etcd_server.resume()
 

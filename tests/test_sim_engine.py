@@ -66,23 +66,23 @@ def test_completions_chat_stream_usage_and_eos(procs):
 
 
 def test_load_time_is_respected(procs):
-    port_args = ("--sim-load-time", "1.5")
+    port_args = ("--sim-load-time", "3")
     t0 = time.monotonic()
     ep, p = procs.engine(None, *port_args, wait=False)
     host, port = ep.split(":")
-    # not listening while "loading": once the engine says it is loading, 1.5 s remain before it listens
+    # not listening while "loading": once the engine says it is loading, 3 s remain before it listens
     wait_for(lambda: "simulating model load" in procs.log(p) or p.poll() is not None, timeout=15,
              what="engine to start loading")
     assert "simulating model load" in procs.log(p), procs.log(p)
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=0.2).close()
     wait_up(ep, p)
-    assert time.monotonic() - t0 >= 1.5
+    assert time.monotonic() - t0 >= 3
 
 
 def test_prefill_and_decode_roles(procs):
     pre, _ = procs.engine("prefill")
-    dec, _ = procs.engine("decode", "--sim-ttft-per-token", "0.05")
+    dec, _ = procs.engine("decode", "--sim-ttft-per-token", "0.2")
     prompt = " ".join(["w"] * 10)
     out = json.loads(http("POST", f"http://{pre}/v1/completions", {"prompt": prompt, "max_tokens": 1})[1])
     kv = out["kv_transfer_params"]
@@ -93,7 +93,7 @@ def test_prefill_and_decode_roles(procs):
     t0 = time.monotonic()
     http("POST", f"http://{dec}/v1/completions", {"prompt": prompt, "max_tokens": 2})
     slow = time.monotonic() - t0
-    assert slow >= 0.5 > fast
+    assert slow >= 2.0 > fast  # 10 prompt tokens prefilled locally at 0.2 s each, or none
     assert metric(f"http://{dec}", "vllm:sim_decode_local_prefills_total") == 1
     assert metric(f"http://{dec}", "vllm:sim_kv_transfer_hits_total") == 1
     assert metric(f"http://{dec}", "vllm:prompt_tokens_total") == 20
