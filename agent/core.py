@@ -32,7 +32,7 @@ from pdsupervisor import __version__
 from pdsupervisor.aiowait import cancel_and_wait
 from pdsupervisor.etcd_server import etcd_argv
 from pdsupervisor.models import NodeFacts, ProcessSpec, ProcessState, Probe, RestartPolicy
-from pdsupervisor.store import Store
+from pdsupervisor.store import Store, lease_refresh_interval
 
 log = structlog.get_logger("agent")
 
@@ -43,7 +43,7 @@ SHUTDOWN_TASK_WAIT_S = 5.0  # per group of background tasks, after their cancell
 def store_timeout(ttl: int) -> float:
     """Per-call etcd timeout: a refresh every ttl/3 plus two timed-out calls still fit in the
     TTL (Patroni's `loop_wait + 2 * retry_timeout <= ttl`)."""
-    return max(0.5, min(3.0, ttl / 3))
+    return min(3.0, lease_refresh_interval(ttl))
 
 
 class Agent:
@@ -112,12 +112,12 @@ class Agent:
 
     def facts(self) -> NodeFacts:
         c = self.config
-        host = probes.node_facts(c.sys_root, name=self.name, ip=c.ip or "127.0.0.1", slots=c.accelerators)
-        return host.model_copy(update={
-            "ips": probes.ipv4_addresses(), "labels": c.labels, "cpu_count": probes.cpu_count(),
-            "memory_bytes": probes.memory_bytes(), "agent_version": __version__, "api_url": self.api_url,
-            "state_dir": str(self.state_dir), "python": sys.executable,
-        })
+        return probes.node_facts(
+            c.sys_root, name=self.name, ip=c.ip or "127.0.0.1", slots=c.accelerators,
+            ips=probes.ipv4_addresses(), labels=c.labels, cpu_count=probes.cpu_count(),
+            memory_bytes=probes.memory_bytes(), agent_version=__version__, api_url=self.api_url,
+            state_dir=str(self.state_dir), python=sys.executable,
+        )
 
     @property
     def api_url(self) -> str:
@@ -237,15 +237,22 @@ class Agent:
         self.stopping.set()
 
     async def run(self) -> None:
-        """Start, wait for `request_stop()` (SIGTERM/SIGINT in main), shut down."""
+        """Start, wait for `request_stop()` (SIGTERM/SIGINT in main), shut down. A stop asked
+        for while starting (an embedded etcd that never gets ready) ends the start."""
+        starting = asyncio.ensure_future(self.start())
+        stop_asked = asyncio.ensure_future(self.stopping.wait())
         try:
-            await self.start()
-            await self.stopping.wait()
+            await asyncio.wait({starting, stop_asked}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # raise what went wrong
+                await stop_asked
         finally:
+            await cancel_and_wait([starting, stop_asked], SHUTDOWN_TASK_WAIT_S)
             await self.shutdown()
 
     async def shutdown(self) -> None:
         """Leave every child running and the lease to expire by itself (see the module docstring)."""
+        self.stopping.set()  # however we got here: long-lived handlers end on it
         self.notifier.stopping()
         # the coordinator first: it may still want the store
         for tasks in (self._extra_tasks, self._tasks):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -93,12 +94,13 @@ def memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def node_facts(root: str | Path, *, name: str, ip: str, slots: int | None = None) -> NodeFacts:
-    """The host facts a placement depends on, read under `root` (the agent adds its own);
-    `slots` overrides the probed accelerator count."""
+def node_facts(root: str | Path, *, name: str, ip: str, slots: int | None = None, **extra: Any) -> NodeFacts:
+    """The host facts a placement depends on, read under `root`, plus the caller's own `extra`
+    fields (validated like the rest); `slots` overrides the probed accelerator count."""
     total, free = hugepages(root)
     return NodeFacts(
         name=name, ip=ip, hostname=socket.gethostname(),
         accelerators=slots if slots is not None else accelerators(root),
         rdma_devices=rdma_devices(root), hugepages_total=total, hugepages_free=free, thp_mode=thp_mode(root),
+        **extra,
     )

@@ -243,6 +243,25 @@ def test_embedded_etcd_bootstrap_and_adoption(env, tmp_path):
     assert alive(etcd_pid)
 
 
+
+def test_sigterm_while_the_embedded_etcd_cannot_start(env, tmp_path):
+    """The agent waits for its bootstrap etcd before registering; a stop must still end that wait."""
+    import socket
+
+    from tests.conftest import free_port
+
+    _, agent = env
+    # the client port is bound (not listened on, so the readiness probe is refused): etcd
+    # exits, backs off, starts again, never ready
+    with socket.socket() as held:
+        cport = free_port()
+        held.bind(("127.0.0.1", cport))
+        flags = ["--bootstrap-etcd", "--etcd-client-port", str(cport), "--etcd-peer-port", str(free_port())]
+        a = agent(name="boot", etcd=f"127.0.0.1:{cport}", extra=flags)
+        wait_for(lambda: (s := a.get("/status")) and s["bootstrap"] and s["bootstrap"][0]["restarts"] >= 1,
+                 timeout=20, what="the embedded etcd failing to start")
+        assert a.sigterm() == 0  # fails with the agent's log if it is still waiting
+
 def test_sd_notify_ready_after_registration_and_children_without_notify_socket(env, tmp_path):
     import socket
 
