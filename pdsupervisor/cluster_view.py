@@ -6,7 +6,6 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,12 +151,9 @@ def desired_state(obs: Observed) -> Desired:
     spec, plan, missing = try_plan(obs)
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
-    restarted = master_restart(obs, plan)
-    if restarted is not None and restarted.master_epoch != record.master_epoch:
-        # the new epoch: engines get a new hash and their agents restart them
-        obs = dataclasses.replace(obs, record=restarted)
-        _set_epoch(plan, restarted.master_epoch)
-    record = restarted or record
+    # a new master epoch gives the engines a new hash: their agents restart them
+    record = master_restart(obs, plan) or record
+    _set_epoch(plan, record.master_epoch)
 
     assigned = _assigned(obs)
     engines = plan.engines()
@@ -243,7 +239,7 @@ def converged(obs: Observed, desired: Desired) -> bool:
     return not (todo.puts or todo.deletes)
 
 
-def phase_of(obs: Observed, plan: Plan | None) -> Phase:
+def phase_of(obs: Observed, desired: Desired) -> Phase:
     record = obs.record
     if record is None:
         return "stopped"
@@ -252,24 +248,23 @@ def phase_of(obs: Observed, plan: Plan | None) -> Phase:
     if record.action == "stop":
         return "stopping" if obs.assignments or running else "stopped"
     if not obs.assignments:
-        return "pending" if plan is None else "starting"
+        return "pending" if desired.plan is None else "starting"
     lost = [n for n in obs.assignments if n not in obs.members]
     if lost:
         return "degraded"
-    desired = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
-    all_ready = all(is_ready(obs, n, p) for n, p in desired)
+    assigned = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
+    all_ready = all(is_ready(obs, n, p) for n, p in assigned)
     proxy_assigned = "proxy" in assigned_roles(obs)
-    if plan is not None:
-        planned = {(n, p.name) for n, p in plan.assignable()}
-        all_ready = all_ready and planned <= _assigned(obs)
     if all_ready and proxy_assigned:
-        return "ready"
+        # not before the coordinator wrote what it decided: a replacing spec (or a master
+        # restart's new epoch) it has not applied yet would otherwise read as ready
+        return "ready" if converged(obs, desired) else "starting"
     if not proxy_assigned:
         return "starting"
     proxy = [observed_process(obs, n, p.name) for n, a in obs.assignments.items() for p in a.processes
              if p.role == "proxy"]
     first_start = all(p is None or (p.restarts == 0 and p.state != ProcessState.ready) for p in proxy)
-    engines_ready = all(is_ready(obs, n, p) for n, p in desired if p.role != "proxy")
+    engines_ready = all(is_ready(obs, n, p) for n, p in assigned if p.role != "proxy")
     # the proxy coming up for the first time after every engine was ready is still starting
     return "starting" if first_start and engines_ready else "degraded"
 
@@ -305,9 +300,7 @@ def cluster_document(obs: Observed, now: float, leader: str | None = None) -> di
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = desired_state(obs)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
-    phase = phase_of(obs, plan)
-    if phase == "ready" and not converged(obs, desired):
-        phase = "starting"  # e.g. a replacing spec the coordinator has not applied yet
+    phase = phase_of(obs, desired)
     problems, timed_out = problems_of(obs, spec, phase, now)
     processes: list[dict[str, Any]] = []
     listed: set[tuple[str, str]] = set()
@@ -315,7 +308,7 @@ def cluster_document(obs: Observed, now: float, leader: str | None = None) -> di
         for proc in a.processes:
             listed.add((node, proc.name))
             processes.append(_process_row(obs, node, proc))
-    if plan is not None and obs.record and obs.record.action == "start":
+    if plan is not None:  # only a start has a plan
         processes += [_process_row(obs, node, proc, default_state="waiting")
                       for node, proc in plan.assignable() if (node, proc.name) not in listed]
     # without a plan (a node lost under `wait`), the proxy that runs still serves: show where

@@ -140,3 +140,17 @@ def test_record_bookkeeping_alone_does_not_unready_the_cluster():
     stale = dataclasses.replace(obs, record=obs.record.model_copy(update={"placement": {}}))
     assert desired_state(stale).record != stale.record  # the coordinator would rewrite the record
     assert cluster_document(stale, now=10.0)["phase"] == "ready"
+
+
+def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
+    obs = _demo_running(master_pid=500)
+    spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
+    spec["decode"]["slots"] *= 2  # more decode engines per node: processes nobody runs yet
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(
+        update={"generation": 2, "spec": validate_spec(spec).model_dump(mode="json")}))
+    before = {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+    planned = {(n, p.name) for n, p in desired_state(replaced).plan.assignable()}
+    assert before < planned  # the new spec has engines that are not assigned yet
+    assert cluster_document(replaced, now=10.0)["phase"] == "starting"
+    settled, _ = _settle(replaced, {"mooncake-master": 500})
+    assert cluster_document(settled, now=10.0)["phase"] == "ready"
