@@ -12,9 +12,9 @@ FAIL (a hard requirement missed, or something that cannot work, e.g. a port alre
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.planner import ENGINE_ROLES, Plan, mooncake_config, port_claims
@@ -33,9 +33,6 @@ class CheckResult:
     found: str
     needed: str
     fix: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,22 +174,16 @@ def _load(spec_file: Path) -> ClusterSpec:
         raise click.ClickException(f"{spec_file}: invalid:\n{exc}") from None
 
 
-def _jsonable(value: Any) -> Any:
-    """A report with its CheckResult/FixDone objects as dicts: what `-o json` prints."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+def report_json(report: dict[str, Any]) -> str:
+    """What `-o json` prints: the report with its CheckResult/FixDone objects as dicts."""
+    return json.dumps(report, indent=2, default=asdict)
 
 
 def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: int | None,
               nodes: tuple[str, ...], etcd: str | None, fix: bool) -> dict[str, Any]:
     """Every check for this node; with `fix`, write the safe fixes first and check again.
 
-    The report holds the CheckResult and FixDone objects (`_jsonable` for JSON)."""
+    The report holds the CheckResult and FixDone objects (`report_json` for JSON)."""
     local = local_facts(root, name, ip, accelerators)
     fixes: list[FixDone] = []
     if fix:
@@ -213,11 +207,6 @@ def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: in
         "plan": "planned" if plan is not None else f"not planned ({plan_note}): ports are every role's",
         "fixes": fixes, "status": worst(results), "results": results,
     }
-
-
-async def _cluster_results(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
-    """Every member's checks as `-o json` prints them."""
-    return _jsonable(await _cluster_checks(client, spec))
 
 
 async def _cluster_checks(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
@@ -268,7 +257,7 @@ def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: st
         doc = run_local(spec, root, name, ip or probes.default_ip(), accelerators, nodes, etcd, fix)
         rows = [(name, r) for r in doc["results"]]
     if output == "json":
-        click.echo(json.dumps(_jsonable(doc), indent=2))
+        click.echo(report_json(doc))
     else:
         out = console()
         fixes: list[FixDone] = doc.get("fixes", [])

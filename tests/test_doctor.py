@@ -19,7 +19,7 @@ from agent import probes
 from pdsupervisor.cli import main
 from pdsupervisor.cluster_view import Observed, SpecRecord, try_plan
 from pdsupervisor.doctor import check_model, check_protocol, check_rdma, fact_checks, hard_failures
-from pdsupervisor.doctor_command import _cluster_results, probe_etcd
+from pdsupervisor.doctor_command import _cluster_checks, probe_etcd, report_json
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.planner import plan_cluster
 from pdsupervisor.spec import validate_spec
@@ -255,7 +255,7 @@ def test_cluster_results_from_registered_facts(tmp_path):
             return {"nodes": [f.model_dump(mode="json") for f in nodes(n1=32768, n2=100, n3=0).values()]}
 
     spec = validate_spec(spec_doc(tmp_path))
-    doc = asyncio.run(_cluster_results(FakeClient(), spec))  # type: ignore[arg-type]
+    doc = json.loads(report_json(asyncio.run(_cluster_checks(FakeClient(), spec))))  # type: ignore[arg-type]
     assert doc["status"] == "FAIL" and doc["plan"] == "planned"
     assert doc["nodes"]["n1"]["roles"] == ["mooncake-master", "prefill", "proxy"] and doc["nodes"]["n1"]["status"] == "WARN"
     n2 = {r["check"]: r for r in doc["nodes"]["n2"]["results"]}
