@@ -204,7 +204,7 @@ class Store:
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` and the store revision they were read at."""
-        out = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        out = await self._call("/v3/kv/range", _prefix_range(prefix))
         return [_kv(kv) for kv in out.get("kvs") or []], _revision(out)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -380,25 +380,26 @@ class Store:
 
     async def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest `limit` events, oldest first (one read of just those keys)."""
-        prefix = self.keys.events
-        out = await self._call("/v3/kv/range", {
-            "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "limit": limit,
-            "sort_order": "DESCEND", "sort_target": "KEY",
-        })
+        out = await self._call("/v3/kv/range", _prefix_range(
+            self.keys.events, limit=limit, sort_order="DESCEND", sort_target="KEY"))
         return [json.loads(_kv(kv).value) for kv in reversed(out.get("kvs") or [])]
 
     async def trim_events(self, keep: int = EVENTS_KEPT) -> None:
         """Delete all but the newest `keep` events: a count, the excess keys, one range delete."""
-        prefix, end = self.keys.events, _b64(_prefix_end(self.keys.events))
-        counted = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": end, "count_only": True})
+        prefix = self.keys.events
+        counted = await self._call("/v3/kv/range", _prefix_range(prefix, count_only=True))
         excess = int(counted.get("count", 0)) - keep
         if excess <= 0:
             return
-        oldest = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": end, "keys_only": True,
-                                                   "limit": excess})
+        oldest = await self._call("/v3/kv/range", _prefix_range(prefix, keys_only=True, limit=excess))
         last = _unb64((oldest.get("kvs") or [{}])[-1].get("key"))
         if last:
             await self._call("/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(last + b"\0")})
+
+
+def _prefix_range(prefix: str, **options: Any) -> dict[str, Any]:
+    """A range request body for every key under `prefix`, with etcd's range options."""
+    return {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), **options}
 
 
 def _b64(data: str | bytes) -> str:
