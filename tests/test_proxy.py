@@ -9,6 +9,7 @@ import signal
 
 import aiohttp
 import openai
+import pytest
 
 from tests.conftest import until
 from tests.pdproc import http, metric, wait_for
@@ -179,7 +180,8 @@ def test_decode_killed_under_load_loses_nothing_unstarted(procs):
     assert dec1 in st["ejected"]
 
 
-def test_an_empty_200_from_decode_is_one_failed_exchange():
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_an_empty_200_is_one_failed_exchange_retried_elsewhere(role):
     """Counted once, as a failure (not also as ok), retried elsewhere; `served` counts successes only."""
     from aiohttp import web
     from prometheus_client.parser import text_string_to_metric_families
@@ -205,15 +207,16 @@ def test_an_empty_200_from_decode_is_one_failed_exchange():
     async def go() -> None:
         runners = []
         eps = {}
-        for name, handler in (("pre", prefill), ("bad", empty), ("good", decode)):
+        for name, handler in (("pre", prefill), ("bad", empty), ("dec", decode)):
             app = web.Application()
             app.router.add_post("/v1/completions", handler)
             port = free_port()
             runners.append(await start_site(app, "127.0.0.1", port))
             eps[name] = f"127.0.0.1:{port}"
         registry = Registry()
-        registry.set_endpoints("prefill", [eps["pre"]])
-        registry.set_endpoints("decode", [eps["bad"], eps["good"]])  # ties go to the first: the empty one
+        # ties go to the first: the empty one
+        registry.set_endpoints("prefill", [eps["bad"], eps["pre"]] if role == "prefill" else [eps["pre"]])
+        registry.set_endpoints("decode", [eps["bad"], eps["dec"]] if role == "decode" else [eps["dec"]])
         port = free_port()
         runners.append(await start_site(PDProxy(ProxyConfig(port=port), registry).app(), "127.0.0.1", port))
         base = f"http://127.0.0.1:{port}"
@@ -228,13 +231,14 @@ def test_an_empty_200_from_decode_is_one_failed_exchange():
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
-        bad = {"role": "decode", "instance": eps["bad"]}
+        bad = {"role": role, "instance": eps["bad"]}
+        good = eps["pre"] if role == "prefill" else eps["dec"]
         assert samples(text, "pdproxy_upstream_requests_total", outcome="ok", **bad) == []
         assert samples(text, "pdproxy_upstream_requests_total", outcome="conn_error", **bad) == [1.0]
         assert samples(text, "pdproxy_upstream_latency_seconds_count", **bad) == [1.0]
-        assert samples(text, "pdproxy_upstream_requests_total", outcome="ok", role="decode", instance=eps["good"]) == [1.0]
+        assert samples(text, "pdproxy_upstream_requests_total", outcome="ok", role=role, instance=good) == [1.0]
         served = {i["endpoint"]: (i["served"], i["failures"]) for i in status["instances"]}
-        assert served == {eps["pre"]: (1, 0), eps["bad"]: (0, 1), eps["good"]: (1, 0)}
+        assert served == {eps["pre"]: (1, 0), eps["bad"]: (0, 1), eps["dec"]: (1, 0)}
         assert status["ejected"] == [eps["bad"]]
 
     asyncio.run(go())

@@ -76,8 +76,9 @@ def error_response(status: int, message: str, type_: str) -> web.Response:
     return web.Response(status=status, body=body, headers=JSON_HEADERS)
 
 
-def _retryable(exc: aiohttp.ClientError) -> bool:
-    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+# What an attempt on one instance can fail with and still be counted and handled by the proxy
+# (timeouts included: aiohttp's are TimeoutErrors); any other error is a bug, answered 500.
+UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 class PDProxy:
@@ -269,25 +270,39 @@ class PDProxy:
             t0 = time.perf_counter()
             try:
                 async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
-                    data = await up.read()
-                    if up.status >= 500:
-                        self._failed(inst, t0, "5xx", f"HTTP {up.status}")
+                    data = await self._body(inst, up, t0)
+                    if data is None:
                         continue
-                    self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
                     if up.status >= 400:
                         raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
                     return data
-            except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
-                self._failed(inst, t0, "conn_error", repr(exc))
-            except TimeoutError:
-                self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
-                raise ProxyError(504, f"{role} instance {inst.endpoint} timed out", "GatewayTimeout") from None
-            except aiohttp.ClientError as exc:
-                if not _retryable(exc):
-                    raise
-                self._failed(inst, t0, "conn_error", repr(exc))
+            except UPSTREAM_FAILURES as exc:
+                if (give_up := self._attempt_failed(inst, t0, exc)) is not None:
+                    raise give_up from None
             finally:
                 self.registry.release(inst, tokens)
+
+    async def _body(self, inst: Instance, up: aiohttp.ClientResponse, t0: float) -> bytes | None:
+        """A whole (non-streamed) answer, counted once: None after a 5xx (the instance is
+        ejected: try another); an empty 200 is a broken exchange, raised as one."""
+        data = await up.read()
+        if up.status >= 500:
+            self._failed(inst, t0, "5xx", f"HTTP {up.status}")
+            return None
+        if up.status == 200 and not data:  # counted once, as a failure, by _attempt_failed
+            raise aiohttp.ClientPayloadError(f"empty 200 from {inst.role}")
+        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
+        return data
+
+    def _attempt_failed(self, inst: Instance, t0: float, exc: BaseException) -> ProxyError | None:
+        """Count a failed attempt and eject the instance; the error that ends the request, or
+        None to try another instance. A timeout ends it (a hung engine must not take the next
+        request too) unless nothing was sent yet (connecting timed out)."""
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+            self._failed(inst, t0, "timeout", "timed out")
+            return ProxyError(504, f"{inst.role} instance {inst.endpoint} timed out", "GatewayTimeout")
+        self._failed(inst, t0, "conn_error", repr(exc))
+        return None
 
     def _failed(self, inst: Instance, t0: float, outcome: str, reason: str) -> None:
         """Count the failed exchange and eject the instance until its probe answers again."""
@@ -347,16 +362,11 @@ class PDProxy:
             resp: web.StreamResponse | None = None
             try:
                 async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
-                    if up.status >= 500:
-                        await up.read()
-                        self._failed(inst, t0, "5xx", f"HTTP {up.status}")
-                        continue
                     ctype = up.headers.get("Content-Type", "application/json")
                     if not (stream and up.status == 200 and ctype.startswith("text/event-stream")):
-                        data = await up.read()
-                        if up.status == 200 and not data:  # counted once, as a failure (below)
-                            raise aiohttp.ClientPayloadError("empty 200 from decode")
-                        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
+                        data = await self._body(inst, up, t0)
+                        if data is None:
+                            continue
                         self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
                         return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
                     relay = _FirstTokenSwap(prefill, chat) if self.cfg.generator_on_p else None
@@ -375,20 +385,15 @@ class PDProxy:
                     self._outcome(inst, "ok", t0)
                     await resp.write_eof()
                     return resp
-            except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: try another instance
-                self._failed(inst, t0, "conn_error", repr(exc))
-            except TimeoutError:
-                self._failed(inst, t0, "timeout", "timed out")  # a hung engine must not take the next request
-                if resp is not None:
-                    return await _abort_stream(resp, "decode instance timed out")
-                raise ProxyError(504, f"decode instance {inst.endpoint} timed out", "GatewayTimeout") from None
-            except aiohttp.ClientError as exc:
-                if not _retryable(exc):
-                    raise
-                self._failed(inst, t0, "conn_error", repr(exc))
-                if resp is not None:  # bytes already sent: no retry possible
+            except UPSTREAM_FAILURES as exc:
+                give_up = self._attempt_failed(inst, t0, exc)
+                if resp is not None:  # bytes already sent: no retry possible, tell the client in-band
+                    if give_up is not None:
+                        return await _abort_stream(resp, "decode instance timed out")
                     self.metrics.child(self.metrics.errors, "stream_broken").inc()
                     return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
+                if give_up is not None:
+                    raise give_up from None
             finally:
                 self.registry.release(inst, tokens)
 
