@@ -14,6 +14,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def is_wildcard(host: str) -> bool:
+    """A bind address meaning every interface: others reach such a server through the node's IP.
+    (Here, not in models: the sim engine needs it without loading pydantic.)"""
+    return host in WILDCARD_HOSTS
+
 
 def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
     """Run `main()` in a fresh loop (uvloop if installed); SIGTERM/SIGINT cancel it."""

@@ -14,12 +14,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["etcd", "mooncake-master", "prefill", "decode", "proxy"]
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
-
-
-def is_wildcard(host: str) -> bool:
-    """A bind address meaning every interface: others reach such a server through the node's IP."""
-    return host in WILDCARD_HOSTS
 
 
 class Strict(BaseModel):

@@ -13,9 +13,10 @@ import json
 import logging
 from pathlib import Path
 
+from pdsupervisor.aioserve import is_wildcard
 from pdsupervisor.aiowait import wait_event
 from pdsupervisor.atomic import atomic_write
-from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, is_wildcard
+from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.proxy.instances import ROLES, Registry
 from pdsupervisor.store import Store, StoreUnavailable, WatchLost
 
