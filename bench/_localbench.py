@@ -1,8 +1,8 @@
 """Shared pieces of the orchestration and failover benchmarks (not a benchmark itself).
 
-A LocalCluster on private ports (nothing in the demo's 2379 / 8471+ / 8868, nothing in the
-Linux ephemeral range the tests draw from), a spec generator for N one-engine nodes, and a
-poller that timestamps what `GET /cluster` shows.
+A LocalCluster on private ports (nothing in the demo's 2379 / 8471+ / 8868, none that the
+tests' free_port hands out: localcluster.BENCH_PORTS), a spec generator for N one-engine
+nodes, and a poller that timestamps what `GET /cluster` shows.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.client import ApiClient, ApiError  # noqa: E402
-from pdsupervisor.doctor_command import taken_ports  # noqa: E402
+from pdsupervisor.doctor_command import port_check  # noqa: E402
 from pdsupervisor.localcluster import BootError, LocalCluster  # noqa: E402
+from pdsupervisor.spec import load_spec  # noqa: E402
 
-# Private ports: below the ephemeral range (32768+), away from the demo's.
+# Private ports, all in localcluster.BENCH_PORTS (12000-12999), away from the demo's.
 ETCD_PORT = 12379          # and 12380 for peers
 API_BASE_PORT = 12400      # 12400 .. 12400+N-1
 PREFILL_PORT = 12100
@@ -65,21 +66,16 @@ def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def ports_in_use(n_agents: int) -> list[int]:
-    wanted = [ETCD_PORT, ETCD_PORT + 1, PROXY_PORT] + [API_BASE_PORT + i for i in range(n_agents)]
-    return sorted(taken_ports(wanted))
-
-
 def new_cluster(name: str, nodes: int, ttl: int) -> LocalCluster:
     root = Path(tempfile.mkdtemp(prefix=f"pdbench-{name}-"))
     return LocalCluster(cluster=name, root=root, nodes=nodes, etcd_port=ETCD_PORT, api_base_port=API_BASE_PORT, ttl=ttl)
 
 
-async def boot(lc: LocalCluster, timeout: float = 180.0) -> float:
+async def boot(lc: LocalCluster, spec_text: str, timeout: float = 180.0) -> float:
     """Start every agent and wait until all are registered; returns seconds taken."""
-    busy = ports_in_use(len(lc.agents))
-    if busy:
-        raise SystemExit(f"ports already in use: {busy} (another bench running?)")
+    ports = port_check(lc.ports_needed(load_spec(spec_text)))
+    if ports.status != "OK":
+        raise SystemExit(f"ports already in use: {ports.found} (another bench running?)")
     try:
         return await lc.boot(timeout, poll_s=0.2)
     except BootError as exc:

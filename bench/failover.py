@@ -135,7 +135,7 @@ async def run(ttl: int, repeat: int, only: list[str]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {k: [] for k in only}
     tests = {"engine": engine_crash, "node": node_loss, "leader": leader_loss}
     try:
-        await boot(lc)
+        await boot(lc, spec)
         await ApiClient(lc.agents[0].api_url).start(spec, replace=True)
         await back_to_ready(lc)
         await asyncio.sleep(1.0)

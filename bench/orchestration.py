@@ -143,7 +143,7 @@ async def bench(nodes: int, runs: int, load_time: float, period: float, ttl: int
           f"sim-load-time {load_time} s, readiness period {period} s, TTL {ttl} s); state in {lc.root}", flush=True)
     results = []
     try:
-        took = await boot(lc)
+        took = await boot(lc, spec_text)
         print(f"  agents registered in {took:.1f} s", flush=True)
         poll = ApiClient(lc.agents[-1].api_url, timeout_s=10)
         for i in range(runs):

@@ -27,10 +27,9 @@ from rich.console import Console
 from pdsupervisor.client import ApiClient, ApiError
 from pdsupervisor.cluster_commands import console as make_console
 from pdsupervisor.cluster_commands import status_table, wait_for_phase
-from pdsupervisor.doctor import ports_needed
-from pdsupervisor.doctor_command import taken_ports
+from pdsupervisor.doctor_command import load_spec_file, port_check
 from pdsupervisor.localcluster import BootError, LocalCluster
-from pdsupervisor.spec import ClusterSpec, SpecError, load_spec
+from pdsupervisor.spec import ClusterSpec, load_spec
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parent.parent / "etc" / "pdsupervisor" / "demo.yaml"
 
@@ -61,26 +60,25 @@ def _take_lock(state_dir: Path) -> Any:
     return lock
 
 
-def _demo_spec(doc: dict[str, Any], console: Console) -> str:
-    if doc.get("mooncake", {}).get("enabled", True) and not shutil.which(doc.get("mooncake", {}).get("binary", "mooncake_master")):
-        console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
-                      "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
-        doc.setdefault("mooncake", {})["enabled"] = False
-    return yaml.safe_dump(doc, sort_keys=False)
+def _demo_spec(spec_path: Path, console: Console) -> tuple[ClusterSpec, str]:
+    """The validated spec and the text to submit: the file's, or without a Mooncake master
+    when its binary is not installed here."""
+    spec = load_spec_file(spec_path)
+    if not spec.mooncake.enabled or shutil.which(spec.mooncake.binary):
+        return spec, spec_path.read_text()
+    console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
+                  "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
+    doc = yaml.safe_load(spec_path.read_text())
+    doc.setdefault("mooncake", {})["enabled"] = False
+    text = yaml.safe_dump(doc, sort_keys=False)
+    return load_spec(text), text
 
 
 def _refuse_taken_ports(spec: ClusterSpec, lc: LocalCluster) -> None:
-    """Every port the demo's processes bind, all on this machine: the spec's (any role's, as
-    `doctor` without a plan) and the agents' APIs. A taken one stops the demo before it starts."""
-    needed = ports_needed(spec, None, lc.agents[0].name)
-    if not spec.mooncake.enabled and needed.get(spec.mooncake.port) == "mooncake-master":
-        del needed[spec.mooncake.port]
-    needed.update({a.api_port: f"{a.name}'s agent API" for a in lc.agents})
-    taken = taken_ports(sorted(needed))
-    if taken:
-        held = ", ".join(f"{port}" + (f" by {holder}" if holder else "") + f" (needed by {needed[port]})"
-                         for port, holder in sorted(taken.items()))
-        raise click.ClickException(f"ports already in use: {held} (another etcd or demo?)")
+    """A port the demo's processes need that is taken stops the demo before it starts."""
+    ports = port_check(lc.ports_needed(spec))
+    if ports.status != "OK":
+        raise click.ClickException(f"ports already in use: {ports.found} (another etcd or demo?)")
 
 
 async def _one_completion(proxy_url: str, model: str) -> str:
@@ -148,12 +146,7 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
     if not spec_path.exists():
         raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
     lock = _take_lock(state_dir)
-    doc = yaml.safe_load(spec_path.read_text())
-    spec_text = _demo_spec(doc, console)
-    try:
-        spec = load_spec(spec_text)
-    except SpecError as exc:
-        raise click.ClickException(f"{spec_path}: invalid:\n{exc}") from None
+    spec, spec_text = _demo_spec(spec_path, console)
     # node1's agent starts etcd where the spec (and so the plan) has it
     lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
                       etcd_peer_port=spec.etcd.peer_port)
@@ -166,7 +159,7 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = asyncio.create_task(_run_demo(lc, spec_text, doc["model"], timeout, console, stop, exit_when_ready))
+        runner = asyncio.create_task(_run_demo(lc, spec_text, spec.model, timeout, console, stop, exit_when_ready))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
         try:

@@ -161,9 +161,10 @@ def ports_needed(spec: ClusterSpec, plan: Plan | None, node: str) -> dict[int, s
     """Port -> what needs it on `node`. Without a plan: every port any role might put here."""
     if plan is not None:
         return {c.port: c.holder for c in port_claims(spec, plan, node)}
-    out = {spec.etcd.client_port: "etcd", spec.etcd.peer_port: "etcd peer",
-           spec.mooncake.port: "mooncake-master", spec.proxy.port: "proxy",
+    out = {spec.etcd.client_port: "etcd", spec.etcd.peer_port: "etcd peer", spec.proxy.port: "proxy",
            spec.decode.dp_master_port: "decode DP master"}
+    if spec.mooncake.enabled:
+        out[spec.mooncake.port] = "mooncake-master"
     for name, role in (("prefill", spec.prefill), ("decode", spec.decode)):
         out.update({role.base_port + i: f"{name}-{i}" for i in range(role.engines_per_node)})
     return out

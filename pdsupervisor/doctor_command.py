@@ -77,6 +77,11 @@ def local_facts(root: str, name: str, ip: str, accelerators: int | None) -> Node
     return facts if nr is None else facts.model_copy(update={"hugepages_total": nr})
 
 
+def port_check(needed: dict[int, str]) -> CheckResult:
+    """Whether every port in `needed` (port -> who needs it) can be bound here now."""
+    return check_ports(needed, taken_ports(sorted(needed)))
+
+
 def taken_ports(ports: list[int]) -> dict[int, str]:
     """Ports a server could not bind now (any address), with the holder when psutil may tell."""
     taken: dict[int, str] = {}
@@ -165,7 +170,8 @@ def results_table(rows: list[tuple[str, CheckResult]], with_node: bool) -> Table
     return table
 
 
-def _load(spec_file: Path) -> ClusterSpec:
+def load_spec_file(spec_file: Path) -> ClusterSpec:
+    """The validated spec in `spec_file`; any problem is a ClickException naming the file."""
     try:
         return load_spec(spec_file.read_text())
     except OSError as exc:
@@ -197,8 +203,7 @@ def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: in
     plan, plan_note = _plan(spec, {**others, name: local})
     roles = planned_roles(plan, name)
     results = fact_checks(spec, local, roles)
-    needed = ports_needed(spec, plan, name)
-    results.append(check_ports(needed, taken_ports(sorted(needed))))
+    results.append(port_check(ports_needed(spec, plan, name)))
     results.append(check_model(spec, Path(spec.model).expanduser().exists() if model_is_path(spec.model) else None))
     endpoint = _etcd_endpoint(spec, plan, local, etcd)
     results += check_etcd(probe_etcd(endpoint) if endpoint else None)
@@ -246,7 +251,7 @@ def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: st
 
     Exit 1 when a check FAILs (a requirement in host_requirements.hard, a taken port, a missing model).
     """
-    spec = _load(spec_file)
+    spec = load_spec_file(spec_file)
     if cluster_wide:
         if fix:
             raise click.ClickException("--fix applies to this host only: run `pdsupervisor doctor --fix` on each node")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import psutil
 
+from pdsupervisor.doctor import ports_needed
+from pdsupervisor.spec import ClusterSpec
+
 MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
 
 
@@ -70,6 +73,13 @@ class LocalCluster:
             )
             for i in range(self.nodes)
         ]
+
+    def ports_needed(self, spec: ClusterSpec) -> dict[int, str]:
+        """Every port this cluster's processes bind, all on this machine: the spec's (any
+        role's, as `doctor` without a plan) and the agents' APIs; port -> who needs it."""
+        needed = ports_needed(spec, None, self.agents[0].name)
+        needed.update({a.api_port: f"{a.name}'s agent API" for a in self.agents})
+        return needed
 
     @property
     def etcd_endpoint(self) -> str:
@@ -169,8 +179,12 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-# The transfer engine's MC_MIN_PRC_PORT..MC_MAX_PRC_PORT defaults (seen: two ports per engine).
+# Ports free_port never hands out: Mooncake's transfer engine binds random ports in its RPC
+# range (MC_MIN_PRC_PORT..MC_MAX_PRC_PORT defaults; seen: two per engine) while it starts, and
+# the benchmarks' fixed ports (bench/_localbench.py) lie in 12000-12999.
 MOONCAKE_RPC_PORTS = frozenset(range(15000, 17001))
+BENCH_PORTS = frozenset(range(12000, 13000))
+RESERVED_PORTS = MOONCAKE_RPC_PORTS | BENCH_PORTS
 
 
 def _can_bind(host: str, port: int) -> bool:
@@ -188,17 +202,17 @@ def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
     Not the kernel's `bind(0)`: that draws from the ephemeral range, where the agents' own
     outgoing connections take ports too, and may hand the same port out twice before anyone
     listens on it (a proxy and an agent API once got one port). These ports lie outside
-    that range and outside Mooncake's transfer-engine RPC range (each engine binds random
-    ports there during its start, possibly before a port handed out here is listened on), and
-    are never handed out twice by one process.
+    that range and outside RESERVED_PORTS (Mooncake's engines bind random ports there while
+    they start, possibly before a port handed out here is listened on; the benchmarks' fixed
+    ports), and are never handed out twice by one process.
     """
     low, high = _ephemeral_range()
     lo, hi = (10000, low) if low - 10000 >= 5000 else (high + 1, 65536)
     rng = random.Random()
-    for _ in range(2000):
+    for _ in range(2000 if hi - span > lo else 0):
         first = rng.randrange(lo, hi - span)
         ports = range(first, first + span)
-        if not _handed_out.isdisjoint(ports) or not MOONCAKE_RPC_PORTS.isdisjoint(ports):
+        if not _handed_out.isdisjoint(ports) or not RESERVED_PORTS.isdisjoint(ports):
             continue
         if all(_can_bind(host, p) for p in ports):
             _handed_out.update(ports)

@@ -83,3 +83,14 @@ def test_demo_refuses_a_taken_engine_port_before_starting_anything(tmp_path):
     assert out.returncode == 1
     assert "ports already in use" in text and f"{port}" in text and "prefill-0" in text
     assert not (tmp_path / "demo" / "run").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("text", ["- a list\n- not a spec\n", "cluster: [unclosed\n", "cluster: demo\nprefil: {}\n"])
+def test_demo_refuses_a_bad_spec_with_a_message_not_a_traceback(tmp_path, text):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--spec", str(spec), "--state-dir", str(tmp_path / "demo")]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"{spec}: invalid" in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "demo" / "run").exists()

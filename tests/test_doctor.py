@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from agent import probes
 from pdsupervisor.cli import main
 from pdsupervisor.cluster_view import Observed, SpecRecord, try_plan
-from pdsupervisor.doctor import check_model, check_protocol, check_rdma, fact_checks, hard_failures
+from pdsupervisor.doctor import check_model, check_protocol, check_rdma, fact_checks, hard_failures, ports_needed
 from pdsupervisor.doctor_command import _cluster_checks, probe_etcd, report_json
 from pdsupervisor.models import NodeFacts
 from pdsupervisor.planner import plan_cluster
@@ -275,3 +275,11 @@ def test_cluster_table_and_exit_code(tmp_path, monkeypatch):
     rows = [[c.strip() for c in line.split("│")[1:4]] for line in result.output.splitlines() if line.count("│") > 4]
     assert [r for r in rows if r[1] == "hugepages"] == [["n1", "hugepages", "OK"], ["n2", "hugepages", "FAIL"]]
     assert "--fix applies to this host only" in CliRunner().invoke(main, [*args, "--fix"]).output
+
+
+def test_ports_without_a_plan_leave_out_a_disabled_master(tmp_path):
+    on = validate_spec(spec_doc(tmp_path))
+    off = validate_spec(spec_doc(tmp_path, mooncake={"enabled": False}))
+    assert ports_needed(on, None, "n1")[on.mooncake.port] == "mooncake-master"
+    assert on.mooncake.port not in ports_needed(off, None, "n1")
+    assert ports_needed(off, None, "n1")[off.proxy.port] == "proxy"
