@@ -220,8 +220,8 @@ def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
     raise RuntimeError(f"no {span} free consecutive port(s) on {host} in {lo}-{hi - 1}")
 
 
-def marked_processes(env_name: str, value: str | None = None) -> list[psutil.Process]:
-    """Live processes (not this one) whose environment has `env_name` (equal to `value` if given).
+def marked_processes(env_name: str, value: str) -> list[psutil.Process]:
+    """Live processes (not this one) whose environment has `env_name` equal to `value`.
 
     Children inherit the environment, so this finds a whole family of processes even after
     their parents died or they left the process group.
@@ -231,8 +231,7 @@ def marked_processes(env_name: str, value: str | None = None) -> list[psutil.Pro
         try:
             if p.pid == os.getpid():
                 continue
-            seen = p.environ().get(env_name)
-            if seen is not None and (value is None or seen == value):
+            if p.environ().get(env_name) == value:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

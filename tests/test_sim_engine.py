@@ -117,6 +117,11 @@ def test_every_sim_flag_reads_its_env_var_and_a_flag_wins():
     from pdsupervisor.simengine.config import _SIM_ENV, _VALUE_FLAGS, parse_args
 
     assert set(_SIM_ENV.values()) == {f for f in _VALUE_FLAGS if f.startswith("--sim-")}
+    # the names the README, the tests' cluster env and deployments use: renaming one breaks them
+    documented = {"PDSIM_KV_BYTES_PER_TOKEN", "PDSIM_KV_MAX_BYTES", "PDSIM_KV_TIMEOUT", "PDSIM_KV_TRANSFER",
+                  "PDSIM_LOAD_TIME", "PDSIM_MAX_BATCH", "PDSIM_MOONCAKE_BUFFER_CAP", "PDSIM_MOONCAKE_SEGMENT_CAP",
+                  "PDSIM_NATURAL_LEN", "PDSIM_TPOT", "PDSIM_TTFT_PER_TOKEN"}
+    assert set(_SIM_ENV) == documented
     cfg = parse_args([], env={"PDSIM_NATURAL_LEN": "5", "PDSIM_MAX_BATCH": "3", "PDSIM_KV_MAX_BYTES": "64k"})
     assert (cfg.natural_len, cfg.max_batch, cfg.kv_max_bytes) == (5, 3, 64 << 10)
     assert parse_args(["--sim-natural-len", "7"], env={"PDSIM_NATURAL_LEN": "5"}).natural_len == 7
