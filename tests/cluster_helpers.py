@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -162,8 +161,10 @@ def wait_proxy_routes(doc: dict[str, Any], timeout: float = 15) -> dict[str, set
 
     def routed() -> bool:
         nonlocal seen
-        status = get_json(doc["proxy_url"] + "/status")
-        seen = {role: {i["endpoint"] for i in status["instances"] if i["role"] == role and not i["ejected"]}
+        code, raw = http("GET", doc["proxy_url"] + "/status")
+        if code != 200:  # a hiccup is polled again, not a failure
+            return False
+        seen = {role: {i["endpoint"] for i in json.loads(raw)["instances"] if i["role"] == role and not i["ejected"]}
                 for role in wanted}
         return seen == wanted
 
@@ -173,6 +174,3 @@ def wait_proxy_routes(doc: dict[str, Any], timeout: float = 15) -> dict[str, set
 
 def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:
     return {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["state"] == "ready"}
-
-
-PY = sys.executable

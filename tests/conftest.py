@@ -18,7 +18,6 @@ from pdsupervisor.etcd_server import etcd_argv, etcd_binary
 from pdsupervisor.localcluster import free_port, kill_tree  # noqa: F401 - re-exported for the tests
 
 
-
 class _Poll:
     """One condition polled until a deadline: the part `wait_for` and `until` share."""
 

@@ -89,15 +89,11 @@ class Procs:
         """Kill every tree; one process that will not die does not leave the later ones running."""
         stuck = []
         for p in self.procs:
-            kill_tree(p.pid)
+            kill_tree(p.pid)  # SIGKILL: nothing stronger is left to send
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                p.kill()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    stuck.append(p.pid)
+                stuck.append(p.pid)
         assert not stuck, f"processes still running after SIGKILL: {stuck}"
 
 

@@ -23,14 +23,17 @@ FAST = RestartPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, jitter=0.1, reset
 
 @pytest.fixture
 def cleanup():
+    """Managed processes, and other processes (psutil handles: a pid reaped and reused by the
+    time of the teardown is not someone else's to kill), whose trees the teardown kills."""
     started: list[ManagedProcess] = []
-    extra: list[int] = []
+    extra: list[psutil.Process] = []
     yield started, extra
     for m in started:
         if m.pid:
             kill_tree(m.pid)
-    for pid in extra:
-        kill_tree(pid)
+    for proc in extra:
+        if proc.is_running():  # same pid *and* start time
+            kill_tree(proc.pid)
 
 
 def mp(tmp_path: Path, spec: ProcessSpec) -> ManagedProcess:
@@ -46,7 +49,7 @@ async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, clean
     m.start()
     await until(lambda: pids_file.exists() and pids_file.read_text().count(" ") == 1, what="grandchildren")
     a, b = map(int, pids_file.read_text().split())
-    cleanup[1].extend([a, b])
+    cleanup[1].extend([psutil.Process(a), psutil.Process(b)])
     await until(lambda: os.getsid(a) == a, what="grandchild setsid")
     assert os.getsid(b) == m.pid
     root = m.pid
@@ -123,14 +126,20 @@ async def test_a_relative_file_is_written_where_the_child_runs(tmp_path, cleanup
     await m.stop()
 
 
-async def test_adoption_record_matches_only_same_process(tmp_path, cleanup):
+async def _adoptable(cleanup, **spec_fields) -> tuple[psutil.Popen, ProcessSpec, ProcRecord]:  # noqa: ANN001
+    """A running sleeper, its spec, and the record an agent would have kept for it."""
     argv = [sys.executable, "-c", "import time; time.sleep(600)"]
     p = psutil.Popen(argv)
-    cleanup[1].append(p.pid)
+    cleanup[1].append(p)
     await until(lambda: p.cmdline() == argv, what="exec")
-    spec = ProcessSpec(name="x", role="prefill", argv=argv)
-    rec = ProcRecord(name="x", pid=p.pid, create_time=proctree.started(p.pid), spec_hash=spec.spec_hash(),
+    spec = ProcessSpec(argv=argv, **spec_fields)
+    rec = ProcRecord(name=spec.name, pid=p.pid, create_time=proctree.started(p.pid), spec_hash=spec.spec_hash(),
                      spec=spec.model_dump(mode="json"), started_at=time.time(), boot_id=proctree.boot_id())
+    return p, spec, rec
+
+
+async def test_adoption_record_matches_only_same_process(tmp_path, cleanup):
+    _, _, rec = await _adoptable(cleanup, name="x", role="prefill")
     assert matches(rec) is not None
     rec.create_time -= 5  # same pid, different start time: a reused pid
     assert matches(rec) is None
@@ -145,14 +154,8 @@ async def test_adoption_record_matches_only_same_process(tmp_path, cleanup):
 
 async def test_an_adopted_process_stopped_before_its_task_ran_is_stopped(tmp_path, cleanup):
     """What the bootstrap etcd's reconfiguration does: adopt the old one, stop it at once."""
-    argv = [sys.executable, "-c", "import time; time.sleep(600)"]
-    p = psutil.Popen(argv)
-    cleanup[1].append(p.pid)
-    await until(lambda: p.cmdline() == argv, what="exec")
-    spec = ProcessSpec(name="old", role="etcd", argv=argv, stop_timeout_s=2)
+    p, spec, rec = await _adoptable(cleanup, name="old", role="etcd", stop_timeout_s=2)
     records = ProcStore(tmp_path / "procs")
-    rec = ProcRecord(name="old", pid=p.pid, create_time=proctree.started(p.pid), spec_hash=spec.spec_hash(),
-                     spec=spec.model_dump(mode="json"), started_at=time.time(), boot_id=proctree.boot_id())
     records.save(rec)
     m = ManagedProcess(spec, records=records, log_dir=tmp_path / "logs", adopt=(rec, matches(rec)))
     m.start()
@@ -178,14 +181,13 @@ def test_child_env_strips_notify_socket(monkeypatch):
 def test_copytruncate_rotation_keeps_child_writing(tmp_path, cleanup):
     import subprocess
 
-
     path = tmp_path / "logs" / "w.log"
     fd = logs.open_log(path)
     writer = subprocess.Popen(
         [sys.executable, "-u", "-c", "import sys, time\nfor i in range(100000):\n print('x' * 99); time.sleep(0.001)"],
         stdout=fd, stderr=fd, start_new_session=True)
     os.close(fd)
-    cleanup[1].append(writer.pid)
+    cleanup[1].append(psutil.Process(writer.pid))
     from tests.conftest import wait_for
 
     wait_for(lambda: path.stat().st_size > 20_000, what="log grows")
@@ -216,9 +218,9 @@ async def test_workers_of_a_root_reaped_elsewhere_are_still_stopped(tmp_path, cl
               "open(sys.argv[1], 'w').write(str(w.pid))\n"
               "time.sleep(600)\n")
     root = subprocess.Popen([sys.executable, "-c", script, str(pid_file)], start_new_session=True)
-    cleanup[1].append(root.pid)  # teardown kills its tree, worker included, whatever fails here
+    cleanup[1].append(psutil.Process(root.pid))  # teardown kills its tree, worker included, whatever fails
     worker = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="worker pid"))
-    cleanup[1].append(worker)
+    cleanup[1].append(psutil.Process(worker))
     created = proctree.started(root.pid)
     root.kill()
     root.wait()  # reaped: the root's pid is free, the worker still names it as its session

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 
 import psutil
 import pytest
@@ -145,12 +144,10 @@ def test_resubmitting_another_spec_conflicts(cluster):
 def test_coordinator_loss_changes_nothing(cluster):
     before = ready_pids(cluster.doc())
     cluster.agents["n4"].kill9()
-    started = time.monotonic()
-    wait_for(lambda: run(_leader(cluster)) not in (None, "n4"), TTL + 10, 0.1, what="a new leader")
-    took = time.monotonic() - started
+    # the bound is loose: bench/failover.py measures the time to a new leader
+    wait_for(lambda: run(_leader(cluster)) not in (None, "n4"), TTL + 8, 0.1, what="a new leader")
     doc = cluster.doc()
     assert doc["phase"] == "ready" and ready_pids(doc) == before, doc
-    assert took <= TTL + 8, f"new leader after {took:.1f}s"  # loose: bench/failover.py measures it
     cluster.restart("n4")  # back as the spare for the next test
     wait_for(lambda: "n4" in cluster.doc()["members"], 15, what="n4 back")
 
@@ -163,9 +160,8 @@ def test_decode_node_loss_is_replaced_with_same_dp_ranks(cluster):
     kill_tree(agent.proc.pid)  # the node dies: agent and engines
     agent.proc.wait(5)
     assert not any(alive(pid) for pid in engine_pids)
-    t0 = time.monotonic()
-    wait_for(lambda: cluster.doc()["phase"] == "degraded", TTL + 10, 0.05, what="degraded")
-    assert time.monotonic() - t0 <= TTL + 8  # figure measured by bench/failover.py; this only bounds it
+    # figure measured by bench/failover.py; this only bounds it
+    wait_for(lambda: cluster.doc()["phase"] == "degraded", TTL + 8, 0.05, what="degraded")
 
     doc = cluster.wait_phase("ready", 60)
     assert doc["placement"]["decode"] == ["n2", "n4"]

@@ -45,9 +45,11 @@ def test_status_of_a_previous_agent_is_not_observation():
     assert fresh["processes"][0]["state"] == "ready" and fresh["processes"][0]["pid"] == 42
 
 
-def _demo_spec(master_port: int) -> dict:
+def _demo_spec(master_port: int, decode_slots: int | None = None) -> dict:
     spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
     spec["mooncake"]["port"] = master_port
+    if decode_slots is not None:
+        spec["decode"]["slots"] = decode_slots
     return validate_spec(spec).model_dump(mode="json")
 
 
@@ -144,10 +146,10 @@ def test_record_bookkeeping_alone_does_not_unready_the_cluster():
 
 def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
     obs = _demo_running(master_pid=500)
-    spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
-    spec["decode"]["slots"] *= 2  # more decode engines per node: processes nobody runs yet
+    slots = obs.record.spec["decode"]["slots"]
+    # more decode engines per node (processes nobody runs yet); the master's spec unchanged
     replaced = dataclasses.replace(obs, record=obs.record.model_copy(
-        update={"generation": 2, "spec": validate_spec(spec).model_dump(mode="json")}))
+        update={"generation": 2, "spec": _demo_spec(50001, decode_slots=slots * 2)}))
     before = {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
     planned = {(n, p.name) for n, p in desired_state(replaced).plan.assignable()}
     assert before < planned  # the new spec has engines that are not assigned yet

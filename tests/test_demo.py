@@ -12,12 +12,13 @@ import uuid
 
 import pytest
 
+from pdsupervisor.localcluster import LocalCluster
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
 from tests.conftest import wait_for
 from tests.pdproc import http
 
 pytestmark = pytest.mark.slow
-DEMO_API = "http://127.0.0.1:8471"  # the demo's first agent (LocalCluster's api_base_port)
+DEMO_API = f"http://127.0.0.1:{LocalCluster.api_base_port}"  # the demo's first agent
 
 
 def _phase() -> str | None:
@@ -90,7 +91,11 @@ def test_demo_refuses_a_bad_spec_with_a_message_not_a_traceback(tmp_path, text):
     spec = tmp_path / "bad.yaml"
     spec.write_text(text)
     argv = [sys.executable, "-m", "pdsupervisor", "demo", "--spec", str(spec), "--state-dir", str(tmp_path / "demo")]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    marker = uuid.uuid4().hex  # were the check broken, whatever the demo started is found and killed
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, TEST_MARKER_ENV: marker})
+    finally:
+        kill_marked(marker)
     assert out.returncode == 1
     assert f"{spec}: invalid" in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "demo" / "run").exists()

@@ -1,10 +1,8 @@
-"""free_port: the ports the tests and the sim-engine benchmark hand to agents, engines and proxies."""
+"""free_port: the ports the tests (and bench/agent_footprint.py) hand to agents, engines and proxies."""
 
 from __future__ import annotations
 
-import socket
-
-from pdsupervisor.localcluster import BENCH_PORTS, MOONCAKE_RPC_PORTS, _ephemeral_range, free_port
+from pdsupervisor.localcluster import BENCH_PORTS, MOONCAKE_RPC_PORTS, _can_bind, _ephemeral_range, free_port
 
 
 def test_ports_are_distinct_free_and_outside_the_ranges_others_draw_from():
@@ -15,6 +13,4 @@ def test_ports_are_distinct_free_and_outside_the_ranges_others_draw_from():
     assert not set(ports) & MOONCAKE_RPC_PORTS  # the transfer engine binds random ports there
     assert not set(ports) & BENCH_PORTS  # a benchmark may be running beside the tests
     assert not [p for p in ports if low <= p <= high]  # outgoing connections take these
-    with socket.socket() as s:  # and each one can be listened on now
-        s.bind(("127.0.0.1", firsts[-1] + 1))
-
+    assert all(_can_bind("127.0.0.1", p) for p in ports)  # and each one can be listened on now

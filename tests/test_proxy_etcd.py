@@ -6,8 +6,12 @@ import asyncio
 import json
 import time
 
+from pdsupervisor.aiowait import cancel_and_wait, wait_event
 from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
-from pdsupervisor.store import Store
+from pdsupervisor.proxy.etcd_source import EtcdSource
+from pdsupervisor.proxy.instances import Registry
+from pdsupervisor.store import Keys, Store, WatchEvent
+from tests.conftest import free_port, until
 from tests.pdproc import http, metric, wait_for
 
 
@@ -58,7 +62,6 @@ def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
 
 
 def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_name, tmp_path):
-    from tests.conftest import free_port
 
     pre, _ = procs.engine("prefill")
     dec, _ = procs.engine("decode")
@@ -79,8 +82,6 @@ class _SlowStopStore:
     """A store whose second read hangs, and whose reader then takes a while to stop when cancelled."""
 
     def __init__(self) -> None:
-        from pdsupervisor.store import Keys
-
         self.keys = Keys("slow-stop")
         self.connects = 0
         self.reads = 0
@@ -100,8 +101,6 @@ class _SlowStopStore:
         return 1
 
     async def statuses(self) -> dict:
-        from pdsupervisor.aiowait import wait_event
-
         self.reads += 1
         if self.reads != 2:
             return {}
@@ -117,8 +116,6 @@ class _SlowStopStore:
         return {}
 
     async def watch_prefix(self, prefix: str, start_revision: int):
-        from pdsupervisor.store import WatchEvent
-
         if self.connects == 1:
             yield WatchEvent(key=self.keys.members + "n", value=b"{}", revision=start_revision)
             await self.lose_watch.wait()
@@ -129,10 +126,6 @@ class _SlowStopStore:
 def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
     """The refresher cancelled with a lost watch has ended before the source reconnects:
     two refreshes never run at once."""
-    from pdsupervisor.aiowait import cancel_and_wait
-    from pdsupervisor.proxy.etcd_source import EtcdSource
-    from pdsupervisor.proxy.instances import Registry
-    from tests.conftest import until
 
     async def go() -> None:
         store = _SlowStopStore()
@@ -142,7 +135,8 @@ def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
             store.lose_watch.set()
             await until(lambda: store.connects >= 2, 10, what="the source to reconnect")
             assert store.reader_stopped_before_reconnect is True
-        finally:
-            assert await cancel_and_wait([task], 5) == []
+        finally:  # checked after: a failure above stays the one reported
+            stuck = await cancel_and_wait([task], 5)
+        assert stuck == []
 
     asyncio.run(go())
