@@ -62,7 +62,6 @@ def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
 
 
 def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_name, tmp_path):
-
     pre, _ = procs.engine("prefill")
     dec, _ = procs.engine("decode")
     asyncio.run(_register(etcd_server.endpoint, cluster_name, "node-a", "prefill", pre))
