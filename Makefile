@@ -17,7 +17,7 @@ PIP := $(PY) -m pip
 # Console scripts installed with the packages (mooncake_master, etcd) must be on PATH.
 RUN := PATH="$(SCRIPTS):$$PATH"
 
-.PHONY: install install-test system-deps demo test
+.PHONY: install install-test system-deps demo test lint
 
 .venv:
 	$(PYTHON) -m venv .venv || { echo "python3 -m venv failed: install Debian's python3-venv"; exit 1; }
@@ -43,3 +43,9 @@ demo: install system-deps
 
 test: install-test
 	$(RUN) $(PY) -m pytest -q -p no:cacheprovider
+
+# Static checks: lint and import order (ruff), the layering contracts (import-linter), types (mypy).
+lint: $(VENV)
+	$(PIP) install -q -e '.[lint]'
+	$(RUN) $(PY) -m ruff check .
+	$(RUN) lint-imports

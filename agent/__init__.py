@@ -1,18 +1,18 @@
 """pd-agent: the per-node daemon that makes its node match its assignment.
 
-Modules, one concern each:
+Everything that runs inside `pd-agent` lives here; it builds on `pdsupervisor` (the core,
+the store, host probes) and nothing in `pdsupervisor` imports it.
 
+- `main`: the `pd-agent` command: configuration, logging, wiring the loops together.
+- `daemon`: `Agent`, the one asyncio loop (start order, background tasks, shutdown).
 - `config`: `AgentConfig` (etc/pdsupervisor/agent.yaml; flags override it).
-- `probes`: node facts read from /sys, /proc, /dev under a configurable root.
-- `proctree`: kill a whole process tree, never a stranger (pid + start time since boot).
-- `statefile`: the process records used for adoption (written with `pdsupervisor.atomic`).
-- `logs`: per-process log files (direct O_APPEND fds, copy-truncate rotation, tail/follow).
-- `supervisor`: `ManagedProcess`, one supervised process (spawn, probe, backoff, stop).
-- `reconciler`: assignment watch -> start/stop/restart; status written on change.
 - `registration`: node facts under a lease refreshed every ttl/3.
+- `reconciler`: assignment watch -> start/stop/restart; status written on change.
+- `coordinator`: the cluster's reconcile loop, acting only while this agent leads.
 - `notify`: sd_notify (READY, WATCHDOG, STATUS), no-op without NOTIFY_SOCKET.
-- `rest`: the local aiohttp API (`build_app`, `require_token`, `token_middleware`).
-- `core`: `Agent`, the one asyncio loop tying these together (extension points for the
-  coordinator are listed in its docstring).
-- `main`: the `pd-agent` command.
+- `process/`: local supervision, knowing nothing of etcd: `supervisor` (`ManagedProcess`:
+  spawn, probe, backoff, stop), `proctree` (kill a whole tree, never a stranger),
+  `statefile` (records for adoption), `logs` (per-process files, rotation, tail/follow).
+- `api/`: the REST app: `app` (node routes, auth middleware), `cluster` (the cluster routes
+  every agent serves: writes are desired state, reads come from etcd).
 """

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pdsupervisor.aioserve import is_wildcard
+from pdsupervisor.aio.serve import is_wildcard
 
 DEFAULT_PORT = 8470
 DEFAULT_CONFIG_PATH = "/etc/pdsupervisor/agent.yaml"

@@ -18,7 +18,7 @@ import click
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_listen
 
 
-def _import_structlog_without_rich():  # noqa: ANN202
+def _import_structlog_without_rich():
     """structlog renders exceptions with rich when it can import it: boxed tracebacks in
     journald and about 4 MB more RSS for a daemon that should stay small. Hide rich while
     structlog loads (plain tracebacks); later imports of rich (CLI code) are unaffected."""
@@ -116,8 +116,8 @@ def main(config_path: str | None, log_level: str, **flags: Any) -> None:
 
 def add_coordinator(agent: Any) -> None:
     """Every agent serves the cluster API and runs the coordinator loop (it acts only as leader)."""
-    from pdsupervisor.api import cluster_routes
-    from pdsupervisor.coordinator import Coordinator
+    from agent.api.cluster import cluster_routes
+    from agent.coordinator import Coordinator
 
     agent.add_routes(cluster_routes(agent.store))
     agent.add_task(
@@ -126,7 +126,7 @@ def add_coordinator(agent: Any) -> None:
 
 
 async def _run(config: Any) -> None:
-    from agent.core import Agent, install_signal_handlers
+    from agent.daemon import Agent, install_signal_handlers
 
     agent = Agent(config)
     add_coordinator(agent)

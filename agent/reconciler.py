@@ -17,11 +17,11 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from agent.statefile import ProcStore
-from agent.supervisor import ManagedProcess
-from pdsupervisor.aiowait import wait_event
-from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec
-from pdsupervisor.store import Store, StoreUnavailable
+from agent.process.statefile import ProcStore
+from agent.process.supervisor import ManagedProcess
+from pdsupervisor.aio.wait import wait_event
+from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec
+from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 log = structlog.get_logger("agent.reconciler")
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import structlog
 
-from pdsupervisor.models import NodeFacts
-from pdsupervisor.store import Store, StoreUnavailable, lease_refresh_interval
+from pdsupervisor.core.models import NodeFacts
+from pdsupervisor.store.etcd import Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("agent.registration")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import statistics
@@ -26,10 +27,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pdsupervisor.client import ApiClient, ApiError  # noqa: E402
-from pdsupervisor.doctor_command import port_check  # noqa: E402
-from pdsupervisor.localcluster import BootError, LocalCluster  # noqa: E402
-from pdsupervisor.spec import load_spec  # noqa: E402
+from pdsupervisor.api.client import ApiClient, ApiError  # noqa: E402
+from pdsupervisor.cli.doctor import port_check  # noqa: E402
+from pdsupervisor.core.spec import load_spec  # noqa: E402
+from pdsupervisor.local.cluster import BootError, LocalCluster  # noqa: E402
 
 # Private ports, all in localcluster.BENCH_PORTS (12000-12999), away from the demo's.
 ETCD_PORT = 12379          # and 12380 for peers
@@ -43,7 +44,8 @@ def engine_argv(role: str, load_time: float) -> list[str]:
     kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
     return ["{python}", "-m", "pdsupervisor.simengine", "--model", "{model}", "--host", "{host}", "--port", "{port}",
             "-tp", "{tp}", "--max-model-len", "8192",
-            "--kv-transfer-config", '{"kv_connector":"MooncakeStoreConnector","kv_role":"%s"}' % kv_role,
+            "--kv-transfer-config",
+            json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": kv_role}, separators=(",", ":")),
             "--sim-load-time", str(load_time)]
 
 
@@ -88,7 +90,7 @@ _last_error: list[str] = []
 async def get_cluster(client: ApiClient) -> dict[str, Any] | None:
     try:
         return await client.cluster()
-    except (OSError, ApiError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ApiError) as exc:
         msg = f"{type(exc).__name__}: {exc}"[:200]
         if not _last_error or _last_error[-1] != msg:
             print(f"    (GET /cluster failed: {msg})", flush=True)
@@ -96,7 +98,7 @@ async def get_cluster(client: ApiClient) -> dict[str, Any] | None:
         return None
 
 
-async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.05) -> tuple[float, dict[str, Any]]:  # noqa: ANN001
+async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.05) -> tuple[float, dict[str, Any]]:
     """Poll GET /cluster until pred(doc); returns (wall time of the answer, doc)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -109,7 +111,8 @@ async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.
         await asyncio.sleep(interval)
 
 
-_LISTEN = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO pdsupervisor\.(simengine: sim engine|proxy: proxy) .*listening on")
+_LISTEN = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
+                     r"pdsupervisor\.(simengine: sim engine|proxy: proxy) .*listening on")
 
 
 def engine_listen_times(log_path: Path) -> list[float]:

@@ -24,10 +24,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pdsupervisor.etcd_server import etcd_argv  # noqa: E402
-from pdsupervisor.localcluster import MARKER_ENV, free_port, kill_tree, marked_processes  # noqa: E402
-from pdsupervisor.models import NodeAssignment, NodeStatus, ProcessSpec, Probe  # noqa: E402
-from pdsupervisor.store import Store  # noqa: E402
+from pdsupervisor.core.etcd_command import etcd_argv  # noqa: E402
+from pdsupervisor.core.models import NodeAssignment, NodeStatus, Probe, ProcessSpec  # noqa: E402
+from pdsupervisor.local.cluster import MARKER_ENV, free_port, kill_tree, marked_processes  # noqa: E402
+from pdsupervisor.store.embedded import etcd_binary  # noqa: E402
+from pdsupervisor.store.etcd import Store  # noqa: E402
 
 
 def etcd_writes(endpoint: str) -> float:
@@ -40,7 +41,7 @@ def etcd_writes(endpoint: str) -> float:
     return total
 
 
-async def store_call(endpoint: str, cluster: str, fn):  # noqa: ANN001, ANN201
+async def store_call(endpoint: str, cluster: str, fn):
     async with Store([endpoint], cluster) as s:
         return await fn(s)
 
@@ -61,16 +62,16 @@ def main() -> None:
     try:
         subprocess.Popen(
             etcd_argv(name="bench", data_dir=str(tmp / "etcd"), client_host="127.0.0.1",
-                      client_port=cport, peer_port=pport),
+                      client_port=cport, peer_port=pport, binary=etcd_binary()),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + 20
         while True:
             try:
                 etcd_writes(endpoint)
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise SystemExit("etcd did not come up")
+                    raise SystemExit("etcd did not come up") from exc
                 time.sleep(0.1)
         http_port = free_port()
         specs = [

@@ -36,23 +36,30 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _localbench import (  # noqa: E402
-    ApiClient, boot, create_time, finish, machine, make_spec, new_cluster, wait_doc,
+from _localbench import (
+    ApiClient,
+    boot,
+    create_time,
+    finish,
+    machine,
+    make_spec,
+    new_cluster,
+    wait_doc,
 )
 
-from pdsupervisor.localcluster import kill_tree  # noqa: E402
+from pdsupervisor.local.cluster import kill_tree
 
 
 def row(doc: dict, node: str, name: str) -> dict | None:
     return next((p for p in doc["processes"] if p["node"] == node and p["name"] == name), None)
 
 
-def poller(lc, avoid: set[str]) -> ApiClient:  # noqa: ANN001
+def poller(lc, avoid: set[str]) -> ApiClient:
     agent = next(a for a in reversed(lc.agents) if a.name not in avoid)
     return ApiClient(agent.api_url, timeout_s=3)
 
 
-async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(),  # noqa: ANN001
+async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(),
                         dead_pids: set[int] = frozenset()) -> tuple[float, bool]:
     """Ready with every member back and no row still showing a pid we killed.
 
@@ -73,7 +80,7 @@ async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(), 
     return t, stale
 
 
-async def engine_crash(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
+async def engine_crash(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, set())
     _, doc = await wait_doc(client, lambda d: d["phase"] == "ready", 60)
     victim = next(p for p in doc["processes"] if p["role"] == "decode")
@@ -90,7 +97,7 @@ async def engine_crash(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
     return {"respawned": (respawn or float("nan")) - t0, "new_pid_seen": t_seen - t0, "ready_again": t_ready - t0}
 
 
-async def node_loss(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
+async def node_loss(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, {"node3"})
     _, doc = await wait_doc(client, lambda d: d["phase"] == "ready", 60)
     leader = doc["leader"]
@@ -111,7 +118,7 @@ async def node_loss(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
             "agent_restart_to_ready": t_back - t_restart, "stale_ready": stale}
 
 
-async def leader_loss(lc, ttl: int) -> dict[str, float]:  # noqa: ANN001
+async def leader_loss(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, set())
     _, doc = await wait_doc(client, lambda d: d["phase"] == "ready" and d["leader"], 60)
     old = doc["leader"]
@@ -173,7 +180,7 @@ def main() -> None:
             xs = [r[k] for r in rs]
             tgt = targets.get((name, k))
             print(f"| {name} | {k} | {statistics.median(xs):.2f} | {max(xs):.2f} | {len(xs)} | "
-                  f"{'≤ %d' % tgt if tgt else '-'} |")
+                  f"{f'≤ {tgt:d}' if tgt else '-'} |")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _localbench import (  # noqa: E402
-    ApiClient, boot, create_time, engine_listen_times, finish, get_cluster, machine, make_spec, new_cluster,
-    standalone_engine_startup, summary, wait_doc,
+from _localbench import (
+    ApiClient,
+    boot,
+    create_time,
+    engine_listen_times,
+    finish,
+    get_cluster,
+    machine,
+    make_spec,
+    new_cluster,
+    standalone_engine_startup,
+    summary,
+    wait_doc,
 )
 
-from pdsupervisor.planner import ENGINE_ROLES  # noqa: E402
+from pdsupervisor.core.planner import ENGINE_ROLES
 
 
 def split_nodes(n: int) -> tuple[list[str], list[str]]:
@@ -50,7 +60,7 @@ def split_nodes(n: int) -> tuple[list[str], list[str]]:
     return names[:n_prefill], names[n_prefill:]
 
 
-async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:  # noqa: ANN001
+async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:
     """Submit, follow to ready, and return the timeline (wall times)."""
     submit_client = ApiClient(lc.agents[0].api_url, timeout_s=10)
     marks: dict[str, float] = {}
@@ -110,7 +120,7 @@ async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:  # n
             "n_engines": len(own)}
 
 
-async def stop_cluster(lc, poll: ApiClient) -> None:  # noqa: ANN001
+async def stop_cluster(lc, poll: ApiClient) -> None:
     await ApiClient(lc.agents[0].api_url).stop()
     await wait_doc(poll, lambda d: d["phase"] == "stopped", 120, interval=0.2)
 

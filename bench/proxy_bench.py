@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _localbench import machine  # noqa: E402
+from _localbench import machine
 
-from pdsupervisor.localcluster import free_port  # noqa: E402
+from pdsupervisor.local.cluster import free_port
 
 BODY = {"model": "sim-model", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 16}
 
@@ -191,7 +191,8 @@ def main() -> None:
             for conc in args.concurrency:
                 r = run_wrk(url, conc, args.duration, tmp) if loadgen == "wrk" else run_aiohttp(url, conc, args.duration)
                 results[name][conc] = r
-                print(f"{name:7s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  errors {r.errors}", flush=True)
+                print(f"{name:7s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
+                      f"errors {r.errors}", flush=True)
             if proc:
                 procs.stop(proc)
         print_table(results, notes, args.concurrency, loadgen)

@@ -1,5 +1,5 @@
 """`python -m pdsupervisor` is the `pdsupervisor` command."""
 
-from pdsupervisor.cli import main
+from pdsupervisor.cli.main import main
 
 main()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from pdsupervisor.localcluster import marked_processes
+from pdsupervisor.local.cluster import marked_processes
 from tests.conftest import free_port, kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def kill_marked(marker: str) -> None:
         kill_tree(p.pid)
 
 
-def run(coro):  # noqa: ANN001, ANN201 - sync tests drive the async store one call at a time
+def run(coro):
     return asyncio.run(coro)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pdsupervisor.etcd_server import etcd_argv, etcd_binary
-from pdsupervisor.localcluster import free_port, kill_tree  # noqa: F401 - re-exported for the tests
+from pdsupervisor.core.etcd_command import etcd_argv
+from pdsupervisor.local.cluster import free_port, kill_tree
+from pdsupervisor.store.embedded import etcd_binary
 
 
 class _Poll:
@@ -25,7 +26,7 @@ class _Poll:
         self.predicate, self.timeout, self.what = predicate, timeout, what
         self.deadline = time.monotonic() + timeout
 
-    def check(self):  # noqa: ANN201 - whatever the predicate returns
+    def check(self):
         """The predicate's value when truthy; None to try again; AssertionError past the deadline."""
         last = self.predicate()
         if last:
@@ -73,7 +74,7 @@ class EtcdServer:
     def start(self) -> None:
         argv = etcd_argv(
             name="test", data_dir=str(self.data_dir), client_host=self.host,
-            client_port=self.port, peer_port=self.peer_port,
+            client_port=self.port, peer_port=self.peer_port, binary=etcd_binary(),
         )
         self.log = open(self.data_dir.parent / "etcd.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,7 +15,8 @@ from typing import Any
 from tests.conftest import free_port, kill_tree, wait_for
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 10) -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
     try:
@@ -78,7 +79,8 @@ class Procs:
 
     def proxy(self, *args: str, wait: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
-        p = self.start("pdsupervisor.proxy", ["--host", "127.0.0.1", "--port", str(port), "--probe-interval", "0.2", *args], name="proxy")
+        argv = ["--host", "127.0.0.1", "--port", str(port), "--probe-interval", "0.2", *args]
+        p = self.start("pdsupervisor.proxy", argv, name="proxy")
         base = f"http://127.0.0.1:{port}"
         if wait:
             wait_for(lambda: http("GET", base + "/status")[0] == 200 or _dead(p), timeout=15, what="proxy to listen")

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from pdsupervisor.aioserve import run_until_signalled, start_site
-from pdsupervisor.aiowait import cancel_and_wait
+from pdsupervisor.aio.serve import run_until_signalled, start_site
+from pdsupervisor.aio.wait import cancel_and_wait
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PDProxy, ProxyConfig
 
@@ -111,7 +111,7 @@ async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd
     store = None
     if cluster and etcd:
         from pdsupervisor.proxy.etcd_source import EtcdSource
-        from pdsupervisor.store import Store
+        from pdsupervisor.store.etcd import Store
 
         store = Store(etcd, cluster)
         source = EtcdSource(store, registry, routing_cache)

@@ -13,12 +13,12 @@ import json
 import logging
 from pathlib import Path
 
-from pdsupervisor.aioserve import is_wildcard
-from pdsupervisor.aiowait import wait_event
-from pdsupervisor.atomic import atomic_write
-from pdsupervisor.models import NodeFacts, NodeStatus, ProcessState
+from pdsupervisor.aio.serve import is_wildcard
+from pdsupervisor.aio.wait import wait_event
+from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState
+from pdsupervisor.host.files import atomic_write
 from pdsupervisor.proxy.instances import ROLES, Registry
-from pdsupervisor.store import Store, StoreUnavailable, WatchLost
+from pdsupervisor.store.etcd import Store, StoreUnavailable, WatchLost
 
 log = logging.getLogger("pdsupervisor.proxy.etcd")
 

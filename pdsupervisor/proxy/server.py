@@ -226,7 +226,8 @@ class PDProxy:
             tokens = len(raw) // 4 + 1  # a scheduling weight, not a tokenizer
             prefill = await self._prefill(path, body, tokens, chat)
             decode_raw = _with_kv(raw, prefill.get("kv_transfer_params"))
-            resp = await self._decode_with_fanout(request, path, decode_raw, tokens, bool(body.get("stream")), chat, prefill, start)
+            resp = await self._decode_with_fanout(request, path, decode_raw, tokens, bool(body.get("stream")), chat,
+                                                  prefill, start)
             status = resp.status
             return resp
         except Passthrough as p:

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pdsupervisor.aioserve import run_until_signalled
+from pdsupervisor.aio.serve import run_until_signalled
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve

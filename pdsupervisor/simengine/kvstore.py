@@ -108,7 +108,7 @@ class MooncakeKV:
             # A half set-up client can still answer, so a non-zero code is fatal here.
             try:
                 store.close()
-            except Exception:  # noqa: BLE001 - best effort on a failed client
+            except Exception:
                 pass
             raise KVError(f"MooncakeDistributedStore.setup returned {rc} with {p} (see the engine's stderr)")
         self.store = store

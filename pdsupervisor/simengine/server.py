@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdsupervisor.aioserve import is_wildcard, start_site
+from pdsupervisor.aio.serve import is_wildcard, start_site
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV

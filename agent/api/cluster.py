@@ -1,0 +1,104 @@
+"""Cluster REST routes served by every agent. Thin: writes are desired state, reads come from etcd.
+
+`cluster_routes(store)` gives the route list the agent mounts beside its own; the agent's
+token middleware guards every mutating method (`Authorization: Bearer <token>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from pdsupervisor.core.cluster_view import cluster_document, members_by_name
+from pdsupervisor.core.spec import SpecError, load_spec
+from pdsupervisor.store.cluster import SubmitResult, observe, request_stop, submit_spec
+from pdsupervisor.store.etcd import Store, StoreUnavailable
+
+Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _bind(store: Store, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Give `handler` the store; etcd away becomes a 503 that says so."""
+
+    @functools.wraps(handler)
+    async def bound(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request, store)
+        except StoreUnavailable as exc:
+            return error(503, f"etcd is unavailable: {exc}")
+
+    return bound
+
+
+def _submit_response(result: SubmitResult) -> web.Response:
+    body = {"generation": result.generation, "message": result.message}
+    return web.json_response(body if result.status < 400 else {"error": result.message, **body}, status=result.status)
+
+
+async def start_cluster(request: web.Request, store: Store) -> web.Response:
+    try:
+        spec = load_spec(await request.read())
+    except SpecError as exc:
+        return error(400, "invalid spec", problems=[{"field": p, "message": w} for p, w in exc.problems])
+    if spec.cluster != store.cluster:
+        return error(400, "invalid spec", problems=[{
+            "field": "cluster", "message": f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}"}])
+    replace = request.query.get("replace", "").lower() in ("1", "true", "yes")
+    return _submit_response(await submit_spec(store, spec, replace=replace))
+
+
+async def stop_cluster(request: web.Request, store: Store) -> web.Response:
+    return _submit_response(await request_stop(store))
+
+
+async def get_cluster(request: web.Request, store: Store) -> web.Response:
+    obs, leader = await asyncio.gather(observe(store), store.leader())
+    return web.json_response(cluster_document(obs, time.time(), leader))
+
+
+async def get_nodes(request: web.Request, store: Store) -> web.Response:
+    members, leader = await asyncio.gather(store.members(), store.leader())
+    return web.json_response({"leader": leader, "nodes": members_by_name(members)})
+
+
+async def get_events(request: web.Request, store: Store) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return error(400, "limit must be a whole number")
+    return web.json_response({"events": await store.events(limit)})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=_openapi_text(), content_type="application/yaml")
+
+
+@functools.cache
+def _openapi_text() -> str:
+    return resources.files("pdsupervisor.api").joinpath("openapi.yaml").read_text()
+
+
+def openapi_document() -> dict[str, Any]:
+    return yaml.safe_load(_openapi_text())
+
+
+def cluster_routes(store: Store) -> list[web.RouteDef]:
+    return [
+        web.post("/cluster/start", _bind(store, start_cluster)),
+        web.post("/cluster/stop", _bind(store, stop_cluster)),
+        web.get("/cluster", _bind(store, get_cluster)),
+        web.get("/nodes", _bind(store, get_nodes)),
+        web.get("/events", _bind(store, get_events)),
+        web.get("/openapi.yaml", openapi),
+    ]

@@ -1,0 +1,346 @@
+"""One managed process: spawn, watch, probe, restart with backoff, stop the whole tree.
+
+Exit notification uses a pidfd (no polling, works for adopted processes that are not our
+children too). Exit codes follow Python's convention: a process killed by signal N is
+reported as `-N` (SIGKILL: -9). An adopted process's exit code cannot be known (it is not
+our child): it is reported as None with a message saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import structlog
+
+from agent.process import logs, proctree
+from agent.process.statefile import ProcRecord, ProcStore
+from pdsupervisor.core.models import Probe, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.host.files import atomic_write
+
+log = structlog.get_logger("agent.process.supervisor")
+
+# Never handed to a child: a child speaking for the agent's systemd unit is a known bug.
+STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is reported running
+# Until first ready, re-probe every STARTUP_PROBE_S (or the probe's period, if shorter):
+# readiness is what releases the next start stage, and a local probe costs next to nothing.
+STARTUP_PROBE_S = 0.1
+
+
+def child_env(spec_env: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **spec_env}
+    for k in STRIPPED_ENV:
+        env.pop(k, None)
+    return env
+
+
+def backoff_delay(policy_initial: float, multiplier: float, maximum: float, jitter: float, attempt: int) -> float:
+    base = min(maximum, policy_initial * (multiplier ** attempt))
+    return max(0.0, base * (1 + jitter * random.uniform(-1, 1)))
+
+
+async def probe_once(p: Probe) -> bool:
+    """HTTP GET answering 200, or a TCP connect, within the probe's timeout."""
+    writer = None
+    try:
+        async with asyncio.timeout(p.timeout_s):
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            if p.kind == "tcp":
+                return True
+            writer.write(
+                f"GET {p.path} HTTP/1.1\r\nHost: {p.host}:{p.port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()
+            parts = line.split()
+            return len(parts) >= 2 and parts[1] == b"200"
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class Child:
+    """A live process we watch: our own Popen, or an adopted pid (psutil only)."""
+
+    def __init__(self, proc: psutil.Process, create_time: float, popen: subprocess.Popen[bytes] | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.create_time = create_time  # seconds after boot (proctree.started)
+        self.popen = popen
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = None
+        self._poller: asyncio.Future[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        except ProcessLookupError:
+            self._exited.set()
+        except OSError:  # no pidfd support: poll
+            self._pidfd = None
+            self._poller = asyncio.ensure_future(self._poll())
+
+    def _on_exit(self) -> None:
+        self._close_fd()
+        self._exited.set()
+
+    def _close_fd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def _poll(self) -> None:
+        while not proctree.gone(self.proc):
+            await asyncio.sleep(1.0)
+        self._exited.set()
+
+    def detach(self) -> None:
+        """Forget the process without touching it (agent shutdown)."""
+        self._close_fd()
+        if self._poller is not None:
+            self._poller.cancel()
+
+    async def wait(self) -> None:
+        await self._exited.wait()
+
+    async def reap(self) -> int | None:
+        """Collect the exit code (our child) or None (adopted: not ours to wait for)."""
+        if self.popen is None:
+            return None
+        for _ in range(100):
+            rc = self.popen.poll()
+            if rc is not None:
+                return rc
+            await asyncio.sleep(0.02)
+        return self.popen.poll()
+
+
+class ManagedProcess:
+    """Keeps one `ProcessSpec` running on this node; reports a `ProcessStatus`.
+
+    `start()` launches the supervision task; `stop()` stops the whole tree and forgets the
+    process (the assignment dropped it); `detach()` stops supervising but leaves the
+    process running (agent shutdown: engines outlive the agent).
+    """
+
+    def __init__(
+        self,
+        spec: ProcessSpec,
+        *,
+        records: ProcStore,
+        log_dir: Path,
+        on_change: Callable[[], None] = lambda: None,
+        adopt: tuple[ProcRecord, psutil.Process] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.records = records
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.on_change = on_change
+        self.state = ProcessState.starting
+        self.message = ""
+        self.restarts = 0
+        self.last_exit_code: int | None = None
+        self.started_at: float | None = None
+        self._started_mono: float | None = None
+        self.child: Child | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.spec_hash = spec.spec_hash()
+        self.log = log.bind(process=spec.name)
+        # Adopted here, not in the task: a stop() before the task ever ran still finds the
+        # process (and stops it) instead of forgetting it.
+        if adopt is not None:
+            self._adopt_child(*adopt)
+
+    # ---- public ------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
+
+    def status(self) -> ProcessStatus:
+        s = self.spec
+        up = time.monotonic() - self._started_mono if self.child and self._started_mono else None
+        return ProcessStatus(
+            name=s.name, role=s.role, state=self.state, pid=self.pid, restarts=self.restarts,
+            last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
+            uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
+            generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
+        )
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"proc:{self.name}")
+
+    def update_spec(self, spec: ProcessSpec) -> None:
+        """Same hash, new metadata (generation): keep the process, remember the new spec
+        (the caller reports the status change)."""
+        assert spec.spec_hash() == self.spec_hash
+        self.spec = spec
+        if self.child:
+            self._save_record()
+
+    async def stop(self) -> None:
+        """Stop the supervision and the whole process tree; forget the process."""
+        await self._cancel_task()
+        child = self.child
+        if child is not None:
+            self._set(ProcessState.stopping, f"stopping with {self.spec.stop_signal}")
+            sig = signal.Signals[self.spec.stop_signal]
+            left = await proctree.terminate_tree(child.pid, child.create_time, sig, self.spec.stop_timeout_s)
+            if left:
+                self.log.error("processes survived SIGKILL", pids=[p.pid for p in left])
+            child.detach()
+            rc = await child.reap()
+            self.last_exit_code = rc if rc is not None else self.last_exit_code
+            self.child = None
+        self.records.remove(self.name)
+        self._set(ProcessState.exited, "stopped")
+
+    async def detach(self) -> None:
+        """Stop supervising, leave the process running (its record stays for adoption)."""
+        await self._cancel_task()
+        if self.child:
+            self.child.detach()
+
+    # ---- internals ---------------------------------------------------------------
+
+    async def _cancel_task(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def _set(self, state: ProcessState, message: str = "") -> None:
+        self.state, self.message = state, message
+        self.on_change()
+
+    def _save_record(self) -> None:
+        assert self.child is not None
+        self.records.save(ProcRecord(
+            name=self.name, pid=self.child.pid, create_time=self.child.create_time,
+            spec_hash=self.spec_hash, spec=self.spec.model_dump(mode="json"),
+            started_at=self.started_at or time.time(), restarts=self.restarts, boot_id=proctree.boot_id(),
+        ))
+
+    def _write_files(self) -> None:
+        for f in self.spec.files:  # a relative path is where the child sees it: under its cwd
+            atomic_write(Path(self.spec.cwd or ".", f.path), f.content.encode(), f.mode)
+
+    def _spawn(self) -> None:
+        self._write_files()
+        fd = logs.open_log(self.log_path)
+        try:
+            os.write(fd, f"--- pd-agent: starting {self.name} ({self.spec_hash}) at "
+                         f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
+            popen = subprocess.Popen(
+                self.spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                cwd=self.spec.cwd, env=child_env(self.spec.env), start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(fd)
+        proc = psutil.Process(popen.pid)
+        try:
+            start = proctree.started(popen.pid)  # our unreaped child: its /proc entry stays
+        except psutil.NoSuchProcess:
+            start = -1.0  # cannot happen before we reap it; never matches anything
+        self.child = Child(proc, start, popen)
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._save_record()
+        self.log.info("started", pid=popen.pid, argv=self.spec.argv)
+
+    def _adopt_child(self, rec: ProcRecord, proc: psutil.Process) -> None:
+        self.child = Child(proc, rec.create_time, None)
+        self.restarts = rec.restarts
+        self.started_at = rec.started_at
+        # monotonic start derived from the recorded wall-clock start: only used for uptime
+        self._started_mono = time.monotonic() - max(0.0, time.time() - rec.started_at)
+        self.log.info("adopted", pid=rec.pid)
+
+    async def _run(self) -> None:
+        attempt = 0
+        if self.child is not None:  # adopted: a child of our own is only spawned below
+            self._set(ProcessState.running, "adopted")
+        while True:
+            if self.child is None:
+                self._set(ProcessState.starting)
+                try:
+                    self._spawn()
+                except OSError as exc:
+                    self.log.warning("spawn failed", error=str(exc))
+                    self.last_exit_code = None
+                    attempt = await self._backoff(attempt, 0.0, f"spawn failed: {exc}")
+                    continue
+                self._set(ProcessState.running)
+            child = self.child
+            assert child is not None
+            prober = asyncio.create_task(self._probe(child))
+            try:
+                await child.wait()
+            finally:
+                prober.cancel()
+            ran = time.monotonic() - (self._started_mono or time.monotonic())
+            # leftovers of the dead root (workers) are killed while its pid is still reserved
+            sig = signal.Signals[self.spec.stop_signal]
+            await proctree.terminate_tree(child.pid, child.create_time, sig, min(self.spec.stop_timeout_s, 10))
+            rc = await child.reap()
+            self.child = None
+            self.last_exit_code = rc
+            self.records.remove(self.name)
+            what = "exit code unknown (adopted)" if rc is None and child.popen is None else f"exit code {rc}"
+            self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1))
+            policy = self.spec.restart
+            if policy.mode == "never" or (policy.mode == "on-failure" and rc == 0):
+                final = ProcessState.exited if rc in (0, None) else ProcessState.failed
+                self._set(final, f"exited ({what}); restart policy {policy.mode}")
+                await asyncio.Event().wait()  # until stopped or replaced by the reconciler
+            if ran >= policy.reset_after_s:
+                attempt = 0
+            attempt = await self._backoff(attempt, ran, f"exited ({what})")
+
+    async def _backoff(self, attempt: int, ran: float, why: str) -> int:
+        p = self.spec.restart
+        delay = backoff_delay(p.initial_backoff_s, p.multiplier, p.max_backoff_s, p.jitter, attempt)
+        at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+        self._set(ProcessState.backoff, f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt + 1})")
+        await asyncio.sleep(delay)
+        self.restarts += 1
+        return attempt + 1
+
+    async def _probe(self, child: Child) -> None:
+        p = self.spec.readiness
+        if p is None:  # like Kubernetes: no readiness probe means ready once running
+            self._set(ProcessState.ready, self.message if self.message == "adopted" else "")
+            return
+        failures = 0
+        while True:  # cancelled by _run as soon as the child exits
+            ok = await probe_once(p)
+            if ok:
+                failures = 0
+                if self.state != ProcessState.ready:
+                    self._set(ProcessState.ready, "")
+            else:
+                failures += 1
+                if self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
+                    self._set(ProcessState.running, f"readiness probe failing ({failures}x)")
+            if self.state == ProcessState.ready:
+                await asyncio.sleep(max(p.period_s, 5.0))
+            else:
+                await asyncio.sleep(min(STARTUP_PROBE_S, p.period_s))

@@ -1,0 +1,1 @@
+"""Small asyncio helpers shared by the daemons: waiting and cancelling (`wait`), serving (`serve`)."""

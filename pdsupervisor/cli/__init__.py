@@ -1,0 +1,1 @@
+"""The `pdsupervisor` command: one module per command group. Nothing imports this package."""

@@ -1,0 +1,211 @@
+"""`pdsupervisor status | start | stop | events | logs`: the cluster, through any agent's API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
+
+T = TypeVar("T")
+PHASE_STYLE = {"ready": "green", "degraded": "red", "starting": "yellow", "pending": "yellow",
+               "stopping": "yellow", "stopped": "dim"}
+
+
+def api_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--api", envvar="PDSUPERVISOR_API", default=DEFAULT_API, show_default=True,
+                     help="Any agent's API URL (env PDSUPERVISOR_API).")(f)
+    f = click.option("--token-file", envvar="PDSUPERVISOR_TOKEN_FILE", type=click.Path(dir_okay=False),
+                     help="Bearer token file (env PDSUPERVISOR_TOKEN_FILE; or PDSUPERVISOR_TOKEN).")(f)
+    f = click.option("--ca-file", envvar="PDSUPERVISOR_CA_FILE", type=click.Path(dir_okay=False),
+                     help="CA bundle for an https API (env PDSUPERVISOR_CA_FILE).")(f)
+    return f
+
+
+def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiClient:
+    """The API client; a client certificate comes from PDSUPERVISOR_CERT_FILE / _KEY_FILE."""
+    token = os.environ.get("PDSUPERVISOR_TOKEN")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise click.ClickException(f"--token-file {token_file}: {exc.strerror}") from None
+    return ApiClient(api, token, ca_file, cert_file=os.environ.get("PDSUPERVISOR_CERT_FILE"),
+                     key_file=os.environ.get("PDSUPERVISOR_KEY_FILE"))
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run API calls; connection, HTTP and wait errors become a one-line message and exit 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    except TimeoutError as exc:  # a wait that ran out (also what aiohttp raises on a slow answer)
+        raise click.ClickException(str(exc) or "the agent API did not answer in time") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the agent API: {exc or type(exc).__name__}") from None
+
+
+def _uptime(started_at: float | None, state: str) -> str:
+    if not started_at or state not in ("running", "ready"):
+        return ""
+    s = int(time.time() - started_at)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output is not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def status_table(doc: dict[str, Any], console: Console) -> None:
+    phase = doc["phase"]
+    console.print(
+        f"+ Cluster: [bold]{doc.get('cluster') or '-'}[/] (generation {doc.get('generation', 0)}) "
+        f"phase: [{PHASE_STYLE.get(phase, 'white')}]{phase}[/]  leader: {doc.get('leader') or '-'}  "
+        f"proxy: {doc.get('proxy_url') or '-'}"
+    )
+    for item in doc.get("missing") or []:
+        console.print(f"  [yellow]missing[/] {item}")
+    for item in doc.get("problems") or []:
+        console.print(f"  [red]problem[/] {item}")
+    table = Table(box=None, pad_edge=False)
+    for col in ("Node", "Role", "Process", "Endpoint", "State", "DP", "Pid", "Restarts", "Uptime"):
+        table.add_column(col)
+    for p in doc.get("processes", []):
+        state = p["state"]
+        style = "green" if state == "ready" else ("red" if state in ("failed", "lost", "backoff", "exited") else "")
+        table.add_row(
+            p["node"], p["role"], p["name"], p.get("endpoint") or "",
+            f"[{style}]{state}[/]" if style else state,
+            "" if p.get("dp_rank") is None else str(p["dp_rank"]),
+            str(p.get("pid") or ""), str(p.get("restarts", 0)), _uptime(p.get("started_at"), state),
+        )
+    console.print(table)
+
+
+@click.command("status")
+@api_options
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status_command(api: str, token_file: str | None, ca_file: str | None, output: str) -> None:
+    """Cluster phase and every process, like `patronictl list`."""
+    doc = run(make_client(api, token_file, ca_file).cluster())
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        status_table(doc, console())
+
+
+def _progress_line(doc: dict[str, Any]) -> str:
+    procs = doc.get("processes", [])
+    engines = [p for p in procs if p["role"] in ("prefill", "decode")]
+    ready = sum(1 for p in engines if p["state"] == "ready")
+    proxy = next((p["state"] for p in procs if p["role"] == "proxy"), "waiting")
+    line = f"{doc['phase']}: members {len(doc.get('members', []))}, engines ready {ready}/{len(engines)}, proxy {proxy}"
+    if doc.get("missing"):
+        line += f"; missing: {'; '.join(doc['missing'])}"
+    if doc.get("problems"):
+        line += f"; problems: {'; '.join(doc['problems'])}"
+    return line
+
+
+async def wait_for_phase(client: ApiClient, want: str, timeout_s: float, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Poll `GET /cluster` until `want`, printing each new progress line; TimeoutError on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        doc = await client.cluster()
+        line = _progress_line(doc)
+        if line != last:
+            echo(line)
+            last = line
+        if doc["phase"] == want:
+            return doc
+        if doc.get("start_timed_out") and want == "ready":
+            raise TimeoutError(f"start failed: {'; '.join(doc['problems'])}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {line}")
+        await asyncio.sleep(0.25)
+
+
+@click.command("start")
+@api_options
+@click.option("-f", "--file", "spec_file", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--replace", is_flag=True, help="Replace a running spec.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the cluster is ready.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait with --wait.")
+def start_command(api: str, token_file: str | None, ca_file: str | None, spec_file: str, replace: bool,
+                  wait: bool, timeout: float) -> None:
+    """Submit a cluster spec; with --wait, show progress until ready."""
+    client = make_client(api, token_file, ca_file)
+
+    async def go() -> None:
+        answer = await client.start(Path(spec_file).read_text(), replace=replace)
+        note = f" ({answer['message']})" if answer.get("message") else ""
+        click.echo(f"accepted: generation {answer['generation']}{note}")
+        if wait:
+            doc = await wait_for_phase(client, "ready", timeout, click.echo)
+            click.echo(f"ready: proxy at {doc.get('proxy_url')}")
+
+    run(go())
+
+
+@click.command("stop")
+@api_options
+@click.option("--wait/--no-wait", default=False, help="Wait until every process is stopped.")
+@click.option("--timeout", default=600.0, show_default=True)
+def stop_command(api: str, token_file: str | None, ca_file: str | None, wait: bool, timeout: float) -> None:
+    """Ordered stop: proxy, engines, master."""
+    client = make_client(api, token_file, ca_file)
+
+    async def go() -> None:
+        answer = await client.stop()
+        click.echo(f"stopping generation {answer['generation']}")
+        if wait:
+            await wait_for_phase(client, "stopped", timeout, click.echo)
+
+    run(go())
+
+
+@click.command("events")
+@api_options
+@click.option("-n", "--limit", default=50, show_default=True)
+def events_command(api: str, token_file: str | None, ca_file: str | None, limit: int) -> None:
+    """Recent cluster events."""
+    for ev in run(make_client(api, token_file, ca_file).events(limit)):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["ts"]))
+        click.echo(f"{stamp}  {ev['kind']:<8} {ev['message']}")
+
+
+@click.command("logs")
+@api_options
+@click.argument("node")
+@click.argument("process")
+@click.option("-n", "--tail", default=100, show_default=True)
+@click.option("-f", "--follow", is_flag=True)
+def logs_command(api: str, token_file: str | None, ca_file: str | None, node: str, process: str,
+                 tail: int, follow: bool) -> None:
+    """A process's log, fetched from its node's agent."""
+    client = make_client(api, token_file, ca_file)
+
+    async def go() -> None:
+        nodes = {n["name"]: n for n in (await client.nodes())["nodes"]}
+        if node not in nodes:
+            raise click.ClickException(f"no registered node {node!r}; nodes: {', '.join(sorted(nodes)) or 'none'}")
+        async for line in client.logs(nodes[node]["api_url"], process, tail, follow):
+            click.echo(line, nl=False)
+
+    try:
+        run(go())
+    except KeyboardInterrupt:
+        pass

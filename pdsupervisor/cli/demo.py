@@ -1,0 +1,191 @@
+"""`pdsupervisor demo`: a whole PD cluster on this machine, from nothing, in one command.
+
+etcd (started by node1's agent), three agents on 127.0.0.1-127.0.0.3, simulated engines,
+the real `mooncake_master` when installed, the built-in proxy. Ctrl-C or SIGTERM stops it all
+in order and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import yaml
+from rich.console import Console
+
+from pdsupervisor.api.client import ApiClient, ApiError
+from pdsupervisor.cli.cluster import console as make_console
+from pdsupervisor.cli.cluster import status_table, wait_for_phase
+from pdsupervisor.cli.doctor import load_spec_file, port_check
+from pdsupervisor.core.spec import ClusterSpec, load_spec
+from pdsupervisor.local.cluster import BootError, LocalCluster
+
+REPO_DEMO_SPEC = Path(__file__).resolve().parents[2] / "etc" / "pdsupervisor" / "demo.yaml"
+
+
+def _name(p: Any) -> str:
+    try:
+        return str(p.name())
+    except Exception:
+        return "?"
+
+
+def _take_lock(state_dir: Path) -> Any:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "demo.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        raise click.ClickException(
+            f"a demo is already running (pid {holder}, state in {state_dir}); stop it with Ctrl-C "
+            f"or `kill {holder}`, or use it: PDSUPERVISOR_API=http://127.0.0.1:8471 pdsupervisor status"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _demo_spec(spec_path: Path, console: Console) -> tuple[ClusterSpec, str]:
+    """The validated spec and the text to submit: the file's, or without a Mooncake master
+    when its binary is not installed here."""
+    spec = load_spec_file(spec_path)
+    if not spec.mooncake.enabled or shutil.which(spec.mooncake.binary):
+        return spec, spec_path.read_text()
+    console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
+                  "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
+    doc = yaml.safe_load(spec_path.read_text())
+    doc.setdefault("mooncake", {})["enabled"] = False
+    text = yaml.safe_dump(doc, sort_keys=False)
+    return load_spec(text), text
+
+
+def _refuse_taken_ports(spec: ClusterSpec, lc: LocalCluster) -> None:
+    """A port the demo's processes need that is taken stops the demo before it starts."""
+    ports = port_check(lc.ports_needed(spec))
+    if ports.status != "OK":
+        raise click.ClickException(f"ports already in use: {ports.found} (another etcd or demo?)")
+
+
+async def _one_completion(proxy_url: str, model: str) -> str:
+    """The text of one completion through the proxy; a failure stops the demo, saying why."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(f"{proxy_url}/v1/completions",
+                                json={"model": model, "prompt": "The capital of France is", "max_tokens": 12}) as resp:
+            body = await resp.text()
+    try:
+        return str(json.loads(body)["choices"][0]["text"])
+    except (ValueError, LookupError, TypeError):
+        raise click.ClickException(f"the completion through the proxy failed: HTTP {resp.status}: {body[:300]}") from None
+
+
+async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float, console: Console, stop: asyncio.Event,
+                    exit_when_ready: bool) -> None:
+    client = ApiClient(lc.agents[0].api_url)
+    started = time.monotonic()
+    console.print(f"starting etcd and {len(lc.agents)} agents (logs in {lc.root}) ...")
+    try:
+        await lc.boot(timeout)
+    except BootError as exc:
+        raise click.ClickException(str(exc)) from None
+    answer = await client.start(spec_text)
+    console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
+    doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
+    console.print(f"[green]ready[/] in {time.monotonic() - started:.1f}s\n")
+    text = await _one_completion(doc["proxy_url"], model)
+    console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
+    status_table(await client.cluster(), console)
+    api = lc.agents[0].api_url
+    console.print(f"""
+The cluster is yours until Ctrl-C:
+  curl -s {doc['proxy_url']}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
+  PDSUPERVISOR_API={api} pdsupervisor status
+  PDSUPERVISOR_API={api} pdsupervisor events
+  PDSUPERVISOR_API={api} pdsupervisor logs node2 decode-0
+  logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
+""")
+    if not exit_when_ready:
+        await stop.wait()
+
+
+async def _shutdown(lc: LocalCluster, console: Console) -> None:
+    client = ApiClient(lc.agents[0].api_url)
+    console.print("\nstopping the cluster in order (proxy, engines, master) ...")
+    try:
+        await client.stop()
+        await wait_for_phase(client, "stopped", 60, lambda line: console.print(f"  {line}"))
+    except (OSError, ApiError, TimeoutError) as exc:
+        console.print(f"[yellow]ordered stop incomplete ({exc}); killing what is left[/]")
+
+
+@click.command("demo")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=REPO_DEMO_SPEC,
+              show_default=True, help="Cluster spec to run.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/tmp/pdsupervisor-demo"), show_default=True)
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
+@click.option("--exit-when-ready", is_flag=True, help="Stop everything once a completion went through (CI).")
+def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool) -> None:
+    """Run a local 3-node PD cluster until Ctrl-C."""
+    console = make_console()
+    if not spec_path.exists():
+        raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
+    lock = _take_lock(state_dir)
+    spec, spec_text = _demo_spec(spec_path, console)
+    # node1's agent starts etcd where the spec (and so the plan) has it
+    lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
+                      etcd_peer_port=spec.etcd.peer_port)
+    _refuse_taken_ports(spec, lc)
+    if lc.root.exists():
+        shutil.rmtree(lc.root)  # a fresh etcd and fresh process records each run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runner = asyncio.create_task(_run_demo(lc, spec_text, spec.model, timeout, console, stop, exit_when_ready))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if runner.done():
+                runner.result()  # raise what went wrong
+            else:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+        finally:
+            stopper.cancel()
+            await _shutdown(lc, console)
+
+    code = 0
+    try:
+        asyncio.run(main())
+    except click.ClickException as exc:
+        console.print(f"[red]error:[/] {exc.format_message()}")
+        code = 1
+    except (ApiError, TimeoutError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        code = 1
+    finally:
+        lc.stop_agents()
+        names = sorted({_name(p) for p in lc.processes()})  # e.g. the bootstrap etcd
+        lc.kill_all()
+        console.print(f"stopped; ended what the agents leave running: {', '.join(names)}" if names else "stopped.")
+        lock.close()
+    sys.exit(code)

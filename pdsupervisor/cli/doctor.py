@@ -1,0 +1,278 @@
+"""`pdsupervisor doctor`: host preflight on this node, or on every member with `--cluster`.
+
+The I/O half of `pdsupervisor.core.checks`: gathers facts with `pdsupervisor.host.probes` under `--root`, tries
+the plan's ports, asks etcd for `/version`, writes the `--fix` files, and prints.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+from rich.table import Table
+
+from pdsupervisor.api.client import ApiClient
+from pdsupervisor.cli.cluster import api_options, console, make_client, run
+from pdsupervisor.cli.plan import parse_node
+from pdsupervisor.core.checks import (
+    CheckResult,
+    EtcdProbe,
+    check_etcd,
+    check_model,
+    check_ports,
+    fact_checks,
+    model_is_path,
+    planned_fixes,
+    planned_roles,
+    ports_needed,
+    worst,
+)
+from pdsupervisor.core.models import NodeFacts
+from pdsupervisor.core.planner import Plan, plan_cluster
+from pdsupervisor.core.spec import ClusterSpec, SpecError, load_spec
+from pdsupervisor.host import probes
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # etcd is on the LAN
+STATUS_STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "red"}
+
+
+@dataclass(frozen=True)
+class FixDone:
+    check: str
+    path: str  # the path written (under --root)
+    before: str
+    after: str
+    error: str | None = None
+
+
+def _rooted(root: str, path: str) -> Path:
+    return Path(root) / path.lstrip("/")
+
+
+def _nr_hugepages(root: str) -> int | None:
+    """The kernel's setting, read back after a write (meminfo's total can lag in a fake tree)."""
+    try:
+        return int(_rooted(root, "/proc/sys/vm/nr_hugepages").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def local_facts(root: str, name: str, ip: str, accelerators: int | None) -> NodeFacts:
+    """This node's facts as the agent reads them (`probes.node_facts`), except the hugepages
+    total: the kernel's setting, so a `--fix` that just wrote it is judged by what it wrote."""
+    facts = probes.node_facts(root, name=name, ip=ip, slots=accelerators)
+    nr = _nr_hugepages(root)
+    return facts if nr is None else facts.model_copy(update={"hugepages_total": nr})
+
+
+def port_check(needed: dict[int, str]) -> CheckResult:
+    """Whether every port in `needed` (port -> who needs it) can be bound here now."""
+    return check_ports(needed, taken_ports(sorted(needed)))
+
+
+def taken_ports(ports: list[int]) -> dict[int, str]:
+    """Ports a server could not bind now (any address), with the holder when psutil may tell."""
+    taken: dict[int, str] = {}
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "taken"
+            try:
+                s.bind(("", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken[port] = ""
+    if taken:
+        try:
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.laddr and conn.laddr.port in taken and conn.pid and not taken[conn.laddr.port]:
+                    taken[conn.laddr.port] = f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
+        except (psutil.Error, OSError):
+            pass  # not root: the holder stays unnamed
+    return taken
+
+
+def probe_etcd(endpoint: str, timeout_s: float = 2.0) -> EtcdProbe:
+    """GET /version; clock offset = local time minus the Date header (centred on its second)."""
+    url = f"http://{endpoint.split('://', 1)[-1]}/version"
+    before = time.time()
+    try:
+        with _NO_PROXY.open(url, timeout=timeout_s) as resp:
+            body = resp.read(4096).decode(errors="replace")
+            date = resp.headers.get("Date")
+    except urllib.error.HTTPError as exc:  # something answered, but not etcd's /version
+        return EtcdProbe(endpoint, error=str(exc))
+    except OSError as exc:  # URLError included: refused, unreachable, timed out
+        return EtcdProbe(endpoint, error=str(getattr(exc, "reason", exc)))
+    local = (before + time.time()) / 2
+    try:
+        version = json.loads(body).get("etcdserver", "")
+    except ValueError:
+        version = ""
+    if not date:
+        return EtcdProbe(endpoint, version=version)
+    server = email.utils.parsedate_to_datetime(date).timestamp() + 0.5
+    return EtcdProbe(endpoint, version=version, offset_s=local - server)
+
+
+def apply_fixes(spec: ClusterSpec, facts: NodeFacts, root: str) -> list[FixDone]:
+    """Write THP and nr_hugepages under `root` (only those two: safe, and what the guide does by hand)."""
+    done: list[FixDone] = []
+    for check, path, value in planned_fixes(spec, facts):
+        target = _rooted(root, path)
+        before = facts.thp_mode if check == "thp" else facts.hugepages_total
+        try:
+            target.write_text(value + "\n")
+        except OSError as exc:
+            done.append(FixDone(check, str(target), str(before), value, exc.strerror or str(exc)))
+        else:
+            done.append(FixDone(check, str(target), str(before), value))
+    return done
+
+
+def _plan(spec: ClusterSpec, nodes: dict[str, NodeFacts]) -> tuple[Plan | None, str]:
+    try:
+        return plan_cluster(spec, nodes), ""
+    except SpecError as exc:
+        return None, "; ".join(f"{p}: {w}" for p, w in exc.problems)
+
+
+def _etcd_endpoint(spec: ClusterSpec, plan: Plan | None, local: NodeFacts, given: str | None) -> str | None:
+    if given:
+        return given
+    if plan is not None:
+        return plan.etcd_endpoints[0]
+    if spec.etcd.endpoints:
+        return spec.etcd.endpoints[0]
+    if spec.etcd.bootstrap_node == local.name:
+        return f"{local.ip}:{spec.etcd.client_port}"
+    return None
+
+
+def results_table(rows: list[tuple[str, CheckResult]], with_node: bool) -> Table:
+    table = Table(show_lines=False)
+    for col in (["node"] if with_node else []) + ["check", "status", "found", "needed", "fix"]:
+        table.add_column(col, overflow="fold")
+    for node, r in rows:
+        cells = [r.check, f"[{STATUS_STYLE[r.status]}]{r.status}[/]", r.found, r.needed, r.fix]
+        table.add_row(*([node] if with_node else []), *cells)
+    return table
+
+
+def load_spec_file(spec_file: Path) -> ClusterSpec:
+    """The validated spec in `spec_file`; any problem is a ClickException naming the file."""
+    try:
+        return load_spec(spec_file.read_text())
+    except OSError as exc:
+        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
+    except SpecError as exc:
+        raise click.ClickException(f"{spec_file}: invalid:\n{exc}") from None
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """What `-o json` prints: the report with its CheckResult/FixDone objects as dicts."""
+    return json.dumps(report, indent=2, default=asdict)
+
+
+def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: int | None,
+              nodes: tuple[str, ...], etcd: str | None, fix: bool) -> dict[str, Any]:
+    """Every check for this node; with `fix`, write the safe fixes first and check again.
+
+    The report holds the CheckResult and FixDone objects (`report_json` for JSON)."""
+    local = local_facts(root, name, ip, accelerators)
+    fixes: list[FixDone] = []
+    if fix:
+        if root == "/" and os.geteuid() != 0:
+            raise click.ClickException("--fix writes /sys and /proc: run it as root (or give --root DIR)")
+        fixes = apply_fixes(spec, local, root)
+        local = local_facts(root, name, ip, accelerators)
+    others = {f.name: f for f in map(parse_node, nodes)}
+    if name in others:  # the operator's view of this node's address and labels, our own probes
+        local = local.model_copy(update={"ip": others[name].ip, "labels": others[name].labels})
+    plan, plan_note = _plan(spec, {**others, name: local})
+    roles = planned_roles(plan, name)
+    results = fact_checks(spec, local, roles)
+    results.append(port_check(ports_needed(spec, plan, name)))
+    results.append(check_model(spec, Path(spec.model).expanduser().exists() if model_is_path(spec.model) else None))
+    endpoint = _etcd_endpoint(spec, plan, local, etcd)
+    results += check_etcd(probe_etcd(endpoint) if endpoint else None)
+    return {
+        "node": name, "roles": roles,
+        "plan": "planned" if plan is not None else f"not planned ({plan_note}): ports are every role's",
+        "fixes": fixes, "status": worst(results), "results": results,
+    }
+
+
+async def _cluster_checks(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
+    """Every member's checks from its registered facts (CheckResult objects)."""
+    members = {n["name"]: NodeFacts.model_validate(n) for n in (await client.nodes())["nodes"]}
+    plan, plan_note = _plan(spec, members)
+    nodes: dict[str, Any] = {}
+    every: list[CheckResult] = []
+    for name, facts in sorted(members.items()):
+        roles = planned_roles(plan, name)
+        results = fact_checks(spec, facts, roles)
+        every += results
+        nodes[name] = {"roles": roles, "status": worst(results), "results": results}
+    return {"plan": "planned" if plan is not None else f"not planned ({plan_note})",
+            "status": worst(every), "nodes": nodes}
+
+
+@click.command("doctor")
+@click.option("-f", "--file", "spec_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Cluster spec to check against.")
+@click.option("--cluster", "cluster_wide", is_flag=True,
+              help="Every member's registered facts (GET /nodes) instead of this host.")
+@api_options
+@click.option("--root", default="/", show_default=True, help="Root for /sys, /proc and /dev (a test tree).")
+@click.option("--name", default=None, help="This node's name [default: the hostname, as pd-agent's].")
+@click.option("--ip", default=None, help="This node's IP [default: first non-loopback IPv4].")
+@click.option("--accelerators", type=int, default=None, help="Override the accelerator count probed.")
+@click.option("--node", "nodes", multiple=True, metavar="NAME=IP[,key=value...]",
+              help="Another node's facts for planning (repeat), as `pdsupervisor plan --node`.")
+@click.option("--etcd", default=None, metavar="HOST:PORT", help="etcd to check [default: from the plan].")
+@click.option("--fix", is_flag=True, help="Write THP and nr_hugepages under --root (as root) and say what changed.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: str | None, ca_file: str | None,
+                   root: str, name: str | None, ip: str | None, accelerators: int | None, nodes: tuple[str, ...],
+                   etcd: str | None, fix: bool, output: str) -> None:
+    """Check this host (or every member) against SPEC: found, needed, and the command to fix it.
+
+    Exit 1 when a check FAILs (a requirement in host_requirements.hard, a taken port, a missing model).
+    """
+    spec = load_spec_file(spec_file)
+    if cluster_wide:
+        if fix:
+            raise click.ClickException("--fix applies to this host only: run `pdsupervisor doctor --fix` on each node")
+        doc = run(_cluster_checks(make_client(api, token_file, ca_file), spec))
+        rows = [(n, r) for n, d in doc["nodes"].items() for r in d["results"]]
+    else:
+        name = name or socket.gethostname()  # pd-agent's default name: the plan must agree
+        doc = run_local(spec, root, name, ip or probes.default_ip(), accelerators, nodes, etcd, fix)
+        rows = [(name, r) for r in doc["results"]]
+    if output == "json":
+        click.echo(report_json(doc))
+    else:
+        out = console()
+        fixes: list[FixDone] = doc.get("fixes", [])
+        for f in fixes:
+            if f.error:
+                out.print(f"[red]could not fix[/] {f.check}: {f.path}: {f.error}")
+            else:
+                out.print(f"[green]fixed[/] {f.check}: wrote {f.after} to {f.path} (was {f.before})")
+        out.print(f"plan: {doc['plan']}")
+        out.print(results_table(rows, with_node=cluster_wide))
+        out.print(f"overall: [{STATUS_STYLE[doc['status']]}]{doc['status']}[/]")
+    if doc["status"] == "FAIL":
+        sys.exit(1)

@@ -1,0 +1,95 @@
+"""`pdsupervisor plan`: show what would run where, with nothing started."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pdsupervisor.cli.cluster import console
+from pdsupervisor.core.checks import hard_failures
+from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
+from pdsupervisor.core.planner import Plan, plan_cluster
+from pdsupervisor.core.spec import SpecError, load_spec
+
+
+def parse_node(text: str) -> NodeFacts:
+    """`NAME=IP[,key=value...]` -> NodeFacts.
+
+    Keys: accelerators=N, rdma=DEV[:DEV...] (devices with a port up), state_dir=PATH,
+    python=PATH, thp=MODE, hugepages=N, label.KEY=VALUE.
+    """
+    head, *pairs = text.split(",")
+    name, sep, ip = head.partition("=")
+    if not sep or not name or not ip:
+        raise click.BadParameter(f"{text!r}: expected NAME=IP[,key=value...]", param_hint="--node")
+    fields: dict[str, object] = {"name": name, "ip": ip, "labels": {}}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} in {text!r}: expected key=value", param_hint="--node")
+        if key.startswith("label."):
+            fields["labels"][key[len("label."):]] = value  # type: ignore[index]
+        elif key == "rdma":
+            fields["rdma_devices"] = [
+                RdmaDevice(name=d, ports=[RdmaPort(port=1, state="ACTIVE")]) for d in value.split(":") if d
+            ]
+        elif key in ("accelerators", "hugepages"):
+            fields["accelerators" if key == "accelerators" else "hugepages_total"] = int(value)
+        elif key == "thp":
+            fields["thp_mode"] = value
+        elif key in ("state_dir", "python"):
+            fields[key] = value
+        else:
+            raise click.BadParameter(f"unknown key {key!r} in {text!r}", param_hint="--node")
+    return NodeFacts.model_validate(fields)
+
+
+def plan_table(plan: Plan, out: Console) -> None:
+    out.print(
+        f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  master {plan.master_address}  "
+        f"DP size {plan.dp_size} (master {plan.dp_master})  EP {plan.ep_size}  proxy {plan.proxy_url}"
+    )
+    table = Table(show_lines=False)
+    for col in ("node", "ip", "process", "role", "endpoint", "dp rank", "argv"):
+        table.add_column(col, overflow="fold")
+    for node, np_ in plan.nodes.items():
+        for p in np_.processes:
+            table.add_row(node, np_.ip, p.name, p.role, p.endpoint or "", "" if p.dp_rank is None else str(p.dp_rank),
+                          " ".join(p.argv))
+    out.print(table)
+    for node, np_ in plan.nodes.items():
+        if np_.mooncake_config:
+            out.print(f"{node}: {np_.mooncake_config_path} = {json.dumps(np_.mooncake_config)}")
+
+
+@click.command("plan")
+@click.option("-f", "--file", "spec_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Cluster spec (YAML or JSON).")
+@click.option("--node", "nodes", multiple=True, metavar="NAME=IP[,key=value...]",
+              help="A registered node and its facts (repeat).")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def plan_command(spec_file: Path, nodes: tuple[str, ...], output: str) -> None:
+    """Print the plan for SPEC on the given nodes; nothing is started."""
+    try:
+        spec = load_spec(spec_file.read_text())
+        facts = {f.name: f for f in map(parse_node, nodes)}
+        plan = plan_cluster(spec, facts)
+    except OSError as exc:
+        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
+    except SpecError as exc:
+        click.echo(f"{spec_file}: invalid:", err=True)
+        for path, why in exc.problems:
+            click.echo(f"  {path}: {why}", err=True)
+        sys.exit(2)
+    for node, check, why in hard_failures(spec, facts, plan):  # what the coordinator would refuse
+        click.echo(f"warning: {node}: {check}: {why} (host_requirements.hard: the cluster would stay pending)",
+                   err=True)
+    if output == "json":
+        click.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
+    else:
+        plan_table(plan, console())

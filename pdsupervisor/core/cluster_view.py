@@ -1,0 +1,351 @@
+"""Pure functions from what etcd holds to what the cluster is and should be.
+
+Shared by the coordinator (desired assignments) and the REST API (`GET /cluster`), so that
+any agent can answer a read and the leader decides from the very same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pdsupervisor.core.checks import hard_failures
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
+from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
+from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
+
+Action = Literal["start", "stop"]
+Phase = Literal["pending", "starting", "ready", "degraded", "stopping", "stopped"]
+# Stop order: proxy first, then engines, then the master. Start order is the reverse.
+STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
+
+
+class SpecRecord(Strict):
+    """`/pdsupervisor/<cluster>/spec`: the submitted spec, what to do with it, and where it landed."""
+
+    generation: int
+    action: Action = "start"
+    spec: dict[str, Any]
+    placement: dict[str, list[str]] = Field(default_factory=dict)
+    submitted_at: float = 0.0
+    # The Mooncake master's pid the engines last started against, and how many times the
+    # engines were restarted because the master restarted (its metadata does not survive).
+    master_pid: int | None = None
+    master_epoch: int = 0
+
+
+@dataclass
+class Observed:
+    """One consistent-enough read of the cluster's keys."""
+
+    record: SpecRecord | None
+    members: dict[str, NodeFacts]
+    assignments: dict[str, NodeAssignment]
+    statuses: dict[str, NodeStatus]
+    record_revision: int = 0  # mod revision the spec record was read at (0: absent)
+
+
+@dataclass
+class Desired:
+    """What the coordinator should write: assignments by node (None = delete) and the record."""
+
+    assignments: dict[str, NodeAssignment | None]
+    record: SpecRecord | None
+    plan: Plan | None
+    missing: list[str] = field(default_factory=list)
+    spec: ClusterSpec | None = None  # the validated spec of a `start` record
+
+
+def live_status(obs: Observed, node: str) -> NodeStatus | None:
+    """The node's status, if its agent is registered and wrote it since registering."""
+    status = obs.statuses.get(node)
+    return status if status is not None and status.current_for(obs.members.get(node)) else None
+
+
+def live_statuses(obs: Observed) -> dict[str, NodeStatus]:
+    return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+
+
+def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+    status = live_status(obs, node)
+    if status is None:
+        return None
+    return next((p for p in status.processes if p.name == name), None)
+
+
+def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
+    """Ready, on a live member (see `live_status`), running exactly this spec."""
+    seen = observed_process(obs, node, proc.name)
+    return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
+
+
+def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
+    """Plan the recorded spec on the live members; the problems say what is missing."""
+    if obs.record is None:
+        return None, None, []
+    try:
+        spec = validate_spec(obs.record.spec)
+    except SpecError as exc:  # validated on submit; only a hand-edited key can get here
+        return None, None, [f"{p}: {w}" for p, w in exc.problems]
+    try:
+        plan = plan_cluster(spec, obs.members, previous=obs.record.placement or None,
+                            generation=obs.record.generation)
+    except PlanError as exc:
+        return spec, None, [f"{p}: {w}" for p, w in exc.problems]
+    refused = hard_failures(spec, obs.members, plan)
+    if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
+        return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
+    _set_epoch(plan, obs.record.master_epoch)
+    return spec, plan, []
+
+
+def _set_epoch(plan: Plan, epoch: int) -> None:
+    """Engines carry the master's restart epoch in their spec (and so in their hash)."""
+    for _, proc in plan.engines():
+        proc.restart_epoch = epoch
+
+
+def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
+    """The record with the master's new pid (and a new engine epoch when it restarted).
+
+    The master is tracked once ready; a different ready pid later means it restarted and
+    lost Mooncake's metadata, so every engine is restarted, after the master is ready again.
+    """
+    record = obs.record
+    masters = plan.masters()
+    if record is None or not masters or not is_ready(obs, *masters[0]):
+        return None
+    seen = observed_process(obs, masters[0][0], masters[0][1].name)
+    if seen is None or seen.pid is None or seen.pid == record.master_pid:
+        return None
+    engines_assigned = not assigned_roles(obs).isdisjoint(ENGINE_ROLES)
+    bump = record.master_pid is not None and engines_assigned
+    return record.model_copy(update={"master_pid": seen.pid, "master_epoch": record.master_epoch + int(bump)})
+
+
+def _assigned(obs: Observed) -> set[tuple[str, str]]:
+    return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+
+
+def _assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
+    assignment = obs.assignments.get(node)
+    return next((p for p in assignment.processes if p.name == name), None) if assignment else None
+
+
+def assigned_roles(obs: Observed) -> set[str]:
+    return {p.role for a in obs.assignments.values() for p in a.processes}
+
+
+def desired_state(obs: Observed) -> Desired:
+    """Start in order (master, engines, proxy), stop in reverse; keep what runs when unsure."""
+    record = obs.record
+    current: dict[str, NodeAssignment | None] = dict(obs.assignments)
+    if record is None:
+        return Desired(assignments=current, record=None, plan=None)
+    if record.action == "stop":
+        return Desired(assignments=_stop_step(obs), record=record, plan=None)
+
+    spec, plan, missing = try_plan(obs)
+    if plan is None:  # a member is short or lost under `wait`: leave what runs alone
+        return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
+    # a new master epoch gives the engines a new hash: their agents restart them
+    record = master_restart(obs, plan) or record
+    _set_epoch(plan, record.master_epoch)
+
+    assigned = _assigned(obs)
+    engines = plan.engines()
+    masters_ready = all(is_ready(obs, n, p) for n, p in plan.masters())
+    engines_released = masters_ready or any((n, p.name) in assigned for n, p in engines)
+    proxy_released = "proxy" in assigned_roles(obs) or (
+        engines_released and all(is_ready(obs, n, p) for n, p in engines)
+    )
+    wanted: dict[str, list[ProcessSpec]] = {}
+    for node, proc in plan.assignable():
+        if proc.role in ENGINE_ROLES and not engines_released:
+            continue
+        if proc.role in ENGINE_ROLES and not masters_ready:
+            # The master is (re)starting, e.g. a replacing spec changed it: an engine keeps
+            # what it runs until the master is ready, then restarts once (new epoch and new
+            # spec together) instead of once now and once more for the master's new pid.
+            held = _assigned_spec(obs, node, proc.name)
+            if held is not None:
+                wanted.setdefault(node, []).append(held)
+            continue
+        if proc.role == "proxy" and not proxy_released:
+            continue
+        wanted.setdefault(node, []).append(proc)
+    desired: dict[str, NodeAssignment | None] = {
+        node: NodeAssignment(node=node, generation=record.generation, processes=procs)
+        for node, procs in wanted.items()
+    }
+    for node in obs.assignments:
+        desired.setdefault(node, None)
+    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
+                   spec=spec)
+
+
+def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
+    """Remove the next stage only once the previous one is gone from every live node."""
+    live, roles = live_statuses(obs), assigned_roles(obs)
+    for stage in STOP_STAGES:
+        if not roles.isdisjoint(stage):
+            out: dict[str, NodeAssignment | None] = {}
+            for node, a in obs.assignments.items():
+                keep = [p for p in a.processes if p.role not in stage]
+                out[node] = a.model_copy(update={"processes": keep}) if keep else None
+            return out
+        if any(p.role in stage for s in live.values() for p in s.processes):
+            return dict(obs.assignments)  # wait for this stage to be gone
+    return {node: None for node in obs.assignments}
+
+
+@dataclass
+class Changes:
+    """What the coordinator must write to get from `obs` to `desired`."""
+
+    puts: dict[str, NodeAssignment] = field(default_factory=dict)  # by node
+    deletes: list[str] = field(default_factory=list)  # nodes
+    record: SpecRecord | None = None  # the record to write, when it changed
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes or self.record)
+
+
+def changes(obs: Observed, desired: Desired) -> Changes:
+    out = Changes()
+    for node in sorted(set(desired.assignments) | set(obs.assignments)):
+        want, have = desired.assignments.get(node), obs.assignments.get(node)
+        if want is None:
+            if have is not None:
+                out.deletes.append(node)
+        elif have != want:
+            out.puts[node] = want
+    if desired.record is not None and desired.record != obs.record:
+        out.record = desired.record
+    return out
+
+
+def converged(obs: Observed, desired: Desired) -> bool:
+    """The coordinator has no assignment left to write (a new generation or master epoch
+    changes every assignment; record bookkeeping such as the spare list does not count).
+
+    Without this, the moment between a replacing spec's submission and the coordinator's
+    next cycle (or a master restart and the engines' new epoch) would read as `ready`.
+    """
+    todo = changes(obs, desired)
+    return not (todo.puts or todo.deletes)
+
+
+def phase_of(obs: Observed, desired: Desired) -> Phase:
+    record = obs.record
+    if record is None:
+        return "stopped"
+    live = live_statuses(obs)
+    running = any(p.role != "etcd" for s in live.values() for p in s.processes)
+    if record.action == "stop":
+        return "stopping" if obs.assignments or running else "stopped"
+    if not obs.assignments:
+        return "pending" if desired.plan is None else "starting"
+    lost = [n for n in obs.assignments if n not in obs.members]
+    if lost:
+        return "degraded"
+    assigned = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
+    all_ready = all(is_ready(obs, n, p) for n, p in assigned)
+    proxy_assigned = "proxy" in assigned_roles(obs)
+    if all_ready and proxy_assigned:
+        # not before the coordinator wrote what it decided: a replacing spec (or a master
+        # restart's new epoch) it has not applied yet would otherwise read as ready
+        return "ready" if converged(obs, desired) else "starting"
+    if not proxy_assigned:
+        return "starting"
+    proxy = [observed_process(obs, n, p.name) for n, a in obs.assignments.items() for p in a.processes
+             if p.role == "proxy"]
+    first_start = all(p is None or (p.restarts == 0 and p.state != ProcessState.ready) for p in proxy)
+    engines_ready = all(is_ready(obs, n, p) for n, p in assigned if p.role != "proxy")
+    # the proxy coming up for the first time after every engine was ready is still starting
+    return "starting" if first_start and engines_ready else "degraded"
+
+
+def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: float) -> tuple[list[str], bool]:
+    """What a person should look at, and whether the start ran past `policy.start_timeout_s`."""
+    problems: list[str] = []
+    for node, a in sorted(obs.assignments.items()):
+        for proc in a.processes:
+            seen = observed_process(obs, node, proc.name)
+            if seen is None:
+                continue
+            if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
+                detail = f": {seen.message}" if seen.message else ""
+                problems.append(f"{proc.name} on {node}: {seen.state.value} (exit code {seen.last_exit_code}, "
+                                f"restarts {seen.restarts}){detail}")
+            elif (seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at
+                  and now - seen.started_at > proc.start_timeout_s):
+                problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "
+                                f"(start_timeout_s {proc.start_timeout_s:g})")
+    timed_out = False
+    record = obs.record
+    if record and spec and phase in ("pending", "starting") and record.submitted_at:
+        waited = now - record.submitted_at
+        if waited > spec.policy.start_timeout_s:
+            timed_out = True
+            problems.append(f"cluster not ready {waited:.0f} s after submission "
+                            f"(policy.start_timeout_s {spec.policy.start_timeout_s:g})")
+    return problems, timed_out
+
+
+def cluster_document(obs: Observed, now: float, leader: str | None = None) -> dict[str, Any]:
+    """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
+    desired = desired_state(obs)  # the same decision the coordinator makes from this view
+    spec, plan = desired.spec, desired.plan
+    phase = phase_of(obs, desired)
+    problems, timed_out = problems_of(obs, spec, phase, now)
+    processes: list[dict[str, Any]] = []
+    listed: set[tuple[str, str]] = set()
+    for node, a in sorted(obs.assignments.items()):
+        for proc in a.processes:
+            listed.add((node, proc.name))
+            processes.append(_process_row(obs, node, proc))
+    if plan is not None:  # only a start has a plan
+        processes += [_process_row(obs, node, proc, default_state="waiting")
+                      for node, proc in plan.assignable() if (node, proc.name) not in listed]
+    # without a plan (a node lost under `wait`), the proxy that runs still serves: show where
+    assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
+                           if p.role == "proxy" and p.endpoint), None)
+    proxy_url = plan.proxy_url if plan else (f"http://{assigned_proxy}" if assigned_proxy else None)
+    return {
+        "cluster": obs.record.spec.get("cluster") if obs.record else None,
+        "generation": obs.record.generation if obs.record else 0,
+        "action": obs.record.action if obs.record else None,
+        "phase": phase,
+        "leader": leader,
+        "missing": desired.missing,
+        "problems": problems,
+        "start_timed_out": timed_out,
+        "members": sorted(obs.members),
+        "placement": plan.placement if plan else (obs.record.placement if obs.record else {}),
+        "proxy_url": proxy_url,
+        "processes": processes,
+    }
+
+
+def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> dict[str, Any]:
+    seen = observed_process(obs, node, proc.name)
+    state = default_state
+    if node not in obs.members:
+        state = "lost"
+    elif seen is not None:
+        state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
+    return {
+        "node": node, "name": proc.name, "role": proc.role, "state": state,
+        "pid": seen.pid if seen else None, "restarts": seen.restarts if seen else 0,
+        "last_exit_code": seen.last_exit_code if seen else None,
+        "started_at": seen.started_at if seen else None,
+        "endpoint": proc.endpoint, "dp_rank": proc.dp_rank,
+    }
+
+
+def members_by_name(members: Mapping[str, NodeFacts]) -> list[dict[str, Any]]:
+    return [m.model_dump(mode="json") for _, m in sorted(members.items())]

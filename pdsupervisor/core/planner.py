@@ -1,0 +1,403 @@
+"""The planner: a pure function from (spec, registered nodes) to what runs where.
+
+Everything the seed's scripts compute by hand lives here: placement, DP ranks and sizes,
+ports, environment, argv rendered from the spec's templates, each node's Mooncake JSON
+and the proxy's argv. No I/O, deterministic: the same input gives the same plan.
+
+The etcd process appears in the plan for people to see, but agents start it from their own
+config (`role == "etcd"` is never assigned): etcd must exist before any assignment can be read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from pdsupervisor.core.etcd_command import etcd_argv
+from pdsupervisor.core.models import FileSpec, NodeFacts, Probe, ProcessSpec, Strict
+from pdsupervisor.core.spec import PLACEHOLDER_RE, ClusterSpec, RoleSpec, SpecError
+
+ENGINE_ROLES = ("prefill", "decode")
+
+
+class PlanError(SpecError):
+    """The spec is valid but cannot be placed on these nodes (e.g. a role is short of nodes)."""
+
+
+class NodePlan(Strict):
+    node: str
+    ip: str
+    roles: list[str] = Field(default_factory=list)
+    processes: list[ProcessSpec] = Field(default_factory=list)
+    mooncake_config: dict[str, object] | None = None
+    mooncake_config_path: str | None = None
+
+
+class Plan(Strict):
+    cluster: str
+    generation: int = 0
+    placement: dict[str, list[str]]  # role -> nodes; decode in DP-index order
+    etcd_endpoints: list[str]
+    master_node: str
+    master_address: str
+    proxy_node: str
+    proxy_url: str
+    dp_size: int
+    ep_size: int
+    dp_master: str | None
+    nodes: dict[str, NodePlan]
+
+    def engines(self) -> list[tuple[str, ProcessSpec]]:
+        """Every prefill and decode engine as (node, process)."""
+        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role in ENGINE_ROLES]
+
+    def assignable(self) -> list[tuple[str, ProcessSpec]]:
+        """What the coordinator assigns: every planned process but etcd (its agent starts it)."""
+        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role != "etcd"]
+
+    def masters(self) -> list[tuple[str, ProcessSpec]]:
+        """The Mooncake master as (node, process); empty when Mooncake is disabled."""
+        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role == "mooncake-master"]
+
+
+def render(template: str, values: Mapping[str, object]) -> str:
+    """Fill `{name}` placeholders inside one argv item; other braces (JSON) are left alone."""
+    return PLACEHOLDER_RE.sub(
+        lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template
+    )
+
+
+def _eligible(facts: NodeFacts, role: RoleSpec) -> bool:
+    return all(facts.labels.get(k) == v for k, v in role.labels.items())
+
+
+def place(
+    spec: ClusterSpec,
+    nodes: Mapping[str, NodeFacts],
+    previous: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
+    """Choose nodes per role, keeping `previous` placement slot by slot (so DP indices stay).
+
+    A slot whose node is gone is refilled from spare nodes only under `replace`.
+    Raises PlanError naming the role that is short.
+    """
+    previous = previous or {}
+    roles: dict[str, RoleSpec] = {"prefill": spec.prefill, "decode": spec.decode}
+    spares = spec.policy.spare_nodes
+    reserved = {n for r in roles.values() for n in r.node_names} | set(spares)
+    reserved |= {n for r in ENGINE_ROLES for n in previous.get(r, [])}
+    used: set[str] = set()
+    placement: dict[str, list[str]] = {}
+    problems: list[tuple[str, str]] = []
+
+    def take_free(role: RoleSpec, pool: Sequence[str]) -> str | None:
+        for name in pool:
+            if name in nodes and name not in used and _eligible(nodes[name], role):
+                used.add(name)
+                return name
+        return None
+
+    for role_name, role in roles.items():
+        want = role.nodes or len(role.node_names)
+        prev = list(previous.get(role_name, []))
+        chosen: list[str] = []
+        for i in range(want):
+            preferred = prev[i] if i < len(prev) else (role.node_names[i] if role.node_names else None)
+            if preferred is not None and preferred in nodes and preferred not in used:
+                used.add(preferred)
+                chosen.append(preferred)
+                continue
+            if preferred is None:  # fresh count-based slot: any unreserved eligible member
+                pick = take_free(role, [n for n in sorted(nodes) if n not in reserved])
+                if pick is None:
+                    eligible = [n for n in nodes if _eligible(nodes[n], role)]
+                    problems.append((
+                        f"{role_name}.nodes",
+                        f"needs {want} nodes{_label_note(role)}, {len(eligible)} eligible registered "
+                        f"and not taken by another role",
+                    ))
+                    break
+                chosen.append(pick)
+                continue
+            # the slot's node is not registered (never joined, or lost)
+            if prev and spec.policy.node_loss == "replace":
+                pool = list(spares) or [n for n in sorted(nodes) if n not in reserved]
+                pick = take_free(role, pool)
+                if pick is not None:
+                    chosen.append(pick)
+                    continue
+                problems.append((f"{role_name}.nodes", f"node {preferred} lost and no spare node left"))
+            else:
+                problems.append((f"{role_name}.node_names", f"node {preferred} is not registered"))
+        placement[role_name] = chosen
+    if problems:
+        raise PlanError(problems)
+    placement["spare"] = [n for n in sorted(nodes) if n not in used]
+    return placement
+
+
+def _label_note(role: RoleSpec) -> str:
+    return f" with labels {role.labels}" if role.labels else ""
+
+
+def mooncake_config(spec: ClusterSpec, facts: NodeFacts, etcd_endpoint: str, master_address: str) -> dict[str, object]:
+    """The node's Mooncake JSON. `auto` protocol: rdma only when an allowed device is up."""
+    mc = spec.mooncake
+    up = facts.rdma_up(mc.rdma_devices)
+    protocol = mc.protocol if mc.protocol != "auto" else ("rdma" if up else "tcp")
+    return {
+        "local_hostname": facts.ip,
+        "metadata_server": f"etcd://{etcd_endpoint.split('://', 1)[-1]}",
+        "protocol": protocol,
+        "device_name": (up[0] if up else (mc.rdma_devices[0] if mc.rdma_devices else "")) if protocol == "rdma" else "",
+        "master_server_address": master_address,
+        "global_segment_size": mc.global_segment_size,
+        "local_buffer_size": mc.local_buffer_size,
+    }
+
+
+def _master_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
+    mc = spec.mooncake
+    gc = mc.gc and not (spec.benchmark.enabled and not spec.benchmark.master_gc)
+    values = {"node_ip": facts.ip, "port": mc.port}
+    argv = [mc.binary, *(mc.gc_args if gc else []), "-max_threads", str(mc.max_threads),
+            "-port", str(mc.port), *(render(a, values) for a in mc.extra_args)]
+    return ProcessSpec(
+        name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
+        readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s,
+    )
+
+
+def _etcd_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
+    argv = etcd_argv(
+        name=facts.name, data_dir=f"{facts.state_dir}/etcd", client_host=facts.ip,
+        client_port=spec.etcd.client_port, peer_port=spec.etcd.peer_port, binary="etcd",
+    )
+    return ProcessSpec(
+        name="etcd", role="etcd", argv=argv, host=facts.ip, port=spec.etcd.client_port,
+        readiness=Probe(kind="tcp", host=facts.ip, port=spec.etcd.client_port), stop_timeout_s=10,
+    )
+
+
+def _engine_processes(
+    spec: ClusterSpec, role_name: str, facts: NodeFacts, node_index: int, dp_master: NodeFacts | None,
+    config_file: FileSpec, dp_size: int, ep_size: int,
+) -> list[ProcessSpec]:
+    """The node's engines of one role. `dp_size`/`ep_size`: the decode group's (1 for prefill)."""
+    role: RoleSpec = spec.prefill if role_name == "prefill" else spec.decode
+    per_node = role.engines_per_node
+    decode = spec.decode
+    config_path = config_file.path
+    out = []
+    for local in range(per_node):
+        port = role.base_port + local
+        rank = node_index * per_node + local
+        values: dict[str, object] = {
+            "model": spec.model, "port": port, "tp": role.tp, "node_ip": facts.ip, "node": facts.name,
+            "dp_rank": rank if role_name == "decode" else 0, "dp_rank_local": local,
+            "dp_size": dp_size, "ep_size": ep_size, "python": facts.python,
+            "mooncake_config": config_path, "cluster": spec.cluster, "state_dir": facts.state_dir,
+            "index": rank,
+        }
+        values["host"] = render(role.bind_host, values)
+        env = {k: render(v, values) for k, v in spec.engine_env.items()}
+        env.update({k: render(v, values) for k, v in role.env.items()})
+        env["MOONCAKE_CONFIG_PATH"] = config_path
+        if role_name == "decode" and dp_size > 1:
+            assert dp_master is not None
+            names = decode.dp_env
+            env.update({
+                names.size: str(dp_size), names.rank: str(rank), names.rank_local: str(local),
+                names.master_ip: dp_master.ip, names.master_port: str(decode.dp_master_port),
+                names.ep_size: str(ep_size),
+            })
+        if spec.benchmark.enabled:
+            env.update(spec.benchmark.engine_env)
+        out.append(ProcessSpec(
+            name=f"{role_name}-{local}", role=role_name,  # type: ignore[arg-type]
+            argv=[render(item, values) for item in role.argv], env=env,
+            cwd=role.cwd, host=facts.ip, port=port,
+            readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
+                            period_s=role.readiness.period_s, timeout_s=role.readiness.timeout_s),
+            restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
+            start_timeout_s=role.readiness.start_timeout_s,
+            dp_rank=rank if role_name == "decode" else None,
+            files=[config_file],  # every engine carries it: whichever starts first writes it
+        ))
+    return out
+
+
+def interleaved_decode_endpoints(plan_nodes: Sequence[NodePlan]) -> list[str]:
+    """`ip0:8200 ip1:8200 ip0:8201 ip1:8201 ...`: the seed proxy's decode list order."""
+    per_node = [[p.endpoint for p in n.processes if p.role == "decode"] for n in plan_nodes]
+    width = max((len(x) for x in per_node), default=0)
+    return [lst[i] for i in range(width) for lst in per_node if i < len(lst) and lst[i]]  # type: ignore[misc]
+
+
+def _proxy_process(
+    spec: ClusterSpec, facts: NodeFacts, prefill: Sequence[NodePlan], decode: Sequence[NodePlan],
+    etcd_endpoints: list[str],
+) -> ProcessSpec:
+    px = spec.proxy
+    values: dict[str, object] = {
+        "model": spec.model, "port": px.port, "node_ip": facts.ip, "node": facts.name, "host": facts.ip,
+        "python": facts.python, "cluster": spec.cluster, "etcd_endpoints": ",".join(etcd_endpoints),
+        "repeat_d_times": spec.benchmark.repeat_d_times, "first_token_from": px.first_token_from,
+        "state_dir": facts.state_dir,
+    }
+    lists: dict[str, list[str]] = {
+        "prefill_endpoints": [p.endpoint for n in prefill for p in n.processes if p.role == "prefill" and p.endpoint],
+        "decode_endpoints": interleaved_decode_endpoints(decode),
+        "first_token_args": px.first_token_args if px.first_token_from == "prefill" else [],
+        "benchmark_args": px.benchmark_args if spec.benchmark.enabled else [],
+    }
+    if px.kind == "builtin":
+        template = [
+            "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
+            "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
+            "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
+        ]
+        if px.first_token_from == "prefill":
+            template.append("--generator-on-p-node")
+        if spec.benchmark.enabled:
+            template += ["--benchmark-mode", "--repeat-d-times", "{repeat_d_times}"]
+        template += px.extra_args
+    else:
+        template = px.argv
+    argv: list[str] = []
+    for item in template:
+        name = item[1:-1] if item.startswith("{") and item.endswith("}") else None
+        if name in lists:
+            argv += [render(x, values) for x in lists[name]]
+        else:
+            argv.append(render(item, values))
+    return ProcessSpec(
+        name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
+        cwd=px.cwd, host=facts.ip, port=px.port,
+        readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s,
+    )
+
+
+def plan_cluster(
+    spec: ClusterSpec,
+    nodes: Mapping[str, NodeFacts],
+    previous: Mapping[str, Sequence[str]] | None = None,
+    generation: int = 0,
+) -> Plan:
+    """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short."""
+    placement = place(spec, nodes, previous)
+    problems: list[tuple[str, str]] = []
+    bootstrap = spec.etcd.bootstrap_node
+    if spec.etcd.endpoints:
+        etcd_endpoints = [e.split("://", 1)[-1] for e in spec.etcd.endpoints]
+    elif bootstrap in nodes:
+        etcd_endpoints = [f"{nodes[bootstrap].ip}:{spec.etcd.client_port}"]
+    else:
+        raise PlanError([("etcd.bootstrap_node", f"node {bootstrap} is not registered")])
+    master_node = spec.mooncake.master_node or bootstrap or placement["prefill"][0]
+    proxy_node = spec.proxy.node or placement["prefill"][0]
+    for path, name in (("mooncake.master_node", master_node), ("proxy.node", proxy_node)):
+        if name not in nodes:
+            problems.append((path, f"node {name} is not registered"))
+    if problems:
+        raise PlanError(problems)
+
+    master_facts = nodes[master_node]
+    master_address = f"{master_facts.ip}:{spec.mooncake.port}"
+    decode_nodes = placement["decode"]
+    dp_size = len(decode_nodes) * spec.decode.engines_per_node
+    ep_size = spec.decode.ep_size or dp_size * spec.decode.tp
+    dp_master = nodes[decode_nodes[0]] if decode_nodes else None
+    plans: dict[str, NodePlan] = {}
+
+    def node_plan(name: str) -> NodePlan:
+        if name not in plans:
+            plans[name] = NodePlan(node=name, ip=nodes[name].ip)
+        return plans[name]
+
+    if bootstrap in nodes:  # that node's agent runs etcd; shown here, never assigned
+        np_ = node_plan(bootstrap)
+        np_.roles.append("etcd")
+        np_.processes.append(_etcd_process(spec, nodes[bootstrap]))
+    if spec.mooncake.enabled:
+        mp = node_plan(master_node)
+        mp.roles.append("mooncake-master")
+        mp.processes.append(_master_process(spec, master_facts))
+
+    for role_name in ENGINE_ROLES:
+        for index, name in enumerate(placement[role_name]):
+            facts = nodes[name]
+            np_ = node_plan(name)
+            np_.roles.append(role_name)
+            np_.mooncake_config = mooncake_config(spec, facts, etcd_endpoints[0], master_address)
+            np_.mooncake_config_path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
+            config_file = FileSpec(path=np_.mooncake_config_path,
+                                   content=json.dumps(np_.mooncake_config, indent=2) + "\n")
+            group = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            np_.processes += _engine_processes(spec, role_name, facts, index, dp_master, config_file, *group)
+
+    px = node_plan(proxy_node)
+    px.roles.append("proxy")
+    px.processes.append(_proxy_process(
+        spec, nodes[proxy_node],
+        [plans[n] for n in placement["prefill"]], [plans[n] for n in decode_nodes], etcd_endpoints,
+    ))
+    plan = Plan(
+        cluster=spec.cluster, generation=generation, placement=placement, etcd_endpoints=etcd_endpoints,
+        master_node=master_node, master_address=master_address, proxy_node=proxy_node,
+        proxy_url=f"http://{nodes[proxy_node].ip}:{spec.proxy.port}", dp_size=dp_size,
+        ep_size=ep_size,
+        dp_master=dp_master.name if dp_master else None,
+        nodes=dict(sorted(plans.items())),
+    )
+    for np_ in plan.nodes.values():
+        for p in np_.processes:
+            p.generation = generation
+    _check_ports(spec, plan)
+    return plan
+
+
+_PORT_FIELD = {
+    "etcd": "etcd.client_port", "mooncake-master": "mooncake.port", "prefill": "prefill.base_port",
+    "decode": "decode.base_port", "proxy": "proxy.port",
+}
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    port: int
+    field: str  # the spec field that sets it
+    holder: str  # what binds it: a process name, "etcd peer", "decode DP master"
+
+
+def port_claims(spec: ClusterSpec, plan: Plan, node: str) -> list[PortClaim]:
+    """Every port the plan binds on `node`, the etcd peer and DP rendezvous ports included."""
+    np_ = plan.nodes.get(node)
+    if np_ is None:
+        return []
+    claims = [PortClaim(p.port, _PORT_FIELD[p.role], p.name) for p in np_.processes if p.port is not None]
+    if "etcd" in np_.roles:
+        claims.append(PortClaim(spec.etcd.peer_port, "etcd.peer_port", "etcd peer"))
+    if node == plan.dp_master and plan.dp_size > 1:
+        claims.append(PortClaim(spec.decode.dp_master_port, "decode.dp_master_port", "decode DP master"))
+    return claims
+
+
+def _check_ports(spec: ClusterSpec, plan: Plan) -> None:
+    """(node, port) pairs must be unique."""
+    problems: list[tuple[str, str]] = []
+    for np_ in plan.nodes.values():
+        seen: dict[int, str] = {}
+        for port, field in ((c.port, c.field) for c in port_claims(spec, plan, np_.node)):
+            if port in seen and seen[port] != field:
+                problems.append((field, f"port {port} on node {np_.node} is also {seen[port]}"))
+            elif port in seen:
+                problems.append((field, f"port {port} on node {np_.node} is used twice"))
+            seen[port] = field
+    if problems:
+        raise PlanError(problems)

@@ -1,0 +1,1 @@
+"""This machine: host facts read from /sys, /proc and psutil (`probes`), atomic files (`files`)."""

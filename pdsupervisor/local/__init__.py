@@ -1,0 +1,1 @@
+"""Local tooling: several agents on loopback addresses of one machine (demo, benches, tests)."""

@@ -1,0 +1,257 @@
+"""Several pd-agents on one machine (127.0.0.1, .2, .3, ...): what the demo and benchmarks run.
+
+Each agent is a real `python -m agent.main` process. Every process of the local cluster,
+down to the engines, inherits one marker in its environment, so `kill_all()` finds and ends
+the whole set (the agents leave their children running by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from pdsupervisor.core.checks import ports_needed
+from pdsupervisor.core.spec import ClusterSpec
+
+MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
+
+
+class BootError(RuntimeError):
+    """An agent exited, or not every agent registered in time."""
+
+
+@dataclass
+class LocalAgent:
+    name: str
+    ip: str
+    api_port: int
+    state_dir: Path
+    bootstrap_etcd: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.ip}:{self.api_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "agent.log"
+
+
+@dataclass
+class LocalCluster:
+    """`nodes` agents named node1..nodeN on 127.0.0.1..N; node1 bootstraps etcd."""
+
+    cluster: str
+    root: Path
+    nodes: int = 3
+    etcd_port: int = 2379
+    etcd_peer_port: int = 0  # 0: etcd_port + 1
+    api_base_port: int = 8471
+    ttl: int = 5
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    agents: list[LocalAgent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.etcd_peer_port = self.etcd_peer_port or self.etcd_port + 1
+        self.agents = [
+            LocalAgent(
+                name=f"node{i + 1}", ip=f"127.0.0.{i + 1}", api_port=self.api_base_port + i,
+                state_dir=self.root / f"node{i + 1}", bootstrap_etcd=(i == 0),
+            )
+            for i in range(self.nodes)
+        ]
+
+    def ports_needed(self, spec: ClusterSpec) -> dict[int, str]:
+        """Every port this cluster's processes bind, all on this machine: the spec's (any
+        role's, as `doctor` without a plan) and the agents' APIs; port -> who needs it."""
+        needed = ports_needed(spec, None, self.agents[0].name)
+        needed.update({a.api_port: f"{a.name}'s agent API" for a in self.agents})
+        return needed
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"127.0.0.1:{self.etcd_port}"
+
+    def argv(self, agent: LocalAgent) -> list[str]:
+        argv = [
+            sys.executable, "-m", "agent.main", "--name", agent.name, "--ip", agent.ip,
+            "--cluster", self.cluster, "--etcd", self.etcd_endpoint,
+            "--listen", f"{agent.ip}:{agent.api_port}", "--state-dir", str(agent.state_dir),
+            "--ttl", str(self.ttl), "--accelerators", "8",
+        ]
+        if agent.bootstrap_etcd:
+            argv += ["--bootstrap-etcd", "--etcd-client-port", str(self.etcd_port),
+                     "--etcd-peer-port", str(self.etcd_peer_port)]
+        return argv
+
+    def start_agent(self, agent: LocalAgent) -> None:
+        agent.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, MARKER_ENV: self.marker}
+        env.pop("NOTIFY_SOCKET", None)
+        with open(agent.log_path, "ab") as log:
+            # own session: a terminal's Ctrl-C reaches the demo, which stops the cluster in order,
+            # not the agents behind its back
+            agent.proc = subprocess.Popen(self.argv(agent), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def start(self) -> None:
+        for agent in self.agents:
+            self.start_agent(agent)
+
+    async def boot(self, timeout: float, poll_s: float = 0.1) -> float:
+        """Start every agent and wait until all are registered (`GET /nodes` on node1); seconds taken.
+
+        BootError, naming the log to read, when an agent process exits or `timeout` passes first.
+        """
+        from aiohttp import ClientError
+
+        from pdsupervisor.api.client import ApiClient, ApiError
+
+        t0 = time.monotonic()
+        self.start()
+        client = ApiClient(self.agents[0].api_url, timeout_s=3)
+        registered: set[str] | None = None  # None: node1's API has not answered yet
+        while True:
+            for a in self.agents:
+                if a.proc and a.proc.poll() is not None:
+                    raise BootError(f"agent {a.name} exited with {a.proc.returncode}; see {a.log_path}")
+            with contextlib.suppress(OSError, ClientError, ApiError, asyncio.TimeoutError):  # 503 while etcd comes up
+                registered = {n["name"] for n in (await client.nodes())["nodes"]}
+                if registered >= {a.name for a in self.agents}:
+                    return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                if registered is None:
+                    raise BootError(f"agent {self.agents[0].name} did not answer on {client.base_url} "
+                                    f"in {timeout:g}s; see {self.agents[0].log_path}")
+                missing = ", ".join(a.name for a in self.agents if a.name not in registered)
+                raise BootError(f"agents not registered in etcd after {timeout:g}s: {missing}; "
+                                f"see {self.root}/<node>/agent.log")
+            await asyncio.sleep(poll_s)
+
+    def stop_agents(self, timeout: float = 10) -> None:
+        """SIGTERM every agent (they leave their processes running) and wait for them."""
+        for agent in self.agents:
+            if agent.proc and agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in self.agents:
+            if agent.proc:
+                try:
+                    agent.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    agent.proc.kill()
+                    agent.proc.wait(5)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process carrying this cluster's marker (agents, etcd, engines...)."""
+        return marked_processes(MARKER_ENV, self.marker)
+
+    def kill_all(self, grace_s: float = 5.0) -> list[psutil.Process]:
+        """SIGTERM, then SIGKILL, whatever of this cluster is still alive; returns what was left."""
+        left = self.processes()
+        _signal(left, signal.SIGTERM)
+        _, alive = psutil.wait_procs(left, timeout=grace_s)
+        _signal(alive, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace_s)
+        return left
+
+
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports free_port never hands out: Mooncake's transfer engine binds random ports in its RPC
+# range (MC_MIN_PRC_PORT..MC_MAX_PRC_PORT defaults; seen: two per engine) while it starts, and
+# the benchmarks' fixed ports (bench/_localbench.py) lie in 12000-12999.
+MOONCAKE_RPC_PORTS = frozenset(range(15000, 17001))
+BENCH_PORTS = frozenset(range(12000, 13000))
+RESERVED_PORTS = MOONCAKE_RPC_PORTS | BENCH_PORTS
+
+
+def _can_bind(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
+    """The first of `span` consecutive ports nobody listens on now on `host` (tests, benchmarks).
+
+    Not the kernel's `bind(0)`: that draws from the ephemeral range, where the agents' own
+    outgoing connections take ports too, and may hand the same port out twice before anyone
+    listens on it (a proxy and an agent API once got one port). These ports lie outside
+    that range and outside RESERVED_PORTS (Mooncake's engines bind random ports there while
+    they start, possibly before a port handed out here is listened on; the benchmarks' fixed
+    ports), and are never handed out twice by one process.
+    """
+    low, high = _ephemeral_range()
+    lo, hi = (10000, low) if low - 10000 >= 5000 else (high + 1, 65536)
+    rng = random.Random()
+    for _ in range(2000 if hi - span > lo else 0):
+        first = rng.randrange(lo, hi - span)
+        ports = range(first, first + span)
+        if not _handed_out.isdisjoint(ports) or not RESERVED_PORTS.isdisjoint(ports):
+            continue
+        if all(_can_bind(host, p) for p in ports):
+            _handed_out.update(ports)
+            return first
+    raise RuntimeError(f"no {span} free consecutive port(s) on {host} in {lo}-{hi - 1}")
+
+
+def marked_processes(env_name: str, value: str) -> list[psutil.Process]:
+    """Live processes (not this one) whose environment has `env_name` equal to `value`.
+
+    Children inherit the environment, so this finds a whole family of processes even after
+    their parents died or they left the process group.
+    """
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid == os.getpid():
+                continue
+            if p.environ().get(env_name) == value:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_tree(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL a process and every descendant (collected before the first signal)."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    _signal(procs, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=timeout)

@@ -1,0 +1,499 @@
+"""Every etcd call of pdsupervisor lives here, so the client library can be swapped.
+
+The key layout (one cluster under one prefix)::
+
+    /pdsupervisor/<cluster>/spec                 cluster spec record (JSON) with its generation
+    /pdsupervisor/<cluster>/members/<node>       NodeFacts, under the agent's lease
+    /pdsupervisor/<cluster>/leader               coordinator's name, under its lease
+    /pdsupervisor/<cluster>/assignments/<node>   NodeAssignment, written only by the leader
+    /pdsupervisor/<cluster>/status/<node>        NodeStatus, written by the node's agent
+    /pdsupervisor/<cluster>/events/<seq>         bounded event log, for people
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+from pydantic import BaseModel
+
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class EtcdError(Exception):
+    """etcd answered with an error (e.g. a revision compacted away, a lease not found)."""
+
+
+class WatchLost(ConnectionError):
+    """The server ended a watch: read again, then watch from the new revision."""
+
+
+# Errors a caller treats as "etcd is away for now": retry later, touch nothing.
+StoreUnavailable: tuple[type[BaseException], ...] = (
+    EtcdError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+DEFAULT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
+WATCH_IDLE_S = 30.0
+EVENTS_KEPT = 500
+
+
+def lease_refresh_interval(ttl: float) -> float:
+    """How often a lease holder refreshes: three tries per TTL (Patroni's loop_wait)."""
+    return max(0.5, ttl / 3)
+
+
+LeaderWrite = Literal["written", "changed", "deposed"]
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    key: str
+    value: bytes | None  # None for a delete
+    revision: int
+
+
+class Keys:
+    """Key names of one cluster."""
+
+    def __init__(self, cluster: str) -> None:
+        self.root = f"/pdsupervisor/{cluster}/"
+        self.spec = self.root + "spec"
+        self.leader = self.root + "leader"
+        self.members = self.root + "members/"
+        self.assignments = self.root + "assignments/"
+        self.status = self.root + "status/"
+        self.events = self.root + "events/"
+
+    def member(self, node: str) -> str:
+        return self.members + node
+
+    def assignment(self, node: str) -> str:
+        return self.assignments + node
+
+    def node_status(self, node: str) -> str:
+        return self.status + node
+
+
+def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
+    if isinstance(model, BaseModel):
+        return model.model_dump_json().encode()
+    return json.dumps(model, sort_keys=True).encode()
+
+
+def parse_endpoint(url: str) -> str:
+    """`10.0.0.1:2379` or `http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`."""
+    url = url.strip().rstrip("/")
+    return url if "://" in url else "http://" + url
+
+
+class Store:
+    """One cluster's view of etcd: typed reads and writes, leases, fenced leader writes.
+
+    It speaks etcd's v3 JSON gateway (served on the client port) over aiohttp, which the
+    agent already carries for its REST API: no gRPC stack in a daemon that sits on every
+    node. Endpoints are tried in turn when one refuses connections.
+    """
+
+    def __init__(self, endpoints: list[str], cluster: str, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = [parse_endpoint(e) for e in endpoints]
+        self.cluster = cluster
+        self.keys = Keys(cluster)
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._current = 0  # index of the endpoint that answered last
+
+    async def __aenter__(self) -> Store:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the HTTP session (no request is made: etcd may come up later)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    # ---- transport -------------------------------------------------------------------
+
+    def _endpoint_order(self) -> list[int]:
+        n = len(self.endpoints)
+        return [(self._current + i) % n for i in range(n)]
+
+    async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None) -> aiohttp.ClientResponse:
+        """POST to the first endpoint that takes the connection; the caller reads and releases.
+
+        An endpoint that refuses, or does not accept within the connect timeout (a dead
+        host drops SYNs), is skipped for the next: nothing was sent to it. A request
+        (`idle_s` None) has `timeout_s` in all; a stream fails after `idle_s` of silence.
+        """
+        await self.connect()
+        assert self._session is not None
+        connect_s = min(CONNECT_TIMEOUT_S, self.timeout_s)
+        timeout = (aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect_s) if idle_s is None
+                   else aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=idle_s))
+        error: BaseException = ConnectionError("no etcd endpoint")
+        for i in self._endpoint_order():
+            try:
+                resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                error = exc
+                continue
+            self._current = i
+            if resp.status != 200:
+                try:
+                    raise EtcdError(_error_text(await resp.read(), resp.status))
+                finally:
+                    resp.release()
+            return resp
+        raise error
+
+    async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        resp = await self._open(path, body)
+        async with resp:
+            out = await resp.json(content_type=None)
+        if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
+            out = out["result"]
+        if "error" in out:
+            raise EtcdError(_error_text(json.dumps(out["error"]).encode(), 200))
+        return out
+
+    # ---- raw key/value -------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        return (await self.read(key))[0]
+
+    async def read(self, key: str) -> tuple[KeyValue | None, int]:
+        """One key and the store revision it was read at (to watch from the next one)."""
+        out = await self._call("/v3/kv/range", {"key": _b64(key)})
+        kvs = out.get("kvs") or []
+        return (_kv(kvs[0]) if kvs else None), _revision(out)
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """All keys under `prefix` and the store revision they were read at."""
+        out = await self._call("/v3/kv/range", _prefix_range(prefix))
+        return [_kv(kv) for kv in out.get("kvs") or []], _revision(out)
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        return _revision(await self._call("/v3/kv/put", _put(key, value, lease)))
+
+    async def delete(self, key: str) -> None:
+        await self._call("/v3/kv/deleterange", {"key": _b64(key)})
+
+    def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+        """Events of exactly `key` from `start_revision` on (see `watch_prefix`)."""
+        return self._watch(key, None, start_revision, idle_s)
+
+    def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+        """Events under `prefix` from `start_revision` on (read once, then watch from rev+1).
+
+        A watch quiet for `idle_s` is opened again from the revision after the last event
+        (so a silently dead peer is noticed: the re-open fails). The stream ends with
+        WatchLost when etcd cancels the watch (e.g. the revision was compacted away) or the
+        connection drops: the caller re-reads and re-watches.
+        """
+        return self._watch(prefix, _prefix_end(prefix), start_revision, idle_s)
+
+    async def _watch(self, key: str, range_end: bytes | None, start_revision: int,
+                     idle_s: float) -> AsyncIterator[WatchEvent]:
+        next_rev = start_revision
+        while True:
+            create: dict[str, Any] = {"key": _b64(key), "start_revision": next_rev}
+            if range_end is not None:
+                create["range_end"] = _b64(range_end)
+            resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s)
+            async with resp:
+                try:
+                    async for message in _json_stream(resp.content):
+                        for event in _watch_events(key, message):
+                            next_rev = max(next_rev, event.revision + 1)
+                            yield event
+                except TimeoutError:
+                    continue  # nothing for idle_s: open it again from next_rev
+                except aiohttp.ClientPayloadError as exc:
+                    raise WatchLost(f"watch on {key} broken: {exc}") from exc
+            raise WatchLost(f"watch on {key} closed by the server")
+
+    async def compact(self, revision: int) -> None:
+        """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""
+        await self._call("/v3/kv/compaction", {"revision": revision})
+
+    async def current_revision(self) -> int:
+        return _revision(await self._call("/v3/kv/range", {"key": _b64(self.keys.root), "count_only": True}))
+
+    # ---- leases --------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        return int((await self._call("/v3/lease/grant", {"TTL": ttl}))["ID"])
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Send one keep-alive; the remaining TTL, or 0 when the lease is gone."""
+        out = await self._call("/v3/lease/keepalive", {"ID": lease_id})
+        return max(0, int(out.get("TTL", 0)))
+
+    async def lease_granted_ttl(self, lease_id: int) -> int:
+        """The TTL a lease was granted with (0 when it no longer exists)."""
+        out = await self._call("/v3/lease/timetolive", {"ID": lease_id})
+        return max(0, int(out.get("grantedTTL", 0))) if int(out.get("TTL", 0)) > 0 else 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with contextlib.suppress(*StoreUnavailable):
+            await self._call("/v3/lease/revoke", {"ID": lease_id})
+
+    async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                   failure: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        return await self._call("/v3/kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
+
+    # ---- typed cluster records ------------------------------------------------------
+
+    async def get_model(self, key: str, model: type[M]) -> M | None:
+        kv = await self.get(key)
+        return model.model_validate_json(kv.value) if kv else None
+
+    async def get_models(self, prefix: str, model: type[M]) -> dict[str, M]:
+        kvs, _ = await self.get_prefix(prefix)
+        return {kv.key[len(prefix):]: model.model_validate_json(kv.value) for kv in kvs}
+
+    async def register_member(self, facts: NodeFacts, lease_id: int) -> None:
+        await self.put(self.keys.member(facts.name), _dump(facts), lease=lease_id)
+
+    async def members(self) -> dict[str, NodeFacts]:
+        return await self.get_models(self.keys.members, NodeFacts)
+
+    async def assignment(self, node: str) -> NodeAssignment | None:
+        return await self.get_model(self.keys.assignment(node), NodeAssignment)
+
+    async def assignments(self) -> dict[str, NodeAssignment]:
+        return await self.get_models(self.keys.assignments, NodeAssignment)
+
+    async def put_status(self, status: NodeStatus) -> None:
+        await self.put(self.keys.node_status(status.node), _dump(status))
+
+    async def statuses(self) -> dict[str, NodeStatus]:
+        return await self.get_models(self.keys.status, NodeStatus)
+
+    async def put_spec_record(self, record: Mapping[str, Any], *, expect_mod_revision: int | None = None) -> bool:
+        """Write the spec record; with `expect_mod_revision`, only if nobody wrote it since."""
+        if expect_mod_revision is None:
+            await self.put(self.keys.spec, _dump(record))
+            return True
+        out = await self._txn([_compare_mod(self.keys.spec, expect_mod_revision)],
+                              [{"request_put": _put(self.keys.spec, _dump(record))}])
+        return bool(out.get("succeeded"))
+
+    # ---- leader election and fenced writes -------------------------------------------
+
+    async def leader(self) -> str | None:
+        kv = await self.get(self.keys.leader)
+        return kv.value.decode() if kv else None
+
+    async def acquire_leader(self, name: str, lease_id: int) -> bool:
+        """Take the leader key if nobody holds it (create_revision == 0), or keep it if it is
+        already ours under this very lease (e.g. after one failed cycle made us step down).
+
+        The failure branch reads the key in the same transaction: trust our own CAS, not a
+        separate read.
+        """
+        out = await self._txn(
+            [{"key": _b64(self.keys.leader), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            [{"request_put": _put(self.keys.leader, name.encode(), lease_id)}],
+            [{"request_range": {"key": _b64(self.keys.leader)}}],
+        )
+        return bool(out.get("succeeded")) or self._holder_matches(out, name, lease_id)
+
+    @staticmethod
+    def _holder_matches(failed_txn: Mapping[str, Any], name: str, lease_id: int | None = None) -> bool:
+        """Whether the leader key read in a failed txn's failure branch is `name`'s (under `lease_id`)."""
+        responses = failed_txn.get("responses") or [{}]
+        held = [_kv(kv) for kv in (responses[0].get("response_range") or {}).get("kvs") or []]
+        return bool(held) and held[0].value == name.encode() and lease_id in (None, held[0].lease)
+
+    async def release_leader(self, name: str) -> None:
+        with contextlib.suppress(*StoreUnavailable):
+            await self._txn([_compare_value(self.keys.leader, name)],
+                            [{"request_delete_range": {"key": _b64(self.keys.leader)}}])
+
+    async def write_as_leader(
+        self,
+        name: str,
+        puts: Mapping[str, bytes | BaseModel | Mapping[str, Any]],
+        deletes: list[str] = (),  # type: ignore[assignment]
+        *,
+        unchanged: Mapping[str, int] | None = None,
+    ) -> LeaderWrite:
+        """Apply puts and deletes in one transaction, only while `name` holds the leader key
+        and every key in `unchanged` still has the mod revision it was read at (0: absent).
+
+        Not written: "deposed" (the leader key is not ours) or "changed" (what the decision
+        was based on changed meanwhile), told apart by the leader key read in the same txn.
+        """
+        ops = [
+            {"request_put": _put(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
+        ] + [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
+        compare = [_compare_value(self.keys.leader, name)]
+        compare += [_compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
+        out = await self._txn(compare, ops, [{"request_range": {"key": _b64(self.keys.leader)}}])
+        if out.get("succeeded"):
+            return "written"
+        return "changed" if self._holder_matches(out, name) else "deposed"
+
+    # ---- events ----------------------------------------------------------------------
+
+    async def append_event(self, kind: str, message: str, **fields: Any) -> None:
+        """Record an event for people. Keys sort by time; old ones are trimmed."""
+        event = {"ts": time.time(), "kind": kind, "message": message, **fields}
+        key = f"{self.keys.events}{time.time_ns():020d}"
+        await self.put(key, _dump(event))
+
+    async def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest `limit` events, oldest first (one read of just those keys)."""
+        out = await self._call("/v3/kv/range", _prefix_range(
+            self.keys.events, limit=limit, sort_order="DESCEND", sort_target="KEY"))
+        return [json.loads(_kv(kv).value) for kv in reversed(out.get("kvs") or [])]
+
+    async def trim_events(self, keep: int = EVENTS_KEPT) -> None:
+        """Delete all but the newest `keep` events: a count, the excess keys, one range delete."""
+        prefix = self.keys.events
+        counted = await self._call("/v3/kv/range", _prefix_range(prefix, count_only=True))
+        excess = int(counted.get("count", 0)) - keep
+        if excess <= 0:
+            return
+        oldest = await self._call("/v3/kv/range", _prefix_range(prefix, keys_only=True, limit=excess))
+        last = _unb64((oldest.get("kvs") or [{}])[-1].get("key"))
+        if last:
+            await self._call("/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(last + b"\0")})
+
+
+def _prefix_range(prefix: str, **options: Any) -> dict[str, Any]:
+    """A range request body for every key under `prefix`, with etcd's range options."""
+    return {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), **options}
+
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """The range end that covers every key starting with `prefix` (etcd's convention)."""
+    raw = bytearray(prefix.encode())
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def _put(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return req
+
+
+def _compare_mod(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": revision}
+
+
+def _compare_value(key: str, value: str) -> dict[str, Any]:
+    return {"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
+
+
+def _revision(out: Mapping[str, Any]) -> int:
+    return int((out.get("header") or {}).get("revision", 0))
+
+
+def _kv(kv: Mapping[str, Any]) -> KeyValue:
+    """A gateway kv (base64 bytes, int64 as strings, zero values left out) as a KeyValue."""
+    return KeyValue(
+        key=_unb64(kv.get("key")).decode(),
+        value=_unb64(kv.get("value")),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        create_revision=int(kv.get("create_revision", 0)),
+        lease=int(kv.get("lease", 0)),
+    )
+
+
+def _watch_events(prefix: str, message: Mapping[str, Any]) -> list[WatchEvent]:
+    """The events of one watch message; WatchLost when etcd ended the watch."""
+    result = message.get("result")
+    if not isinstance(result, dict):
+        raise WatchLost(f"watch on {prefix} failed: {message.get('error') or message}")
+    if result.get("canceled") or int(result.get("compact_revision", 0)) > 0:
+        raise WatchLost(f"watch on {prefix} canceled (compacted to {result.get('compact_revision', 0)})")
+    events = []
+    for ev in result.get("events") or []:
+        kv = ev.get("kv") or {}
+        events.append(WatchEvent(
+            key=_unb64(kv.get("key")).decode(),
+            value=None if ev.get("type") == "DELETE" else _unb64(kv.get("value")),
+            revision=int(kv.get("mod_revision", 0)),
+        ))
+    return events
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        err = json.loads(body)
+        return str(err.get("message") or err.get("error") or err) if isinstance(err, dict) else str(err)
+    except ValueError:
+        return f"HTTP {status}: {body[:200]!r}"
+
+
+async def _json_stream(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """The gateway's stream of JSON messages (one per line; tolerant of any split)."""
+    decoder = json.JSONDecoder()
+    pending = b""
+    async for chunk in content.iter_any():
+        pending += chunk
+        try:
+            text = pending.decode()
+        except UnicodeDecodeError:
+            continue  # a character split across chunks: wait for the rest
+        while True:
+            text = text.lstrip()
+            try:
+                message, end = decoder.raw_decode(text)
+            except ValueError:
+                break  # empty or incomplete: wait for more bytes
+            text = text[end:]
+            if isinstance(message, dict):
+                yield message
+        pending = text.encode()

@@ -1,0 +1,150 @@
+"""The REST control plane: bad input loses nothing, tokens guard every mutating endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+
+from agent.api.cluster import openapi_document
+from pdsupervisor.store.etcd import Store
+from tests.cluster_helpers import LocalCluster, cluster_spec
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def one_agent(etcd_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN + "\n")
+    c = LocalCluster(tmp, etcd_server.endpoint, "api-test", ["n1"], ttl=3, token_file=token_file)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+async def _snapshot(etcd: str, cluster: str) -> list[tuple[str, bytes]]:
+    async with Store([etcd], cluster) as store:
+        kvs, _ = await store.get_prefix(store.keys.root)
+        liveness = ("/status/", "/members/", "/leader")  # the agents' own keys, not the cluster's
+        return [(kv.key, kv.value) for kv in kvs if not any(k in kv.key for k in liveness)
+                and not _agent_lifecycle_event(kv.key, kv.value)]
+
+
+def _agent_lifecycle_event(key: str, value: bytes) -> bool:
+    """An event the agents write on their own as they come up (leader taken, member joined):
+    it may land between two snapshots; a request's own events (spec, assign) still count."""
+    return "/events/" in key and json.loads(value).get("kind") in ("leader", "member")
+
+
+def test_mutating_endpoints_need_the_token(one_agent):
+    spec = yaml.safe_dump(cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])).encode()
+    before = asyncio.run(_snapshot(one_agent.etcd, "api-test"))
+    for path, body in (("/cluster/start", spec), ("/cluster/stop", b"")):
+        for token in (None, "wrong"):
+            status, answer = one_agent.request("POST", path, body, token=token)
+            assert status == 401, (path, token, answer)
+            assert "token" in answer["error"]
+    assert asyncio.run(_snapshot(one_agent.etcd, "api-test")) == before
+    status, _ = one_agent.request("GET", "/cluster")  # reads stay open
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "mutate, field, why",
+    [
+        (lambda d: d["decode"].update(tp=3), "decode.tp", "not divisible"),
+        (lambda d: d["prefill"].update(bogus=1), "prefill.bogus", "unknown field"),
+        (lambda d: d.update(cluster="someone-else"), "cluster", "these agents serve cluster 'api-test'"),
+    ],
+)
+def test_invalid_spec_is_400_naming_the_field_and_changes_nothing(one_agent, mutate, field, why):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    mutate(spec)
+    before = asyncio.run(_snapshot(one_agent.etcd, "api-test"))
+    status, answer = one_agent.submit(spec, token=TOKEN)
+    assert status == 400
+    assert any(p["field"] == field and why in p["message"] for p in answer["problems"]), answer
+    assert asyncio.run(_snapshot(one_agent.etcd, "api-test")) == before
+
+
+def test_not_yaml_is_400(one_agent):
+    status, answer = one_agent.request("POST", "/cluster/start", b"cluster: [unclosed", token=TOKEN)
+    assert status == 400 and answer["problems"][0]["field"] == "spec"
+
+
+def test_pending_says_what_is_missing(one_agent):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    status, answer = one_agent.submit(spec, token=TOKEN)
+    assert status == 202
+    doc = one_agent.wait_phase("pending", 10)
+    assert "decode.node_names: node n2 is not registered" in doc["missing"]
+    status, _ = one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+    assert status == 202
+    one_agent.wait_phase("stopped", 10)
+
+
+def test_openapi_document_lists_every_route(one_agent):
+    import urllib.request
+
+    with urllib.request.urlopen(one_agent.api() + "/openapi.yaml", timeout=5) as r:
+        served = yaml.safe_load(r.read())
+    assert served == openapi_document()
+    assert {"/cluster/start", "/cluster/stop", "/cluster", "/nodes", "/events", "/healthz"} <= set(served["paths"])
+    status, _ = one_agent.request("GET", "/nodes")
+    assert status == 200
+
+
+async def _member_lease_ttls(etcd: str, cluster: str) -> dict[str, int]:
+    async with Store([etcd], cluster) as store:
+        kvs, _ = await store.get_prefix(store.keys.members)
+        out = {kv.key.rsplit("/", 1)[-1]: await store.lease_granted_ttl(kv.lease) for kv in kvs}
+        out["leader"] = 0
+        leader = await store.get(store.keys.leader)
+        if leader is not None:
+            out["leader"] = await store.lease_granted_ttl(leader.lease)
+        return out
+
+
+def test_spec_lease_ttl_governs_member_and_leader_leases(one_agent):
+    from tests.conftest import wait_for
+
+    # the REST API answers before the agent registers: wait for its member key, then read its lease
+    ttls = wait_for(lambda: (t := asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test"))) and "n1" in t and t,
+                    15, what="n1 registered")
+    assert ttls["n1"] == 3  # the agent's own
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"], ttl=7)
+    status, _ = one_agent.submit(spec, token=TOKEN)
+    assert status == 202
+    wait_for(lambda: asyncio.run(_member_lease_ttls(one_agent.etcd, "api-test")) == {"n1": 7, "leader": 7}, 15,
+             what="member and leader leases on the spec's TTL")
+    status, _ = one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+    assert status == 202
+    one_agent.wait_phase("stopped", 10)
+
+
+def test_start_wait_fails_with_the_reason_after_the_start_timeout(one_agent, tmp_path):
+    import subprocess
+    import sys
+
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    spec["policy"]["start_timeout_s"] = 1
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    try:
+        run = subprocess.run([sys.executable, "-m", "pdsupervisor", "start", "-f", str(path), "--wait",
+                              "--api", one_agent.api(), "--token-file", str(token)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1
+        assert "start failed: cluster not ready" in run.stderr and "policy.start_timeout_s 1" in run.stderr
+        assert "missing: decode.node_names: node n2 is not registered" in run.stdout  # progress said why
+    finally:
+        one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+        one_agent.wait_phase("stopped", 10)

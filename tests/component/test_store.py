@@ -1,0 +1,173 @@
+"""The store against a real etcd: typed records, leases, fenced leader writes."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec
+from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
+from tests.conftest import free_port, until, wait_for
+
+
+async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(5)
+        await store.register_member(NodeFacts(name="n1", ip="127.0.0.2"), lease)
+        assert list((await store.members()).keys()) == ["n1"]
+        assert await store.refresh_lease(lease) > 0
+        await store.revoke_lease(lease)
+        assert await store.members() == {}
+        assert await store.refresh_lease(lease) == 0
+
+
+async def test_only_leader_key_holder_can_write(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease_a = await store.grant_lease(5)
+        lease_b = await store.grant_lease(5)
+        assert await store.acquire_leader("a", lease_a)
+        assert not await store.acquire_leader("b", lease_b)
+        assert await store.leader() == "a"
+        assignment = NodeAssignment(node="n1", processes=[ProcessSpec(name="p", role="prefill", argv=["true"])])
+        key = store.keys.assignment("n1")
+        assert await store.write_as_leader("b", {key: assignment}) == "deposed"
+        assert await store.assignment("n1") is None
+        assert await store.write_as_leader("a", {key: assignment}) == "written"
+        assert (await store.assignment("n1")) == assignment
+        await store.revoke_lease(lease_a)  # a loses leadership: its next write is fenced off
+        assert await store.write_as_leader("a", {}, deletes=[key]) == "deposed"
+        assert await store.acquire_leader("b", lease_b)
+        assert await store.write_as_leader("b", {}, deletes=[key]) == "written"
+        assert await store.assignment("n1") is None
+
+
+async def test_watch_sees_changes_after_read_revision(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        await store.put(store.keys.assignment("before"), b"{}")
+        _, rev = await store.get_prefix(store.keys.assignments)
+        seen: list[tuple[str, bool]] = []
+
+        async def consume() -> None:
+            async for ev in store.watch_prefix(store.keys.assignments, rev + 1):
+                seen.append((ev.key.rsplit("/", 1)[-1], ev.value is None))
+                if len(seen) == 2:
+                    return
+
+        task = asyncio.create_task(consume())
+        await store.put(store.keys.assignment("x"), b"{}")
+        await store.delete(store.keys.assignment("x"))
+        await asyncio.wait_for(task, 10)
+        assert seen == [("x", False), ("x", True)]
+
+
+async def test_leader_key_is_kept_under_the_same_lease_only(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        mine, other = await store.grant_lease(5), await store.grant_lease(5)
+        assert await store.acquire_leader("a", mine)
+        assert await store.acquire_leader("a", mine)  # ours already: resumed, not refused
+        assert not await store.acquire_leader("a", other)  # same name, another incarnation's lease
+        assert not await store.acquire_leader("b", other)
+
+
+async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(5)
+        assert await store.acquire_leader("a", lease)
+        await store.put(store.keys.spec, b'{"v": 1}')
+        read = await store.get(store.keys.spec)
+        await store.put(store.keys.spec, b'{"v": 2}')  # e.g. a stop arrives mid-cycle
+        key = store.keys.assignment("n1")
+        outcome = await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: read.mod_revision})
+        assert outcome == "changed" and await store.get(key) is None and await store.leader() == "a"
+        fresh = await store.get(store.keys.spec)
+        assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision}) == "written"
+
+
+async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        first = await store.put(store.keys.assignment("x"), b"1")
+        await store.put(store.keys.assignment("x"), b"2")
+        latest = await store.put(store.keys.assignment("x"), b"3")
+        await store.compact(latest)
+
+        async def consume() -> None:
+            async for _ in store.watch_prefix(store.keys.assignments, first):
+                pass
+
+        with pytest.raises(WatchLost):
+            await asyncio.wait_for(consume(), 5)
+
+
+async def test_a_refused_endpoint_is_skipped_for_the_next_one(etcd_server, cluster_name):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    async with Store([dead, etcd_server.endpoint], cluster_name) as store:
+        rev = await store.put(store.keys.spec, b'{"v": 1}')
+        kv = await store.get(store.keys.spec)
+        assert kv is not None and kv.value == b'{"v": 1}' and kv.mod_revision == rev
+    async with Store([dead], cluster_name, timeout_s=1) as store:
+        with pytest.raises(StoreUnavailable):
+            await store.get(store.keys.spec)
+
+
+async def test_an_etcd_error_names_what_etcd_said(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        rev = await store.current_revision()
+        with pytest.raises(EtcdError, match="future revision"):
+            await store.compact(rev + 1000)
+
+
+async def test_values_and_keys_survive_the_gateway_encoding(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        raw = bytes(range(256))
+        key = store.keys.assignment("nöde-ü")
+        await store.put(key, raw)
+        kvs, _ = await store.get_prefix(store.keys.assignments)
+        assert [(kv.key, kv.value) for kv in kvs] == [(key, raw)]
+
+
+async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_timeout(etcd_server, cluster_name,
+                                                                                       black_hole):
+    silent = f"http://{black_hole}"
+    async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
+        await store.put(store.keys.spec, b"{}")
+        assert (await store.get(store.keys.spec)).value == b"{}"
+
+
+def _watch_streams_started(endpoint: str) -> float:
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("grpc_server_started_total{") and 'grpc_service="etcdserverpb.Watch"' in line)
+
+
+async def test_a_quiet_watch_is_opened_again_without_losing_or_repeating_events(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        first = await store.put(store.keys.assignment("a"), b"1")
+        seen: list[tuple[str, bytes | None]] = []
+
+        async def consume() -> None:
+            async for ev in store.watch_prefix(store.keys.assignments, first, idle_s=0.3):
+                seen.append((ev.key.rsplit("/", 1)[-1], ev.value))
+
+        opened = _watch_streams_started(etcd_server.endpoint)
+        task = asyncio.create_task(consume())
+        try:
+            await asyncio.to_thread(wait_for, lambda: _watch_streams_started(etcd_server.endpoint) >= opened + 3,
+                                    10, 0.1, "the quiet watch to be opened again twice")
+            await store.put(store.keys.assignment("b"), b"2")
+            await until(lambda: len(seen) >= 2, what="the event after the re-opens")
+        finally:
+            task.cancel()
+        assert seen == [("a", b"1"), ("b", b"2")]
+
+
+async def test_events_are_read_newest_last_and_trimmed_to_the_newest(etcd_server, cluster_name):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        for i in range(7):
+            await store.append_event("t", f"e{i}")
+        assert [e["message"] for e in await store.events(3)] == ["e4", "e5", "e6"]
+        await store.trim_events(keep=4)
+        assert [e["message"] for e in await store.events(100)] == ["e3", "e4", "e5", "e6"]
+        await store.trim_events(keep=4)  # nothing in excess: nothing deleted
+        assert len(await store.events(100)) == 4

@@ -1,0 +1,158 @@
+"""Pure cluster view: problems a person must see, from observed status alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.spec import validate_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _obs(state: ProcessState, started_at: float, member_lease: int = 7, status_lease: int = 7) -> Observed:
+    spec = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200, start_timeout_s=30)
+    status = ProcessStatus(name="decode-0", role="decode", state=state, pid=42, restarts=4, last_exit_code=3,
+                           started_at=started_at, spec_hash=spec.spec_hash(), message="next try in 8 s")
+    return Observed(
+        record=SpecRecord(generation=1, spec={"cluster": "c"}, submitted_at=1.0),
+        members={"n1": NodeFacts(name="n1", ip="127.0.0.1", lease=member_lease)},
+        assignments={"n1": NodeAssignment(node="n1", processes=[spec])},
+        statuses={"n1": NodeStatus(node="n1", updated_at=50.0, lease=status_lease, processes=[status])},
+    )
+
+
+def test_backoff_is_a_problem_with_exit_code_and_message():
+    doc = cluster_document(_obs(ProcessState.backoff, 40.0), now=60.0)
+    assert doc["problems"] == ["decode-0 on n1: backoff (exit code 3, restarts 4): next try in 8 s"]
+
+
+def test_not_ready_past_start_timeout_is_a_problem():
+    assert cluster_document(_obs(ProcessState.running, 40.0), now=60.0)["problems"] == []
+    doc = cluster_document(_obs(ProcessState.running, 40.0), now=80.0)
+    assert doc["problems"] == ["decode-0 on n1: not ready 40 s after starting (start_timeout_s 30)"]
+
+
+def test_status_of_a_previous_agent_is_not_observation():
+    doc = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=7), now=60.0)
+    row = doc["processes"][0]
+    assert row["state"] == "pending" and row["pid"] is None
+    fresh = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=8), now=60.0)
+    assert fresh["processes"][0]["state"] == "ready" and fresh["processes"][0]["pid"] == 42
+
+
+def _demo_spec(master_port: int, decode_slots: int | None = None) -> dict:
+    spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
+    spec["mooncake"]["port"] = master_port
+    if decode_slots is not None:
+        spec["decode"]["slots"] = decode_slots
+    return validate_spec(spec).model_dump(mode="json")
+
+
+def _running(obs: Observed, assignments: dict[str, NodeAssignment], pids: dict[str, int]) -> Observed:
+    """`obs` once every agent runs its assignment and reports each process ready."""
+    statuses = {
+        node: NodeStatus(node=node, updated_at=1.0, lease=obs.members[node].lease, processes=[
+            ProcessStatus(name=p.name, role=p.role, state=ProcessState.ready, pid=pids.get(p.name, 1000 + i),
+                          spec_hash=p.spec_hash())
+            for i, p in enumerate(a.processes)
+        ])
+        for node, a in assignments.items() if a is not None
+    }
+    return dataclasses.replace(obs, assignments={n: a for n, a in assignments.items() if a}, statuses=statuses)
+
+
+def _engines(assignments: dict[str, NodeAssignment | None]) -> dict[tuple[str, str], str]:
+    return {(n, p.name): p.spec_hash() for n, a in assignments.items() if a for p in a.processes
+            if p.role in ("prefill", "decode")}
+
+
+def _settle(obs: Observed, pids: dict[str, int]) -> tuple[Observed, list[dict[tuple[str, str], str]]]:
+    """Apply desired states until they stop changing; the engines' spec hashes at each step."""
+    history: list[dict[tuple[str, str], str]] = []
+    for _ in range(10):
+        desired = desired_state(obs)
+        obs = _running(dataclasses.replace(obs, record=desired.record), desired.assignments, pids)
+        history.append(_engines(desired.assignments))
+        if len(history) > 1 and history[-1] == history[-2] and desired.record == obs.record:
+            break
+    return obs, history
+
+
+def _demo_running(master_pid: int) -> Observed:
+    """The demo spec on its three nodes, every process ready, the master with `master_pid`."""
+    members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
+               for i in (1, 2, 3)}
+    obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
+                   assignments={}, statuses={})
+    return _settle(obs, {"mooncake-master": master_pid})[0]
+
+
+def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
+    obs = _demo_running(master_pid=500)
+    assert obs.record.master_pid == 500 and obs.record.master_epoch == 0
+    before = _engines(obs.assignments)
+    assert len(before) == 6
+
+    # a replacing spec moves the master's port: the master restarts (new pid), and the
+    # engines' Mooncake config changes with it
+    obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    desired = desired_state(obs)
+    assert _engines(desired.assignments) == before  # held while the master restarts
+    obs, history = _settle(obs, {"mooncake-master": 600})
+    distinct = [h for i, h in enumerate(history) if i == 0 or h != history[i - 1]]
+    assert len(distinct) == 2, "every engine's spec changes exactly once"
+    after = distinct[-1]
+    assert all(after[name] != before[name] for name in before)
+    assert obs.record.master_pid == 600 and obs.record.master_epoch == 1
+
+
+def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
+    obs = _demo_running(master_pid=500)
+    before = _engines(obs.assignments)
+    obs, history = _settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
+    assert obs.record.master_epoch == 1
+    assert all(history[-1][name] != before[name] for name in before)
+
+
+def test_a_replacing_spec_is_not_ready_until_the_coordinator_applied_it():
+    obs = _demo_running(master_pid=500)
+    assert cluster_document(obs, now=10.0)["phase"] == "ready"
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    doc = cluster_document(replaced, now=10.0)  # every process still ready, under the old spec
+    assert doc["generation"] == 2 and doc["phase"] == "starting"
+    settled, _ = _settle(replaced, {"mooncake-master": 600})
+    assert cluster_document(settled, now=10.0)["phase"] == "ready"
+
+
+def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
+    obs = _demo_running(master_pid=500)
+    lost = dataclasses.replace(obs, members={n: m for n, m in obs.members.items() if n != "node3"})
+    doc = cluster_document(lost, now=10.0)
+    assert doc["phase"] == "degraded" and any("node3" in m for m in doc["missing"])
+    assert doc["proxy_url"] == "http://127.0.0.1:8868"
+
+
+def test_record_bookkeeping_alone_does_not_unready_the_cluster():
+    obs = _demo_running(master_pid=500)
+    stale = dataclasses.replace(obs, record=obs.record.model_copy(update={"placement": {}}))
+    assert desired_state(stale).record != stale.record  # the coordinator would rewrite the record
+    assert cluster_document(stale, now=10.0)["phase"] == "ready"
+
+
+def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
+    obs = _demo_running(master_pid=500)
+    slots = obs.record.spec["decode"]["slots"]
+    # more decode engines per node (processes nobody runs yet); the master's spec unchanged
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(
+        update={"generation": 2, "spec": _demo_spec(50001, decode_slots=slots * 2)}))
+    before = {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+    planned = {(n, p.name) for n, p in desired_state(replaced).plan.assignable()}
+    assert before < planned  # the new spec has engines that are not assigned yet
+    assert cluster_document(replaced, now=10.0)["phase"] == "starting"
+    settled, _ = _settle(replaced, {"mooncake-master": 500})
+    assert cluster_document(settled, now=10.0)["phase"] == "ready"

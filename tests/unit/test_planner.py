@@ -1,0 +1,280 @@
+"""The planner: golden values of the seed's layout, properties over many layouts, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
+from pdsupervisor.core.planner import PlanError, interleaved_decode_endpoints, plan_cluster
+from pdsupervisor.core.spec import load_spec, validate_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "etc/pdsupervisor/cluster.example.yaml"
+SEED_IPS = {"g10": "10.239.129.9", "g13": "10.239.129.81", "g14": "10.239.129.165"}
+
+
+def facts(name: str, ip: str, **kw) -> NodeFacts:
+    return NodeFacts(name=name, ip=ip, state_dir=f"/var/lib/pd/{name}", **kw)
+
+
+def seed_nodes(**extra) -> dict[str, NodeFacts]:
+    return {n: facts(n, ip, **extra) for n, ip in SEED_IPS.items()}
+
+
+def example_doc() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def test_example_spec_reproduces_the_guide_layout():
+    plan = plan_cluster(load_spec(EXAMPLE.read_text()), seed_nodes())
+    g10, g13, g14 = (plan.nodes[n] for n in ("g10", "g13", "g14"))
+    assert [p.role for p in g10.processes] == ["etcd", "mooncake-master", "prefill", "proxy"]
+    prefill = g10.processes[2]
+    assert prefill.port == 8100 and prefill.argv[prefill.argv.index("-tp") + 1] == "8"
+    assert '{"kv_connector":"MooncakeStoreConnector","kv_role":"kv_producer"}' in prefill.argv
+    assert "VLLM_DP_RANK" not in prefill.env
+    master = g10.processes[1]
+    assert master.argv == ["mooncake_master", "-enable_gc", "true", "-max_threads", "64", "-port", "50001", "--v=1"]
+    assert plan.etcd_endpoints == ["10.239.129.9:2379"]
+    assert plan.master_address == "10.239.129.9:50001"
+    assert plan.proxy_url == "http://10.239.129.9:8868"
+    assert (plan.dp_size, plan.ep_size, plan.dp_master) == (16, 16, "g13")
+
+    for index, node in enumerate((g13, g14)):
+        decode = [p for p in node.processes if p.role == "decode"]
+        assert [p.port for p in decode] == list(range(8200, 8208))
+        for local, p in enumerate(decode):
+            assert p.env["VLLM_DP_SIZE"] == "16"
+            assert p.env["VLLM_EP_SIZE"] == "16"
+            assert p.env["VLLM_DP_RANK_LOCAL"] == str(local)
+            assert p.env["VLLM_DP_RANK"] == str(index * 8 + local)
+            assert p.env["VLLM_DP_MASTER_IP"] == "10.239.129.81"
+            assert p.env["VLLM_DP_MASTER_PORT"] == "25940"
+            assert p.env["VLLM_USE_ASYNC_TRANSFER_IN_PD"] == "1"
+            assert p.argv[p.argv.index("-tp") + 1] == "1"
+
+    proxy = g10.processes[3].argv
+    assert proxy[:2] == ["python3", "disagg_proxy_demo.py"]
+    decode_list = proxy[proxy.index("--decode") + 1: proxy.index("--port")]
+    assert decode_list[:4] == ["10.239.129.81:8200", "10.239.129.165:8200", "10.239.129.81:8201", "10.239.129.165:8201"]
+    assert len(decode_list) == 16
+    assert proxy[proxy.index("--prefill") + 1] == "10.239.129.9:8100"
+    assert "--generator_on_p_node" not in proxy and "--benchmark_mode" not in proxy
+
+    assert g13.mooncake_config == {
+        "local_hostname": "10.239.129.81", "metadata_server": "etcd://10.239.129.9:2379", "protocol": "tcp",
+        "device_name": "", "master_server_address": "10.239.129.9:50001",
+        "global_segment_size": 53687091200, "local_buffer_size": 10737418240,
+    }
+    written = {f.path: json.loads(f.content) for p in g13.processes for f in p.files}
+    assert written == {"/var/lib/pd/g13/mooncake/deepseek-r1.json": g13.mooncake_config}
+    assert all(p.env["MOONCAKE_CONFIG_PATH"] == "/var/lib/pd/g13/mooncake/deepseek-r1.json"
+               for p in g13.processes)
+
+
+def test_rdma_protocol_follows_the_nodes_devices_and_the_allow_list():
+    def dev(name: str, state: str) -> RdmaDevice:
+        return RdmaDevice(name=name, ports=[RdmaPort(port=1, state=state)])
+
+    nodes = seed_nodes()
+    nodes["g13"] = facts("g13", SEED_IPS["g13"], rdma_devices=[dev("mlx5_0", "DOWN"), dev("mlx5_3", "ACTIVE")])
+    nodes["g14"] = facts("g14", SEED_IPS["g14"], rdma_devices=[dev("mlx5_1", "ACTIVE")])  # not allowed
+    plan = plan_cluster(load_spec(EXAMPLE.read_text()), nodes)
+    assert (plan.nodes["g13"].mooncake_config["protocol"], plan.nodes["g13"].mooncake_config["device_name"]) == ("rdma", "mlx5_3")
+    assert plan.nodes["g14"].mooncake_config["protocol"] == "tcp"
+
+
+def test_benchmark_mode_is_a_per_run_value():
+    doc = example_doc()
+    doc["benchmark"] = {"enabled": True, "decode_batch_size": 1024}
+    doc["proxy"]["first_token_from"] = "prefill"
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    master = plan.nodes["g10"].processes[1]
+    assert "-enable_gc" not in master.argv
+    assert all(p.env["VLLM_USE_ASYNC_TRANSFER_IN_PD"] == "0" for _, p in plan.engines())
+    proxy = plan.nodes["g10"].processes[-1].argv
+    assert proxy[-6:] == ["--generator_on_p_node", "--benchmark_mode", "--repeat_p_request", "1", "--repeat_d_times", "1023"]
+    # the same spec without benchmark mode is untouched: nothing leaked into it
+    plain = plan_cluster(load_spec(EXAMPLE.read_text()), seed_nodes())
+    assert all(p.env["VLLM_USE_ASYNC_TRANSFER_IN_PD"] == "1" for _, p in plain.engines())
+
+
+def test_tp8_decode_still_gets_distinct_dp_ranks():
+    """The scripts never set VLLM_DP_RANK with TP=8: two nodes both claimed rank 0."""
+    doc = example_doc()
+    doc["decode"].update(tp=8, ep_size=16)
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    ranks = [(p.env["VLLM_DP_RANK"], p.env["VLLM_DP_SIZE"]) for _, p in plan.engines() if p.role == "decode"]
+    assert ranks == [("0", "2"), ("1", "2")]
+
+
+def test_builtin_proxy_follows_etcd():
+    doc = example_doc()
+    doc["proxy"] = {"kind": "builtin", "extra_args": ["--api-key-file", "/etc/pd/keys"]}
+    plan = plan_cluster(validate_spec(doc), seed_nodes(python="/opt/venv/bin/python"))
+    argv = plan.nodes["g10"].processes[-1].argv
+    assert argv[:3] == ["/opt/venv/bin/python", "-m", "pdsupervisor.proxy"]
+    assert argv[argv.index("--etcd") + 1] == "10.239.129.9:2379"
+    assert argv[argv.index("--cluster") + 1] == "deepseek-r1"
+    assert argv[-2:] == ["--api-key-file", "/etc/pd/keys"]
+
+
+def test_external_proxy_runs_in_its_directory():
+    doc = example_doc()
+    doc["proxy"]["cwd"] = "/opt/vllm-fork/pd_xpyd"
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    assert plan.nodes["g10"].processes[-1].cwd == "/opt/vllm-fork/pd_xpyd"
+
+
+def test_same_input_same_plan():
+    spec = load_spec(EXAMPLE.read_text())
+    a = plan_cluster(spec, seed_nodes()).model_dump_json()
+    b = plan_cluster(spec, dict(reversed(list(seed_nodes().items())))).model_dump_json()
+    assert a == b
+
+
+def test_replace_keeps_dp_ranks_on_the_spare():
+    doc = example_doc()
+    doc["policy"] = {"node_loss": "replace", "spare_nodes": ["g15"]}
+    spec = validate_spec(doc)
+    nodes = seed_nodes()
+    nodes["g15"] = facts("g15", "10.239.129.200")
+    first = plan_cluster(spec, nodes)
+    assert first.placement["decode"] == ["g13", "g14"] and first.placement["spare"] == ["g15"]
+    del nodes["g14"]
+    second = plan_cluster(spec, nodes, previous=first.placement)
+    assert second.placement["decode"] == ["g13", "g15"]
+    old = [p.env for p in first.nodes["g14"].processes]
+    new = [p.env for p in second.nodes["g15"].processes]
+    assert [e["VLLM_DP_RANK"] for e in new] == [e["VLLM_DP_RANK"] for e in old] == [str(r) for r in range(8, 16)]
+    # the seed's proxy takes its engines on the command line: new argv, so its agent restarts it
+    old_proxy, new_proxy = (p.nodes["g10"].processes[-1] for p in (first, second))
+    assert "10.239.129.165:8200" in old_proxy.argv and "10.239.129.200:8200" in new_proxy.argv
+    assert old_proxy.spec_hash() != new_proxy.spec_hash()
+    del nodes["g15"]
+    with pytest.raises(PlanError, match="g14 lost and no spare"):
+        plan_cluster(spec, nodes, previous=second.placement | {"decode": ["g13", "g14"]})
+
+
+def test_wait_policy_names_the_missing_node():
+    nodes = seed_nodes()
+    del nodes["g14"]
+    with pytest.raises(PlanError) as err:
+        plan_cluster(load_spec(EXAMPLE.read_text()), nodes)
+    assert err.value.problems == [("decode.node_names", "node g14 is not registered")]
+
+
+def test_count_based_roles_pick_by_labels_and_name():
+    doc = example_doc()
+    doc["prefill"] = {"nodes": 1, "labels": {"pool": "p"}}
+    doc["decode"] = {"nodes": 2, "ep_size": 16}
+    nodes = {
+        "a": facts("a", "127.0.0.2", labels={"pool": "d"}),
+        "b": facts("b", "127.0.0.3", labels={"pool": "p"}),
+        "c": facts("c", "127.0.0.4"),
+        "g10": facts("g10", "127.0.0.5"),
+    }
+    doc["etcd"] = {"bootstrap_node": "g10"}
+    plan = plan_cluster(validate_spec(doc), nodes)
+    assert plan.placement == {"prefill": ["b"], "decode": ["a", "c"], "spare": ["g10"]}
+    with pytest.raises(PlanError, match=r"prefill.nodes.*labels \{'pool': 'p'\}"):
+        plan_cluster(validate_spec(doc), {k: v for k, v in nodes.items() if k != "b"})
+
+
+# ---- properties over many layouts ----------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prefill_nodes=st.integers(1, 6),
+    decode_nodes=st.integers(1, 4),
+    prefill_tp=st.sampled_from([1, 2, 4, 8]),
+    decode_tp=st.sampled_from([1, 2, 4, 8]),
+)
+def test_plan_properties(prefill_nodes: int, decode_nodes: int, prefill_tp: int, decode_tp: int):
+    names = [f"n{i:02d}" for i in range(prefill_nodes + decode_nodes)]
+    nodes = {n: facts(n, f"127.0.1.{i + 1}") for i, n in enumerate(names)}
+    doc = {
+        "cluster": "prop", "model": "m",
+        "etcd": {"bootstrap_node": names[0]},
+        "prefill": {"node_names": names[:prefill_nodes], "tp": prefill_tp},
+        "decode": {"node_names": names[prefill_nodes:], "tp": decode_tp},
+    }
+    plan = plan_cluster(validate_spec(doc), nodes)
+    per_node = 8 // decode_tp
+    dp_size = decode_nodes * per_node
+    assert plan.dp_size == dp_size
+
+    # (node, port) pairs are unique
+    pairs = [(n, p.port) for n, np_ in plan.nodes.items() for p in np_.processes]
+    assert len(pairs) == len(set(pairs))
+
+    decode = [(n, p) for n, p in plan.engines() if p.role == "decode"]
+    ranks = sorted(p.dp_rank for _, p in decode)
+    assert ranks == list(range(dp_size))
+    for node in names[prefill_nodes:]:
+        local = sorted(int(p.env["VLLM_DP_RANK_LOCAL"]) for n, p in decode if n == node) if dp_size > 1 else []
+        assert local in ([], list(range(per_node)))
+    if dp_size > 1:
+        assert all(p.env["VLLM_DP_RANK"] == str(p.dp_rank) for _, p in decode)
+        rank0_node = next(n for n, p in decode if p.dp_rank == 0)
+        assert plan.dp_master == rank0_node
+        assert all(p.env["VLLM_DP_MASTER_IP"] == nodes[rank0_node].ip for _, p in decode)
+    else:
+        assert all("VLLM_DP_RANK" not in p.env for _, p in decode)
+
+    prefill = [p for _, p in plan.engines() if p.role == "prefill"]
+    assert len(prefill) == prefill_nodes * (8 // prefill_tp)
+    for name, np_ in plan.nodes.items():
+        if np_.mooncake_config:
+            assert np_.mooncake_config["master_server_address"] == plan.master_address
+            assert np_.mooncake_config["metadata_server"] == f"etcd://{plan.etcd_endpoints[0]}"
+            assert np_.mooncake_config["local_hostname"] == nodes[name].ip
+    assert plan.master_address == f"{nodes[names[0]].ip}:50001"
+
+
+def test_interleaving_handles_unequal_lists():
+    from pdsupervisor.core.models import ProcessSpec
+    from pdsupervisor.core.planner import NodePlan
+
+    def np_(ip: str, n: int) -> NodePlan:
+        return NodePlan(node=ip, ip=ip, processes=[
+            ProcessSpec(name=f"decode-{i}", role="decode", argv=["x"], host=ip, port=8200 + i) for i in range(n)])
+
+    assert interleaved_decode_endpoints([np_("a", 2), np_("b", 1)]) == ["a:8200", "b:8200", "a:8201"]
+
+
+def test_port_clash_names_both_fields():
+    doc = example_doc()
+    doc["proxy"]["port"] = 8100
+    with pytest.raises(PlanError) as err:
+        plan_cluster(validate_spec(doc), seed_nodes())
+    assert ("proxy.port", "port 8100 on node g10 is also prefill.base_port") in err.value.problems
+
+    doc = example_doc()
+    doc["decode"]["dp_master_port"] = 8203
+    with pytest.raises(PlanError, match="decode.dp_master_port.*g13"):
+        plan_cluster(validate_spec(doc), seed_nodes())
+
+
+def test_every_placeholder_the_spec_accepts_is_filled():
+    """spec.py's placeholder lists and what the planner fills are kept in step by this test:
+    a name accepted but not filled would reach an engine or the proxy as a literal `{name}`."""
+    from pdsupervisor.core.spec import ENGINE_PLACEHOLDERS, PROXY_LIST_PLACEHOLDERS, PROXY_PLACEHOLDERS
+
+    doc = example_doc()
+    for role in ("prefill", "decode"):
+        doc[role]["argv"] = [f"--{n}={{{n}}}" for n in sorted(ENGINE_PLACEHOLDERS)]
+    doc["proxy"] = {**doc.get("proxy", {}), "kind": "external",
+                    "argv": [f"--{n}={{{n}}}" for n in sorted(PROXY_PLACEHOLDERS)]
+                    + [f"{{{n}}}" for n in sorted(PROXY_LIST_PLACEHOLDERS)]}
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    argvs = [p.argv for np_ in plan.nodes.values() for p in np_.processes if p.role in ("prefill", "decode", "proxy")]
+    assert len(argvs) == 1 + 16 + 1
+    left = sorted({item for argv in argvs for item in argv if "{" in item})
+    assert left == [], left
