@@ -71,13 +71,13 @@ class Coordinator:
                 await asyncio.sleep(0.02)  # let a burst of watch events coalesce into one cycle
         finally:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *StoreUnavailable):
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
                 await watcher
             if self.is_leader:
-                with contextlib.suppress(*StoreUnavailable):
+                with contextlib.suppress(StoreUnavailable):
                     await asyncio.shield(self.store.release_leader(self.name))
             if self.lease:
-                with contextlib.suppress(*StoreUnavailable):
+                with contextlib.suppress(StoreUnavailable):
                     await asyncio.shield(self.store.revoke_lease(self.lease))
 
     async def _watch(self) -> None:

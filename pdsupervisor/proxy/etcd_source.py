@@ -84,7 +84,7 @@ class EtcdSource:
                 revision = await self.refresh()
                 backoff = 0.5
                 await self._watch(revision)
-            except (*StoreUnavailable, OSError) as exc:
+            except StoreUnavailable as exc:
                 log.warning("etcd unavailable (%r); keeping the current routing, retrying in %.1fs", exc, backoff)
             except Exception:  # a bad record must not stop membership updates for good
                 log.exception("membership watch failed; retrying in %.1fs", backoff)

@@ -12,7 +12,6 @@ The key layout (one cluster under one prefix)::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -29,21 +28,25 @@ from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 M = TypeVar("M", bound=BaseModel)
 
 
-class EtcdError(Exception):
+class StoreUnavailable(Exception):
+    """etcd is away for now, or would not do what was asked: retry later, touch nothing.
+
+    The store raises only this family, from the transport's own errors (chained as
+    `__cause__`), so a caller's `except StoreUnavailable` never swallows an unrelated
+    `ConnectionError` or `TimeoutError` of its own (Patroni's `DCSError`).
+    """
+
+
+class EtcdError(StoreUnavailable):
     """etcd answered with an error (e.g. a revision compacted away, a lease not found)."""
 
 
-class WatchLost(ConnectionError):
+class WatchLost(StoreUnavailable):
     """The server ended a watch: read again, then watch from the new revision."""
 
 
-# Errors a caller treats as "etcd is away for now": retry later, touch nothing.
-StoreUnavailable: tuple[type[BaseException], ...] = (
-    EtcdError,
-    aiohttp.ClientError,
-    asyncio.TimeoutError,
-    ConnectionError,
-)
+# What the transport raises when etcd is unreachable, slow or cut off mid-answer.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 DEFAULT_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
@@ -165,26 +168,34 @@ class Store:
         connect_s = min(CONNECT_TIMEOUT_S, self.timeout_s)
         timeout = (aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect_s) if idle_s is None
                    else aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=idle_s))
-        error: BaseException = ConnectionError("no etcd endpoint")
+        error: BaseException | None = None
         for i in self._endpoint_order():
             try:
                 resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 error = exc
                 continue
+            except _TRANSPORT_ERRORS as exc:
+                raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {exc or type(exc).__name__}") from exc
             self._current = i
             if resp.status != 200:
                 try:
-                    raise EtcdError(_error_text(await resp.read(), resp.status))
+                    answer = await resp.read()
+                except _TRANSPORT_ERRORS as exc:
+                    raise StoreUnavailable(f"etcd error answer cut off: {exc or type(exc).__name__}") from exc
                 finally:
                     resp.release()
+                raise EtcdError(_error_text(answer, resp.status))
             return resp
-        raise error
+        raise StoreUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {error}") from error
 
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         resp = await self._open(path, body)
-        async with resp:
-            out = await resp.json(content_type=None)
+        try:
+            async with resp:
+                out: dict[str, Any] = await resp.json(content_type=None)
+        except _TRANSPORT_ERRORS as exc:
+            raise StoreUnavailable(f"etcd answer cut off: {exc or type(exc).__name__}") from exc
         if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
             out = out["result"]
         if "error" in out:
@@ -243,8 +254,8 @@ class Store:
                             yield event
                 except TimeoutError:
                     continue  # nothing for idle_s: open it again from next_rev
-                except aiohttp.ClientPayloadError as exc:
-                    raise WatchLost(f"watch on {key} broken: {exc}") from exc
+                except _TRANSPORT_ERRORS as exc:
+                    raise WatchLost(f"watch on {key} broken: {exc or type(exc).__name__}") from exc
             raise WatchLost(f"watch on {key} closed by the server")
 
     async def compact(self, revision: int) -> None:
@@ -270,7 +281,7 @@ class Store:
         return max(0, int(out.get("grantedTTL", 0))) if int(out.get("TTL", 0)) > 0 else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
-        with contextlib.suppress(*StoreUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             await self._call("/v3/lease/revoke", {"ID": lease_id})
 
     async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
@@ -342,7 +353,7 @@ class Store:
         return bool(held) and held[0].value == name.encode() and lease_id in (None, held[0].lease)
 
     async def release_leader(self, name: str) -> None:
-        with contextlib.suppress(*StoreUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             await self._txn([_compare_value(self.keys.leader, name)],
                             [{"request_delete_range": {"key": _b64(self.keys.leader)}}])
 

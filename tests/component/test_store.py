@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
+import aiohttp
 import pytest
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec
@@ -107,8 +108,13 @@ async def test_a_refused_endpoint_is_skipped_for_the_next_one(etcd_server, clust
         kv = await store.get(store.keys.spec)
         assert kv is not None and kv.value == b'{"v": 1}' and kv.mod_revision == rev
     async with Store([dead], cluster_name, timeout_s=1) as store:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as refused:
             await store.get(store.keys.spec)
+    # the store's own error, caused by the transport's: a caller's `except StoreUnavailable`
+    # cannot swallow a ConnectionError or TimeoutError that is not etcd's
+    assert type(refused.value) is StoreUnavailable
+    assert isinstance(refused.value.__cause__, aiohttp.ClientConnectorError)
+    assert dead in str(refused.value)
 
 
 async def test_an_etcd_error_names_what_etcd_said(etcd_server, cluster_name):
