@@ -16,7 +16,7 @@ import json
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,7 +26,7 @@ from agent.process import logs
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
-AGENT_KEY: web.AppKey[Any] = web.AppKey("agent", object)
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", object)  # type: ignore[arg-type]
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -31,7 +32,7 @@ class ProcRecord:
     pid: int
     create_time: float  # seconds after boot (proctree.started), not the wall clock
     spec_hash: str
-    spec: dict  # ProcessSpec as JSON
+    spec: dict[str, Any]  # ProcessSpec as JSON
     started_at: float  # wall clock, for people
     restarts: int = 0
     boot_id: str = ""  # proctree.boot_id() when the record was written

@@ -10,6 +10,7 @@ runs on, so a shutdown that awaits it hangs forever. `asyncio.timeout` keeps it.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -22,7 +23,7 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task], timeout: float) -> list[asyncio.Task]:
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float) -> list[asyncio.Task[Any]]:
     """Cancel `tasks` and wait up to `timeout` seconds for them to end; the ones still running.
 
     A shutdown must not hang on a task that ignored its cancellation: the caller logs the
