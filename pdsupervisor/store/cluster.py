@@ -41,6 +41,15 @@ async def observe(store: Store) -> Observed:
     )
 
 
+async def observe_membership(store: Store) -> tuple[dict[str, NodeFacts], dict[str, NodeStatus], int]:
+    """Members and node statuses (what routing needs) in one transaction, and its revision
+    (watch from the next one to miss nothing)."""
+    keys = store.keys
+    read, revision = await store.snapshot(prefixes=(keys.members, keys.status))
+    return (decode_models(read[keys.members], keys.members, NodeFacts),
+            decode_models(read[keys.status], keys.status, NodeStatus), revision)
+
+
 @dataclass
 class SubmitResult:
     status: int  # HTTP-like: 202 accepted, 409 conflict

@@ -11,7 +11,7 @@ import pytest
 
 from pdsupervisor.core.cluster_view import SpecRecord
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
-from pdsupervisor.store.cluster import observe
+from pdsupervisor.store.cluster import observe, observe_membership
 from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
 from tests.conftest import EtcdServer, free_port, until, wait_for
 
@@ -262,3 +262,20 @@ async def test_an_observation_never_mixes_two_writes(quiet_etcd, cluster_name):
             if obs.record is not None:  # the writer's txn is the last write of the revision read
                 assert obs.revision == obs.record_revision and obs.leader == "w"
         assert any(0 < (o.record.generation if o.record else 0) < rounds for o in seen)  # read while it wrote
+
+
+async def test_a_watch_from_after_the_snapshot_sees_the_next_write(quiet_etcd, cluster_name):
+    async with Store([quiet_etcd.endpoint], cluster_name) as store:
+        keys = store.keys
+        await store.put(keys.member("n1"), NodeFacts(name="n1", ip="127.0.0.2").model_dump_json().encode())
+        members, statuses, revision = await observe_membership(store)
+        assert list(members) == ["n1"] and statuses == {}
+        # written after the read, before any watch: the watch from revision + 1 must still see it
+        written = await store.put(keys.node_status("n1"), NodeStatus(node="n1", updated_at=1.0).model_dump_json().encode())
+        events = store.watch_prefix(keys.root, revision + 1)
+        try:
+            first = await asyncio.wait_for(anext(events), 10)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # an async generator, typed as its iterator
+        # not the member write the snapshot already holds, but the one right after it
+        assert (first.key, first.revision) == (keys.node_status("n1"), written) and written == revision + 1
