@@ -63,8 +63,8 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:
-    obs, leader = await asyncio.gather(observe(store), store.leader())
-    return web.json_response(cluster_document(obs, time.time(), leader))
+    # one snapshot, the leader key in it: the document is the cluster as it was at one revision
+    return web.json_response(cluster_document(await observe(store), time.time()))
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:

@@ -37,15 +37,18 @@ class SpecRecord(Strict):
     master_epoch: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Observed:
-    """One consistent-enough read of the cluster's keys."""
+    """The cluster's keys as they were at one store revision (one read, like Patroni's
+    `Cluster`): what is decided from it is decided from a state that existed."""
 
     record: SpecRecord | None
     members: dict[str, NodeFacts]
     assignments: dict[str, NodeAssignment]
     statuses: dict[str, NodeStatus]
-    record_revision: int = 0  # mod revision the spec record was read at (0: absent)
+    record_revision: int = 0  # mod revision of the spec record (0: absent), for a CAS on it
+    revision: int = 0  # the store revision every part was read at (0: not read from etcd)
+    leader: str | None = None  # the coordinator holding the leader key at that revision
 
 
 @dataclass
@@ -296,7 +299,7 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
     return problems, timed_out
 
 
-def cluster_document(obs: Observed, now: float, leader: str | None = None) -> dict[str, Any]:
+def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = desired_state(obs)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
@@ -320,7 +323,7 @@ def cluster_document(obs: Observed, now: float, leader: str | None = None) -> di
         "generation": obs.record.generation if obs.record else 0,
         "action": obs.record.action if obs.record else None,
         "phase": phase,
-        "leader": leader,
+        "leader": obs.leader,
         "missing": desired.missing,
         "problems": problems,
         "start_timed_out": timed_out,

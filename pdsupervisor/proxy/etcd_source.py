@@ -1,9 +1,10 @@
 """Live membership from etcd: engines joining or leaving change routing without a restart.
 
 Engines are the `ready` prefill/decode `ProcessStatus` entries of nodes whose member key
-exists (a member key gone = node lost = no traffic). Read once, then watch the cluster
-prefix from the next revision and re-read (debounced) on any relevant change. When etcd is
-away the last known routing stays in force and the source keeps reconnecting.
+exists (a member key gone = node lost = no traffic). Read both in one snapshot, then watch
+the cluster prefix from the revision after it and re-read (debounced) on any relevant
+change. When etcd is away the last known routing stays in force and the source keeps
+reconnecting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.host.files import atomic_write
 from pdsupervisor.proxy.instances import ROLES, Registry
+from pdsupervisor.store.cluster import observe_membership
 from pdsupervisor.store.etcd import Store, StoreUnavailable, WatchLost
 
 log = logging.getLogger("pdsupervisor.proxy.etcd")
@@ -92,10 +94,9 @@ class EtcdSource:
             backoff = min(backoff * 2, 5.0)
 
     async def refresh(self) -> int:
-        """Read statuses and members; apply them; return the revision to watch after."""
-        revision = await self.store.current_revision()  # read first: the watch from it misses nothing
-        statuses = await self.store.statuses()
-        members = await self.store.members()
+        """Read members and statuses in one snapshot; apply them; return its revision (the
+        watch from the next one misses nothing written after the read)."""
+        members, statuses, revision = await observe_membership(self.store)
         engines = engines_from(statuses, members)
         for role in ROLES:
             before = [i.endpoint for i in self.registry.instances(role)]

@@ -6,15 +6,16 @@ assignments. Every etcd call still goes through `Store`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pdsupervisor.core.cluster_view import Observed, SpecRecord
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.core.spec import ClusterSpec
 from pdsupervisor.store.etcd import Store
+from pdsupervisor.store.gateway import decode_models
 
 
 async def read_record(store: Store) -> tuple[SpecRecord | None, int]:
@@ -24,12 +25,29 @@ async def read_record(store: Store) -> tuple[SpecRecord | None, int]:
 
 
 async def observe(store: Store) -> Observed:
-    """Read everything the view needs, concurrently."""
-    (record, revision), members, assignments, statuses = await asyncio.gather(
-        read_record(store), store.members(), store.assignments(), store.statuses()
+    """Everything the view needs, in one etcd transaction: every part at one revision."""
+    keys = store.keys
+    read, revision = await store.snapshot(keys=(keys.spec, keys.leader),
+                                          prefixes=(keys.members, keys.assignments, keys.status))
+    spec, leader = read[keys.spec], read[keys.leader]
+    return Observed(
+        record=SpecRecord.model_validate_json(spec[0].value) if spec else None,
+        members=decode_models(read[keys.members], keys.members, NodeFacts),
+        assignments=decode_models(read[keys.assignments], keys.assignments, NodeAssignment),
+        statuses=decode_models(read[keys.status], keys.status, NodeStatus),
+        record_revision=spec[0].mod_revision if spec else 0,
+        revision=revision,
+        leader=leader[0].value.decode() if leader else None,
     )
-    return Observed(record=record, members=members, assignments=assignments, statuses=statuses,
-                    record_revision=revision)
+
+
+async def observe_membership(store: Store) -> tuple[dict[str, NodeFacts], dict[str, NodeStatus], int]:
+    """Members and node statuses (what routing needs) in one transaction, and its revision
+    (watch from the next one to miss nothing)."""
+    keys = store.keys
+    read, revision = await store.snapshot(prefixes=(keys.members, keys.status))
+    return (decode_models(read[keys.members], keys.members, NodeFacts),
+            decode_models(read[keys.status], keys.status, NodeStatus), revision)
 
 
 @dataclass

@@ -1,29 +1,40 @@
 """Every etcd call of pdsupervisor lives here, so the client library can be swapped.
 
-The key layout (one cluster under one prefix)::
-
-    /pdsupervisor/<cluster>/spec                 cluster spec record (JSON) with its generation
-    /pdsupervisor/<cluster>/members/<node>       NodeFacts, under the agent's lease
-    /pdsupervisor/<cluster>/leader               coordinator's name, under its lease
-    /pdsupervisor/<cluster>/assignments/<node>   NodeAssignment, written only by the leader
-    /pdsupervisor/<cluster>/status/<node>        NodeStatus, written by the node's agent
-    /pdsupervisor/<cluster>/events/<seq>         bounded event log, for people
+The keys it reads and writes are laid out in `pdsupervisor.store.keys`; how the gateway
+spells requests and answers is in `pdsupervisor.store.gateway`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import aiohttp
 from pydantic import BaseModel
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
+from pdsupervisor.store.gateway import KeyValue as KeyValue  # re-exported (as are WatchEvent and Keys): Store returns them
+from pdsupervisor.store.gateway import WatchEvent as WatchEvent
+from pdsupervisor.store.gateway import (
+    b64,
+    compare_mod,
+    compare_value,
+    decode_kv,
+    decode_models,
+    error_text,
+    header_revision,
+    json_stream,
+    parse_endpoint,
+    prefix_end,
+    prefix_range,
+    put_request,
+    unb64,
+    watch_message,
+)
+from pdsupervisor.store.keys import Keys as Keys
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -62,54 +73,10 @@ def lease_refresh_interval(ttl: float) -> float:
 LeaderWrite = Literal["written", "changed", "deposed"]
 
 
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    mod_revision: int
-    create_revision: int
-    lease: int
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    key: str
-    value: bytes | None  # None for a delete
-    revision: int
-
-
-class Keys:
-    """Key names of one cluster."""
-
-    def __init__(self, cluster: str) -> None:
-        self.root = f"/pdsupervisor/{cluster}/"
-        self.spec = self.root + "spec"
-        self.leader = self.root + "leader"
-        self.members = self.root + "members/"
-        self.assignments = self.root + "assignments/"
-        self.status = self.root + "status/"
-        self.events = self.root + "events/"
-
-    def member(self, node: str) -> str:
-        return self.members + node
-
-    def assignment(self, node: str) -> str:
-        return self.assignments + node
-
-    def node_status(self, node: str) -> str:
-        return self.status + node
-
-
 def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
     if isinstance(model, BaseModel):
         return model.model_dump_json().encode()
     return json.dumps(model, sort_keys=True).encode()
-
-
-def parse_endpoint(url: str) -> str:
-    """`10.0.0.1:2379` or `http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`."""
-    url = url.strip().rstrip("/")
-    return url if "://" in url else "http://" + url
 
 
 class Store:
@@ -185,7 +152,7 @@ class Store:
                     raise StoreUnavailable(f"etcd error answer cut off: {exc or type(exc).__name__}") from exc
                 finally:
                     resp.release()
-                raise EtcdError(_error_text(answer, resp.status))
+                raise EtcdError(error_text(answer, resp.status))
             return resp
         raise StoreUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {error}") from error
 
@@ -199,7 +166,7 @@ class Store:
         if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
             out = out["result"]
         if "error" in out:
-            raise EtcdError(_error_text(json.dumps(out["error"]).encode(), 200))
+            raise EtcdError(error_text(json.dumps(out["error"]).encode(), 200))
         return out
 
     # ---- raw key/value -------------------------------------------------------------
@@ -209,20 +176,41 @@ class Store:
 
     async def read(self, key: str) -> tuple[KeyValue | None, int]:
         """One key and the store revision it was read at (to watch from the next one)."""
-        out = await self._call("/v3/kv/range", {"key": _b64(key)})
+        out = await self._call("/v3/kv/range", {"key": b64(key)})
         kvs = out.get("kvs") or []
-        return (_kv(kvs[0]) if kvs else None), _revision(out)
+        return (decode_kv(kvs[0]) if kvs else None), header_revision(out)
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix` and the store revision they were read at."""
-        out = await self._call("/v3/kv/range", _prefix_range(prefix))
-        return [_kv(kv) for kv in out.get("kvs") or []], _revision(out)
+        out = await self._call("/v3/kv/range", prefix_range(prefix))
+        return [decode_kv(kv) for kv in out.get("kvs") or []], header_revision(out)
+
+    async def snapshot(self, *, keys: Sequence[str] = (),
+                       prefixes: Sequence[str] = ()) -> tuple[dict[str, list[KeyValue]], int]:
+        """Keys and prefixes read in one transaction, so all at one store revision (Patroni
+        builds its `Cluster` from one read): what each key or prefix holds, and that revision.
+
+        A txn with no compares takes its success branch, here range reads only: nothing is
+        written, and the answer's header revision is the one every range was read at (watch
+        from the next one to miss nothing).
+        """
+        asked = [*keys, *prefixes]
+        if len(set(asked)) != len(asked):
+            raise ValueError(f"each key or prefix once: {asked}")
+        ranges = [{"key": b64(k)} for k in keys] + [prefix_range(p) for p in prefixes]
+        out = await self._txn([], [{"request_range": r} for r in ranges])
+        responses = out.get("responses") or []
+        if len(responses) != len(ranges):
+            raise EtcdError(f"a txn of {len(ranges)} range reads answered {len(responses)}")
+        read = {name: [decode_kv(kv) for kv in (r.get("response_range") or {}).get("kvs") or []]
+                for name, r in zip(asked, responses, strict=True)}
+        return read, header_revision(out)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return _revision(await self._call("/v3/kv/put", _put(key, value, lease)))
+        return header_revision(await self._call("/v3/kv/put", put_request(key, value, lease)))
 
     async def delete(self, key: str) -> None:
-        await self._call("/v3/kv/deleterange", {"key": _b64(key)})
+        await self._call("/v3/kv/deleterange", {"key": b64(key)})
 
     def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
         """Events of exactly `key` from `start_revision` on (see `watch_prefix`)."""
@@ -236,20 +224,23 @@ class Store:
         WatchLost when etcd cancels the watch (e.g. the revision was compacted away) or the
         connection drops: the caller re-reads and re-watches.
         """
-        return self._watch(prefix, _prefix_end(prefix), start_revision, idle_s)
+        return self._watch(prefix, prefix_end(prefix), start_revision, idle_s)
 
     async def _watch(self, key: str, range_end: bytes | None, start_revision: int,
                      idle_s: float) -> AsyncIterator[WatchEvent]:
         next_rev = start_revision
         while True:
-            create: dict[str, Any] = {"key": _b64(key), "start_revision": next_rev}
+            create: dict[str, Any] = {"key": b64(key), "start_revision": next_rev}
             if range_end is not None:
-                create["range_end"] = _b64(range_end)
+                create["range_end"] = b64(range_end)
             resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s)
             async with resp:
                 try:
-                    async for message in _json_stream(resp.content):
-                        for event in _watch_events(key, message):
+                    async for message in json_stream(resp.content):
+                        events, ended = watch_message(message)
+                        if ended:
+                            raise WatchLost(f"watch on {key} {ended}")
+                        for event in events:
                             next_rev = max(next_rev, event.revision + 1)
                             yield event
                 except TimeoutError:
@@ -263,7 +254,7 @@ class Store:
         await self._call("/v3/kv/compaction", {"revision": revision})
 
     async def current_revision(self) -> int:
-        return _revision(await self._call("/v3/kv/range", {"key": _b64(self.keys.root), "count_only": True}))
+        return header_revision(await self._call("/v3/kv/range", {"key": b64(self.keys.root), "count_only": True}))
 
     # ---- leases --------------------------------------------------------------------
 
@@ -296,7 +287,7 @@ class Store:
 
     async def get_models(self, prefix: str, model: type[M]) -> dict[str, M]:
         kvs, _ = await self.get_prefix(prefix)
-        return {kv.key[len(prefix):]: model.model_validate_json(kv.value) for kv in kvs}
+        return decode_models(kvs, prefix, model)
 
     async def register_member(self, facts: NodeFacts, lease_id: int) -> None:
         await self.put(self.keys.member(facts.name), _dump(facts), lease=lease_id)
@@ -321,8 +312,8 @@ class Store:
         if expect_mod_revision is None:
             await self.put(self.keys.spec, _dump(record))
             return True
-        out = await self._txn([_compare_mod(self.keys.spec, expect_mod_revision)],
-                              [{"request_put": _put(self.keys.spec, _dump(record))}])
+        out = await self._txn([compare_mod(self.keys.spec, expect_mod_revision)],
+                              [{"request_put": put_request(self.keys.spec, _dump(record))}])
         return bool(out.get("succeeded"))
 
     # ---- leader election and fenced writes -------------------------------------------
@@ -339,9 +330,9 @@ class Store:
         separate read.
         """
         out = await self._txn(
-            [{"key": _b64(self.keys.leader), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            [{"request_put": _put(self.keys.leader, name.encode(), lease_id)}],
-            [{"request_range": {"key": _b64(self.keys.leader)}}],
+            [{"key": b64(self.keys.leader), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            [{"request_put": put_request(self.keys.leader, name.encode(), lease_id)}],
+            [{"request_range": {"key": b64(self.keys.leader)}}],
         )
         return bool(out.get("succeeded")) or self._holder_matches(out, name, lease_id)
 
@@ -349,13 +340,13 @@ class Store:
     def _holder_matches(failed_txn: Mapping[str, Any], name: str, lease_id: int | None = None) -> bool:
         """Whether the leader key read in a failed txn's failure branch is `name`'s (under `lease_id`)."""
         responses = failed_txn.get("responses") or [{}]
-        held = [_kv(kv) for kv in (responses[0].get("response_range") or {}).get("kvs") or []]
+        held = [decode_kv(kv) for kv in (responses[0].get("response_range") or {}).get("kvs") or []]
         return bool(held) and held[0].value == name.encode() and lease_id in (None, held[0].lease)
 
     async def release_leader(self, name: str) -> None:
         with contextlib.suppress(StoreUnavailable):
-            await self._txn([_compare_value(self.keys.leader, name)],
-                            [{"request_delete_range": {"key": _b64(self.keys.leader)}}])
+            await self._txn([compare_value(self.keys.leader, name)],
+                            [{"request_delete_range": {"key": b64(self.keys.leader)}}])
 
     async def write_as_leader(
         self,
@@ -372,11 +363,11 @@ class Store:
         was based on changed meanwhile), told apart by the leader key read in the same txn.
         """
         ops = [
-            {"request_put": _put(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
-        ] + [{"request_delete_range": {"key": _b64(k)}} for k in deletes]
-        compare = [_compare_value(self.keys.leader, name)]
-        compare += [_compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
-        out = await self._txn(compare, ops, [{"request_range": {"key": _b64(self.keys.leader)}}])
+            {"request_put": put_request(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
+        ] + [{"request_delete_range": {"key": b64(k)}} for k in deletes]
+        compare = [compare_value(self.keys.leader, name)]
+        compare += [compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
+        out = await self._txn(compare, ops, [{"request_range": {"key": b64(self.keys.leader)}}])
         if out.get("succeeded"):
             return "written"
         return "changed" if self._holder_matches(out, name) else "deposed"
@@ -391,120 +382,18 @@ class Store:
 
     async def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest `limit` events, oldest first (one read of just those keys)."""
-        out = await self._call("/v3/kv/range", _prefix_range(
+        out = await self._call("/v3/kv/range", prefix_range(
             self.keys.events, limit=limit, sort_order="DESCEND", sort_target="KEY"))
-        return [json.loads(_kv(kv).value) for kv in reversed(out.get("kvs") or [])]
+        return [json.loads(decode_kv(kv).value) for kv in reversed(out.get("kvs") or [])]
 
     async def trim_events(self, keep: int = EVENTS_KEPT) -> None:
         """Delete all but the newest `keep` events: a count, the excess keys, one range delete."""
         prefix = self.keys.events
-        counted = await self._call("/v3/kv/range", _prefix_range(prefix, count_only=True))
+        counted = await self._call("/v3/kv/range", prefix_range(prefix, count_only=True))
         excess = int(counted.get("count", 0)) - keep
         if excess <= 0:
             return
-        oldest = await self._call("/v3/kv/range", _prefix_range(prefix, keys_only=True, limit=excess))
-        last = _unb64((oldest.get("kvs") or [{}])[-1].get("key"))
+        oldest = await self._call("/v3/kv/range", prefix_range(prefix, keys_only=True, limit=excess))
+        last = unb64((oldest.get("kvs") or [{}])[-1].get("key"))
         if last:
-            await self._call("/v3/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(last + b"\0")})
-
-
-def _prefix_range(prefix: str, **options: Any) -> dict[str, Any]:
-    """A range request body for every key under `prefix`, with etcd's range options."""
-    return {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), **options}
-
-
-def _b64(data: str | bytes) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text) if text else b""
-
-
-def _prefix_end(prefix: str) -> bytes:
-    """The range end that covers every key starting with `prefix` (etcd's convention)."""
-    raw = bytearray(prefix.encode())
-    while raw and raw[-1] == 0xFF:
-        raw.pop()
-    if not raw:
-        return b"\0"
-    raw[-1] += 1
-    return bytes(raw)
-
-
-def _put(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
-    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-    if lease:
-        req["lease"] = lease
-    return req
-
-
-def _compare_mod(key: str, revision: int) -> dict[str, Any]:
-    return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": revision}
-
-
-def _compare_value(key: str, value: str) -> dict[str, Any]:
-    return {"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
-
-
-def _revision(out: Mapping[str, Any]) -> int:
-    return int((out.get("header") or {}).get("revision", 0))
-
-
-def _kv(kv: Mapping[str, Any]) -> KeyValue:
-    """A gateway kv (base64 bytes, int64 as strings, zero values left out) as a KeyValue."""
-    return KeyValue(
-        key=_unb64(kv.get("key")).decode(),
-        value=_unb64(kv.get("value")),
-        mod_revision=int(kv.get("mod_revision", 0)),
-        create_revision=int(kv.get("create_revision", 0)),
-        lease=int(kv.get("lease", 0)),
-    )
-
-
-def _watch_events(prefix: str, message: Mapping[str, Any]) -> list[WatchEvent]:
-    """The events of one watch message; WatchLost when etcd ended the watch."""
-    result = message.get("result")
-    if not isinstance(result, dict):
-        raise WatchLost(f"watch on {prefix} failed: {message.get('error') or message}")
-    if result.get("canceled") or int(result.get("compact_revision", 0)) > 0:
-        raise WatchLost(f"watch on {prefix} canceled (compacted to {result.get('compact_revision', 0)})")
-    events = []
-    for ev in result.get("events") or []:
-        kv = ev.get("kv") or {}
-        events.append(WatchEvent(
-            key=_unb64(kv.get("key")).decode(),
-            value=None if ev.get("type") == "DELETE" else _unb64(kv.get("value")),
-            revision=int(kv.get("mod_revision", 0)),
-        ))
-    return events
-
-
-def _error_text(body: bytes, status: int) -> str:
-    try:
-        err = json.loads(body)
-        return str(err.get("message") or err.get("error") or err) if isinstance(err, dict) else str(err)
-    except ValueError:
-        return f"HTTP {status}: {body[:200]!r}"
-
-
-async def _json_stream(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
-    """The gateway's stream of JSON messages (one per line; tolerant of any split)."""
-    decoder = json.JSONDecoder()
-    pending = b""
-    async for chunk in content.iter_any():
-        pending += chunk
-        try:
-            text = pending.decode()
-        except UnicodeDecodeError:
-            continue  # a character split across chunks: wait for the rest
-        while True:
-            text = text.lstrip()
-            try:
-                message, end = decoder.raw_decode(text)
-            except ValueError:
-                break  # empty or incomplete: wait for more bytes
-            text = text[end:]
-            if isinstance(message, dict):
-                yield message
-        pending = text.encode()
+            await self._call("/v3/kv/deleterange", {"key": b64(prefix), "range_end": b64(last + b"\0")})

@@ -96,23 +96,17 @@ class _SlowStopStore:
             self.reader_stopped_before_reconnect = self.reader_stopped
             self.reconnected.set()
 
-    async def current_revision(self) -> int:
-        return 1
-
-    async def statuses(self) -> dict:
+    async def snapshot(self, *, keys=(), prefixes=()) -> tuple[dict, int]:
         self.reads += 1
         if self.reads != 2:
-            return {}
+            return {name: [] for name in (*keys, *prefixes)}, 1
         self.in_read.set()
         try:
             await asyncio.Event().wait()
         finally:  # cancelled: stops a little later (or at once when the source already moved on)
             await wait_event(self.reconnected, 1.0)
             self.reader_stopped = True
-        return {}
-
-    async def members(self) -> dict:
-        return {}
+        return {}, 1
 
     async def watch_prefix(self, prefix: str, start_revision: int):
         if self.connects == 1:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec
+from pdsupervisor.core.cluster_view import SpecRecord
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
+from pdsupervisor.store.cluster import observe, observe_membership
 from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
-from tests.conftest import free_port, until, wait_for
+from tests.conftest import EtcdServer, free_port, until, wait_for
 
 
 async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
@@ -177,3 +180,102 @@ async def test_events_are_read_newest_last_and_trimmed_to_the_newest(etcd_server
         assert [e["message"] for e in await store.events(100)] == ["e3", "e4", "e5", "e6"]
         await store.trim_events(keep=4)  # nothing in excess: nothing deleted
         assert len(await store.events(100)) == 4
+
+
+# ---- one snapshot at one revision ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quiet_etcd(tmp_path_factory) -> Iterator[EtcdServer]:
+    """An etcd only the snapshot tests write to, so its revision moves by their writes alone
+    (in `etcd_server`, another test's lease expiring deletes a key at any moment)."""
+    server = EtcdServer(tmp_path_factory.mktemp("quiet-etcd"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_an_observation_is_read_at_the_revision_of_the_last_write(quiet_etcd, cluster_name):
+    async with Store([quiet_etcd.endpoint], cluster_name) as store:
+        keys, lease = store.keys, await store.grant_lease(30)
+        try:
+            facts, status = NodeFacts(name="n1", ip="127.0.0.2", lease=lease), NodeStatus(node="n1", updated_at=1.0)
+            record = SpecRecord(generation=1, spec={"cluster": cluster_name})
+            await store.register_member(facts, lease)
+            await store.put_status(status)
+            assert await store.acquire_leader("n1", lease)
+            last = await store.put(keys.spec, record.model_dump_json().encode())
+            before = await observe(store)
+            assert (before.revision, before.record_revision) == (last, last)
+            assert (before.record, before.leader, before.members, before.statuses, before.assignments) == (
+                record, "n1", {"n1": facts}, {"n1": status}, {})
+
+            assignment = NodeAssignment(node="n1", generation=1)
+            written = await store.put(keys.assignment("n1"), assignment.model_dump_json().encode())
+            after = await observe(store)
+            assert written == last + 1 and after.revision == written
+            assert before.assignments == {} and after.assignments == {"n1": assignment}
+            assert (after.record, after.record_revision, after.members) == (record, last, {"n1": facts})
+
+            # the store's own view of it: every key and prefix asked, at that one revision
+            read, revision = await store.snapshot(keys=(keys.spec, keys.leader, keys.member("n9")),
+                                                  prefixes=(keys.assignments, keys.events))
+            assert revision == written == await store.current_revision()
+            assert [kv.mod_revision for kv in read[keys.spec]] == [last]
+            assert [kv.value for kv in read[keys.leader]] == [b"n1"] and read[keys.member("n9")] == []
+            assert [kv.mod_revision for kv in read[keys.assignments]] == [written] and read[keys.events] == []
+        finally:
+            await store.revoke_lease(lease)
+
+
+async def test_an_observation_never_mixes_two_writes(quiet_etcd, cluster_name):
+    """Spec, member, assignment and status change together (one txn) while the observer reads:
+    each observation holds the parts of one write, never parts of two."""
+    async with Store([quiet_etcd.endpoint], cluster_name) as store:
+        keys, lease, rounds = store.keys, await store.grant_lease(30), 40
+        assert await store.acquire_leader("w", lease)
+
+        async def writer() -> None:
+            for g in range(1, rounds + 1):
+                assert await store.write_as_leader("w", {
+                    keys.spec: SpecRecord(generation=g, spec={}),
+                    keys.member("n1"): NodeFacts(name="n1", ip="127.0.0.2", registered_at=g),
+                    keys.assignment("n1"): NodeAssignment(node="n1", generation=g),
+                    keys.node_status("n1"): NodeStatus(node="n1", updated_at=g),
+                }) == "written"
+
+        task = asyncio.create_task(writer())
+        seen = []
+        try:
+            while not task.done():
+                seen.append(await observe(store))
+            await task
+        finally:
+            task.cancel()
+            await store.revoke_lease(lease)
+        for obs in seen:
+            member, assignment, status = (obs.members.get("n1"), obs.assignments.get("n1"), obs.statuses.get("n1"))
+            parts = (obs.record.generation if obs.record else 0, member.registered_at if member else 0,
+                     assignment.generation if assignment else 0, status.updated_at if status else 0)
+            assert len(set(parts)) == 1, f"parts of different writes at revision {obs.revision}: {parts}"
+            if obs.record is not None:  # the writer's txn is the last write of the revision read
+                assert obs.revision == obs.record_revision and obs.leader == "w"
+        assert any(0 < (o.record.generation if o.record else 0) < rounds for o in seen)  # read while it wrote
+
+
+async def test_a_watch_from_after_the_snapshot_sees_the_next_write(quiet_etcd, cluster_name):
+    async with Store([quiet_etcd.endpoint], cluster_name) as store:
+        keys = store.keys
+        await store.put(keys.member("n1"), NodeFacts(name="n1", ip="127.0.0.2").model_dump_json().encode())
+        members, statuses, revision = await observe_membership(store)
+        assert list(members) == ["n1"] and statuses == {}
+        # written after the read, before any watch: the watch from revision + 1 must still see it
+        written = await store.put(keys.node_status("n1"), NodeStatus(node="n1", updated_at=1.0).model_dump_json().encode())
+        events = store.watch_prefix(keys.root, revision + 1)
+        try:
+            first = await asyncio.wait_for(anext(events), 10)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # an async generator, typed as its iterator
+        # not the member write the snapshot already holds, but the one right after it
+        assert (first.key, first.revision) == (keys.node_status("n1"), written) and written == revision + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
@@ -43,6 +44,21 @@ def test_status_of_a_previous_agent_is_not_observation():
     assert row["state"] == "pending" and row["pid"] is None
     fresh = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=8), now=60.0)
     assert fresh["processes"][0]["state"] == "ready" and fresh["processes"][0]["pid"] == 42
+
+
+def test_an_observation_is_frozen():
+    """Read at one revision, it stays that revision's view: a change is a new Observed."""
+    obs = _obs(ProcessState.ready, 40.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        obs.members = {}  # type: ignore[misc]  # the assignment under test
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        obs.revision = 7  # type: ignore[misc]  # the assignment under test
+    assert "n1" in obs.members and obs.revision == 0
+
+
+def test_the_document_names_the_leader_read_with_it():
+    assert cluster_document(dataclasses.replace(_obs(ProcessState.ready, 40.0), leader="n1"), now=60.0)["leader"] == "n1"
+    assert cluster_document(_obs(ProcessState.ready, 40.0), now=60.0)["leader"] is None
 
 
 def _demo_spec(master_port: int, decode_slots: int | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import socket
@@ -245,7 +246,7 @@ def test_try_plan_stays_pending_on_a_hard_failure(tmp_path):
     spec, plan, missing = try_plan(obs)
     assert spec is not None and plan is None
     assert missing == ["n2: hugepages: found 100, needs >= 32768"]
-    obs.members = nodes(n1=32768, n2=32768)
+    obs = dataclasses.replace(obs, members=nodes(n1=32768, n2=32768))
     assert try_plan(obs)[1] is not None
 
 
