@@ -82,30 +82,25 @@ def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
-def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
-    """Plan the recorded spec on the live members; the problems say what is missing."""
-    if obs.record is None:
+def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
+    """Plan `record` (default: the recorded one) on the live members; the problems say what is missing."""
+    if record is None:
+        record = obs.record
+    if record is None:
         return None, None, []
     try:
-        spec = validate_spec(obs.record.spec)
+        spec = validate_spec(record.spec)
     except SpecError as exc:  # validated on submit; only a hand-edited key can get here
         return None, None, [f"{p}: {w}" for p, w in exc.problems]
     try:
-        plan = plan_cluster(spec, obs.members, previous=obs.record.placement or None,
-                            generation=obs.record.generation)
+        plan = plan_cluster(spec, obs.members, previous=record.placement or None,
+                            generation=record.generation, restart_epoch=record.master_epoch)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
     refused = hard_failures(spec, obs.members, plan)
     if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
         return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
-    _set_epoch(plan, obs.record.master_epoch)
     return spec, plan, []
-
-
-def _set_epoch(plan: Plan, epoch: int) -> None:
-    """Engines carry the master's restart epoch in their spec (and so in their hash)."""
-    for _, proc in plan.engines():
-        proc.restart_epoch = epoch
 
 
 def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
@@ -149,11 +144,14 @@ def desired_state(obs: Observed) -> Desired:
         return Desired(assignments=_stop_step(obs), record=record, plan=None)
 
     spec, plan, missing = try_plan(obs)
+    restarted = master_restart(obs, plan) if plan is not None else None
+    if restarted is not None and restarted.master_epoch != record.master_epoch:
+        # a new master epoch gives the engines a new hash (their agents restart them): plan
+        # with it (the master's own spec, which master_restart looked at, has no epoch)
+        spec, plan, missing = try_plan(obs, restarted)
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
-    # a new master epoch gives the engines a new hash: their agents restart them
-    record = master_restart(obs, plan) or record
-    _set_epoch(plan, record.master_epoch)
+    record = restarted or record
 
     assigned = _assigned(obs)
     engines = plan.engines()
