@@ -159,7 +159,7 @@ def mooncake_config(spec: ClusterSpec, facts: NodeFacts, etcd_endpoint: str, mas
     }
 
 
-def _master_process(spec: ClusterSpec, facts: NodeFacts, generation: int) -> ProcessSpec:
+def _master_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
     mc = spec.mooncake
     gc = mc.gc and not (spec.benchmark.enabled and not spec.benchmark.master_gc)
     values = {"node_ip": facts.ip, "port": mc.port}
@@ -172,7 +172,7 @@ def _master_process(spec: ClusterSpec, facts: NodeFacts, generation: int) -> Pro
     )
 
 
-def _etcd_process(spec: ClusterSpec, facts: NodeFacts, generation: int) -> ProcessSpec:
+def _etcd_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
     argv = etcd_argv(
         name=facts.name, data_dir=f"{facts.state_dir}/etcd", client_host=facts.ip,
         client_port=spec.etcd.client_port, peer_port=spec.etcd.peer_port, binary="etcd",
@@ -184,8 +184,8 @@ def _etcd_process(spec: ClusterSpec, facts: NodeFacts, generation: int) -> Proce
 
 
 def _engine_processes(
-    spec: ClusterSpec, role_name: str, facts: NodeFacts, node_index: int, dp_master: NodeFacts | None,
-    config_file: FileSpec, dp_size: int, ep_size: int, *, generation: int, restart_epoch: int,
+    spec: ClusterSpec, role_name: str, facts: NodeFacts, *, node_index: int, dp_master: NodeFacts | None,
+    config_file: FileSpec, dp_size: int, ep_size: int, generation: int, restart_epoch: int,
 ) -> list[ProcessSpec]:
     """The node's engines of one role. `dp_size`/`ep_size`: the decode group's (1 for prefill);
     `restart_epoch`: the Mooncake master's, in each engine's spec (see `ProcessSpec.restart_epoch`)."""
@@ -219,7 +219,7 @@ def _engine_processes(
         if spec.benchmark.enabled:
             env.update(spec.benchmark.engine_env)
         out.append(ProcessSpec(
-            name=f"{role_name}-{local}", role=role_name,  # type: ignore[arg-type]
+            name=f"{role_name}-{local}", role=role_name,
             argv=[render(item, values) for item in role.argv], env=env,
             cwd=role.cwd, host=facts.ip, port=port,
             readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
@@ -240,7 +240,7 @@ def interleaved_decode_endpoints(plan_nodes: Sequence[NodePlan]) -> list[str]:
 
 
 def _proxy_process(
-    spec: ClusterSpec, facts: NodeFacts, prefill: Sequence[NodePlan], decode: Sequence[NodePlan],
+    spec: ClusterSpec, facts: NodeFacts, *, prefill: Sequence[NodePlan], decode: Sequence[NodePlan],
     etcd_endpoints: list[str], generation: int,
 ) -> ProcessSpec:
     px = spec.proxy
@@ -285,12 +285,8 @@ def _proxy_process(
 
 
 def plan_cluster(
-    spec: ClusterSpec,
-    nodes: Mapping[str, NodeFacts],
-    previous: Mapping[str, Sequence[str]] | None = None,
-    *,
-    generation: int = 0,
-    restart_epoch: int = 0,
+    spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
+    previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
     Final: `generation` is in every process, `restart_epoch` (the master's) in every engine."""
@@ -299,7 +295,7 @@ def plan_cluster(
     bootstrap = spec.etcd.bootstrap_node
     if spec.etcd.endpoints:
         etcd_endpoints = [e.split("://", 1)[-1] for e in spec.etcd.endpoints]
-    elif bootstrap in nodes:
+    elif bootstrap is not None and bootstrap in nodes:
         etcd_endpoints = [f"{nodes[bootstrap].ip}:{spec.etcd.client_port}"]
     else:
         raise PlanError([("etcd.bootstrap_node", f"node {bootstrap} is not registered")])
@@ -324,14 +320,14 @@ def plan_cluster(
             plans[name] = NodePlan(node=name, ip=nodes[name].ip)
         return plans[name]
 
-    if bootstrap in nodes:  # that node's agent runs etcd; shown here, never assigned
+    if bootstrap is not None and bootstrap in nodes:  # that node's agent runs etcd; shown here, never assigned
         np_ = node_plan(bootstrap)
         np_.roles.append("etcd")
-        np_.processes.append(_etcd_process(spec, nodes[bootstrap], generation))
+        np_.processes.append(_etcd_process(spec, nodes[bootstrap], generation=generation))
     if spec.mooncake.enabled:
         mp = node_plan(master_node)
         mp.roles.append("mooncake-master")
-        mp.processes.append(_master_process(spec, master_facts, generation))
+        mp.processes.append(_master_process(spec, master_facts, generation=generation))
 
     for role_name in ENGINE_ROLES:
         for index, name in enumerate(placement[role_name]):
@@ -342,15 +338,16 @@ def plan_cluster(
             np_.mooncake_config_path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
             config_file = FileSpec(path=np_.mooncake_config_path,
                                    content=json.dumps(np_.mooncake_config, indent=2) + "\n")
-            group = (dp_size, ep_size) if role_name == "decode" else (1, 1)
-            np_.processes += _engine_processes(spec, role_name, facts, index, dp_master, config_file, *group,
+            group_dp, group_ep = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            np_.processes += _engine_processes(spec, role_name, facts, node_index=index, dp_master=dp_master,
+                                               config_file=config_file, dp_size=group_dp, ep_size=group_ep,
                                                generation=generation, restart_epoch=restart_epoch)
 
     px = node_plan(proxy_node)
     px.roles.append("proxy")
     px.processes.append(_proxy_process(
-        spec, nodes[proxy_node],
-        [plans[n] for n in placement["prefill"]], [plans[n] for n in decode_nodes], etcd_endpoints, generation,
+        spec, nodes[proxy_node], prefill=[plans[n] for n in placement["prefill"]],
+        decode=[plans[n] for n in decode_nodes], etcd_endpoints=etcd_endpoints, generation=generation,
     ))
     plan = Plan(
         cluster=spec.cluster, generation=generation, placement=placement, etcd_endpoints=etcd_endpoints,
