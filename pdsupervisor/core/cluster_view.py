@@ -6,19 +6,17 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from pdsupervisor.core.checks import hard_failures
+from pdsupervisor.core.documents import Action, ClusterDocument, Phase, ProcessRow
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
-Action = Literal["start", "stop"]
-Phase = Literal["pending", "starting", "ready", "degraded", "stopping", "stopped"]
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
 STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
 
@@ -294,13 +292,13 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
     return problems, timed_out
 
 
-def cluster_document(obs: Observed, now: float, leader: str | None = None) -> dict[str, Any]:
+def cluster_document(obs: Observed, now: float, leader: str | None = None) -> ClusterDocument:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = desired_state(obs)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
     phase = phase_of(obs, desired)
     problems, timed_out = problems_of(obs, spec, phase, now)
-    processes: list[dict[str, Any]] = []
+    processes: list[ProcessRow] = []
     listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
         for proc in a.processes:
@@ -313,37 +311,33 @@ def cluster_document(obs: Observed, now: float, leader: str | None = None) -> di
     assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
                            if p.role == "proxy" and p.endpoint), None)
     proxy_url = plan.proxy_url if plan else (f"http://{assigned_proxy}" if assigned_proxy else None)
-    return {
-        "cluster": obs.record.spec.get("cluster") if obs.record else None,
-        "generation": obs.record.generation if obs.record else 0,
-        "action": obs.record.action if obs.record else None,
-        "phase": phase,
-        "leader": leader,
-        "missing": desired.missing,
-        "problems": problems,
-        "start_timed_out": timed_out,
-        "members": sorted(obs.members),
-        "placement": plan.placement if plan else (obs.record.placement if obs.record else {}),
-        "proxy_url": proxy_url,
-        "processes": processes,
-    }
+    return ClusterDocument(
+        cluster=obs.record.spec.get("cluster") if obs.record else None,
+        generation=obs.record.generation if obs.record else 0,
+        action=obs.record.action if obs.record else None,
+        phase=phase,
+        leader=leader,
+        missing=desired.missing,
+        problems=problems,
+        start_timed_out=timed_out,
+        members=sorted(obs.members),
+        placement=plan.placement if plan else (obs.record.placement if obs.record else {}),
+        proxy_url=proxy_url,
+        processes=processes,
+    )
 
 
-def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> dict[str, Any]:
+def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> ProcessRow:
     seen = observed_process(obs, node, proc.name)
     state = default_state
     if node not in obs.members:
         state = "lost"
     elif seen is not None:
         state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
-    return {
-        "node": node, "name": proc.name, "role": proc.role, "state": state,
-        "pid": seen.pid if seen else None, "restarts": seen.restarts if seen else 0,
-        "last_exit_code": seen.last_exit_code if seen else None,
-        "started_at": seen.started_at if seen else None,
-        "endpoint": proc.endpoint, "dp_rank": proc.dp_rank,
-    }
-
-
-def members_by_name(members: Mapping[str, NodeFacts]) -> list[dict[str, Any]]:
-    return [m.model_dump(mode="json") for _, m in sorted(members.items())]
+    return ProcessRow(
+        node=node, name=proc.name, role=proc.role, state=state,
+        pid=seen.pid if seen else None, restarts=seen.restarts if seen else 0,
+        last_exit_code=seen.last_exit_code if seen else None,
+        started_at=seen.started_at if seen else None,
+        endpoint=proc.endpoint, dp_rank=proc.dp_rank,
+    )
