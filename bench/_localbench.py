@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.api.client import ApiClient, ApiError  # noqa: E402
 from pdsupervisor.cli.doctor import port_check  # noqa: E402
+from pdsupervisor.core.documents import ClusterDocument  # noqa: E402
 from pdsupervisor.core.spec import load_spec  # noqa: E402
 from pdsupervisor.local.cluster import BootError, LocalCluster  # noqa: E402
 
@@ -87,7 +88,7 @@ async def boot(lc: LocalCluster, spec_text: str, timeout: float = 180.0) -> floa
 _last_error: list[str] = []
 
 
-async def get_cluster(client: ApiClient) -> dict[str, Any] | None:
+async def get_cluster(client: ApiClient) -> ClusterDocument | None:
     try:
         return await client.cluster()
     except (TimeoutError, OSError, ApiError) as exc:
@@ -98,7 +99,7 @@ async def get_cluster(client: ApiClient) -> dict[str, Any] | None:
         return None
 
 
-async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.05) -> tuple[float, dict[str, Any]]:
+async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.05) -> tuple[float, ClusterDocument]:
     """Poll GET /cluster until pred(doc); returns (wall time of the answer, doc)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -107,7 +108,7 @@ async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.
         if doc is not None and pred(doc):
             return now, doc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met in {timeout}s; last phase {doc and doc.get('phase')}")
+            raise TimeoutError(f"condition not met in {timeout}s; last phase {doc and doc.phase}")
         await asyncio.sleep(interval)
 
 

@@ -47,11 +47,12 @@ from _localbench import (
     wait_doc,
 )
 
+from pdsupervisor.core.documents import ClusterDocument, ProcessRow
 from pdsupervisor.local.cluster import kill_tree
 
 
-def row(doc: dict, node: str, name: str) -> dict | None:
-    return next((p for p in doc["processes"] if p["node"] == node and p["name"] == name), None)
+def row(doc: ClusterDocument, node: str, name: str) -> ProcessRow | None:
+    return next((p for p in doc.processes if p.node == node and p.name == name), None)
 
 
 def poller(lc, avoid: set[str]) -> ApiClient:
@@ -67,11 +68,11 @@ async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(),
     killed pid was still listed (status left over from the dead agent)."""
     stale = False
 
-    def pred(d: dict) -> bool:
+    def pred(d: ClusterDocument) -> bool:
         nonlocal stale
-        if d["phase"] != "ready" or len(d["members"]) != len(lc.agents):
+        if d.phase != "ready" or len(d.members) != len(lc.agents):
             return False
-        if any(p["pid"] in dead_pids for p in d["processes"]):
+        if any(p.pid in dead_pids for p in d.processes):
             stale = True
             return False
         return True
@@ -82,25 +83,25 @@ async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(),
 
 async def engine_crash(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, set())
-    _, doc = await wait_doc(client, lambda d: d["phase"] == "ready", 60)
-    victim = next(p for p in doc["processes"] if p["role"] == "decode")
-    old = victim["pid"]
+    _, doc = await wait_doc(client, lambda d: d.phase == "ready", 60)
+    victim = next(p for p in doc.processes if p.role == "decode")
+    old = victim.pid
     t0 = time.time()
     os.kill(old, signal.SIGKILL)
-    t_seen, d2 = await wait_doc(client, lambda d: (r := row(d, victim["node"], victim["name"])) is not None
-                                and r["pid"] not in (None, old), 60)
-    new = row(d2, victim["node"], victim["name"])["pid"]
+    t_seen, d2 = await wait_doc(client, lambda d: (r := row(d, victim.node, victim.name)) is not None
+                                and r.pid not in (None, old), 60)
+    new = row(d2, victim.node, victim.name).pid
     respawn = create_time(new)
-    t_ready, _ = await wait_doc(client, lambda d: d["phase"] == "ready"
-                                and row(d, victim["node"], victim["name"])["pid"] == new
-                                and row(d, victim["node"], victim["name"])["state"] == "ready", 60)
+    t_ready, _ = await wait_doc(client, lambda d: d.phase == "ready"
+                                and row(d, victim.node, victim.name).pid == new
+                                and row(d, victim.node, victim.name).state == "ready", 60)
     return {"respawned": (respawn or float("nan")) - t0, "new_pid_seen": t_seen - t0, "ready_again": t_ready - t0}
 
 
 async def node_loss(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, {"node3"})
-    _, doc = await wait_doc(client, lambda d: d["phase"] == "ready", 60)
-    leader = doc["leader"]
+    _, doc = await wait_doc(client, lambda d: d.phase == "ready", 60)
+    leader = doc.leader
     victim = next(a for a in reversed(lc.agents) if a.name != leader and a.name != "node1")
     client = poller(lc, {victim.name})
     proc = psutil.Process(victim.proc.pid)
@@ -108,9 +109,9 @@ async def node_loss(lc, ttl: int) -> dict[str, float]:
     t0 = time.time()
     kill_tree(proc.pid)
     victim.proc.wait(5)
-    t_lost, _ = await wait_doc(client, lambda d: victim.name not in d["members"], ttl + 30)
-    t_degraded, _ = await wait_doc(client, lambda d: d["phase"] == "degraded"
-                                   and any(p["node"] == victim.name and p["state"] == "lost" for p in d["processes"]), 30)
+    t_lost, _ = await wait_doc(client, lambda d: victim.name not in d.members, ttl + 30)
+    t_degraded, _ = await wait_doc(client, lambda d: d.phase == "degraded"
+                                   and any(p.node == victim.name and p.state == "lost" for p in d.processes), 30)
     t_restart = time.time()
     lc.start_agent(victim)
     t_back, stale = await back_to_ready(lc, avoid={victim.name}, dead_pids=dead)
@@ -120,18 +121,18 @@ async def node_loss(lc, ttl: int) -> dict[str, float]:
 
 async def leader_loss(lc, ttl: int) -> dict[str, float]:
     client = poller(lc, set())
-    _, doc = await wait_doc(client, lambda d: d["phase"] == "ready" and d["leader"], 60)
-    old = doc["leader"]
+    _, doc = await wait_doc(client, lambda d: d.phase == "ready" and d.leader, 60)
+    old = doc.leader
     victim = next(a for a in lc.agents if a.name == old)
     client = poller(lc, {old})
     t0 = time.time()
     victim.proc.send_signal(signal.SIGKILL)  # the agent only: its engines (and node1's etcd) keep running
     victim.proc.wait(5)
-    t_new, d = await wait_doc(client, lambda d: d["leader"] not in (None, old), ttl + 30)
+    t_new, d = await wait_doc(client, lambda d: d.leader not in (None, old), ttl + 30)
     t_restart = time.time()
     lc.start_agent(victim)
     t_back, _ = await back_to_ready(lc, avoid={victim.name})
-    return {"new_leader": t_new - t0, "agent_restart_to_ready": t_back - t_restart, "new": d["leader"]}
+    return {"new_leader": t_new - t0, "agent_restart_to_ready": t_back - t_restart, "new": d.leader}
 
 
 async def run(ttl: int, repeat: int, only: list[str]) -> dict[str, list[dict]]:

@@ -73,35 +73,35 @@ async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:
         doc = await get_cluster(poll)
         now = time.time()
         if doc is not None:
-            engines = [p for p in doc["processes"] if p["role"] in ENGINE_ROLES]
-            for p in doc["processes"]:
-                if p["pid"]:
-                    pids[(p["node"], p["name"])] = p["pid"]
-            if engines and all(p["pid"] for p in engines) and "engines_reported" not in marks:
+            engines = [p for p in doc.processes if p.role in ENGINE_ROLES]
+            for p in doc.processes:
+                if p.pid:
+                    pids[(p.node, p.name)] = p.pid
+            if engines and all(p.pid for p in engines) and "engines_reported" not in marks:
                 marks["engines_reported"] = now
-            if engines and all(p["state"] == "ready" for p in engines) and "engines_ready_seen" not in marks:
+            if engines and all(p.state == "ready" for p in engines) and "engines_ready_seen" not in marks:
                 marks["engines_ready_seen"] = now
-            if doc["phase"] == "ready":
+            if doc.phase == "ready":
                 marks["ready"] = now
                 break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready after 180 s: {doc and doc['phase']}")
+            raise TimeoutError(f"not ready after 180 s: {doc and doc.phase}")
         await asyncio.sleep(0.05)
-    events = [e for e in await poll.events(limit=500) if e["ts"] >= t_submit - 0.01]
-    assigned = [e["ts"] for e in events if e.get("kind") == "assign" and e.get("role") in ENGINE_ROLES]
-    proxy = [e["ts"] for e in events if e.get("kind") == "assign" and e.get("role") == "proxy"]
+    events = [e for e in await poll.events(limit=500) if e.ts >= t_submit - 0.01]
+    assigned = [e.ts for e in events if e.kind == "assign" and getattr(e, "role", None) in ENGINE_ROLES]
+    proxy = [e.ts for e in events if e.kind == "assign" and getattr(e, "role", None) == "proxy"]
     marks["engines_assigned"] = max(assigned) if assigned else float("nan")
     marks["proxy_assigned"] = proxy[0] if proxy else float("nan")
 
     own: list[float] = []
     spawned: list[float] = []
     listening: list[float] = []
-    for p in doc["processes"]:
-        if p["role"] not in ENGINE_ROLES:
+    for p in doc.processes:
+        if p.role not in ENGINE_ROLES:
             continue
-        ct = create_time(p["pid"])
-        agent = next(a for a in lc.agents if a.name == p["node"])
-        listens = [t for t in engine_listen_times(agent.state_dir / "logs" / f"{p['name']}.log") if ct and t >= ct - 0.01]
+        ct = create_time(p.pid)
+        agent = next(a for a in lc.agents if a.name == p.node)
+        listens = [t for t in engine_listen_times(agent.state_dir / "logs" / f"{p.name}.log") if ct and t >= ct - 0.01]
         if ct is None or not listens:
             continue
         spawned.append(ct)
@@ -109,10 +109,10 @@ async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:
         own.append(listens[0] - ct)
     marks["engines_spawned"] = max(spawned) if spawned else float("nan")
     marks["engines_listening"] = max(listening) if listening else float("nan")
-    proxy_rows = [p for p in doc["processes"] if p["role"] == "proxy"]
-    marks["proxy_spawned"] = create_time(proxy_rows[0]["pid"]) if proxy_rows else float("nan")
+    proxy_rows = [p for p in doc.processes if p.role == "proxy"]
+    marks["proxy_spawned"] = create_time(proxy_rows[0].pid) if proxy_rows else float("nan")
     if proxy_rows:
-        agent = next(a for a in lc.agents if a.name == proxy_rows[0]["node"])
+        agent = next(a for a in lc.agents if a.name == proxy_rows[0].node)
         pl = [t for t in engine_listen_times(agent.state_dir / "logs" / "proxy.log") if t >= marks["proxy_spawned"] - 0.01]
         marks["proxy_listening"] = pl[0] if pl else float("nan")
     total = marks["ready"] - t_submit
@@ -122,7 +122,7 @@ async def one_start(lc, spec_text: str, poll: ApiClient) -> dict[str, Any]:
 
 async def stop_cluster(lc, poll: ApiClient) -> None:
     await ApiClient(lc.agents[0].api_url).stop()
-    await wait_doc(poll, lambda d: d["phase"] == "stopped", 120, interval=0.2)
+    await wait_doc(poll, lambda d: d.phase == "stopped", 120, interval=0.2)
 
 
 def show_run(r: dict[str, Any]) -> None:

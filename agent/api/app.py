@@ -22,6 +22,7 @@ from aiohttp import web
 
 from agent.config import RestConfig
 from agent.process import logs
+from pdsupervisor.core.documents import ErrorBody
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -46,7 +47,7 @@ def token_ok(request: web.Request) -> bool:
 
 def _json_error(kind: type[web.HTTPError], message: str) -> web.HTTPError:
     """An HTTP error whose body is `{"error": message}` (encoded, whatever the message holds)."""
-    return kind(text=json.dumps({"error": message}), content_type="application/json")
+    return kind(text=json.dumps(ErrorBody(error=message).served()), content_type="application/json")
 
 
 def require_token(handler: Handler) -> Handler:

@@ -10,22 +10,32 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
-from typing import Any
 
-import yaml
 from aiohttp import web
+from pydantic import BaseModel
 
-from pdsupervisor.core.cluster_view import cluster_document, members_by_name
+from pdsupervisor.api.openapi import openapi_document, openapi_yaml
+from pdsupervisor.core.cluster_view import cluster_document
+from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
 from pdsupervisor.core.spec import SpecError, load_spec
 from pdsupervisor.store.cluster import SubmitResult, observe, request_stop, submit_spec
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
+__all__ = ["cluster_routes", "openapi_document"]
 
 
-def error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def document(doc: BaseModel, status: int = 200) -> web.Response:
+    """A document model as JSON (`pdsupervisor.core.documents`: what the OpenAPI schemas describe)."""
+    return web.json_response(doc.model_dump(mode="json"), status=status)
+
+
+def error(status: int, message: str, problems: list[FieldProblem] | None = None) -> web.Response:
+    return web.json_response(ErrorBody(error=message, problems=problems).served(), status=status)
+
+
+def invalid_spec(problems: list[tuple[str, str]]) -> web.Response:
+    return error(400, "invalid spec", [FieldProblem(field=p, message=w) for p, w in problems])
 
 
 def _bind(store: Store, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -42,18 +52,19 @@ def _bind(store: Store, handler: Handler) -> Callable[[web.Request], Awaitable[w
 
 
 def _submit_response(result: SubmitResult) -> web.Response:
-    body = {"generation": result.generation, "message": result.message}
-    return web.json_response(body if result.status < 400 else {"error": result.message, **body}, status=result.status)
+    if result.status < 400:
+        return document(SubmitAnswer(generation=result.generation, message=result.message), result.status)
+    body = ErrorBody(error=result.message, generation=result.generation, message=result.message)
+    return web.json_response(body.served(), status=result.status)
 
 
 async def start_cluster(request: web.Request, store: Store) -> web.Response:
     try:
         spec = load_spec(await request.read())
     except SpecError as exc:
-        return error(400, "invalid spec", problems=[{"field": p, "message": w} for p, w in exc.problems])
+        return invalid_spec(exc.problems)
     if spec.cluster != store.cluster:
-        return error(400, "invalid spec", problems=[{
-            "field": "cluster", "message": f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}"}])
+        return invalid_spec([("cluster", f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}")])
     replace = request.query.get("replace", "").lower() in ("1", "true", "yes")
     return _submit_response(await submit_spec(store, spec, replace=replace))
 
@@ -64,12 +75,12 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:
     # one snapshot, the leader key in it: the document is the cluster as it was at one revision
-    return web.json_response(cluster_document(await observe(store), time.time()))
+    return document(cluster_document(await observe(store), time.time()))
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:
     members, leader = await asyncio.gather(store.members(), store.leader())
-    return web.json_response({"leader": leader, "nodes": members_by_name(members)})
+    return document(nodes_document(members, leader))
 
 
 async def get_events(request: web.Request, store: Store) -> web.Response:
@@ -77,20 +88,12 @@ async def get_events(request: web.Request, store: Store) -> web.Response:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         return error(400, "limit must be a whole number")
-    return web.json_response({"events": await store.events(limit)})
+    events = [Event.model_validate(e) for e in await store.events(limit)]
+    return document(EventsDocument(events=events))
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=_openapi_text(), content_type="application/yaml")
-
-
-@functools.cache
-def _openapi_text() -> str:
-    return resources.files("pdsupervisor.api").joinpath("openapi.yaml").read_text()
-
-
-def openapi_document() -> dict[str, Any]:
-    return yaml.safe_load(_openapi_text())
+    return web.Response(text=openapi_yaml(), content_type="application/yaml")
 
 
 def cluster_routes(store: Store) -> list[web.RouteDef]:

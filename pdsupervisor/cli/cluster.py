@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
+from pdsupervisor.core.documents import ClusterDocument, Phase
 
 T = TypeVar("T")
 PHASE_STYLE = {"ready": "green", "degraded": "red", "starting": "yellow", "pending": "yellow",
@@ -68,28 +69,28 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def status_table(doc: dict[str, Any], console: Console) -> None:
-    phase = doc["phase"]
+def status_table(doc: ClusterDocument, console: Console) -> None:
+    phase = doc.phase
     console.print(
-        f"+ Cluster: [bold]{doc.get('cluster') or '-'}[/] (generation {doc.get('generation', 0)}) "
-        f"phase: [{PHASE_STYLE.get(phase, 'white')}]{phase}[/]  leader: {doc.get('leader') or '-'}  "
-        f"proxy: {doc.get('proxy_url') or '-'}"
+        f"+ Cluster: [bold]{doc.cluster or '-'}[/] (generation {doc.generation}) "
+        f"phase: [{PHASE_STYLE.get(phase, 'white')}]{phase}[/]  leader: {doc.leader or '-'}  "
+        f"proxy: {doc.proxy_url or '-'}"
     )
-    for item in doc.get("missing") or []:
+    for item in doc.missing:
         console.print(f"  [yellow]missing[/] {item}")
-    for item in doc.get("problems") or []:
+    for item in doc.problems:
         console.print(f"  [red]problem[/] {item}")
     table = Table(box=None, pad_edge=False)
     for col in ("Node", "Role", "Process", "Endpoint", "State", "DP", "Pid", "Restarts", "Uptime"):
         table.add_column(col)
-    for p in doc.get("processes", []):
-        state = p["state"]
+    for p in doc.processes:
+        state = p.state
         style = "green" if state == "ready" else ("red" if state in ("failed", "lost", "backoff", "exited") else "")
         table.add_row(
-            p["node"], p["role"], p["name"], p.get("endpoint") or "",
+            p.node, p.role, p.name, p.endpoint or "",
             f"[{style}]{state}[/]" if style else state,
-            "" if p.get("dp_rank") is None else str(p["dp_rank"]),
-            str(p.get("pid") or ""), str(p.get("restarts", 0)), _uptime(p.get("started_at"), state),
+            "" if p.dp_rank is None else str(p.dp_rank),
+            str(p.pid or ""), str(p.restarts), _uptime(p.started_at, state),
         )
     console.print(table)
 
@@ -101,25 +102,26 @@ def status_command(api: str, token_file: str | None, ca_file: str | None, output
     """Cluster phase and every process, like `patronictl list`."""
     doc = run(make_client(api, token_file, ca_file).cluster())
     if output == "json":
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(doc.model_dump(mode="json"), indent=2))
     else:
         status_table(doc, console())
 
 
-def _progress_line(doc: dict[str, Any]) -> str:
-    procs = doc.get("processes", [])
-    engines = [p for p in procs if p["role"] in ("prefill", "decode")]
-    ready = sum(1 for p in engines if p["state"] == "ready")
-    proxy = next((p["state"] for p in procs if p["role"] == "proxy"), "waiting")
-    line = f"{doc['phase']}: members {len(doc.get('members', []))}, engines ready {ready}/{len(engines)}, proxy {proxy}"
-    if doc.get("missing"):
-        line += f"; missing: {'; '.join(doc['missing'])}"
-    if doc.get("problems"):
-        line += f"; problems: {'; '.join(doc['problems'])}"
+def _progress_line(doc: ClusterDocument) -> str:
+    procs = doc.processes
+    engines = [p for p in procs if p.role in ("prefill", "decode")]
+    ready = sum(1 for p in engines if p.state == "ready")
+    proxy = next((p.state for p in procs if p.role == "proxy"), "waiting")
+    line = f"{doc.phase}: members {len(doc.members)}, engines ready {ready}/{len(engines)}, proxy {proxy}"
+    if doc.missing:
+        line += f"; missing: {'; '.join(doc.missing)}"
+    if doc.problems:
+        line += f"; problems: {'; '.join(doc.problems)}"
     return line
 
 
-async def wait_for_phase(client: ApiClient, want: str, timeout_s: float, echo: Callable[[str], None]) -> dict[str, Any]:
+async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
+                         echo: Callable[[str], None]) -> ClusterDocument:
     """Poll `GET /cluster` until `want`, printing each new progress line; TimeoutError on timeout."""
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -129,10 +131,10 @@ async def wait_for_phase(client: ApiClient, want: str, timeout_s: float, echo: C
         if line != last:
             echo(line)
             last = line
-        if doc["phase"] == want:
+        if doc.phase == want:
             return doc
-        if doc.get("start_timed_out") and want == "ready":
-            raise TimeoutError(f"start failed: {'; '.join(doc['problems'])}")
+        if doc.start_timed_out and want == "ready":
+            raise TimeoutError(f"start failed: {'; '.join(doc.problems)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {line}")
         await asyncio.sleep(0.25)
@@ -151,11 +153,11 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
 
     async def go() -> None:
         answer = await client.start(Path(spec_file).read_text(), replace=replace)
-        note = f" ({answer['message']})" if answer.get("message") else ""
-        click.echo(f"accepted: generation {answer['generation']}{note}")
+        note = f" ({answer.message})" if answer.message else ""
+        click.echo(f"accepted: generation {answer.generation}{note}")
         if wait:
             doc = await wait_for_phase(client, "ready", timeout, click.echo)
-            click.echo(f"ready: proxy at {doc.get('proxy_url')}")
+            click.echo(f"ready: proxy at {doc.proxy_url}")
 
     run(go())
 
@@ -170,7 +172,7 @@ def stop_command(api: str, token_file: str | None, ca_file: str | None, wait: bo
 
     async def go() -> None:
         answer = await client.stop()
-        click.echo(f"stopping generation {answer['generation']}")
+        click.echo(f"stopping generation {answer.generation}")
         if wait:
             await wait_for_phase(client, "stopped", timeout, click.echo)
 
@@ -183,8 +185,8 @@ def stop_command(api: str, token_file: str | None, ca_file: str | None, wait: bo
 def events_command(api: str, token_file: str | None, ca_file: str | None, limit: int) -> None:
     """Recent cluster events."""
     for ev in run(make_client(api, token_file, ca_file).events(limit)):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["ts"]))
-        click.echo(f"{stamp}  {ev['kind']:<8} {ev['message']}")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.ts))
+        click.echo(f"{stamp}  {ev.kind:<8} {ev.message}")
 
 
 @click.command("logs")
@@ -199,10 +201,10 @@ def logs_command(api: str, token_file: str | None, ca_file: str | None, node: st
     client = make_client(api, token_file, ca_file)
 
     async def go() -> None:
-        nodes = {n["name"]: n for n in (await client.nodes())["nodes"]}
+        nodes = {n.name: n for n in (await client.nodes()).nodes}
         if node not in nodes:
             raise click.ClickException(f"no registered node {node!r}; nodes: {', '.join(sorted(nodes)) or 'none'}")
-        async for line in client.logs(nodes[node]["api_url"], process, tail, follow):
+        async for line in client.logs(nodes[node].api_url, process, tail, follow):
             click.echo(line, nl=False)
 
     try:

@@ -103,16 +103,18 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     except BootError as exc:
         raise click.ClickException(str(exc)) from None
     answer = await client.start(spec_text)
-    console.print(f"submitted {lc.cluster} spec: generation {answer['generation']}")
+    console.print(f"submitted {lc.cluster} spec: generation {answer.generation}")
     doc = await wait_for_phase(client, "ready", timeout, lambda line: console.print(f"  {line}"))
     console.print(f"[green]ready[/] in {time.monotonic() - started:.1f}s\n")
-    text = await _one_completion(doc["proxy_url"], model)
+    if doc.proxy_url is None:  # ready means the proxy is assigned: not expected
+        raise click.ClickException("the cluster is ready but GET /cluster names no proxy URL")
+    text = await _one_completion(doc.proxy_url, model)
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
     api = lc.agents[0].api_url
     console.print(f"""
 The cluster is yours until Ctrl-C:
-  curl -s {doc['proxy_url']}/v1/completions -H 'Content-Type: application/json' \\
+  curl -s {doc.proxy_url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
   PDSUPERVISOR_API={api} pdsupervisor status
   PDSUPERVISOR_API={api} pdsupervisor events

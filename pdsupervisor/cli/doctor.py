@@ -216,7 +216,7 @@ def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: in
 
 async def _cluster_checks(client: ApiClient, spec: ClusterSpec) -> dict[str, Any]:
     """Every member's checks from its registered facts (CheckResult objects)."""
-    members = {n["name"]: NodeFacts.model_validate(n) for n in (await client.nodes())["nodes"]}
+    members = {n.name: n for n in (await client.nodes()).nodes}
     plan, plan_note = _plan(spec, members)
     nodes: dict[str, Any] = {}
     every: list[CheckResult] = []

@@ -6,19 +6,17 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from pdsupervisor.core.checks import hard_failures
+from pdsupervisor.core.documents import Action, ClusterDocument, Phase, ProcessRow
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
-Action = Literal["start", "stop"]
-Phase = Literal["pending", "starting", "ready", "degraded", "stopping", "stopped"]
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
 STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
 
@@ -85,30 +83,25 @@ def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
-def try_plan(obs: Observed) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
-    """Plan the recorded spec on the live members; the problems say what is missing."""
-    if obs.record is None:
+def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
+    """Plan `record` (default: the recorded one) on the live members; the problems say what is missing."""
+    if record is None:
+        record = obs.record
+    if record is None:
         return None, None, []
     try:
-        spec = validate_spec(obs.record.spec)
+        spec = validate_spec(record.spec)
     except SpecError as exc:  # validated on submit; only a hand-edited key can get here
         return None, None, [f"{p}: {w}" for p, w in exc.problems]
     try:
-        plan = plan_cluster(spec, obs.members, previous=obs.record.placement or None,
-                            generation=obs.record.generation)
+        plan = plan_cluster(spec, obs.members, previous=record.placement or None,
+                            generation=record.generation, restart_epoch=record.master_epoch)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
     refused = hard_failures(spec, obs.members, plan)
     if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
         return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
-    _set_epoch(plan, obs.record.master_epoch)
     return spec, plan, []
-
-
-def _set_epoch(plan: Plan, epoch: int) -> None:
-    """Engines carry the master's restart epoch in their spec (and so in their hash)."""
-    for _, proc in plan.engines():
-        proc.restart_epoch = epoch
 
 
 def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
@@ -152,11 +145,14 @@ def desired_state(obs: Observed) -> Desired:
         return Desired(assignments=_stop_step(obs), record=record, plan=None)
 
     spec, plan, missing = try_plan(obs)
+    restarted = master_restart(obs, plan) if plan is not None else None
+    if restarted is not None and restarted.master_epoch != record.master_epoch:
+        # a new master epoch gives the engines a new hash (their agents restart them): plan
+        # with it (the master's own spec, which master_restart looked at, has no epoch)
+        spec, plan, missing = try_plan(obs, restarted)
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
-    # a new master epoch gives the engines a new hash: their agents restart them
-    record = master_restart(obs, plan) or record
-    _set_epoch(plan, record.master_epoch)
+    record = restarted or record
 
     assigned = _assigned(obs)
     engines = plan.engines()
@@ -299,13 +295,13 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
     return problems, timed_out
 
 
-def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
+def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = desired_state(obs)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
     phase = phase_of(obs, desired)
     problems, timed_out = problems_of(obs, spec, phase, now)
-    processes: list[dict[str, Any]] = []
+    processes: list[ProcessRow] = []
     listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
         for proc in a.processes:
@@ -318,37 +314,33 @@ def cluster_document(obs: Observed, now: float) -> dict[str, Any]:
     assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
                            if p.role == "proxy" and p.endpoint), None)
     proxy_url = plan.proxy_url if plan else (f"http://{assigned_proxy}" if assigned_proxy else None)
-    return {
-        "cluster": obs.record.spec.get("cluster") if obs.record else None,
-        "generation": obs.record.generation if obs.record else 0,
-        "action": obs.record.action if obs.record else None,
-        "phase": phase,
-        "leader": obs.leader,
-        "missing": desired.missing,
-        "problems": problems,
-        "start_timed_out": timed_out,
-        "members": sorted(obs.members),
-        "placement": plan.placement if plan else (obs.record.placement if obs.record else {}),
-        "proxy_url": proxy_url,
-        "processes": processes,
-    }
+    return ClusterDocument(
+        cluster=obs.record.spec.get("cluster") if obs.record else None,
+        generation=obs.record.generation if obs.record else 0,
+        action=obs.record.action if obs.record else None,
+        phase=phase,
+        leader=obs.leader,
+        missing=desired.missing,
+        problems=problems,
+        start_timed_out=timed_out,
+        members=sorted(obs.members),
+        placement=plan.placement if plan else (obs.record.placement if obs.record else {}),
+        proxy_url=proxy_url,
+        processes=processes,
+    )
 
 
-def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> dict[str, Any]:
+def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> ProcessRow:
     seen = observed_process(obs, node, proc.name)
     state = default_state
     if node not in obs.members:
         state = "lost"
     elif seen is not None:
         state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
-    return {
-        "node": node, "name": proc.name, "role": proc.role, "state": state,
-        "pid": seen.pid if seen else None, "restarts": seen.restarts if seen else 0,
-        "last_exit_code": seen.last_exit_code if seen else None,
-        "started_at": seen.started_at if seen else None,
-        "endpoint": proc.endpoint, "dp_rank": proc.dp_rank,
-    }
-
-
-def members_by_name(members: Mapping[str, NodeFacts]) -> list[dict[str, Any]]:
-    return [m.model_dump(mode="json") for _, m in sorted(members.items())]
+    return ProcessRow(
+        node=node, name=proc.name, role=proc.role, state=state,
+        pid=seen.pid if seen else None, restarts=seen.restarts if seen else 0,
+        last_exit_code=seen.last_exit_code if seen else None,
+        started_at=seen.started_at if seen else None,
+        endpoint=proc.endpoint, dp_rank=proc.dp_rank,
+    )

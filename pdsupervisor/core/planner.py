@@ -159,7 +159,7 @@ def mooncake_config(spec: ClusterSpec, facts: NodeFacts, etcd_endpoint: str, mas
     }
 
 
-def _master_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
+def _master_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
     mc = spec.mooncake
     gc = mc.gc and not (spec.benchmark.enabled and not spec.benchmark.master_gc)
     values = {"node_ip": facts.ip, "port": mc.port}
@@ -168,26 +168,27 @@ def _master_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
     return ProcessSpec(
         name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
         readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
-        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s,
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s, generation=generation,
     )
 
 
-def _etcd_process(spec: ClusterSpec, facts: NodeFacts) -> ProcessSpec:
+def _etcd_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
     argv = etcd_argv(
         name=facts.name, data_dir=f"{facts.state_dir}/etcd", client_host=facts.ip,
         client_port=spec.etcd.client_port, peer_port=spec.etcd.peer_port, binary="etcd",
     )
     return ProcessSpec(
         name="etcd", role="etcd", argv=argv, host=facts.ip, port=spec.etcd.client_port,
-        readiness=Probe(kind="tcp", host=facts.ip, port=spec.etcd.client_port), stop_timeout_s=10,
+        readiness=Probe(kind="tcp", host=facts.ip, port=spec.etcd.client_port), stop_timeout_s=10, generation=generation,
     )
 
 
 def _engine_processes(
-    spec: ClusterSpec, role_name: str, facts: NodeFacts, node_index: int, dp_master: NodeFacts | None,
-    config_file: FileSpec, dp_size: int, ep_size: int,
+    spec: ClusterSpec, role_name: str, facts: NodeFacts, *, node_index: int, dp_master: NodeFacts | None,
+    config_file: FileSpec, dp_size: int, ep_size: int, generation: int, restart_epoch: int,
 ) -> list[ProcessSpec]:
-    """The node's engines of one role. `dp_size`/`ep_size`: the decode group's (1 for prefill)."""
+    """The node's engines of one role. `dp_size`/`ep_size`: the decode group's (1 for prefill);
+    `restart_epoch`: the Mooncake master's, in each engine's spec (see `ProcessSpec.restart_epoch`)."""
     role: RoleSpec = spec.prefill if role_name == "prefill" else spec.decode
     per_node = role.engines_per_node
     decode = spec.decode
@@ -218,13 +219,13 @@ def _engine_processes(
         if spec.benchmark.enabled:
             env.update(spec.benchmark.engine_env)
         out.append(ProcessSpec(
-            name=f"{role_name}-{local}", role=role_name,  # type: ignore[arg-type]
+            name=f"{role_name}-{local}", role=role_name,
             argv=[render(item, values) for item in role.argv], env=env,
             cwd=role.cwd, host=facts.ip, port=port,
             readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
                             period_s=role.readiness.period_s, timeout_s=role.readiness.timeout_s),
             restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
-            start_timeout_s=role.readiness.start_timeout_s,
+            start_timeout_s=role.readiness.start_timeout_s, generation=generation, restart_epoch=restart_epoch,
             dp_rank=rank if role_name == "decode" else None,
             files=[config_file],  # every engine carries it: whichever starts first writes it
         ))
@@ -239,8 +240,8 @@ def interleaved_decode_endpoints(plan_nodes: Sequence[NodePlan]) -> list[str]:
 
 
 def _proxy_process(
-    spec: ClusterSpec, facts: NodeFacts, prefill: Sequence[NodePlan], decode: Sequence[NodePlan],
-    etcd_endpoints: list[str],
+    spec: ClusterSpec, facts: NodeFacts, *, prefill: Sequence[NodePlan], decode: Sequence[NodePlan],
+    etcd_endpoints: list[str], generation: int,
 ) -> ProcessSpec:
     px = spec.proxy
     values: dict[str, object] = {
@@ -279,23 +280,22 @@ def _proxy_process(
         name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
         cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
-        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s,
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s, generation=generation,
     )
 
 
 def plan_cluster(
-    spec: ClusterSpec,
-    nodes: Mapping[str, NodeFacts],
-    previous: Mapping[str, Sequence[str]] | None = None,
-    generation: int = 0,
+    spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
+    previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
 ) -> Plan:
-    """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short."""
+    """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
+    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine."""
     placement = place(spec, nodes, previous)
     problems: list[tuple[str, str]] = []
     bootstrap = spec.etcd.bootstrap_node
     if spec.etcd.endpoints:
         etcd_endpoints = [e.split("://", 1)[-1] for e in spec.etcd.endpoints]
-    elif bootstrap in nodes:
+    elif bootstrap is not None and bootstrap in nodes:
         etcd_endpoints = [f"{nodes[bootstrap].ip}:{spec.etcd.client_port}"]
     else:
         raise PlanError([("etcd.bootstrap_node", f"node {bootstrap} is not registered")])
@@ -320,14 +320,14 @@ def plan_cluster(
             plans[name] = NodePlan(node=name, ip=nodes[name].ip)
         return plans[name]
 
-    if bootstrap in nodes:  # that node's agent runs etcd; shown here, never assigned
+    if bootstrap is not None and bootstrap in nodes:  # that node's agent runs etcd; shown here, never assigned
         np_ = node_plan(bootstrap)
         np_.roles.append("etcd")
-        np_.processes.append(_etcd_process(spec, nodes[bootstrap]))
+        np_.processes.append(_etcd_process(spec, nodes[bootstrap], generation=generation))
     if spec.mooncake.enabled:
         mp = node_plan(master_node)
         mp.roles.append("mooncake-master")
-        mp.processes.append(_master_process(spec, master_facts))
+        mp.processes.append(_master_process(spec, master_facts, generation=generation))
 
     for role_name in ENGINE_ROLES:
         for index, name in enumerate(placement[role_name]):
@@ -338,14 +338,16 @@ def plan_cluster(
             np_.mooncake_config_path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
             config_file = FileSpec(path=np_.mooncake_config_path,
                                    content=json.dumps(np_.mooncake_config, indent=2) + "\n")
-            group = (dp_size, ep_size) if role_name == "decode" else (1, 1)
-            np_.processes += _engine_processes(spec, role_name, facts, index, dp_master, config_file, *group)
+            group_dp, group_ep = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            np_.processes += _engine_processes(spec, role_name, facts, node_index=index, dp_master=dp_master,
+                                               config_file=config_file, dp_size=group_dp, ep_size=group_ep,
+                                               generation=generation, restart_epoch=restart_epoch)
 
     px = node_plan(proxy_node)
     px.roles.append("proxy")
     px.processes.append(_proxy_process(
-        spec, nodes[proxy_node],
-        [plans[n] for n in placement["prefill"]], [plans[n] for n in decode_nodes], etcd_endpoints,
+        spec, nodes[proxy_node], prefill=[plans[n] for n in placement["prefill"]],
+        decode=[plans[n] for n in decode_nodes], etcd_endpoints=etcd_endpoints, generation=generation,
     ))
     plan = Plan(
         cluster=spec.cluster, generation=generation, placement=placement, etcd_endpoints=etcd_endpoints,
@@ -355,9 +357,6 @@ def plan_cluster(
         dp_master=dp_master.name if dp_master else None,
         nodes=dict(sorted(plans.items())),
     )
-    for np_ in plan.nodes.values():
-        for p in np_.processes:
-            p.generation = generation
     _check_ports(spec, plan)
     return plan
 

@@ -129,7 +129,7 @@ class LocalCluster:
                 if a.proc and a.proc.poll() is not None:
                     raise BootError(f"agent {a.name} exited with {a.proc.returncode}; see {a.log_path}")
             with contextlib.suppress(OSError, ClientError, ApiError, asyncio.TimeoutError):  # 503 while etcd comes up
-                registered = {n["name"] for n in (await client.nodes())["nodes"]}
+                registered = {n.name for n in (await client.nodes()).nodes}
                 if registered >= {a.name for a in self.agents}:
                     return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:

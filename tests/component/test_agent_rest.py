@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from agent.api.app import build_app, require_token
 from agent.config import AgentConfig, RestConfig
 from agent.daemon import Agent
+from pdsupervisor.api.client import ApiClient, ApiError
+from pdsupervisor.core.documents import NodesDocument
 
 
 def make_agent(tmp_path, token: str | None = None) -> Agent:
@@ -123,8 +126,6 @@ async def test_tls_with_client_certificates(tmp_path):
                     await r.read()
         assert a.api_url.startswith("https://")
         # the CLI's client, with and without a client certificate
-        from pdsupervisor.api.client import ApiClient
-
         base = f"https://127.0.0.1:{rest.port}"
         mtls = ApiClient(base, ca_file=str(d / "ca.crt"), cert_file=str(d / "client.crt"), key_file=str(d / "client.key"))
         assert (await mtls.request("GET", "/healthz"))["ok"]
@@ -132,3 +133,21 @@ async def test_tls_with_client_certificates(tmp_path):
             await ApiClient(base, ca_file=str(d / "ca.crt")).request("GET", "/healthz")
     finally:
         await runner.cleanup()
+
+
+async def test_client_reads_documents_and_says_when_an_answer_is_not_one(aiohttp_server):
+    async def nodes(request: web.Request) -> web.Response:
+        return web.json_response({"leader": "n1", "nodes": [{"name": "n1", "ip": "10.0.0.1"}]})
+
+    async def html(request: web.Request) -> web.Response:  # e.g. a proxy in front of the agent
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app = web.Application()
+    app.add_routes([web.get("/nodes", nodes), web.get("/cluster", html)])
+    server = await aiohttp_server(app)
+    client = ApiClient(str(server.make_url("/")))
+    got = await client.nodes()
+    assert isinstance(got, NodesDocument) and got.leader == "n1" and got.nodes[0].ip == "10.0.0.1"
+    with pytest.raises(ApiError, match="HTTP 200: not a ClusterDocument document") as caught:
+        await client.cluster()
+    assert caught.value.status == 200 and caught.value.error is None

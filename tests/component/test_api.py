@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from agent.api.cluster import openapi_document
+from pdsupervisor.core.documents import DOCUMENTS, ErrorBody
 from pdsupervisor.store.etcd import Store
 from tests.cluster_helpers import LocalCluster, cluster_spec
+from tests.openapi_helpers import check_served, response_schema
 
 TOKEN = "s3cret-token"
 
@@ -98,6 +100,44 @@ def test_openapi_document_lists_every_route(one_agent):
     assert {"/cluster/start", "/cluster/stop", "/cluster", "/nodes", "/events", "/healthz"} <= set(served["paths"])
     status, _ = one_agent.request("GET", "/nodes")
     assert status == 200
+
+
+def test_served_documents_are_what_the_served_openapi_describes(one_agent):
+    import urllib.request
+
+    with urllib.request.urlopen(one_agent.api() + "/openapi.yaml", timeout=5) as r:
+        openapi = yaml.safe_load(r.read())
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    invalid = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    invalid["decode"]["tp"] = 3
+    other = {**spec, "model": "another-model"}
+    body = yaml.safe_dump(spec).encode()
+    answers = [  # (path, method, status wanted, (status, JSON) served)
+        ("/cluster/start", "post", 401, one_agent.request("POST", "/cluster/start", body)),
+        ("/cluster/start", "post", 400, one_agent.submit(invalid, token=TOKEN)),
+        ("/cluster/start", "post", 202, one_agent.submit(spec, token=TOKEN)),
+    ]
+    try:
+        answers.append(("/cluster/start", "post", 409, one_agent.submit(other, token=TOKEN)))
+        one_agent.wait_phase("pending", 10)
+        for path in ("/cluster", "/nodes", "/events?limit=100"):
+            answers.append((path.split("?")[0], "get", 200, one_agent.request("GET", path)))
+    finally:
+        answers.append(("/cluster/stop", "post", 202, one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)))
+        one_agent.wait_phase("stopped", 10)
+    models = {m.__name__: m for m in DOCUMENTS}
+    for path, method, want, (status, served) in answers:
+        assert status == want, (path, served)
+        name = response_schema(openapi, path, method, status)
+        check_served(openapi, name, served)
+        read = models[name].model_validate(served)  # what the client reads
+        assert (read.served() if isinstance(read, ErrorBody) else read.model_dump(mode="json")) == served
+    by = {(path, status): doc for path, _, _, (status, doc) in answers}
+    assert by["/cluster", 200]["phase"] == "pending" and by["/cluster", 200]["missing"]
+    assert [n["name"] for n in by["/nodes", 200]["nodes"]] == ["n1"]
+    assert any(set(e) - {"ts", "kind", "message"} for e in by["/events", 200]["events"])  # an event's own fields
+    assert by["/cluster/start", 400]["problems"]
+    assert by["/cluster/start", 409]["generation"] == by["/cluster", 200]["generation"]
 
 
 async def _member_lease_ttls(etcd: str, cluster: str) -> dict[str, int]:

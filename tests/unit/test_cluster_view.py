@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pdsupervisor.api.openapi import REF, openapi_document
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
+from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
+from tests.openapi_helpers import check_served, schema_errors, unlisted
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,21 +32,21 @@ def _obs(state: ProcessState, started_at: float, member_lease: int = 7, status_l
 
 def test_backoff_is_a_problem_with_exit_code_and_message():
     doc = cluster_document(_obs(ProcessState.backoff, 40.0), now=60.0)
-    assert doc["problems"] == ["decode-0 on n1: backoff (exit code 3, restarts 4): next try in 8 s"]
+    assert doc.problems == ["decode-0 on n1: backoff (exit code 3, restarts 4): next try in 8 s"]
 
 
 def test_not_ready_past_start_timeout_is_a_problem():
-    assert cluster_document(_obs(ProcessState.running, 40.0), now=60.0)["problems"] == []
+    assert cluster_document(_obs(ProcessState.running, 40.0), now=60.0).problems == []
     doc = cluster_document(_obs(ProcessState.running, 40.0), now=80.0)
-    assert doc["problems"] == ["decode-0 on n1: not ready 40 s after starting (start_timeout_s 30)"]
+    assert doc.problems == ["decode-0 on n1: not ready 40 s after starting (start_timeout_s 30)"]
 
 
 def test_status_of_a_previous_agent_is_not_observation():
     doc = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=7), now=60.0)
-    row = doc["processes"][0]
-    assert row["state"] == "pending" and row["pid"] is None
+    row = doc.processes[0]
+    assert row.state == "pending" and row.pid is None
     fresh = cluster_document(_obs(ProcessState.ready, 40.0, member_lease=8, status_lease=8), now=60.0)
-    assert fresh["processes"][0]["state"] == "ready" and fresh["processes"][0]["pid"] == 42
+    assert fresh.processes[0].state == "ready" and fresh.processes[0].pid == 42
 
 
 def test_an_observation_is_frozen():
@@ -57,8 +60,8 @@ def test_an_observation_is_frozen():
 
 
 def test_the_document_names_the_leader_read_with_it():
-    assert cluster_document(dataclasses.replace(_obs(ProcessState.ready, 40.0), leader="n1"), now=60.0)["leader"] == "n1"
-    assert cluster_document(_obs(ProcessState.ready, 40.0), now=60.0)["leader"] is None
+    assert cluster_document(dataclasses.replace(_obs(ProcessState.ready, 40.0), leader="n1"), now=60.0).leader == "n1"
+    assert cluster_document(_obs(ProcessState.ready, 40.0), now=60.0).leader is None
 
 
 def _demo_spec(master_port: int, decode_slots: int | None = None) -> dict:
@@ -137,27 +140,27 @@ def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
 
 def test_a_replacing_spec_is_not_ready_until_the_coordinator_applied_it():
     obs = _demo_running(master_pid=500)
-    assert cluster_document(obs, now=10.0)["phase"] == "ready"
+    assert cluster_document(obs, now=10.0).phase == "ready"
     replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
     doc = cluster_document(replaced, now=10.0)  # every process still ready, under the old spec
-    assert doc["generation"] == 2 and doc["phase"] == "starting"
+    assert doc.generation == 2 and doc.phase == "starting"
     settled, _ = _settle(replaced, {"mooncake-master": 600})
-    assert cluster_document(settled, now=10.0)["phase"] == "ready"
+    assert cluster_document(settled, now=10.0).phase == "ready"
 
 
 def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
     obs = _demo_running(master_pid=500)
     lost = dataclasses.replace(obs, members={n: m for n, m in obs.members.items() if n != "node3"})
     doc = cluster_document(lost, now=10.0)
-    assert doc["phase"] == "degraded" and any("node3" in m for m in doc["missing"])
-    assert doc["proxy_url"] == "http://127.0.0.1:8868"
+    assert doc.phase == "degraded" and any("node3" in m for m in doc.missing)
+    assert doc.proxy_url == "http://127.0.0.1:8868"
 
 
 def test_record_bookkeeping_alone_does_not_unready_the_cluster():
     obs = _demo_running(master_pid=500)
     stale = dataclasses.replace(obs, record=obs.record.model_copy(update={"placement": {}}))
     assert desired_state(stale).record != stale.record  # the coordinator would rewrite the record
-    assert cluster_document(stale, now=10.0)["phase"] == "ready"
+    assert cluster_document(stale, now=10.0).phase == "ready"
 
 
 def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
@@ -169,6 +172,20 @@ def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
     before = {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
     planned = {(n, p.name) for n, p in desired_state(replaced).plan.assignable()}
     assert before < planned  # the new spec has engines that are not assigned yet
-    assert cluster_document(replaced, now=10.0)["phase"] == "starting"
+    assert cluster_document(replaced, now=10.0).phase == "starting"
     settled, _ = _settle(replaced, {"mooncake-master": 500})
-    assert cluster_document(settled, now=10.0)["phase"] == "ready"
+    assert cluster_document(settled, now=10.0).phase == "ready"
+
+
+def test_the_document_is_what_the_openapi_schema_describes():
+    openapi = openapi_document()
+    for doc in (cluster_document(_obs(ProcessState.backoff, 40.0), now=60.0),
+                cluster_document(_demo_running(master_pid=500), now=10.0)):
+        served = doc.model_dump(mode="json")
+        assert served["processes"] and served["placement"] is not None
+        check_served(openapi, "ClusterDocument", served)
+        assert ClusterDocument.model_validate(served) == doc  # what the client reads back
+    row = served["processes"][0]
+    assert schema_errors(openapi, "ClusterDocument", {**served, "processes": [{**row, "role": "bogus"}]}) != []
+    grown = {**served, "new": 1, "processes": [{**row, "new": 2}]}
+    assert set(unlisted(openapi, {"$ref": REF.format(model="ClusterDocument")}, grown)) == {"$.new", "$.processes[0].new"}

@@ -20,6 +20,7 @@ from pdsupervisor.cli.doctor import _cluster_checks, probe_etcd, report_json
 from pdsupervisor.cli.main import main
 from pdsupervisor.core.checks import check_model, check_protocol, check_rdma, fact_checks, hard_failures, ports_needed
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, try_plan
+from pdsupervisor.core.documents import NodesDocument
 from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import plan_cluster
 from pdsupervisor.core.spec import validate_spec
@@ -252,8 +253,8 @@ def test_try_plan_stays_pending_on_a_hard_failure(tmp_path):
 
 def test_cluster_results_from_registered_facts(tmp_path):
     class FakeClient:
-        async def nodes(self) -> dict:
-            return {"nodes": [f.model_dump(mode="json") for f in nodes(n1=32768, n2=100, n3=0).values()]}
+        async def nodes(self) -> NodesDocument:
+            return NodesDocument(leader=None, nodes=list(nodes(n1=32768, n2=100, n3=0).values()))
 
     spec = validate_spec(spec_doc(tmp_path))
     doc = json.loads(report_json(asyncio.run(_cluster_checks(FakeClient(), spec))))  # type: ignore[arg-type]
@@ -266,8 +267,8 @@ def test_cluster_results_from_registered_facts(tmp_path):
 
 def test_cluster_table_and_exit_code(tmp_path, monkeypatch):
     class FakeClient:
-        async def nodes(self) -> dict:
-            return {"nodes": [f.model_dump(mode="json") for f in nodes(n1=32768, n2=100).values()]}
+        async def nodes(self) -> NodesDocument:
+            return NodesDocument(leader=None, nodes=list(nodes(n1=32768, n2=100).values()))
 
     monkeypatch.setattr("pdsupervisor.cli.doctor.make_client", lambda *a: FakeClient())
     args = ["doctor", "--cluster", "-f", str(spec_file(tmp_path))]

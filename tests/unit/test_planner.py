@@ -139,6 +139,19 @@ def test_same_input_same_plan():
     assert a == b
 
 
+def test_generation_and_restart_epoch_are_planned_in():
+    spec = load_spec(EXAMPLE.read_text())
+    plain = plan_cluster(spec, seed_nodes())
+    plan = plan_cluster(spec, seed_nodes(), generation=4, restart_epoch=2)
+    procs = [p for np_ in plan.nodes.values() for p in np_.processes]
+    assert plan.generation == 4 and {p.generation for p in procs} == {4}
+    assert {p.restart_epoch for p in procs if p.role in ("prefill", "decode")} == {2}
+    # only the engines restart on a new epoch; a generation alone restarts nothing
+    same = {p.name: p.spec_hash() for np_ in plain.nodes.values() for p in np_.processes if p.role not in ("prefill", "decode")}
+    assert {p.name: p.spec_hash() for p in procs if p.role not in ("prefill", "decode")} == same
+    assert {p.restart_epoch for p in procs if p.role not in ("prefill", "decode")} == {0}
+
+
 def test_replace_keeps_dp_ranks_on_the_spare():
     doc = example_doc()
     doc["policy"] = {"node_loss": "replace", "spare_nodes": ["g15"]}

@@ -1,0 +1,133 @@
+"""The OpenAPI description every agent serves at `GET /openapi.yaml`.
+
+The paths are written here by hand; the schemas are generated from the document models
+(`pdsupervisor.core.documents`) the routes serialize and the client reads, so the
+description cannot drift from what is served. `python -m pdsupervisor.api.openapi` prints it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import yaml
+from pydantic.json_schema import models_json_schema
+
+from pdsupervisor.core.documents import DOCUMENTS
+
+REF = "#/components/schemas/{model}"
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=schema)}}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json("ErrorBody", description)
+
+
+_UNAUTHORIZED = _error("token missing or wrong")
+_ETCD_AWAY = _error("etcd unavailable")
+
+PATHS: dict[str, Any] = {
+    "/cluster/start": {"post": {
+        "summary": "Run a cluster spec (YAML or JSON body).",
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "replace", "in": "query", "schema": {"type": "boolean"},
+                        "description": "replace a running spec"}],
+        "requestBody": {"required": True, "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        }},
+        "responses": {
+            "202": _json("SubmitAnswer", "accepted"),
+            "400": _error("invalid spec; nothing changed"),
+            "401": _UNAUTHORIZED,
+            "409": _error("another spec is running"),
+            "503": _ETCD_AWAY,
+        },
+    }},
+    "/cluster/stop": {"post": {
+        "summary": "Ordered stop (proxy, engines, master).",
+        "security": [{"bearer": []}],
+        "responses": {"202": _json("SubmitAnswer", "accepted"), "401": _UNAUTHORIZED, "503": _ETCD_AWAY},
+    }},
+    "/cluster": {"get": {
+        "summary": "Phase, what is missing, and every process.",
+        "responses": {"200": _json("ClusterDocument", "the cluster"), "503": _ETCD_AWAY},
+    }},
+    "/nodes": {"get": {
+        "summary": "Registered members and their facts.",
+        "responses": {"200": _json("NodesDocument", "members"), "503": _ETCD_AWAY},
+    }},
+    "/events": {"get": {
+        "summary": "Recent events (member joined/lost, process restarted, proxy released, leader changed).",
+        "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}}],
+        "responses": {
+            "200": _json("EventsDocument", "events"),
+            "400": _error("limit is not a whole number"),
+            "503": _ETCD_AWAY,
+        },
+    }},
+    "/healthz": {"get": {"summary": "The agent is alive.", "responses": {"200": {"description": "ok"}}}},
+    "/status": {"get": {"summary": "This node's facts and processes.",
+                        "responses": {"200": {"description": "node status"}}}},
+    "/logs/{process}": {"get": {
+        "summary": "Tail of a process's log on this node (follow=1 streams).",
+        "parameters": [
+            {"name": "process", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "tail", "in": "query", "schema": {"type": "integer", "default": 100}},
+            {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+        ],
+        "responses": {
+            "200": {"description": "log text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "404": _error("no such process"),
+        },
+    }},
+    "/openapi.yaml": {"get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI document"}}}},
+}
+
+
+def schemas() -> dict[str, Any]:
+    """Every document model's JSON schema, and the models they nest, by model name.
+
+    Pydantic puts nested models under `$defs`; for several models at once it puts them all
+    there, with references already pointing at `components/schemas`.
+    """
+    _, top = models_json_schema([(m, "validation") for m in DOCUMENTS], ref_template=REF)
+    return dict(sorted(top["$defs"].items()))
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",  # 3.1: its schemas are JSON Schema, as pydantic writes them
+        "info": {
+            "title": "pdsupervisor cluster API",
+            "version": "1",
+            "description": (
+                "Served by every pd-agent. Writes record desired state in etcd; the elected coordinator\n"
+                "acts on it. Reads come from etcd, so any agent answers them. Mutating endpoints require\n"
+                "`Authorization: Bearer <token>` when the agent is configured with a token file.\n"
+            ),
+        },
+        "servers": [{"url": "http://127.0.0.1:8470"}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas(),
+        },
+        "paths": PATHS,
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a response used twice is written out twice, not as a YAML anchor
+
+
+@functools.cache
+def openapi_yaml() -> str:
+    return yaml.dump(openapi_document(), Dumper=_Dumper, sort_keys=False, width=120)
+
+
+if __name__ == "__main__":
+    print(openapi_yaml(), end="")
