@@ -6,7 +6,6 @@ token middleware guards every mutating method (`Authorization: Bearer <token>`).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import cluster_document
 from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
 from pdsupervisor.core.spec import SpecError, load_spec
-from pdsupervisor.store.cluster import SubmitResult, observe, request_stop, submit_spec
+from pdsupervisor.store.cluster import SubmitResult, observe, observe_nodes, request_stop, submit_spec
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
@@ -79,8 +78,7 @@ async def get_cluster(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:
-    members, leader = await asyncio.gather(store.members(), store.leader())
-    return document(nodes_document(members, leader))
+    return document(nodes_document(*await observe_nodes(store)))
 
 
 async def get_events(request: web.Request, store: Store) -> web.Response:

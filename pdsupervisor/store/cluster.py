@@ -50,6 +50,14 @@ async def observe_membership(store: Store) -> tuple[dict[str, NodeFacts], dict[s
             decode_models(read[keys.status], keys.status, NodeStatus), revision)
 
 
+async def observe_nodes(store: Store) -> tuple[dict[str, NodeFacts], str | None]:
+    """The registered members and the coordinator's name, at one revision (`GET /nodes`)."""
+    keys = store.keys
+    read, _ = await store.snapshot(keys=(keys.leader,), prefixes=(keys.members,))
+    leader = read[keys.leader]
+    return decode_models(read[keys.members], keys.members, NodeFacts), leader[0].value.decode() if leader else None
+
+
 @dataclass
 class SubmitResult:
     status: int  # HTTP-like: 202 accepted, 409 conflict
