@@ -5,6 +5,9 @@ the leader key is taken with `create_revision == 0` under our own lease, refresh
 cycle, and every write is a transaction that checks we still hold it, so a deposed
 coordinator cannot write. When the leader dies its lease expires and another agent's loop
 takes the key within about one TTL and carries on from what is in etcd.
+
+The cluster spec's `policy.lease_ttl_s` is asked of the agent's `LeaseState` (registration
+moves the member lease onto it) and governs the leader lease from the next election.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 
 import structlog
 
+from agent.lease import LeaseState
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.cluster_view import (
     Desired,
@@ -34,15 +37,14 @@ log = structlog.get_logger("coordinator")
 
 
 class Coordinator:
-    def __init__(self, store: Store, name: str, ttl: int = 10,
-                 on_spec_ttl: Callable[[int], None] = lambda ttl: None, events_kept: int = EVENTS_KEPT) -> None:
+    def __init__(self, store: Store, name: str, member_lease: LeaseState, *, events_kept: int = EVENTS_KEPT) -> None:
         self.store = store
         self.name = name
-        self.ttl = ttl
+        self.member_lease = member_lease  # every agent follows the spec's lease TTL, leader or not
+        self.ttl = member_lease.ttl  # of our leader lease
         self.events_kept = events_kept
         self._events_added = False
-        self.on_spec_ttl = on_spec_ttl  # every agent follows the spec's lease TTL, leader or not
-        self.lease: int | None = None
+        self.lease: int | None = None  # our leader lease (a follower holds one too, to try with)
         self.is_leader = False
         self._last_refresh = 0.0
         self._changed = asyncio.Event()
@@ -125,17 +127,17 @@ class Coordinator:
         True when the TTL changed (a leader then hands its key over to take it anew).
         """
         ttl = ((record.spec if record else {}).get("policy") or {}).get("lease_ttl_s")
-        changed = isinstance(ttl, int) and ttl != self.ttl
-        if changed:
-            self.ttl = ttl
-            self.on_spec_ttl(ttl)
-            if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
-                await self.store.release_leader(self.name)
-                self._step_down("lease TTL changed")
-            if self.lease is not None:
-                await self.store.revoke_lease(self.lease)
-                self.lease = None
-        return changed
+        if not isinstance(ttl, int) or ttl == self.ttl:
+            return False
+        self.ttl = ttl
+        self.member_lease.ask_ttl(ttl)
+        if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
+            await self.store.release_leader(self.name)
+            self._step_down("lease TTL changed")
+        if self.lease is not None:
+            await self.store.revoke_lease(self.lease)
+            self.lease = None
+        return True
 
     async def _hold_leadership(self) -> bool:
         now = time.monotonic()

@@ -4,6 +4,7 @@ decision never overwrites a stop that arrived while it was being made."""
 from __future__ import annotations
 
 from agent.coordinator import Coordinator
+from agent.lease import LeaseState
 from pdsupervisor.core.cluster_view import desired_state
 from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.spec import validate_spec
@@ -14,13 +15,13 @@ from tests.cluster_helpers import cluster_spec
 
 async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster_name):
     async with Store([etcd_server.endpoint], cluster_name) as store:
-        coord = Coordinator(store, "a", ttl=5)
+        coord = Coordinator(store, "a", LeaseState(5))
         await coord.cycle()
         assert coord.is_leader and await store.leader() == "a"
         coord._step_down("etcd call timed out")  # what a StoreUnavailable in a cycle does
         await coord.cycle()
         assert coord.is_leader  # took its own key back instead of waiting on itself forever
-        other = Coordinator(store, "b", ttl=5)
+        other = Coordinator(store, "b", LeaseState(5))
         await other.cycle()
         assert not other.is_leader and await store.leader() == "a"
         await store.revoke_lease(coord.lease)
@@ -33,7 +34,7 @@ async def test_a_stop_during_a_cycle_is_not_overwritten(etcd_server, cluster_nam
             await store.register_member(NodeFacts(name=name, ip=f"127.0.0.{i}"), lease)
         spec = validate_spec(cluster_spec(cluster_name, etcd_server.endpoint, decode_nodes=["n2"]))
         assert (await submit_spec(store, spec)).status == 202
-        coord = Coordinator(store, "a", ttl=5)
+        coord = Coordinator(store, "a", LeaseState(5))
         assert await coord._hold_leadership()
         obs = await observe(store)
         desired = desired_state(obs)
@@ -53,7 +54,7 @@ async def test_events_are_trimmed_by_a_cycle_that_writes_no_assignment(etcd_serv
     async with Store([etcd_server.endpoint], cluster_name) as store:
         for i in range(6):
             await store.append_event("process", f"restart {i}")
-        coord = Coordinator(store, "a", ttl=5, events_kept=3)
+        coord = Coordinator(store, "a", LeaseState(5), events_kept=3)
         await coord.cycle()  # no spec: nothing to assign, one `leader` event added
         events = await store.events(limit=100)
         assert [e["kind"] for e in events] == ["process", "process", "leader"]
