@@ -3,9 +3,11 @@
 Everything that runs inside `pd-agent` lives here; it builds on `pdsupervisor` (the core,
 the store, host probes) and nothing in `pdsupervisor` imports it.
 
-- `main`: the `pd-agent` command: configuration, logging, wiring the loops together.
-- `daemon`: `Agent`, the one asyncio loop (start order, background tasks, shutdown).
+- `main`: the `pd-agent` command: configuration, logging, then runs an `Agent`.
+- `daemon`: `Agent`, the one asyncio loop: its parts built with what they share, its loops
+  one named list (`root_tasks`), start order, shutdown.
 - `config`: `AgentConfig` (etc/pdsupervisor/agent.yaml; flags override it).
+- `lease`: `LeaseState`, the member lease shared by registration, reconciler and coordinator.
 - `registration`: node facts under a lease refreshed every ttl/3.
 - `reconciler`: assignment watch -> start/stop/restart; status written on change.
 - `coordinator`: the cluster's reconcile loop, acting only while this agent leads.

@@ -5,6 +5,12 @@ the leader key is taken with `create_revision == 0` under our own lease, refresh
 cycle, and every write is a transaction that checks we still hold it, so a deposed
 coordinator cannot write. When the leader dies its lease expires and another agent's loop
 takes the key within about one TTL and carries on from what is in etcd.
+
+Each `cycle()` returns its `Outcome` (Patroni's `run_cycle` sentence); `run()` logs it when
+it differs from the last one, so the agent's log shows each decision once.
+
+The cluster spec's `policy.lease_ttl_s` is asked of the agent's `LeaseState` (registration
+moves the member lease onto it) and governs the leader lease from the next election.
 """
 
 from __future__ import annotations
@@ -12,43 +18,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
+from agent.lease import LeaseState
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import (
-    Desired,
-    Observed,
-    SpecRecord,
-    assigned_roles,
-    changes,
-    desired_state,
-    live_statuses,
-)
-from pdsupervisor.core.models import NodeAssignment, ProcessStatus
+from pdsupervisor.core.cluster_view import Changes, Desired, Observed, SpecRecord, changes, desired_state, phase_of
+from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, write_events
+from pdsupervisor.core.models import NodeAssignment
 from pdsupervisor.store.cluster import observe, read_record
 from pdsupervisor.store.etcd import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
 
+OutcomeKind = Literal[
+    "follower",  # another agent holds the leader key
+    "acquired",  # took the leader key in this cycle (and then did what the message says)
+    "unchanged",  # leading, nothing to write
+    "waiting",  # leading, the spec cannot be planned yet: the message says what is missing
+    "wrote",  # leading, wrote assignments and/or the spec record
+    "changed-concurrently",  # the spec record changed while deciding: nothing written, decide again
+    "deposed",  # the leader key is no longer ours (a fenced write, or our lease expired)
+    "stepped-down",  # handed the key over, to take it again under the spec's lease TTL
+    "unavailable",  # etcd did not answer: not leading until it does
+]
+WARNINGS: frozenset[OutcomeKind] = frozenset({"deposed", "unavailable"})
+Held = Literal["kept", "acquired", "expired", "follower"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one cycle decided, in words for the agent's log."""
+
+    kind: OutcomeKind
+    message: str
+
 
 class Coordinator:
-    def __init__(self, store: Store, name: str, ttl: int = 10,
-                 on_spec_ttl: Callable[[int], None] = lambda ttl: None, events_kept: int = EVENTS_KEPT) -> None:
+    def __init__(self, store: Store, name: str, member_lease: LeaseState, *, events_kept: int = EVENTS_KEPT) -> None:
         self.store = store
         self.name = name
-        self.ttl = ttl
+        self.member_lease = member_lease  # every agent follows the spec's lease TTL, leader or not
+        self.ttl = member_lease.ttl  # of our leader lease
         self.events_kept = events_kept
         self._events_added = False
-        self.on_spec_ttl = on_spec_ttl  # every agent follows the spec's lease TTL, leader or not
-        self.lease: int | None = None
+        self.lease: int | None = None  # our leader lease (a follower holds one too, to try with)
         self.is_leader = False
         self._last_refresh = 0.0
         self._changed = asyncio.Event()
-        self._known_members: set[str] | None = None
-        self._known_procs: dict[tuple[str, str], ProcessStatus] = {}
-        self._last_phase_note: str | None = None
+        self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
 
     @property
     def loop_wait(self) -> float:
@@ -57,15 +77,17 @@ class Coordinator:
     async def run(self) -> None:
         """Run until cancelled; on cancel, give the leader key up so another takes over at once."""
         watcher = asyncio.create_task(self._watch(), name="coordinator-watch")
+        last: Outcome | None = None
         try:
             while True:
+                outcome: Outcome | None = None
                 try:
-                    await self.cycle()
-                except StoreUnavailable as exc:
-                    log.warning("etcd unavailable", error=str(exc))
-                    self._step_down(None)
+                    outcome = await self.cycle()
                 except Exception:  # a bug must not kill the agent that hosts us
                     log.exception("coordinator cycle failed")
+                if outcome is not None and outcome != last:
+                    (log.warning if outcome.kind in WARNINGS else log.info)(outcome.message, outcome=outcome.kind)
+                last = outcome
                 await wait_event(self._changed, self.loop_wait)
                 self._changed.clear()
                 await asyncio.sleep(0.02)  # let a burst of watch events coalesce into one cycle
@@ -93,30 +115,45 @@ class Coordinator:
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
 
-    def _step_down(self, reason: str | None) -> None:
-        if self.is_leader:
-            log.warning("lost leadership", reason=reason)
+    def _step_down(self) -> None:
         self.is_leader = False
-        self._known_members = None
-        self._known_procs = {}
+        self._previous = None
 
-    async def cycle(self) -> None:
+    async def cycle(self) -> Outcome:
+        """One decision: follow, or lead and write what the spec asks for. etcd away is an
+        outcome too (a leader steps down: it acts again only once etcd answers)."""
+        try:
+            return await self._cycle()
+        except StoreUnavailable as exc:
+            self._step_down()
+            return Outcome("unavailable", f"etcd unavailable ({str(exc) or type(exc).__name__}): "
+                                          "not leading until it answers")
+
+    async def _cycle(self) -> Outcome:
         if not self.is_leader:  # a follower reads the spec for its TTL only
             await self._follow_spec_ttl((await read_record(self.store))[0])
-        if not await self._hold_leadership():
-            return
+        held = await self._hold_leadership()
+        if held == "follower":
+            return Outcome("follower", "no action: another agent holds the leader key")
+        if held == "expired":
+            return Outcome("deposed", "our leader lease expired and another agent holds the leader key")
         obs = await observe(self.store)
         if await self._follow_spec_ttl(obs.record):
-            return  # stepped down to take the key again under the new TTL
-        await self._record_events(obs)
-        desired = desired_state(obs)
-        await self._apply(obs, desired)
+            return Outcome("stepped-down", f"released the leader key to take it again under the spec's lease TTL "
+                                           f"({self.ttl} s)")
+        for event in observed_events(self._previous, obs):
+            await self._event(event)
+        self._previous = obs
+        outcome = await self._apply(obs, desired_state(obs))
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False
             await self.store.trim_events(self.events_kept)
+        if held == "acquired" and outcome.kind in ("unchanged", "waiting", "wrote"):
+            return Outcome("acquired", f"acquired the leader key as {self.name}; {outcome.message}")
+        return outcome
 
-    async def _event(self, kind: str, message: str, **fields: object) -> None:
-        await self.store.append_event(kind, message, **fields)
+    async def _event(self, event: ClusterEvent) -> None:
+        await self.store.append_event(event.kind, event.message, **event.fields)
         self._events_added = True
 
     async def _follow_spec_ttl(self, record: SpecRecord | None) -> bool:
@@ -125,44 +162,48 @@ class Coordinator:
         True when the TTL changed (a leader then hands its key over to take it anew).
         """
         ttl = ((record.spec if record else {}).get("policy") or {}).get("lease_ttl_s")
-        changed = isinstance(ttl, int) and ttl != self.ttl
-        if changed:
-            self.ttl = ttl
-            self.on_spec_ttl(ttl)
-            if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
-                await self.store.release_leader(self.name)
-                self._step_down("lease TTL changed")
-            if self.lease is not None:
-                await self.store.revoke_lease(self.lease)
-                self.lease = None
-        return changed
+        if not isinstance(ttl, int) or ttl == self.ttl:
+            return False
+        self.ttl = ttl
+        self.member_lease.ask_ttl(ttl)
+        if self.is_leader:  # our lease has the old TTL: hand the key over and take it anew
+            await self.store.release_leader(self.name)
+            self._step_down()
+        if self.lease is not None:
+            await self.store.revoke_lease(self.lease)
+            self.lease = None
+        return True
 
-    async def _hold_leadership(self) -> bool:
+    async def _hold_leadership(self) -> Held:
         now = time.monotonic()
+        expired = False
         if self.is_leader:
             if now - self._last_refresh < self.loop_wait:
-                return True
+                return "kept"
             assert self.lease is not None
             if await self.store.refresh_lease(self.lease) > 0:
                 self._last_refresh = now
-                return True
-            self._step_down("lease expired")
+                return "kept"
+            self._step_down()
             self.lease = None
+            expired = True
         if self.lease is None or await self.store.refresh_lease(self.lease) == 0:
             self.lease = await self.store.grant_lease(self.ttl)
         self._last_refresh = time.monotonic()
         if await self.store.acquire_leader(self.name, self.lease):
             self.is_leader = True
-            log.info("became leader", node=self.name)
-            await self._event("leader", f"{self.name} is the coordinator", node=self.name)
-            return True
-        return False
+            await self._event(new_leader(self.name))
+            return "acquired"
+        return "expired" if expired else "follower"
 
-    async def _apply(self, obs: Observed, desired: Desired) -> None:
+    async def _apply(self, obs: Observed, desired: Desired) -> Outcome:
         todo = changes(obs, desired)
         if not todo:
-            self._note_missing(desired.missing)
-            return
+            if desired.missing:
+                return Outcome("waiting", "no action: waiting for " + "; ".join(desired.missing))
+            if obs.record is None:
+                return Outcome("unchanged", "no action: no spec submitted")
+            return Outcome("unchanged", f"no action: cluster {phase_of(obs, desired)}")
         keys = self.store.keys
         puts: dict[str, NodeAssignment | SpecRecord] = {keys.assignment(n): a for n, a in todo.puts.items()}
         if todo.record is not None:
@@ -170,59 +211,25 @@ class Coordinator:
         deletes = [keys.assignment(n) for n in todo.deletes]
         # Fenced on the leader key, and on the spec record we decided from: a stop or a
         # replacing spec submitted during this cycle must not be overwritten.
-        outcome = await self.store.write_as_leader(self.name, puts, deletes, unchanged={keys.spec: obs.record_revision})
-        if outcome == "changed":
-            self._changed.set()  # the spec changed under us: decide again from a fresh read
-        elif outcome == "deposed":
-            self._step_down("fenced: leader key no longer ours")
-        else:
-            await self._describe_writes(obs, desired)
+        written = await self.store.write_as_leader(self.name, puts, deletes, unchanged={keys.spec: obs.record_revision})
+        if written == "changed":
+            self._changed.set()  # decide again, at once, from a fresh read
+            return Outcome("changed-concurrently", "nothing written: the spec record changed while deciding; "
+                                                   "deciding again")
+        if written == "deposed":
+            self._step_down()
+            return Outcome("deposed", "nothing written: the leader key is no longer ours (fenced)")
+        for event in write_events(obs, desired):
+            await self._event(event)
+        return Outcome("wrote", _what_was_written(todo))
 
-    def _note_missing(self, missing: list[str]) -> None:
-        note = "; ".join(missing)
-        if note and note != self._last_phase_note:
-            log.info("waiting for members", missing=note)
-        self._last_phase_note = note
 
-    async def _describe_writes(self, obs: Observed, desired: Desired) -> None:
-        record = obs.record
-        before = assigned_roles(obs)
-        after = {p.role for a in desired.assignments.values() if a for p in a.processes}
-        for role in sorted(after - before):
-            message = "proxy released: every engine is ready" if role == "proxy" else f"{role} assigned"
-            await self._event("assign", message, role=role)
-        for role in sorted(before - after):
-            await self._event("unassign", f"{role} removed", role=role)
-        new = desired.record
-        if record is not None and new is not None and new.placement != record.placement and record.placement:
-            await self._event("replan", f"placement now {new.placement}", placement=new.placement)
-        if record is not None and new is not None and new.master_epoch != record.master_epoch:
-            await self._event(
-                "master", f"mooncake master restarted (pid {record.master_pid} -> {new.master_pid}): "
-                "restarting the engines, now that it is ready", pid=new.master_pid, epoch=new.master_epoch)
-
-    async def _record_events(self, obs: Observed) -> None:
-        members = set(obs.members)
-        if self._known_members is None:  # new leader: a node with work but no lease was lost
-            for node in sorted(set(obs.assignments) - members):
-                await self._event("member", f"{node} lost (lease expired)", node=node)
-        else:
-            for node in sorted(members - self._known_members):
-                await self._event("member", f"{node} joined", node=node)
-            for node in sorted(self._known_members - members):
-                await self._event("member", f"{node} lost (lease expired)", node=node)
-        self._known_members = members
-        procs = {(n, p.name): p for n, s in live_statuses(obs).items() for p in s.processes}
-        for key, now in procs.items():
-            prev = self._known_procs.get(key)
-            if prev is None or now.pid is None:
-                continue
-            if now.restarts > prev.restarts:
-                await self._event(
-                    "process", f"{key[1]} on {key[0]} restarted (exit code {now.last_exit_code})",
-                    node=key[0], process=key[1], exit_code=now.last_exit_code, restarts=now.restarts,
-                )
-            elif prev.pid is None or (prev.pid != now.pid and now.restarts == prev.restarts):
-                await self._event("process", f"{key[1]} on {key[0]} started (pid {now.pid})",
-                                              node=key[0], process=key[1], pid=now.pid)
-        self._known_procs = procs
+def _what_was_written(todo: Changes) -> str:
+    parts = []
+    if todo.puts:
+        parts.append("wrote the assignments of " + ", ".join(sorted(todo.puts)))
+    if todo.deletes:
+        parts.append("deleted the assignments of " + ", ".join(todo.deletes))
+    if todo.record is not None:
+        parts.append(f"wrote the spec record (generation {todo.record.generation}, {todo.record.action})")
+    return "; ".join(parts)

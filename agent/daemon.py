@@ -1,11 +1,13 @@
-"""The Agent: one asyncio loop wiring registration, reconcile, status, logs and REST.
+"""The Agent: one asyncio loop wiring registration, reconcile, status, the coordinator, logs and REST.
 
-Order at start: adopt recorded processes (before anything talks to etcd), start the
-embedded etcd on a bootstrap node and wait for it, then register, watch the assignment and
-report status. Stopping the agent never stops a process, and it does not revoke its lease:
-the member key outlives the agent by the TTL, so a restart (upgrade, crash, `systemctl
-restart`) within the TTL re-registers before anyone sees the node as lost, and costs nothing
-even under the `replace` node-loss policy. Every child is left running for the next agent.
+Its parts get what they share at construction (the `Store`, the `LeaseState`); its loops
+are one named list, `root_tasks()`, each run guarded. Order at start: adopt recorded
+processes (before anything talks to etcd), start the embedded etcd on a bootstrap node and
+wait for it, then register, watch the assignment, report status and coordinate. Stopping
+the agent never stops a process, and it does not revoke its lease: the member key outlives
+the agent by the TTL, so a restart (upgrade, crash, `systemctl restart`) within the TTL
+re-registers before anyone sees the node as lost, and costs nothing even under the
+`replace` node-loss policy. Every child is left running for the next agent.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import io
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
 
+from agent.api.cluster import cluster_routes
 from agent.config import AgentConfig
+from agent.coordinator import Coordinator
+from agent.lease import LeaseState, store_timeout
 from agent.notify import Notifier
 from agent.process import logs
 from agent.process.statefile import ProcStore
@@ -34,37 +40,28 @@ from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec, ProcessState, RestartPolicy
 from pdsupervisor.host import probes
 from pdsupervisor.store.embedded import etcd_binary
-from pdsupervisor.store.etcd import Store, lease_refresh_interval
+from pdsupervisor.store.etcd import Store
 
 log = structlog.get_logger("agent")
 
-TaskFactory = Callable[["Agent"], Awaitable[None]]
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 SHUTDOWN_TASK_WAIT_S = 5.0  # per group of background tasks, after their cancellation
-
-
-def store_timeout(ttl: int) -> float:
-    """Per-call etcd timeout: a refresh every ttl/3 plus two timed-out calls still fit in the
-    TTL (Patroni's `loop_wait + 2 * retry_timeout <= ttl`)."""
-    return min(3.0, lease_refresh_interval(ttl))
+# Cancelled (and waited for) before the other loops: it hands the leader key over at once.
+STOPPED_FIRST = ("coordinator",)
 
 
 class Agent:
-    """The per-node daemon. Extension points for the coordinator (and anything else):
+    """The per-node daemon. What its parts and the REST handlers read:
 
     - `agent.store`: the agent's `Store` (the only etcd client of the process).
     - `agent.name`, `agent.config` (`AgentConfig`), `agent.facts()` (current `NodeFacts`).
-    - `agent.lease_id`: the current lease (None while unregistered; it changes after a lost
-      lease is replaced). `await agent.wait_registered()` waits for the first one.
-    - `agent.follow_ttl(ttl)`: take the cluster spec's lease TTL (the coordinator calls it).
-    - `agent.add_task(factory, name)`: before `run()`, add a background task
-      `factory(agent) -> coroutine` run in the agent's loop; if it raises, it is logged and
-      started again after a backoff; it is cancelled first at shutdown.
+    - `agent.lease`: the member lease (`LeaseState`: `lease_id`, None while unregistered;
+      `registered`, set at the first registration; `ttl`).
+    - `agent.registration`, `agent.reconciler` (`procs`: the managed processes by name,
+      read-only for others), `agent.coordinator`.
     - `agent.stopping`: an `asyncio.Event` set when the agent is asked to stop; a handler
       that runs long (a log follower) ends when it is set.
-    - `agent.add_routes(routes)`: before `run()`, extra aiohttp `RouteDef`s for the REST app
-      (mutating methods are guarded by the token middleware; `agent.api.app.require_token`
-      guards a read).
-    - `agent.reconciler.procs`: the managed processes by name (read-only for others).
+    - `agent.routes`: the REST routes beside the node's own (the cluster API).
     """
 
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
@@ -75,40 +72,37 @@ class Agent:
         self.state_dir = Path(config.state_dir).absolute()  # it goes into specs and facts
         self.log_dir = self.state_dir / "logs"
         self.store = Store(config.etcd, config.cluster, timeout_s=store_timeout(config.ttl))
+        self.lease = LeaseState(config.ttl)
         self.notifier = notifier or Notifier()
         self.reconciler = Reconciler(
-            self.name, self.store, ProcStore(self.state_dir / "procs"), self.log_dir,
+            self.name, self.store, ProcStore(self.state_dir / "procs"), self.log_dir, self.lease,
             heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
         )
-        self.registration = Registration(self.store, self.facts, config.ttl, self._registered)
-        self.reconciler.lease_of = lambda: self.registration.lease_id
+        self.registration = Registration(self.store, self.facts, self.lease)
+        # every agent runs the coordinator loop (it acts only as leader) and serves the cluster API
+        self.coordinator = Coordinator(self.store, self.name, self.lease)
+        self.routes = cluster_routes(self.store)
         self.bootstrap: ManagedProcess | None = None
         self.runner: web.AppRunner | None = None
-        self._task_factories: list[tuple[str, TaskFactory]] = []
-        self._extra_routes: list[web.RouteDef] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._extra_tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT; long-lived handlers end on it
 
-    # ---- extension points ----------------------------------------------------------
+    def root_tasks(self) -> dict[str, TaskFactory]:
+        """Every long-lived loop of the agent, by name, in start order (kopf's `spawn_tasks`).
 
-    @property
-    def lease_id(self) -> int | None:
-        return self.registration.lease_id
-
-    async def wait_registered(self) -> None:
-        await self.registration.registered.wait()
-
-    def add_task(self, factory: TaskFactory, name: str = "extra") -> None:
-        self._task_factories.append((name, factory))
-
-    def add_routes(self, routes: list[web.RouteDef]) -> None:
-        self._extra_routes.extend(routes)
-
-    def follow_ttl(self, ttl: int) -> None:
-        """The cluster spec's lease TTL: member lease and etcd call timeouts follow it."""
-        self.store.timeout_s = store_timeout(ttl)
-        self.registration.set_ttl(ttl)
+        Each runs guarded: a bug in one is logged and that loop started again after a backoff.
+        At shutdown `STOPPED_FIRST` are cancelled first, then the others.
+        """
+        return {
+            "registration": self.registration.run,
+            "assignment": self.reconciler.watch_assignment,
+            "status": self.reconciler.report_status,
+            "status-lease": self.reconciler.rewrite_status_on_new_lease,
+            "logs": self._rotate_logs,
+            "watchdog": self._watchdog,
+            "ready": self._notify_ready,
+            "coordinator": self.coordinator.run,
+        }
 
     # ---- facts ---------------------------------------------------------------------
 
@@ -124,9 +118,6 @@ class Agent:
     @property
     def api_url(self) -> str:
         return self.config.api_url(self.runner.addresses[0][1] if self.runner and self.runner.addresses else None)
-
-    def _registered(self, lease: int) -> None:
-        self.reconciler.mark_dirty()  # status under the new lease (see Reconciler._comparable)
 
     # ---- embedded etcd -------------------------------------------------------------
 
@@ -185,7 +176,7 @@ class Agent:
             await asyncio.sleep(interval)
 
     async def _notify_ready(self) -> None:
-        await self.wait_registered()
+        await self.lease.registered.wait()
         self.notifier.ready(f"registered as {self.name}")
 
     async def _supervised(self, name: str, factory: TaskFactory) -> None:
@@ -193,7 +184,7 @@ class Agent:
         while True:
             started = time.monotonic()
             try:
-                await factory(self)
+                await factory()
                 log.debug("background task finished", task=name)
                 return
             except asyncio.CancelledError:
@@ -212,7 +203,7 @@ class Agent:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         adopted = self.reconciler.adopt()  # before etcd is even contacted
         log.info("agent starting", name=self.name, cluster=self.config.cluster, adopted=adopted)
-        app = build_app(self, self._extra_routes)
+        app = build_app(self, self.routes)
         # a request still running 3 s into shutdown is cancelled (aiohttp would wait 60 s)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)
         await self.runner.setup()
@@ -223,17 +214,7 @@ class Agent:
         if self.config.bootstrap_etcd.enabled:
             await self._start_bootstrap_etcd()
         await self.store.connect()
-        spawn = asyncio.create_task
-        core: list[tuple[str, TaskFactory]] = [  # a bug in one loop is logged and the loop restarted
-            ("registration", lambda a: a.registration.run()),
-            ("assignment", lambda a: a.reconciler.watch_assignment()),
-            ("status", lambda a: a.reconciler.report_status()),
-            ("logs", lambda a: a._rotate_logs()),
-            ("watchdog", lambda a: a._watchdog()),
-            ("ready", lambda a: a._notify_ready()),
-        ]
-        self._tasks += [spawn(self._supervised(n, f), name=n) for n, f in core]
-        self._extra_tasks += [spawn(self._supervised(n, f), name=n) for n, f in self._task_factories]
+        self._tasks = [asyncio.create_task(self._supervised(n, f), name=n) for n, f in self.root_tasks().items()]
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -256,8 +237,8 @@ class Agent:
         """Leave every child running and the lease to expire by itself (see the module docstring)."""
         self.stopping.set()  # however we got here: long-lived handlers end on it
         self.notifier.stopping()
-        # the coordinator first: it may still want the store
-        for tasks in (self._extra_tasks, self._tasks):
+        first = [t for t in self._tasks if t.get_name() in STOPPED_FIRST]
+        for tasks in (first, [t for t in self._tasks if t not in first]):
             for stuck in await cancel_and_wait(tasks, SHUTDOWN_TASK_WAIT_S):
                 stack = io.StringIO()
                 stuck.print_stack(file=stack)

@@ -114,22 +114,10 @@ def main(config_path: str | None, log_level: str, **flags: Any) -> None:
     asyncio.run(_run(config))
 
 
-def add_coordinator(agent: Any) -> None:
-    """Every agent serves the cluster API and runs the coordinator loop (it acts only as leader)."""
-    from agent.api.cluster import cluster_routes
-    from agent.coordinator import Coordinator
-
-    agent.add_routes(cluster_routes(agent.store))
-    agent.add_task(
-        lambda a: Coordinator(a.store, a.name, a.config.ttl, on_spec_ttl=a.follow_ttl).run(), "coordinator"
-    )
-
-
 async def _run(config: Any) -> None:
     from agent.daemon import Agent, install_signal_handlers
 
-    agent = Agent(config)
-    add_coordinator(agent)
+    agent = Agent(config)  # its parts and loops: `Agent.__init__` and `Agent.root_tasks`
     install_signal_handlers(agent)
     await agent.run()
 

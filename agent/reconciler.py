@@ -3,20 +3,21 @@
 Only the assignment stops a process: a key read as absent means "run nothing", but a
 failed read means nothing at all (etcd away: everything keeps running as it is).
 Status is written when it changes (coalesced, at most one write per `min_interval_s`) and
-otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no writes.
+otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no writes. It is
+written under the agent's member lease (`LeaseState`), and again under each new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
 
+from agent.lease import LeaseState
 from agent.process.statefile import ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.aio.wait import wait_event
@@ -33,6 +34,7 @@ class Reconciler:
         store: Store,
         records: ProcStore,
         log_dir: Path,
+        lease: LeaseState,
         *,
         heartbeat_s: float = 60.0,
         resync_s: float = 60.0,
@@ -42,13 +44,13 @@ class Reconciler:
         self.store = store
         self.records = records
         self.log_dir = log_dir
+        self.lease = lease  # the member lease status is reported under
         self.heartbeat_s = heartbeat_s
         self.resync_s = resync_s
         self.min_interval_s = min_interval_s
         self.procs: dict[str, ManagedProcess] = {}  # in the assignment's order
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
-        self.lease_of: Callable[[], int | None] = lambda: None  # the agent's current member lease
         self._lock = asyncio.Lock()
 
     # ---- adoption ----------------------------------------------------------------
@@ -134,7 +136,7 @@ class Reconciler:
         return list(self.procs.values())
 
     def snapshot(self) -> NodeStatus:
-        return NodeStatus(node=self.node, updated_at=time.time(), lease=self.lease_of() or 0,
+        return NodeStatus(node=self.node, updated_at=time.time(), lease=self.lease.lease_id or 0,
                           processes=[m.status() for m in self.snapshot_procs()])
 
     @staticmethod
@@ -143,6 +145,14 @@ class Reconciler:
         reported under (readers ignore status under any other lease, so a re-registration
         gets its own write)."""
         return st.lease, [p.model_dump(exclude={"uptime_s"}) for p in st.processes]
+
+    async def rewrite_status_on_new_lease(self) -> None:
+        """A new member lease (the first, or one replacing a lost lease) gets its own status
+        write: readers ignore status under any other lease."""
+        seen: int | None = None
+        while True:
+            seen = await self.lease.next_lease(seen)
+            self.mark_dirty()
 
     async def report_status(self) -> None:
         """Write status on change (coalesced) and every `heartbeat_s`; retry while etcd is away."""

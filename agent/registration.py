@@ -3,6 +3,10 @@
 A refresh answering 0 means the lease is gone (expired during an outage, or revoked by an
 old etcd leader): grant a new one and register again, never panic. While etcd is away the
 loop only retries; nothing else in the agent depends on it succeeding.
+
+The lease it holds is published in the shared `LeaseState`; a TTL asked for there (the
+cluster spec's) is taken at once: a new lease is granted, the member key moved onto it, and
+the old lease revoked, so the member key never disappears in between.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
+from agent.lease import LeaseState, store_timeout
+from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.store.etcd import Store, StoreUnavailable, lease_refresh_interval
 
@@ -22,41 +29,22 @@ FACTS_RECHECK_S = 60.0
 
 
 class Registration:
-    def __init__(
-        self,
-        store: Store,
-        facts: Callable[[], NodeFacts],
-        ttl: int,
-        on_registered: Callable[[int], None] = lambda lease: None,
-    ) -> None:
+    def __init__(self, store: Store, facts: Callable[[], NodeFacts], lease: LeaseState) -> None:
         self.store = store
         self.facts = facts
-        self.ttl = ttl
-        self.on_registered = on_registered
-        self.lease_id: int | None = None
-        self.registered = asyncio.Event()  # set once, at the first registration
+        self.lease = lease
         self.last_refresh_mono: float | None = None
-        self._facts_sent: dict | None = None
+        self._granted_ttl = lease.ttl  # the TTL of the lease we hold
+        self._facts_sent: dict[str, Any] | None = None
         self._facts_checked = 0.0
-        self._ttl_changed = False
         self._registered_at = 0.0
-
-    def set_ttl(self, ttl: int) -> None:
-        """Take the cluster spec's TTL (`policy.lease_ttl_s`) over the configured one.
-
-        Applied at the next refresh: a new lease is granted, the member key moved onto it,
-        and the old lease revoked, so the member key never disappears in between.
-        """
-        if ttl != self.ttl:
-            self.ttl = ttl
-            self._ttl_changed = True
 
     @property
     def healthy(self) -> bool:
         """The lease was confirmed alive within the last ttl."""
-        return self.last_refresh_mono is not None and time.monotonic() - self.last_refresh_mono < self.ttl
+        return self.last_refresh_mono is not None and time.monotonic() - self.last_refresh_mono < self.lease.ttl
 
-    def _comparable(self, f: NodeFacts) -> dict:
+    def _comparable(self, f: NodeFacts) -> dict[str, Any]:
         return f.model_dump(exclude={"registered_at", "hugepages_free", "lease"})
 
     async def _publish(self, facts: NodeFacts, lease: int) -> None:
@@ -66,14 +54,15 @@ class Registration:
         self._facts_checked = time.monotonic()
 
     async def _register(self) -> None:
-        lease = await self.store.grant_lease(self.ttl)
+        ttl = self.lease.ttl
+        self.store.timeout_s = store_timeout(ttl)  # etcd calls follow the TTL they must fit in
+        lease = await self.store.grant_lease(ttl)
         self._registered_at = time.time()
         await self._publish(self.facts(), lease)
-        self.lease_id = lease
+        self._granted_ttl = ttl
+        self.lease.registered_under(lease)
         self.last_refresh_mono = time.monotonic()
-        log.info("registered", lease=hex(lease), ttl=self.ttl)
-        self.registered.set()
-        self.on_registered(lease)
+        log.info("registered", lease=hex(lease), ttl=ttl)
 
     async def _maybe_update_facts(self, lease: int) -> None:
         if time.monotonic() - self._facts_checked < FACTS_RECHECK_S:
@@ -87,25 +76,25 @@ class Registration:
     async def run(self) -> None:
         delay = 0.25
         while True:
-            period = lease_refresh_interval(self.ttl)
+            self.lease.ttl_asked.clear()  # whatever it asks now is taken below
+            period = lease_refresh_interval(self.lease.ttl)
+            held = self.lease.lease_id
             try:
-                if self.lease_id is None:
+                if held is None:
                     await self._register()
-                elif self._ttl_changed:
-                    old = self.lease_id
+                elif self._granted_ttl != self.lease.ttl:
                     await self._register()
-                    self._ttl_changed = False
-                    await self.store.revoke_lease(old)
+                    await self.store.revoke_lease(held)
                 else:
-                    left = await self.store.refresh_lease(self.lease_id)
+                    left = await self.store.refresh_lease(held)
                     if left <= 0:
-                        log.warning("lease lost, registering again", lease=hex(self.lease_id))
-                        self.lease_id = None
+                        log.warning("lease lost, registering again", lease=hex(held))
+                        self.lease.lost()
                         continue
                     self.last_refresh_mono = time.monotonic()
-                    await self._maybe_update_facts(self.lease_id)
+                    await self._maybe_update_facts(held)
                 delay = 0.25
-                await asyncio.sleep(period)
+                await wait_event(self.lease.ttl_asked, period)
             except StoreUnavailable as exc:
                 log.warning("etcd unavailable, retrying", error=str(exc) or type(exc).__name__, retry_in=delay)
                 await asyncio.sleep(delay)

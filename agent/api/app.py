@@ -1,10 +1,10 @@
 """The agent's local REST API (aiohttp).
 
-`build_app(agent, extra_routes)` builds the app; the coordinator's cluster routes are
-passed as `extra_routes` (or via `Agent.add_routes` before `Agent.run()`), so one server
-per node serves both. Read endpoints are open; mutating methods (POST, PUT, PATCH,
-DELETE) need `Authorization: Bearer <token>` when a token file is configured, checked by
-`token_middleware` for the whole app; `require_token` guards a single handler.
+`build_app(agent, extra_routes)` builds the app; the agent passes the cluster routes
+(`agent.routes`) as `extra_routes`, so one server per node serves both. Read endpoints are
+open; mutating methods (POST, PUT, PATCH, DELETE) need `Authorization: Bearer <token>`
+when a token file is configured, checked by `token_middleware` for the whole app;
+`require_token` guards a single handler.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _agent(request: web.Request) -> Agent:
 async def healthz(request: web.Request) -> web.Response:
     a = _agent(request)
     return web.json_response({
-        "ok": True, "name": a.name, "registered": a.lease_id is not None,
+        "ok": True, "name": a.name, "registered": a.lease.lease_id is not None,
         "etcd_reachable": a.registration.healthy,
     })
 
@@ -98,7 +98,7 @@ async def status(request: web.Request) -> web.Response:
     body = {
         "node": a.facts().model_dump(mode="json"),
         "cluster": a.config.cluster,
-        "lease_id": a.lease_id,
+        "lease_id": a.lease.lease_id,
         "etcd_reachable": a.registration.healthy,
         "assignment_seen": a.reconciler.assignment_seen,
         "processes": procs,

@@ -1,60 +1,258 @@
-"""The coordinator's loop against a real etcd: leadership survives a failed cycle, and a
-decision never overwrites a stop that arrived while it was being made."""
+"""The coordinator's decisions, one `cycle()` at a time, against a real etcd.
+
+No loop runs and nothing sleeps: each test writes members, status and the spec record with
+the store (as agents and the REST API would), runs a cycle, and checks the outcome it
+returns and what it wrote.
+"""
 
 from __future__ import annotations
 
-from agent.coordinator import Coordinator
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.coordinator import Coordinator, Outcome
+from agent.lease import LeaseState
 from pdsupervisor.core.cluster_view import desired_state
-from pdsupervisor.core.models import NodeFacts
+from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.store.cluster import observe, read_record, request_stop, submit_spec
 from pdsupervisor.store.etcd import Store
 from tests.cluster_helpers import cluster_spec
 
+TTL = 5  # the coordinators' and the spec's, so that no cycle steps down to change it
+PIDS = {"mooncake-master": 100, "prefill-0": 200, "decode-0": 300, "decode-1": 301, "proxy": 400}
 
-async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster_name):
+
+class Cluster:
+    """One test's cluster in etcd: members, what their agents report, coordinators."""
+
+    def __init__(self, store: Store, etcd: str) -> None:
+        self.store, self.etcd = store, etcd
+        self.member_lease = 0
+        self.coordinators: list[Coordinator] = []
+
+    def coordinator(self, name: str = "a", ttl: int = TTL, store: Store | None = None) -> Coordinator:
+        coord = Coordinator(store or self.store, name, LeaseState(ttl))
+        self.coordinators.append(coord)
+        return coord
+
+    async def join(self, *names: str) -> None:
+        """Register members n1 (127.0.0.1), n2 (127.0.0.2), ... under one lease."""
+        if not self.member_lease:
+            self.member_lease = await self.store.grant_lease(30)
+        for name in names:
+            facts = NodeFacts(name=name, ip=f"127.0.0.{name[1:]}", lease=self.member_lease)
+            await self.store.register_member(facts, self.member_lease)
+
+    async def submit(self, decode_nodes: list[str], ttl: int = TTL) -> None:
+        doc = cluster_spec(self.store.cluster, self.etcd, decode_nodes=decode_nodes, ttl=ttl)
+        doc["mooncake"]["enabled"] = True  # the master stage, whether or not mooncake_master is installed
+        assert (await submit_spec(self.store, validate_spec(doc))).status == 202
+
+    async def report(self) -> None:
+        """Every member's agent runs exactly its assignment now, every process ready."""
+        assignments = await self.store.assignments()
+        for node in await self.store.members():
+            procs = assignments[node].processes if node in assignments else []
+            await self.store.put_status(NodeStatus(node=node, updated_at=1.0, lease=self.member_lease, processes=[
+                ProcessStatus(name=p.name, role=p.role, state=ProcessState.ready, pid=PIDS[p.name],
+                              spec_hash=p.spec_hash()) for p in procs]))
+
+    async def assigned(self) -> dict[str, list[str]]:
+        return {n: [p.name for p in a.processes] for n, a in (await self.store.assignments()).items()}
+
+    async def events(self) -> list[str]:
+        return [e["message"] for e in await self.store.events(limit=100)]
+
+    async def close(self) -> None:
+        for lease in [self.member_lease] + [c.lease for c in self.coordinators]:
+            if lease:
+                await self.store.revoke_lease(lease)
+
+
+@pytest.fixture
+async def cluster(etcd_server, cluster_name) -> AsyncIterator[Cluster]:
     async with Store([etcd_server.endpoint], cluster_name) as store:
-        coord = Coordinator(store, "a", ttl=5)
+        c = Cluster(store, etcd_server.endpoint)
+        try:
+            yield c
+        finally:
+            await c.close()
+
+
+async def _started(c: Cluster, coord: Coordinator) -> None:
+    """n1 and n2 run the spec, every stage assigned and ready."""
+    await c.join("n1", "n2")
+    await c.submit(decode_nodes=["n2"])
+    for _ in range(3):  # master, engines, proxy: one stage per write once the last is ready
+        assert (await coord.cycle()).kind == "wrote"
+        await c.report()
+    assert await coord.cycle() == Outcome("unchanged", "no action: cluster ready")
+
+
+async def test_a_follower_while_another_holds_the_key(cluster):
+    assert (await cluster.coordinator("b").cycle()).kind == "acquired"
+    a = cluster.coordinator("a")
+    assert await a.cycle() == Outcome("follower", "no action: another agent holds the leader key")
+    assert not a.is_leader and await cluster.store.leader() == "b"
+
+
+async def test_acquires_a_free_key_then_leads(cluster):
+    a = cluster.coordinator("a")
+    assert await a.cycle() == Outcome("acquired", "acquired the leader key as a; no action: no spec submitted")
+    assert a.is_leader and await cluster.store.leader() == "a"
+    assert await cluster.events() == ["a is the coordinator"]
+    assert await a.cycle() == Outcome("unchanged", "no action: no spec submitted")
+
+
+async def test_writes_each_start_stage_once_the_last_is_ready(cluster):
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1; wrote the spec record (generation 1, start)")
+    assert await cluster.assigned() == {"n1": ["mooncake-master"]}
+    assert await a.cycle() == Outcome("unchanged", "no action: cluster starting")  # the master is not ready
+    await cluster.report()
+    outcome = await a.cycle()
+    assert outcome.kind == "wrote" and "wrote the assignments of n1, n2;" in outcome.message
+    assert await cluster.assigned() == {"n1": ["mooncake-master", "prefill-0"], "n2": ["decode-0", "decode-1"]}
+    assert (await read_record(cluster.store))[0].master_pid == PIDS["mooncake-master"]
+    assert (await a.cycle()).kind == "unchanged"
+    await cluster.report()
+    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1")
+    assert (await cluster.assigned())["n1"] == ["mooncake-master", "prefill-0", "proxy"]
+    await cluster.report()
+    assert await a.cycle() == Outcome("unchanged", "no action: cluster ready")
+    assert (await cluster.events())[-4:] == ["mooncake-master assigned", "decode assigned", "prefill assigned",
+                                             "proxy released: every engine is ready"]
+
+
+async def test_waits_for_a_missing_member_and_names_it(cluster):
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await cluster.join("n1")
+    await cluster.submit(decode_nodes=["n2"])
+    assert await a.cycle() == Outcome("waiting", "no action: waiting for decode.node_names: node n2 is not registered")
+    assert await cluster.assigned() == {}
+    await cluster.join("n2")
+    assert (await a.cycle()).kind == "wrote"
+    assert await cluster.events() == ["a is the coordinator", "generation 1 submitted", "n1 joined", "n2 joined",
+                                      "mooncake-master assigned"]
+
+
+async def test_deposed_when_the_leader_key_is_taken_away(cluster):
+    a, b = cluster.coordinator("a"), cluster.coordinator("b")
+    await a.cycle()
+    await cluster.store.delete(cluster.store.keys.leader)  # by hand, while a's lease lives on
+    assert (await b.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    assert await a.cycle() == Outcome("deposed", "nothing written: the leader key is no longer ours (fenced)")
+    assert not a.is_leader and await cluster.assigned() == {}
+    assert (await a.cycle()).kind == "follower"
+    assert (await b.cycle()).kind == "wrote"
+
+
+async def test_deposed_when_its_lease_expired_and_another_took_the_key(cluster):
+    a = cluster.coordinator("a", ttl=1)
+    await a.cycle()
+    await cluster.store.revoke_lease(a.lease)  # as an etcd outage past the TTL would: the key goes with it
+    assert (await cluster.coordinator("b").cycle()).kind == "acquired"
+    await asyncio.sleep(a.loop_wait)  # the scenario itself: a's next lease refresh is due
+    assert await a.cycle() == Outcome("deposed", "our leader lease expired and another agent holds the leader key")
+    assert not a.is_leader and await cluster.store.leader() == "b"
+
+
+async def test_a_stop_during_a_cycle_is_not_overwritten(cluster, monkeypatch):
+    store = cluster.store
+    coord = cluster.coordinator("a")
+    assert (await coord.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    obs = await observe(store)
+    desired = desired_state(obs)
+    assert desired.record is not None and desired.record != obs.record  # it wants to write the record
+    write = store.write_as_leader
+
+    async def stop_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(store, "write_as_leader", write)
+        assert (await request_stop(store)).status == 202  # the user stops while the leader decides
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_as_leader", stop_meanwhile)
+    outcome = await coord.cycle()
+    assert outcome == Outcome("changed-concurrently",
+                              "nothing written: the spec record changed while deciding; deciding again")
+    record, _ = await read_record(store)
+    assert record is not None and record.action == "stop"
+    assert await store.assignments() == {}  # nothing from the stale decision was written
+    assert coord.is_leader
+    assert await coord.cycle() == Outcome("unchanged", "no action: cluster stopped")  # decided from the stop
+
+
+async def test_a_stop_removes_one_stage_at_a_time(cluster):
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await _started(cluster, a)
+    assert (await request_stop(cluster.store)).status == 202
+    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1")
+    assert await cluster.assigned() == {"n1": ["mooncake-master", "prefill-0"], "n2": ["decode-0", "decode-1"]}
+    # the proxy still runs: the engines stay until its agent reports it gone
+    assert await a.cycle() == Outcome("unchanged", "no action: cluster stopping")
+    await cluster.report()
+    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1; deleted the assignments of n2")
+    assert await cluster.assigned() == {"n1": ["mooncake-master"]}
+    assert (await a.cycle()).kind == "unchanged"
+    await cluster.report()
+    assert await a.cycle() == Outcome("wrote", "deleted the assignments of n1")
+    assert await cluster.assigned() == {}
+    await cluster.report()
+    assert await a.cycle() == Outcome("unchanged", "no action: cluster stopped")
+    assert (await cluster.events())[-4:] == ["proxy removed", "decode removed", "prefill removed",
+                                             "mooncake-master removed"]
+
+
+async def test_a_new_spec_ttl_takes_the_key_anew(cluster):
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"], ttl=7)
+    assert await a.cycle() == Outcome(
+        "stepped-down", "released the leader key to take it again under the spec's lease TTL (7 s)")
+    assert a.member_lease.ttl == 7 and a.member_lease.ttl_asked.is_set()  # registration moves the member lease
+    assert await cluster.store.leader() is None
+    assert (await a.cycle()).kind == "acquired"
+    assert await cluster.store.lease_granted_ttl(a.lease) == 7
+
+
+async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster):
+    async with Store([etcd_server.endpoint], cluster.store.cluster, timeout_s=0.5) as impatient:
+        coord = cluster.coordinator("a", store=impatient)
         await coord.cycle()
-        assert coord.is_leader and await store.leader() == "a"
-        coord._step_down("etcd call timed out")  # what a StoreUnavailable in a cycle does
-        await coord.cycle()
+        assert coord.is_leader and await cluster.store.leader() == "a"
+        etcd_server.pause()
+        try:
+            outcome = await coord.cycle()  # an etcd call times out
+        finally:
+            etcd_server.resume()
+        assert outcome.kind == "unavailable" and not coord.is_leader
+        assert (await coord.cycle()).kind == "acquired"
         assert coord.is_leader  # took its own key back instead of waiting on itself forever
-        other = Coordinator(store, "b", ttl=5)
-        await other.cycle()
-        assert not other.is_leader and await store.leader() == "a"
-        await store.revoke_lease(coord.lease)
+        other = cluster.coordinator("b")
+        assert (await other.cycle()).kind == "follower"
+        assert not other.is_leader and await cluster.store.leader() == "a"
 
 
-async def test_a_stop_during_a_cycle_is_not_overwritten(etcd_server, cluster_name):
-    async with Store([etcd_server.endpoint], cluster_name) as store:
-        lease = await store.grant_lease(10)
-        for i, name in enumerate(("n1", "n2"), start=1):
-            await store.register_member(NodeFacts(name=name, ip=f"127.0.0.{i}"), lease)
-        spec = validate_spec(cluster_spec(cluster_name, etcd_server.endpoint, decode_nodes=["n2"]))
-        assert (await submit_spec(store, spec)).status == 202
-        coord = Coordinator(store, "a", ttl=5)
-        assert await coord._hold_leadership()
-        obs = await observe(store)
-        desired = desired_state(obs)
-        assert desired.record is not None and desired.record != obs.record  # it wants to write the record
-        assert (await request_stop(store)).status == 202  # the user stops meanwhile
-        await coord._apply(obs, desired)
-        record, _ = await read_record(store)
-        assert record is not None and record.action == "stop"
-        assert await store.assignments() == {}  # nothing from the stale decision was written
-        assert coord.is_leader
-        await store.revoke_lease(lease)
-        await store.revoke_lease(coord.lease)
-
-
-async def test_events_are_trimmed_by_a_cycle_that_writes_no_assignment(etcd_server, cluster_name):
+async def test_events_are_trimmed_by_a_cycle_that_writes_no_assignment(cluster):
     """A crash loop adds events every backoff while no assignment changes: the log is trimmed anyway."""
-    async with Store([etcd_server.endpoint], cluster_name) as store:
-        for i in range(6):
-            await store.append_event("process", f"restart {i}")
-        coord = Coordinator(store, "a", ttl=5, events_kept=3)
-        await coord.cycle()  # no spec: nothing to assign, one `leader` event added
-        events = await store.events(limit=100)
-        assert [e["kind"] for e in events] == ["process", "process", "leader"]
-        await store.revoke_lease(coord.lease)
+    store = cluster.store
+    for i in range(6):
+        await store.append_event("process", f"restart {i}")
+    coord = Coordinator(store, "a", LeaseState(TTL), events_kept=3)
+    cluster.coordinators.append(coord)
+    await coord.cycle()  # no spec: nothing to assign, one `leader` event added
+    events = await store.events(limit=100)
+    assert [e["kind"] for e in events] == ["process", "process", "leader"]
