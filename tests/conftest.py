@@ -97,8 +97,11 @@ class EtcdServer:
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT, then wait until etcd answers again: the next step of a test must not race
+        etcd's own catch-up (a loaded machine took more than a 0.5 s call timeout)."""
         assert self.proc
         os.kill(self.proc.pid, signal.SIGCONT)
+        wait_for(self._answers, timeout=20, what="etcd to answer after SIGCONT")
 
     def stop(self) -> None:
         if self.proc:
