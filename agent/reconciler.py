@@ -13,6 +13,7 @@ import asyncio
 import time
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -140,7 +141,7 @@ class Reconciler:
                           processes=[m.status() for m in self.snapshot_procs()])
 
     @staticmethod
-    def _comparable(st: NodeStatus) -> tuple[int, list[dict]]:
+    def _comparable(st: NodeStatus) -> tuple[int, list[dict[str, Any]]]:
         """What a write must carry when it changes: the processes, and the lease they are
         reported under (readers ignore status under any other lease, so a re-registration
         gets its own write)."""
@@ -156,7 +157,7 @@ class Reconciler:
 
     async def report_status(self) -> None:
         """Write status on change (coalesced) and every `heartbeat_s`; retry while etcd is away."""
-        last: tuple[int, list[dict]] | None = None
+        last: tuple[int, list[dict[str, Any]]] | None = None
         last_write = -1e9
         delay = 0.5
         while True:

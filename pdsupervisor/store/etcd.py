@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -212,11 +212,11 @@ class Store:
     async def delete(self, key: str) -> None:
         await self._call("/v3/kv/deleterange", {"key": b64(key)})
 
-    def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+    def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncGenerator[WatchEvent, None]:
         """Events of exactly `key` from `start_revision` on (see `watch_prefix`)."""
         return self._watch(key, None, start_revision, idle_s)
 
-    def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncIterator[WatchEvent]:
+    def watch_prefix(self, prefix: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncGenerator[WatchEvent, None]:
         """Events under `prefix` from `start_revision` on (read once, then watch from rev+1).
 
         A watch quiet for `idle_s` is opened again from the revision after the last event
@@ -227,7 +227,7 @@ class Store:
         return self._watch(prefix, prefix_end(prefix), start_revision, idle_s)
 
     async def _watch(self, key: str, range_end: bytes | None, start_revision: int,
-                     idle_s: float) -> AsyncIterator[WatchEvent]:
+                     idle_s: float) -> AsyncGenerator[WatchEvent, None]:
         next_rev = start_revision
         while True:
             create: dict[str, Any] = {"key": b64(key), "start_revision": next_rev}
