@@ -22,7 +22,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +68,11 @@ def error_response(status: int, message: str, type_: str) -> web.Response:
 # (timeouts included: aiohttp's are TimeoutErrors); any other error is a bug, answered 500.
 UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
+# App state (set by the server's cleanup contexts): the connection pool to the engines, and
+# the benchmark-mode duplicate requests under way.
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+DUPLICATES = web.AppKey("duplicates", set[asyncio.Task[None]])
+
 
 @dataclass(slots=True, eq=False)
 class Exchange:
@@ -90,12 +94,10 @@ class Exchange:
 class Flow:
     """The completion routes: prefill, then decode, with retry and ejection."""
 
-    def __init__(self, cfg: ProxyConfig, registry: Registry, metrics: ProxyMetrics,
-                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
+    def __init__(self, cfg: ProxyConfig, registry: Registry, metrics: ProxyMetrics) -> None:
         self.cfg = cfg
         self.registry = registry
         self.metrics = metrics
-        self._spawn = spawn
         self._api_keys = [k.encode() for k in cfg.api_keys]
 
     def denied(self, request: web.Request) -> web.Response | None:
@@ -116,8 +118,13 @@ class Flow:
 
     # ---- routes ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request, session: aiohttp.ClientSession, path: str, *,
-                     chat: bool) -> web.StreamResponse:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/completions", chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/chat/completions", chat=True)
+
+    async def _handle(self, request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
         start = time.perf_counter()
         status = 500
         try:
@@ -131,7 +138,7 @@ class Flow:
                 raise ProxyError(400, f"request body is not valid JSON: {exc}", "BadRequestError") from None
             if not isinstance(body, dict) or not body:
                 raise ProxyError(400, "request body must be a non-empty JSON object", "BadRequestError")
-            ex = Exchange(request=request, session=session, path=path, chat=chat, start=start, raw=raw, body=body,
+            ex = Exchange(request=request, session=request.app[UPSTREAM], path=path, chat=chat, start=start, raw=raw, body=body,
                           tokens=len(raw) // 4 + 1, stream=bool(body.get("stream")))
             ex.prefill = prefill = await self._prefill(ex)
             ex.payload = _with_kv(raw, prefill.get("kv_transfer_params"))
@@ -200,7 +207,11 @@ class Flow:
         # The duplicates are load, not the answer: once the client has its whole answer they
         # run to their end even if the client hangs up (that cancels this handler); they are
         # dropped only when the client's own answer fails or is abandoned.
-        extras = [self._spawn(self._drain_decode(ex)) for _ in range(self.cfg.repeat_d_times)]
+        running = ex.request.app[DUPLICATES]
+        extras = [asyncio.create_task(self._drain_decode(ex)) for _ in range(self.cfg.repeat_d_times)]
+        for t in extras:
+            running.add(t)
+            t.add_done_callback(running.discard)
         try:
             return await self._decode(ex)
         except BaseException:

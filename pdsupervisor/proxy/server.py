@@ -1,93 +1,67 @@
-"""The proxy's application: its routes, its upstream session and the prober of ejected instances.
+"""The proxy's application: its routes, and its resources as aiohttp cleanup contexts.
 
-The completion routes, prefill then decode with retry and ejection, are `exchange.Flow`.
+Each resource lives as long as the app does, one `cleanup_ctx` each, entered before the
+port opens and left, in reverse order, after it closed: the upstream session
+(`UPSTREAM`), the prober of ejected instances, and the benchmark-mode duplicate requests
+(`DUPLICATES`). The completion routes, prefill then decode with retry and ejection, are
+`exchange.Flow`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pdsupervisor.aio.serve import stop_tasks
 from pdsupervisor.proxy.config import ProxyConfig
-from pdsupervisor.proxy.exchange import JSON_HEADERS, Flow, error_response
+from pdsupervisor.proxy.exchange import DUPLICATES, JSON_HEADERS, UPSTREAM, Flow, error_response
 from pdsupervisor.proxy.instances import Instance, Registry
 from pdsupervisor.proxy.metrics import ProxyMetrics
 
-__all__ = ["PDProxy", "ProxyConfig"]
+__all__ = ["DUPLICATES", "PROXY", "UPSTREAM", "PDProxy", "ProxyConfig"]
 
 log = logging.getLogger("pdsupervisor.proxy")
 
 
 class PDProxy:
-    def __init__(self, cfg: ProxyConfig, registry: Registry) -> None:
+    def __init__(self, cfg: ProxyConfig, registry: Registry, source: str = "static") -> None:
         self.cfg = cfg
         self.registry = registry
         self.metrics = ProxyMetrics(registry)
-        self.source = "static"
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.flow = Flow(cfg, registry, self.metrics, self._spawn)
-
-    # ---- lifecycle -------------------------------------------------------------------
+        self.source = source  # where membership comes from, for /status
+        self.flow = Flow(cfg, registry, self.metrics)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app[PROXY] = self
+        app.router.add_post("/v1/completions", self.flow.completions)
+        app.router.add_post("/v1/chat/completions", self.flow.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics_route)
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
+        app.cleanup_ctx.extend((upstream_session, prober, duplicates))
         return app
-
-    async def _on_startup(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=self.cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(
-            total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.read_timeout_s
-        )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
-        self._spawn(self._probe_loop())
-
-    async def _on_cleanup(self, app: web.Application) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session:
-            await self._session.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
 
     # ---- health probing ----------------------------------------------------------------
 
-    async def _probe_loop(self) -> None:
+    async def probe_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.sleep(self.cfg.probe_interval_s)
             ejected = self.registry.ejected()
             if ejected:
-                await asyncio.gather(*(self._probe(i) for i in ejected), return_exceptions=True)
+                await asyncio.gather(*(self._probe(session, i) for i in ejected), return_exceptions=True)
 
-    async def _probe(self, inst: Instance) -> None:
+    async def _probe(self, session: aiohttp.ClientSession, inst: Instance) -> None:
         timeout = aiohttp.ClientTimeout(total=max(0.2, min(2.0, self.cfg.probe_interval_s)))
         try:
-            async with self.session.get(inst.base_url + "/health", timeout=timeout) as resp:
+            async with session.get(inst.base_url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
@@ -120,9 +94,10 @@ class PDProxy:
     async def models(self, request: web.Request) -> web.Response:
         if (denied := self.flow.denied(request)) is not None:
             return denied
+        session = request.app[UPSTREAM]
         for inst in self.registry.healthy("decode") + self.registry.healthy("prefill"):
             try:
-                async with self.session.get(inst.base_url + "/v1/models") as resp:
+                async with session.get(inst.base_url + "/v1/models") as resp:
                     body = await resp.read()
                     if resp.status == 200:
                         return web.Response(body=body, headers=JSON_HEADERS)
@@ -130,10 +105,33 @@ class PDProxy:
                 self.flow.eject(inst, f"/v1/models: {exc!r}")
         return error_response(503, "no engine instance is available", "ServiceUnavailable")
 
-    # ---- the PD flow ----------------------------------------------------------------------
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.flow.handle(request, self.session, "/v1/completions", chat=False)
+PROXY = web.AppKey("proxy", PDProxy)
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.flow.handle(request, self.session, "/v1/chat/completions", chat=True)
+
+# ---- the app's resources (cleanup contexts) ---------------------------------------------------
+
+
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The connection pool to the engines."""
+    cfg = app[PROXY].cfg
+    connector = aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=cfg.total_timeout_s, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        app[UPSTREAM] = session
+        yield
+
+
+async def prober(app: web.Application) -> AsyncIterator[None]:
+    """Probes ejected instances and puts them back in rotation once `/health` answers 200."""
+    task = asyncio.create_task(app[PROXY].probe_loop(app[UPSTREAM]))
+    yield
+    await stop_tasks([task], "the prober", log)
+
+
+async def duplicates(app: web.Application) -> AsyncIterator[None]:
+    """The benchmark-mode duplicate decode requests still running are dropped at shutdown."""
+    tasks: set[asyncio.Task[None]] = set()
+    app[DUPLICATES] = tasks
+    yield
+    await stop_tasks(tasks, "the benchmark duplicates", log)

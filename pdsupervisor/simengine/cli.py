@@ -11,7 +11,6 @@ import sys
 
 import click
 
-from pdsupervisor.aio.serve import run_until_signalled
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve
@@ -33,7 +32,7 @@ def run(argv: list[str]) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     try:
-        run_until_signalled(lambda: serve(cfg))
+        serve(cfg)
     except KVError as exc:  # the store could not be set up: the engine never becomes ready
         raise click.ClickException(str(exc)) from exc
 
