@@ -15,6 +15,7 @@ import click
 from aiohttp import web
 
 from pdsupervisor.aio.serve import run_app
+from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
 
@@ -76,7 +77,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy(**opts: Any) -> None:
     """Prefill/decode proxy: OpenAI-compatible, live membership, ejection and retry."""
-    logging.basicConfig(level=opts["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(opts["log_level"])
     prefill, decode = _split(opts["prefill"]), _split(opts["decode"])
     if opts["cluster"] and (prefill or decode):
         raise click.UsageError("use either --cluster/--etcd or --prefill/--decode, not both")
