@@ -8,7 +8,6 @@ running), 2 for a configuration error.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from typing import Any
@@ -16,45 +15,9 @@ from typing import Any
 import click
 
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_listen
-
-
-def _import_structlog_without_rich():
-    """structlog renders exceptions with rich when it can import it: boxed tracebacks in
-    journald and about 4 MB more RSS for a daemon that should stay small. Hide rich while
-    structlog loads (plain tracebacks); later imports of rich (CLI code) are unaffected."""
-    if "structlog" in sys.modules:
-        return sys.modules["structlog"]
-    hidden = {m: sys.modules.get(m) for m in ("rich", "better_exceptions")}
-    for m in hidden:
-        sys.modules[m] = None  # type: ignore[assignment]
-    try:
-        import structlog
-    finally:
-        for m, was in hidden.items():
-            if was is None:
-                del sys.modules[m]
-            else:
-                sys.modules[m] = was
-    return structlog
-
+from pdsupervisor.host.logsetup import _import_structlog_without_rich, configure_logging
 
 structlog = _import_structlog_without_rich()
-
-
-def configure_logging(level: str) -> None:
-    """structlog, key=value lines on stderr (journald adds the timestamps and unit)."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=False),
-            structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 def overrides_from_flags(**flags: Any) -> dict[str, Any]:

@@ -112,18 +112,19 @@ async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.
         await asyncio.sleep(interval)
 
 
-_LISTEN = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
-                     r"pdsupervisor\.(simengine: sim engine|proxy: proxy) .*listening on")
+# pdsupervisor.host.logsetup's lines: "<iso local time> [info     ] <message> [<logger>]"
+_LISTEN = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+) \[info\s*\] (?:sim engine|proxy) .*listening on "
+                     r".*\[pdsupervisor\.(?:simengine|proxy)\]$")
 
 
 def engine_listen_times(log_path: Path) -> list[float]:
-    """Wall times of the sim-engine's / proxy's 'listening on' lines (logging asctime, ms, local time)."""
+    """Wall times of the sim-engine's / proxy's 'listening on' lines (ISO local time, microseconds)."""
     out = []
     with contextlib.suppress(FileNotFoundError):
         for line in log_path.read_text(errors="replace").splitlines():
             m = _LISTEN.match(line)
             if m:
-                out.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+                out.append(datetime.fromisoformat(m.group(1)).timestamp())
     return out
 
 

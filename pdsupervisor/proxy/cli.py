@@ -6,19 +6,18 @@ repeated flags, and underscore forms such as `--generator_on_p_node`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from aiohttp import web
 
-from pdsupervisor.aio.serve import run_until_signalled, start_site
-from pdsupervisor.aio.wait import cancel_and_wait
+from pdsupervisor.aio.serve import run_app
+from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.proxy.instances import Registry
-from pdsupervisor.proxy.server import PDProxy, ProxyConfig
+from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
 
 log = logging.getLogger("pdsupervisor.proxy")
 
@@ -78,7 +77,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy(**opts: Any) -> None:
     """Prefill/decode proxy: OpenAI-compatible, live membership, ejection and retry."""
-    logging.basicConfig(level=opts["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(opts["log_level"])
     prefill, decode = _split(opts["prefill"]), _split(opts["decode"])
     if opts["cluster"] and (prefill or decode):
         raise click.UsageError("use either --cluster/--etcd or --prefill/--decode, not both")
@@ -101,34 +100,23 @@ def proxy(**opts: Any) -> None:
     registry.set_endpoints("prefill", prefill)
     registry.set_endpoints("decode", decode)
     etcd = opts["etcd"].split(",") if opts["cluster"] else None
-    run_until_signalled(lambda: _serve(cfg, registry, opts["cluster"], etcd, opts["routing_cache"]))
+    app = build_app(cfg, registry, cluster=opts["cluster"], etcd=etcd, routing_cache=opts["routing_cache"])
+    source = app[PROXY].source
+    run_app(app, cfg.host, cfg.port, on_listening=lambda: log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, source))
 
 
-async def _serve(cfg: ProxyConfig, registry: Registry, cluster: str | None, etcd: list[str] | None,
-                 routing_cache: Path | None = None) -> None:
-    proxy_ = PDProxy(cfg, registry)
-    source_task = None
-    store = None
-    if cluster and etcd:
-        from pdsupervisor.proxy.etcd_source import EtcdSource
-        from pdsupervisor.store.etcd import Store
+def build_app(cfg: ProxyConfig, registry: Registry, *, cluster: str | None = None, etcd: list[str] | None = None,
+              routing_cache: Path | None = None) -> web.Application:
+    """The proxy's app; with `cluster` and `etcd`, its membership comes live from etcd."""
+    if not (cluster and etcd):
+        return PDProxy(cfg, registry).app()
+    from pdsupervisor.proxy.etcd_source import MEMBERSHIP, EtcdSource, membership
+    from pdsupervisor.store.etcd import Store
 
-        store = Store(etcd, cluster)
-        source = EtcdSource(store, registry, routing_cache)
-        source.load_cache()
-        proxy_.source = f"etcd:{cluster}"
-        source_task = asyncio.ensure_future(source.run())
-    runner = await start_site(proxy_.app(), cfg.host, cfg.port)
-    log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, proxy_.source)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        if source_task and await cancel_and_wait([source_task], 5):
-            log.warning("the etcd membership source did not stop within 5s; going on")
-        if store:
-            with contextlib.suppress(Exception):
-                await store.close()
-        await runner.cleanup()
+    app = PDProxy(cfg, registry, source=f"etcd:{cluster}").app()
+    app[MEMBERSHIP] = EtcdSource(Store(etcd, cluster), registry, routing_cache)
+    app.cleanup_ctx.append(membership)
+    return app
 
 
 if __name__ == "__main__":

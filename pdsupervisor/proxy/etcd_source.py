@@ -5,16 +5,22 @@ exists (a member key gone = node lost = no traffic). Read both in one snapshot, 
 the cluster prefix from the revision after it and re-read (debounced) on any relevant
 change. When etcd is away the last known routing stays in force and the source keeps
 reconnecting.
+
+In the proxy the source is app state (`MEMBERSHIP`) run by the `membership` cleanup context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pdsupervisor.aio.serve import is_wildcard
+from aiohttp import web
+
+from pdsupervisor.aio.serve import is_wildcard, stop_tasks
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.host.files import atomic_write
@@ -134,3 +140,18 @@ class EtcdSource:
             # wait for both to end; their errors stay here (the one that matters is raised
             # above), while a cancellation of this task still interrupts the wait
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+MEMBERSHIP = web.AppKey("membership", EtcdSource)
+
+
+async def membership(app: web.Application) -> AsyncIterator[None]:
+    """The proxy's cleanup context for `app[MEMBERSHIP]`: the cached routing first (before etcd
+    answers), the watch while the app runs; on the way out the watch stops and the store closes."""
+    source = app[MEMBERSHIP]
+    source.load_cache()
+    task = asyncio.create_task(source.run())
+    yield
+    await stop_tasks([task], "the etcd membership source", log)
+    with contextlib.suppress(Exception):
+        await source.store.close()

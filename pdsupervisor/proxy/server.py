@@ -1,160 +1,73 @@
-"""The proxy's HTTP routes and the prefill-then-decode flow.
+"""The proxy's application: its routes, and its resources as aiohttp cleanup contexts.
 
-Flow (as the seed's proxy): the request, with `max_tokens=1` and `stream=false`, goes to a
-prefill instance; its `kv_transfer_params` are added to the original request, which goes
-to a decode instance whose answer is passed to the client chunk by chunk.
-
-Failure rules: an instance that refuses the connection, drops it or answers 5xx is
-ejected at once (the prober brings it back when `/health` answers 200), and the step is
-retried on another instance as long as no byte has been sent to the client. The client's
-disconnect cancels the handler (`handler_cancellation=True`), which closes the upstream
-connection, so the engine stops working for nobody.
+Each resource lives as long as the app does, one `cleanup_ctx` each, entered before the
+port opens and left, in reverse order, after it closed: the upstream session
+(`UPSTREAM`), the prober of ejected instances, and the benchmark-mode duplicate requests
+(`DUPLICATES`). The completion routes, prefill then decode with retry and ejection, are
+`exchange.Flow`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdsupervisor.proxy.instances import Instance, ProxyRole, Registry
+from pdsupervisor.aio.serve import stop_tasks
+from pdsupervisor.proxy.config import ProxyConfig
+from pdsupervisor.proxy.exchange import DUPLICATES, JSON_HEADERS, UPSTREAM, Flow, error_response
+from pdsupervisor.proxy.instances import Instance, Registry
 from pdsupervisor.proxy.metrics import ProxyMetrics
+
+__all__ = ["DUPLICATES", "PROXY", "UPSTREAM", "PDProxy", "ProxyConfig"]
 
 log = logging.getLogger("pdsupervisor.proxy")
 
-JSON_HEADERS = {"Content-Type": "application/json"}
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-# Asks a vLLM v1 connector to keep the KV for a remote decode; ignored by v0 engines.
-PREFILL_KV_REQUEST = {
-    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-    "remote_block_ids": None, "remote_host": None, "remote_port": None,
-}
-
-
-@dataclass
-class ProxyConfig:
-    host: str = "0.0.0.0"
-    port: int = 8868
-    generator_on_p: bool = False
-    benchmark_mode: bool = False
-    repeat_d_times: int = 0
-    api_keys: list[str] = field(default_factory=list)
-    connect_timeout_s: float = 10.0  # the seed used 60 s: a black-holed node then hangs requests
-    read_timeout_s: float = 1200.0
-    total_timeout_s: float = 6 * 3600.0
-    probe_interval_s: float = 1.0
-    pool_size: int = 4096
-
-
-class ProxyError(Exception):
-    """Ends a request with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, type_: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type_ = status, message, type_
-
-
-class Passthrough(Exception):
-    """An upstream 4xx: the client's fault, handed back as it is."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__("upstream 4xx")
-        self.response = response
-
-
-def error_response(status: int, message: str, type_: str) -> web.Response:
-    body = json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
-    return web.Response(status=status, body=body, headers=JSON_HEADERS)
-
-
-# What an attempt on one instance can fail with and still be counted and handled by the proxy
-# (timeouts included: aiohttp's are TimeoutErrors); any other error is a bug, answered 500.
-UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-
 
 class PDProxy:
-    def __init__(self, cfg: ProxyConfig, registry: Registry) -> None:
+    def __init__(self, cfg: ProxyConfig, registry: Registry, source: str = "static") -> None:
         self.cfg = cfg
         self.registry = registry
         self.metrics = ProxyMetrics(registry)
-        self.source = "static"
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._api_keys = [k.encode() for k in cfg.api_keys]
-
-    # ---- lifecycle -------------------------------------------------------------------
+        self.source = source  # where membership comes from, for /status
+        self.flow = Flow(cfg, registry, self.metrics)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app[PROXY] = self
+        app.router.add_post("/v1/completions", self.flow.completions)
+        app.router.add_post("/v1/chat/completions", self.flow.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics_route)
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
+        app.cleanup_ctx.extend((upstream_session, prober, duplicates))
         return app
-
-    async def _on_startup(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=self.cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(
-            total=self.cfg.total_timeout_s, connect=self.cfg.connect_timeout_s, sock_read=self.cfg.read_timeout_s
-        )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
-        self._spawn(self._probe_loop())
-
-    async def _on_cleanup(self, app: web.Application) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session:
-            await self._session.close()
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
 
     # ---- health probing ----------------------------------------------------------------
 
-    async def _probe_loop(self) -> None:
+    async def probe_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.sleep(self.cfg.probe_interval_s)
             ejected = self.registry.ejected()
             if ejected:
-                await asyncio.gather(*(self._probe(i) for i in ejected), return_exceptions=True)
+                await asyncio.gather(*(self._probe(session, i) for i in ejected), return_exceptions=True)
 
-    async def _probe(self, inst: Instance) -> None:
+    async def _probe(self, session: aiohttp.ClientSession, inst: Instance) -> None:
         timeout = aiohttp.ClientTimeout(total=max(0.2, min(2.0, self.cfg.probe_interval_s)))
         try:
-            async with self.session.get(inst.base_url + "/health", timeout=timeout) as resp:
+            async with session.get(inst.base_url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         if ok and inst.ejected:
             self.registry.restore(inst)
             log.info("instance %s (%s) is healthy again, back in rotation", inst.endpoint, inst.role)
-
-    def _eject(self, inst: Instance, reason: str) -> None:
-        if self.registry.eject(inst, reason):
-            log.warning("ejecting %s instance %s: %s", inst.role, inst.endpoint, reason)
-        self.metrics.child(self.metrics.errors, "upstream_" + inst.role).inc()
 
     # ---- plain routes ---------------------------------------------------------------------
 
@@ -179,295 +92,46 @@ class PDProxy:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self.flow.denied(request)) is not None:
             return denied
+        session = request.app[UPSTREAM]
         for inst in self.registry.healthy("decode") + self.registry.healthy("prefill"):
             try:
-                async with self.session.get(inst.base_url + "/v1/models") as resp:
+                async with session.get(inst.base_url + "/v1/models") as resp:
                     body = await resp.read()
                     if resp.status == 200:
                         return web.Response(body=body, headers=JSON_HEADERS)
             except (TimeoutError, aiohttp.ClientError) as exc:
-                self._eject(inst, f"/v1/models: {exc!r}")
+                self.flow.eject(inst, f"/v1/models: {exc!r}")
         return error_response(503, "no engine instance is available", "ServiceUnavailable")
 
-    def _check_key(self, request: web.Request) -> web.Response | None:
-        if not self._api_keys:
-            return None
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        given_b = given.encode()
-        if any(hmac.compare_digest(given_b, k) for k in self._api_keys):
-            return None
-        return error_response(401, "invalid or missing API key", "AuthenticationError")
 
-    # ---- the PD flow ----------------------------------------------------------------------
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "/v1/completions", chat=False)
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "/v1/chat/completions", chat=True)
-
-    async def _handle(self, request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
-        start = time.perf_counter()
-        status = 500
-        try:
-            if (denied := self._check_key(request)) is not None:
-                status = denied.status
-                return denied
-            raw = await request.read()
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise ProxyError(400, f"request body is not valid JSON: {exc}", "BadRequestError") from None
-            if not isinstance(body, dict) or not body:
-                raise ProxyError(400, "request body must be a non-empty JSON object", "BadRequestError")
-            tokens = len(raw) // 4 + 1  # a scheduling weight, not a tokenizer
-            prefill = await self._prefill(path, body, tokens, chat)
-            decode_raw = _with_kv(raw, prefill.get("kv_transfer_params"))
-            resp = await self._decode_with_fanout(request, path, decode_raw, tokens, bool(body.get("stream")), chat,
-                                                  prefill, start)
-            status = resp.status
-            return resp
-        except Passthrough as p:
-            status = p.response.status
-            return p.response
-        except ProxyError as e:
-            status = e.status
-            self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
-            return error_response(e.status, e.message, e.type_)
-        except asyncio.CancelledError:
-            status = 499  # client went away
-            raise
-        finally:
-            m = self.metrics
-            m.child(m.requests, path, str(status)).inc()
-            m.child(m.latency, path).observe(time.perf_counter() - start)
-
-    async def _prefill(self, path: str, body: dict[str, Any], tokens: int, chat: bool) -> dict[str, Any]:
-        req = dict(body)
-        req["max_tokens"] = 1
-        if chat and "max_completion_tokens" in req:
-            req["max_completion_tokens"] = 1
-        req["stream"] = False
-        req.pop("stream_options", None)
-        req["kv_transfer_params"] = PREFILL_KV_REQUEST
-        payload = json.dumps(req, separators=(",", ":")).encode()
-        data = await self._call("prefill", path, payload, tokens)
-        try:
-            out = json.loads(data)
-        except ValueError:
-            raise ProxyError(502, "prefill answered with invalid JSON", "BadGateway") from None
-        return out if isinstance(out, dict) else {}
-
-    async def _call(self, role: ProxyRole, path: str, payload: bytes, tokens: int) -> bytes:
-        """One non-streamed upstream request, retried on other instances of the role; its body."""
-        tried: set[Instance] = set()
-        while True:
-            inst = self._pick(role, tried)
-            tried.add(inst)
-            self.registry.acquire(inst, tokens)
-            t0 = time.perf_counter()
-            try:
-                async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
-                    data = await self._body(inst, up, t0)
-                    if data is None:
-                        continue
-                    if up.status >= 400:
-                        raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
-                    return data
-            except UPSTREAM_FAILURES as exc:
-                if (give_up := self._attempt_failed(inst, t0, exc)) is not None:
-                    raise give_up from None
-            finally:
-                self.registry.release(inst, tokens)
-
-    async def _body(self, inst: Instance, up: aiohttp.ClientResponse, t0: float) -> bytes | None:
-        """A whole (non-streamed) answer, counted once: None after a 5xx (the instance is
-        ejected: try another); an empty 200 is a broken exchange, raised as one."""
-        data = await up.read()
-        if up.status >= 500:
-            self._failed(inst, t0, "5xx", f"HTTP {up.status}")
-            return None
-        if up.status == 200 and not data:  # counted once, as a failure, by _attempt_failed
-            raise aiohttp.ClientPayloadError(f"empty 200 from {inst.role}")
-        self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
-        return data
-
-    def _attempt_failed(self, inst: Instance, t0: float, exc: BaseException) -> ProxyError | None:
-        """Count a failed attempt and eject the instance; the error that ends the request, or
-        None to try another instance. A timeout ends it (a hung engine must not take the next
-        request too) unless nothing was sent yet (connecting timed out)."""
-        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
-            self._failed(inst, t0, "timeout", "timed out")
-            return ProxyError(504, f"{inst.role} instance {inst.endpoint} timed out", "GatewayTimeout")
-        self._failed(inst, t0, "conn_error", repr(exc))
-        return None
-
-    def _failed(self, inst: Instance, t0: float, outcome: str, reason: str) -> None:
-        """Count the failed exchange and eject the instance until its probe answers again."""
-        self._outcome(inst, outcome, t0)
-        self._eject(inst, reason)
-
-    def _pick(self, role: ProxyRole, tried: set[Instance]) -> Instance:
-        inst = self.registry.pick(role, tried)
-        if inst is not None:
-            return inst
-        if tried:
-            raise ProxyError(502, f"every {role} instance failed for this request", "BadGateway")
-        raise ProxyError(503, f"no {role} instance is available", "ServiceUnavailable")
-
-    def _outcome(self, inst: Instance, outcome: str, t0: float) -> None:
-        """Count one upstream exchange (exactly once per attempt); "ok" is what `served` counts."""
-        if outcome == "ok":
-            inst.served += 1
-        m = self.metrics
-        m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
-        m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
-
-    async def _decode_with_fanout(
-        self, request: web.Request, path: str, payload: bytes, tokens: int, stream: bool, chat: bool,
-        prefill: dict[str, Any], start: float,
-    ) -> web.StreamResponse:
-        if not (self.cfg.benchmark_mode and self.cfg.repeat_d_times > 0):
-            return await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
-        # The duplicates are load, not the answer: once the client has its whole answer they
-        # run to their end even if the client hangs up (that cancels this handler); they are
-        # dropped only when the client's own answer fails or is abandoned.
-        extras = [self._spawn(self._drain_decode(path, payload, tokens)) for _ in range(self.cfg.repeat_d_times)]
-        try:
-            return await self._decode(request, path, payload, tokens, stream, chat, prefill, start)
-        except BaseException:
-            for t in extras:
-                t.cancel()
-            raise
-
-    async def _drain_decode(self, path: str, payload: bytes, tokens: int) -> None:
-        """A benchmark-mode duplicate: same prompt to another decode slot, answer dropped."""
-        try:
-            await self._call("decode", path, payload, tokens)
-        except (ProxyError, Passthrough):
-            self.metrics.child(self.metrics.errors, "benchmark_duplicate").inc()
-
-    async def _decode(
-        self, request: web.Request, path: str, payload: bytes, tokens: int, stream: bool, chat: bool,
-        prefill: dict[str, Any], start: float,
-    ) -> web.StreamResponse:
-        tried: set[Instance] = set()
-        while True:
-            inst = self._pick("decode", tried)
-            tried.add(inst)
-            self.registry.acquire(inst, tokens)
-            t0 = time.perf_counter()
-            resp: web.StreamResponse | None = None
-            try:
-                async with self.session.post(inst.base_url + path, data=payload, headers=JSON_HEADERS) as up:
-                    ctype = up.headers.get("Content-Type", "application/json")
-                    if not (stream and up.status == 200 and ctype.startswith("text/event-stream")):
-                        data = await self._body(inst, up, t0)
-                        if data is None:
-                            continue
-                        self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
-                        return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
-                    relay = _FirstTokenSwap(prefill, chat) if self.cfg.generator_on_p else None
-                    async for chunk in up.content.iter_any():
-                        if relay is not None:
-                            chunk = relay.feed(chunk)
-                            if not chunk:
-                                continue
-                        if resp is None:
-                            resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-                            await resp.prepare(request)
-                            self.metrics.child(self.metrics.ttft, path).observe(time.perf_counter() - start)
-                        await resp.write(chunk)
-                    if resp is None:
-                        raise aiohttp.ClientPayloadError("decode closed the stream without sending anything")
-                    self._outcome(inst, "ok", t0)
-                    await resp.write_eof()
-                    return resp
-            except UPSTREAM_FAILURES as exc:
-                give_up = self._attempt_failed(inst, t0, exc)
-                if resp is not None:  # bytes already sent: no retry possible, tell the client in-band
-                    if give_up is not None:
-                        return await _abort_stream(resp, "decode instance timed out")
-                    self.metrics.child(self.metrics.errors, "stream_broken").inc()
-                    return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
-                if give_up is not None:
-                    raise give_up from None
-            finally:
-                self.registry.release(inst, tokens)
+PROXY = web.AppKey("proxy", PDProxy)
 
 
-async def _abort_stream(resp: web.StreamResponse, message: str) -> web.StreamResponse:
-    """Tell a streaming client in-band (as vLLM does) that the answer is cut short."""
-    err = {"error": {"message": message, "type": "BadGateway", "code": 502}}
-    try:
-        await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-        await resp.write_eof()
-    except (ConnectionError, RuntimeError):
-        pass
-    return resp
+# ---- the app's resources (cleanup contexts) ---------------------------------------------------
 
 
-def _with_kv(raw: bytes, kv: Any) -> bytes:
-    """The client's body plus the prefill's `kv_transfer_params`, without re-encoding it.
-
-    The body is a non-empty JSON object (checked), so the key can be spliced in before its
-    closing brace; a key the client sent is overridden (JSON parsers keep the last one).
-    """
-    if not kv:
-        return raw
-    end = raw.rstrip()
-    return end[:-1] + b',"kv_transfer_params":' + json.dumps(kv, separators=(",", ":")).encode() + b"}"
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The connection pool to the engines."""
+    cfg = app[PROXY].cfg
+    connector = aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=cfg.total_timeout_s, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        app[UPSTREAM] = session
+        yield
 
 
-class _FirstTokenSwap:
-    """`--generator-on-p-node`: the prefill's token goes first, decode's first token is dropped."""
+async def prober(app: web.Application) -> AsyncIterator[None]:
+    """Probes ejected instances and puts them back in rotation once `/health` answers 200."""
+    task = asyncio.create_task(app[PROXY].probe_loop(app[UPSTREAM]))
+    yield
+    await stop_tasks([task], "the prober", log)
 
-    def __init__(self, prefill: dict[str, Any], chat: bool) -> None:
-        self.chat = chat
-        self.buf = b""
-        self.done = False
-        self.first = self._prefill_chunk(prefill)
 
-    def _prefill_chunk(self, prefill: dict[str, Any]) -> bytes:
-        choice = (prefill.get("choices") or [{}])[0]
-        head = {"id": prefill.get("id", ""), "created": prefill.get("created", 0), "model": prefill.get("model", "")}
-        if self.chat:
-            text = (choice.get("message") or {}).get("content") or ""
-            c = {"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": None}
-            payload = dict(head, object="chat.completion.chunk", choices=[c])
-        else:
-            c = {"index": 0, "text": choice.get("text", ""), "logprobs": None, "finish_reason": None}
-            payload = dict(head, object="text_completion", choices=[c])
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done:
-            return chunk
-        self.buf += chunk
-        out = [self.first] if self.first else []
-        self.first = b""
-        while b"\n\n" in self.buf and not self.done:
-            event, self.buf = self.buf.split(b"\n\n", 1)
-            if self._has_token(event):
-                self.done = True  # drop it: the prefill already produced this token
-            else:
-                out.append(event + b"\n\n")
-        if self.done:
-            out.append(self.buf)
-            self.buf = b""
-        return b"".join(out)
-
-    def _has_token(self, event: bytes) -> bool:
-        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-            return False
-        try:
-            choices = json.loads(event[6:]).get("choices") or []
-        except ValueError:
-            return False
-        if not choices:
-            return False
-        c = choices[0]
-        return bool((c.get("delta") or {}).get("content") if self.chat else c.get("text"))
+async def duplicates(app: web.Application) -> AsyncIterator[None]:
+    """The benchmark-mode duplicate decode requests still running are dropped at shutdown."""
+    tasks: set[asyncio.Task[None]] = set()
+    app[DUPLICATES] = tasks
+    yield
+    await stop_tasks(tasks, "the benchmark duplicates", log)

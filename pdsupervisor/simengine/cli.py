@@ -6,12 +6,11 @@ arguments unprocessed and `config.parse_args` interprets them.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from pdsupervisor.aio.serve import run_until_signalled
+from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve
@@ -27,13 +26,13 @@ environment as PDSIM_<NAME> (--sim-max-batch: PDSIM_MAX_BATCH); a flag wins."""
 
 
 def run(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     try:
         cfg = parse_args(argv)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     try:
-        run_until_signalled(lambda: serve(cfg))
+        serve(cfg)
     except KVError as exc:  # the store could not be set up: the engine never becomes ready
         raise click.ClickException(str(exc)) from exc
 

@@ -13,13 +13,14 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdsupervisor.aio.serve import is_wildcard, start_site
+from pdsupervisor.aio.serve import is_wildcard, run_app
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
@@ -82,6 +83,7 @@ class SimEngine:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app[ENGINE] = self
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics_route)
@@ -236,6 +238,9 @@ class SimEngine:
         return None
 
 
+ENGINE = web.AppKey("engine", SimEngine)
+
+
 def _valid_kv(kv: Any, prompt_tokens: int) -> bool:
     """Valid = produced by a prefill engine for a prompt of the same length."""
     return (
@@ -252,9 +257,28 @@ def _error(message: str, status: int = 400) -> web.Response:
                         content_type="application/json")
 
 
-async def serve(cfg: SimConfig) -> None:
-    """Load (sleep), then listen: like vLLM, the port stays closed until the model is loaded."""
+def serve(cfg: SimConfig) -> None:
+    """Load (sleep), then listen: like vLLM, the port stays closed until the model is loaded.
+    Runs until SIGTERM/SIGINT."""
     engine = SimEngine(cfg)
+    app = engine.app()
+    app.cleanup_ctx.append(_load)
+    run_app(app, cfg.host, cfg.port, on_listening=lambda: log.info(
+        "sim engine %s (kv_role=%s) listening on %s:%d", cfg.model_id, cfg.kv_role, cfg.host, cfg.port))
+    if engine.kv is not None:
+        # Not `close()`: it can crash the process (SIGSEGV seen after a frozen master) and
+        # holds the GIL for ~25 s when the master or etcd is gone. The master drops this
+        # client's segment after its client TTL, and puts prefer the prefill's own segment.
+        # The store's destructor would close() at interpreter exit: leave without it.
+        log.info("leaving the mooncake segment to the master's client TTL")
+        logging.shutdown()
+        os._exit(0)
+
+
+async def _load(app: web.Application) -> AsyncIterator[None]:
+    """The model "load", a cleanup context: run_app opens the port once it is done."""
+    engine = app[ENGINE]
+    cfg = engine.cfg
     if cfg.ignored:
         log.warning("ignoring vLLM flags the simulator does not use: %s", " ".join(cfg.ignored))
     if cfg.load_time_s > 0:
@@ -262,17 +286,4 @@ async def serve(cfg: SimConfig) -> None:
         await asyncio.sleep(cfg.load_time_s)
     if engine.kv is not None:  # part of the "load": the port opens only once the store is up
         await asyncio.to_thread(engine.kv.setup)
-    runner = await start_site(engine.app(), cfg.host, cfg.port)
-    log.info("sim engine %s (kv_role=%s) listening on %s:%d", cfg.model_id, cfg.kv_role, cfg.host, cfg.port)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-        if engine.kv is not None:
-            # Not `close()`: it can crash the process (SIGSEGV seen after a frozen master) and
-            # holds the GIL for ~25 s when the master or etcd is gone. The master drops this
-            # client's segment after its client TTL, and puts prefer the prefill's own segment.
-            # The store's destructor would close() at interpreter exit: leave without it.
-            log.info("leaving the mooncake segment to the master's client TTL")
-            logging.shutdown()
-            os._exit(0)
+    yield

@@ -244,3 +244,15 @@ def test_an_empty_200_is_one_failed_exchange_retried_elsewhere(role):
         assert status["ejected"] == [eps["bad"]]
 
     asyncio.run(go())
+
+
+def test_sigterm_stops_the_proxy_at_once(procs):
+    """The agent stops the proxy with SIGTERM: its cleanup contexts run (the upstream session
+    holds a keep-alive connection to each engine) and it exits 0 at once."""
+    pre, _ = procs.engine("prefill")
+    dec, _ = procs.engine("decode")
+    base, p = procs.proxy("--prefill", pre, "--decode", dec)
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=5) == 0, procs.log(p)
+    assert "Traceback" not in procs.log(p), procs.log(p)

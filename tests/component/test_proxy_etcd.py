@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
+from aiohttp import web
+
+from pdsupervisor.aio import serve
 from pdsupervisor.aio.wait import cancel_and_wait, wait_event
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
-from pdsupervisor.proxy.etcd_source import EtcdSource
+from pdsupervisor.proxy.etcd_source import MEMBERSHIP, EtcdSource, membership
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.store.etcd import Keys, Store, WatchEvent
 from tests.conftest import free_port, until
@@ -131,5 +135,63 @@ def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
         finally:  # checked after: a failure above stays the one reported
             stuck = await cancel_and_wait([task], 5)
         assert stuck == []
+
+    asyncio.run(go())
+
+
+def test_sigterm_stops_a_proxy_whose_etcd_does_not_answer(procs, black_hole):
+    """etcd's address drops every SYN: the membership source hangs connecting, SIGTERM still ends it at once."""
+    base, p = procs.proxy("--cluster", "nowhere", "--etcd", black_hole)
+    assert json.loads(http("GET", base + "/status")[1])["source"] == "etcd:nowhere"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=5) == 0, procs.log(p)
+    assert "Traceback" not in procs.log(p), procs.log(p)
+
+
+class _DeafStore:
+    """A store whose connect ignores a cancellation until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.keys = Keys("deaf")
+        self.connecting = asyncio.Event()
+        self.let_go = asyncio.Event()
+        self.gave_up = asyncio.Event()
+        self.closed = False
+
+    async def connect(self) -> None:
+        self.connecting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await self.let_go.wait()
+            self.gave_up.set()
+            raise
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_the_proxy_stops_within_the_bound_when_the_membership_source_does_not(monkeypatch, caplog):
+    """The membership source's cleanup context waits STOP_TIMEOUT_S for the source, then goes
+    on (and still closes the store): a stuck source cannot hold the proxy's shutdown."""
+    monkeypatch.setattr(serve, "STOP_TIMEOUT_S", 0.3)
+
+    async def go() -> None:
+        store = _DeafStore()
+        app = web.Application()
+        app[MEMBERSHIP] = EtcdSource(store, Registry())  # type: ignore[arg-type]  # a fake store
+        app.cleanup_ctx.append(membership)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            await until(store.connecting.is_set, 5, what="the source to connect")
+            t0 = time.monotonic()
+            await runner.cleanup()
+            took = time.monotonic() - t0
+        finally:
+            store.let_go.set()
+        await until(store.gave_up.is_set, 5, what="the straggler to end")
+        assert 0.3 <= took < 2 and store.closed
+        assert "the etcd membership source did not stop within 0.3s; going on" in caplog.text
 
     asyncio.run(go())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -79,6 +80,18 @@ def test_load_time_is_respected(procs):
         socket.create_connection((host, int(port)), timeout=0.2).close()
     wait_up(ep, p)
     assert time.monotonic() - t0 >= 3
+
+
+def test_sigterm_stops_the_engine_loading_or_serving(procs):
+    """SIGTERM ends the engine at once, exit status 0, whether it is still "loading" or listening."""
+    _, loading = procs.engine(None, "--sim-load-time", "60", wait=False)
+    wait_for(lambda: "simulating model load" in procs.log(loading) or loading.poll() is not None, timeout=15,
+             what="engine to start loading")
+    _, serving = procs.engine(None)
+    for p in (loading, serving):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=5) == 0, procs.log(p)
+        assert "Traceback" not in procs.log(p), procs.log(p)
 
 
 def test_prefill_and_decode_roles(procs):

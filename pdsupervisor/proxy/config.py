@@ -1,0 +1,20 @@
+"""The proxy's settings (from its command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ProxyConfig:
+    host: str = "0.0.0.0"
+    port: int = 8868
+    generator_on_p: bool = False
+    benchmark_mode: bool = False
+    repeat_d_times: int = 0
+    api_keys: list[str] = field(default_factory=list)
+    connect_timeout_s: float = 10.0  # the seed used 60 s: a black-holed node then hangs requests
+    read_timeout_s: float = 1200.0
+    total_timeout_s: float = 6 * 3600.0
+    probe_interval_s: float = 1.0
+    pool_size: int = 4096
