@@ -49,3 +49,4 @@ lint: $(VENV)
 	$(PIP) install -q -e '.[lint]'
 	$(RUN) $(PY) -m ruff check .
 	$(RUN) lint-imports
+	$(RUN) $(PY) -m mypy

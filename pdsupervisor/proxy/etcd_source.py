@@ -67,7 +67,7 @@ class EtcdSource:
             return
         try:
             engines = json.loads(self.cache.read_text())
-            routing = {role: [str(e) for e in engines.get(role, [])] for role in ROLES}
+            routing: dict[str, list[str]] = {role: [str(e) for e in engines.get(role, [])] for role in ROLES}
         except (OSError, ValueError, AttributeError):
             return
         for role in ROLES:

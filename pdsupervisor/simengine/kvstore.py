@@ -95,7 +95,7 @@ class MooncakeKV:
     def setup(self) -> None:
         self.params = self.setup_args()
         try:
-            from mooncake.store import MooncakeDistributedStore, ReplicateConfig  # type: ignore[import-not-found]
+            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as exc:
             raise KVError(f"--sim-kv-transfer mooncake needs the mooncake package: {exc}") from exc
         p = self.params

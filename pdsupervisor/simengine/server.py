@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -241,7 +241,7 @@ class SimEngine:
 ENGINE = web.AppKey("engine", SimEngine)
 
 
-def _valid_kv(kv: Any, prompt_tokens: int) -> bool:
+def _valid_kv(kv: Any, prompt_tokens: int) -> TypeGuard[dict[str, Any]]:
     """Valid = produced by a prefill engine for a prompt of the same length."""
     return (
         isinstance(kv, dict)

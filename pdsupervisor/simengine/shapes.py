@@ -74,7 +74,7 @@ class ChunkMaker:
         }
 
     def _line(self, choices: list[dict[str, Any]], usage_: dict[str, int] | None = None) -> bytes:
-        payload = dict(self.head, choices=choices)
+        payload: dict[str, Any] = dict(self.head, choices=choices)
         if usage_ is not None:
             payload["usage"] = usage_
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
