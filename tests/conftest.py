@@ -114,15 +114,22 @@ class EtcdServer:
                 self.log.close()
 
 
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory) -> Iterator[EtcdServer]:
-    """A real etcd for the whole module (tests use distinct cluster names to stay apart)."""
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+@contextlib.contextmanager
+def running_etcd(data_parent: Path) -> Iterator[EtcdServer]:
+    """A real etcd under `data_parent`, stopped (whole tree) however the block ends."""
+    server = EtcdServer(data_parent)
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory) -> Iterator[EtcdServer]:
+    """A real etcd for the whole module (tests use distinct cluster names to stay apart)."""
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pdsupervisor.core.cluster_view import SpecRecord
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
 from pdsupervisor.store.cluster import observe, observe_membership
 from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
-from tests.conftest import EtcdServer, free_port, until, wait_for
+from tests.conftest import EtcdServer, free_port, running_etcd, until, wait_for
 
 
 async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):
@@ -188,12 +188,8 @@ async def test_events_are_read_newest_last_and_trimmed_to_the_newest(etcd_server
 def quiet_etcd(tmp_path_factory) -> Iterator[EtcdServer]:
     """An etcd only the snapshot tests write to, so its revision moves by their writes alone
     (in `etcd_server`, another test's lease expiring deletes a key at any moment)."""
-    server = EtcdServer(tmp_path_factory.mktemp("quiet-etcd"))
-    try:
-        server.start()
+    with running_etcd(tmp_path_factory.mktemp("quiet-etcd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_an_observation_is_read_at_the_revision_of_the_last_write(quiet_etcd, cluster_name):
