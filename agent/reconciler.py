@@ -15,11 +15,12 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 from pydantic import ValidationError
 
 from agent.lease import LeaseState
-from agent.process.statefile import ProcStore
+from agent.process.statefile import ProcRecord, ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec
@@ -64,7 +65,7 @@ class Reconciler:
             adopted.append(rec.name)
         return adopted
 
-    def _new(self, spec: ProcessSpec, adopt=None) -> ManagedProcess:  # type: ignore[no-untyped-def]
+    def _new(self, spec: ProcessSpec, adopt: tuple[ProcRecord, psutil.Process] | None = None) -> ManagedProcess:
         m = ManagedProcess(spec, records=self.records, log_dir=self.log_dir, on_change=self.mark_dirty, adopt=adopt)
         self.procs[spec.name] = m
         return m

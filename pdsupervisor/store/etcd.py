@@ -276,7 +276,7 @@ class Store:
             await self._call("/v3/lease/revoke", {"ID": lease_id})
 
     async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
-                   failure: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+                   failure: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         return await self._call("/v3/kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
 
     # ---- typed cluster records ------------------------------------------------------
@@ -352,7 +352,7 @@ class Store:
         self,
         name: str,
         puts: Mapping[str, bytes | BaseModel | Mapping[str, Any]],
-        deletes: list[str] = (),  # type: ignore[assignment]
+        deletes: Sequence[str] = (),
         *,
         unchanged: Mapping[str, int] | None = None,
     ) -> LeaderWrite:

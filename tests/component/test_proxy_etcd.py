@@ -126,7 +126,7 @@ def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
 
     async def go() -> None:
         store = _SlowStopStore()
-        task = asyncio.ensure_future(EtcdSource(store, Registry()).run())  # type: ignore[arg-type]
+        task = asyncio.ensure_future(EtcdSource(store, Registry()).run())  # type: ignore[arg-type]  # a fake store
         try:
             await until(store.in_read.is_set, 5, what="a refresh under way")
             store.lose_watch.set()

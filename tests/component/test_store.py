@@ -272,6 +272,6 @@ async def test_a_watch_from_after_the_snapshot_sees_the_next_write(quiet_etcd, c
         try:
             first = await asyncio.wait_for(anext(events), 10)
         finally:
-            await events.aclose()  # type: ignore[attr-defined]  # an async generator, typed as its iterator
+            await events.aclose()
         # not the member write the snapshot already holds, but the one right after it
         assert (first.key, first.revision) == (keys.node_status("n1"), written) and written == revision + 1

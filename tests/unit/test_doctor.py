@@ -257,7 +257,7 @@ def test_cluster_results_from_registered_facts(tmp_path):
             return NodesDocument(leader=None, nodes=list(nodes(n1=32768, n2=100, n3=0).values()))
 
     spec = validate_spec(spec_doc(tmp_path))
-    doc = json.loads(report_json(asyncio.run(_cluster_checks(FakeClient(), spec))))  # type: ignore[arg-type]
+    doc = json.loads(report_json(asyncio.run(_cluster_checks(FakeClient(), spec))))  # type: ignore[arg-type]  # a fake client
     assert doc["status"] == "FAIL" and doc["plan"] == "planned"
     assert doc["nodes"]["n1"]["roles"] == ["mooncake-master", "prefill", "proxy"] and doc["nodes"]["n1"]["status"] == "WARN"
     n2 = {r["check"]: r for r in doc["nodes"]["n2"]["results"]}
