@@ -44,7 +44,7 @@ def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: lis
         "etcd": {"endpoints": [etcd]},
         "mooncake": {
             "enabled": HAVE_MASTER, "protocol": "tcp", "gc_args": [], "port": free_port(),
-            "extra_args": ["-rpc_address", "{node_ip}", "-metrics_port", str(free_port()),
+            "extra_args": ["-rpc_address", "{node_ip}", "-metrics_host", "{node_ip}", "-metrics_port", str(free_port()),
                            "-rpc_thread_num", "2"],
         },
         "prefill": {"node_names": ["n1"], "tp": 1, "slots": 1, "base_port": free_port(),

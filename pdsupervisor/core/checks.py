@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from pdsupervisor.core.models import NodeFacts
-from pdsupervisor.core.planner import ENGINE_ROLES, Plan, mooncake_config, port_claims
+from pdsupervisor.core.mooncake import metadata_port, transport
+from pdsupervisor.core.planner import ENGINE_ROLES, Plan, port_claims
 from pdsupervisor.core.spec import ClusterSpec
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -122,10 +123,10 @@ def check_rdma(spec: ClusterSpec, facts: NodeFacts) -> CheckResult:
 
 def check_protocol(spec: ClusterSpec, facts: NodeFacts) -> CheckResult:
     """The Mooncake protocol this node's facts give, decided exactly as the planner does."""
-    config = mooncake_config(spec, facts, "", "")
-    found = f"{config['protocol']}" + (f" via {config['device_name']}" if config["device_name"] else "")
+    protocol, device = transport(spec, facts)
+    found = protocol + (f" via {device}" if device else "")
     needed = f"mooncake.protocol {spec.mooncake.protocol}"
-    if spec.mooncake.protocol == "auto" and config["protocol"] == "tcp":
+    if spec.mooncake.protocol == "auto" and protocol == "tcp":
         return CheckResult("mooncake_protocol", "WARN", found, needed + " (rdma when a device is Up)",
                            "see the rdma check")
     return CheckResult("mooncake_protocol", "OK", found, needed)
@@ -165,6 +166,9 @@ def ports_needed(spec: ClusterSpec, plan: Plan | None, node: str) -> dict[int, s
            spec.decode.dp_master_port: "decode DP master"}
     if spec.mooncake.enabled:
         out[spec.mooncake.port] = "mooncake-master"
+    md_port = metadata_port(spec)
+    if md_port is not None:
+        out[md_port] = "mooncake-master metadata"
     for name, role in (("prefill", spec.prefill), ("decode", spec.decode)):
         out.update({role.base_port + i: f"{name}-{i}" for i in range(role.engines_per_node)})
     return out

@@ -2,7 +2,8 @@
 
 Everything the seed's scripts compute by hand lives here: placement, DP ranks and sizes,
 ports, environment, argv rendered from the spec's templates, each node's Mooncake JSON
-and the proxy's argv. No I/O, deterministic: the same input gives the same plan.
+(built in pdsupervisor/core/mooncake.py) and the proxy's argv. No I/O, deterministic: the
+same input gives the same plan.
 
 The etcd process appears in the plan for people to see, but agents start it from their own
 config (`role == "etcd"` is never assigned): etcd must exist before any assignment can be read.
@@ -18,7 +19,8 @@ from pydantic import Field
 
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import FileSpec, NodeFacts, Probe, ProcessSpec, Strict
-from pdsupervisor.core.spec import PLACEHOLDER_RE, ClusterSpec, RoleSpec, SpecError
+from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, metadata_port, metadata_problems, mooncake_config
+from pdsupervisor.core.spec import ClusterSpec, RoleSpec, SpecError, render
 
 ENGINE_ROLES = ("prefill", "decode")
 
@@ -61,13 +63,6 @@ class Plan(Strict):
     def masters(self) -> list[tuple[str, ProcessSpec]]:
         """The Mooncake master as (node, process); empty when Mooncake is disabled."""
         return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role == "mooncake-master"]
-
-
-def render(template: str, values: Mapping[str, object]) -> str:
-    """Fill `{name}` placeholders inside one argv item; other braces (JSON) are left alone."""
-    return PLACEHOLDER_RE.sub(
-        lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template
-    )
 
 
 def _eligible(facts: NodeFacts, role: RoleSpec) -> bool:
@@ -141,35 +136,6 @@ def place(
 
 def _label_note(role: RoleSpec) -> str:
     return f" with labels {role.labels}" if role.labels else ""
-
-
-def mooncake_config(spec: ClusterSpec, facts: NodeFacts, etcd_endpoint: str, master_address: str) -> dict[str, object]:
-    """The node's Mooncake JSON. `auto` protocol: rdma only when an allowed device is up."""
-    mc = spec.mooncake
-    up = facts.rdma_up(mc.rdma_devices)
-    protocol = mc.protocol if mc.protocol != "auto" else ("rdma" if up else "tcp")
-    return {
-        "local_hostname": facts.ip,
-        "metadata_server": f"etcd://{etcd_endpoint.split('://', 1)[-1]}",
-        "protocol": protocol,
-        "device_name": (up[0] if up else (mc.rdma_devices[0] if mc.rdma_devices else "")) if protocol == "rdma" else "",
-        "master_server_address": master_address,
-        "global_segment_size": mc.global_segment_size,
-        "local_buffer_size": mc.local_buffer_size,
-    }
-
-
-def _master_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
-    mc = spec.mooncake
-    gc = mc.gc and not (spec.benchmark.enabled and not spec.benchmark.master_gc)
-    values = {"node_ip": facts.ip, "port": mc.port}
-    argv = [mc.binary, *(mc.gc_args if gc else []), "-max_threads", str(mc.max_threads),
-            "-port", str(mc.port), *(render(a, values) for a in mc.extra_args)]
-    return ProcessSpec(
-        name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
-        readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
-        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s, generation=generation,
-    )
 
 
 def _etcd_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
@@ -304,6 +270,7 @@ def plan_cluster(
     for path, name in (("mooncake.master_node", master_node), ("proxy.node", proxy_node)):
         if name not in nodes:
             problems.append((path, f"node {name} is not registered"))
+    problems += metadata_problems(spec, etcd_endpoints)
     if problems:
         raise PlanError(problems)
 
@@ -327,14 +294,14 @@ def plan_cluster(
     if spec.mooncake.enabled:
         mp = node_plan(master_node)
         mp.roles.append("mooncake-master")
-        mp.processes.append(_master_process(spec, master_facts, generation=generation))
+        mp.processes.append(master_process(spec, master_facts, generation=generation))
 
     for role_name in ENGINE_ROLES:
         for index, name in enumerate(placement[role_name]):
             facts = nodes[name]
             np_ = node_plan(name)
             np_.roles.append(role_name)
-            np_.mooncake_config = mooncake_config(spec, facts, etcd_endpoints[0], master_address)
+            np_.mooncake_config = mooncake_config(spec, facts, master_facts.ip)
             np_.mooncake_config_path = f"{facts.state_dir}/mooncake/{spec.cluster}.json"
             config_file = FileSpec(path=np_.mooncake_config_path,
                                    content=json.dumps(np_.mooncake_config, indent=2) + "\n")
@@ -380,6 +347,9 @@ def port_claims(spec: ClusterSpec, plan: Plan, node: str) -> list[PortClaim]:
     if np_ is None:
         return []
     claims = [PortClaim(p.port, _PORT_FIELD[p.role], p.name) for p in np_.processes if p.port is not None]
+    md_port = metadata_port(spec)
+    if "mooncake-master" in np_.roles and md_port is not None:
+        claims.append(PortClaim(md_port, METADATA_PORT_FIELD, "mooncake-master metadata"))
     if "etcd" in np_.roles:
         claims.append(PortClaim(spec.etcd.peer_port, "etcd.peer_port", "etcd peer"))
     if node == plan.dp_master and plan.dp_size > 1:

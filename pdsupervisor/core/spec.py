@@ -7,7 +7,7 @@ cross-field checks, and raises `SpecError` listing every problem as `field.path:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
@@ -30,6 +30,17 @@ PROXY_LIST_PLACEHOLDERS = frozenset(
     {"prefill_endpoints", "decode_endpoints", "first_token_args", "benchmark_args"}
 )
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def render(template: str, values: Mapping[str, object]) -> str:
+    """Fill `{name}` placeholders inside one argv item; other braces (JSON) are left alone."""
+    return PLACEHOLDER_RE.sub(
+        lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template
+    )
+
+
+METADATA_MODES = ("p2p", "master-http")
+METADATA_URL_RE = re.compile(r"^(https?|etcd|redis)://[^\s/]+(/\S*)?$")
 
 DEFAULT_ENGINE_ARGV = [
     "{python}", "-m", "vllm.entrypoints.openai.api_server",
@@ -83,6 +94,18 @@ class MooncakeSpec(Strict):
     global_segment_size: int = Field(53687091200, gt=0)
     local_buffer_size: int = Field(10737418240, gt=0)
     readiness_timeout_s: float = Field(60.0, gt=0)
+    # Where transfer engines find each other's segments; never the control-plane etcd.
+    # "p2p": no metadata server (P2PHANDSHAKE; Mooncake >= 0.3.7). "master-http": the master
+    # serves it on `metadata_port` (>= 0.3.6). Or a URL of a metadata server run elsewhere.
+    metadata: str = "p2p"
+    metadata_port: int = Field(8080, ge=1, le=65535)  # used by "master-http" only
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: str) -> str:
+        if v not in METADATA_MODES and not METADATA_URL_RE.match(v):
+            raise ValueError(f"{v!r}: give p2p, master-http or a URL (http://, etcd://, redis://)")
+        return v
 
 
 class ReadinessSpec(Strict):

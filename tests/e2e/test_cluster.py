@@ -90,7 +90,7 @@ def test_start_reaches_ready_in_order(cluster):
         ip = p["endpoint"].split(":")[0]
         assert cfg["dp_env"]["VLLM_DP_SIZE"] == "4" and cfg["dp_env"]["VLLM_DP_MASTER_IP"] == "127.0.0.2"
         assert cfg["mooncake_config"]["local_hostname"] == ip
-        assert cfg["mooncake_config"]["metadata_server"] == f"etcd://{cluster.etcd}"
+        assert cfg["mooncake_config"]["metadata_server"] == "P2PHANDSHAKE"  # never the control-plane etcd
         seen_ranks[(p["node"], p["name"])] = int(cfg["dp_env"]["VLLM_DP_RANK"])
         proc = psutil.Process(p["pid"])
         assert proc.environ()["SHARED_FLAG"] == "on"

@@ -1,10 +1,12 @@
 """The real Mooncake path: the planner's Mooncake JSON drives a real MooncakeDistributedStore.
 
-One prefill and one decode sim engine run as processes with `--sim-kv-transfer mooncake`,
-a real etcd is the metadata server and a real `mooncake_master` runs from the plan's own
-argv. The JSON files are the plan's `FileSpec`s, written as the agent writes them. A
-request through the built-in proxy must move bytes prefill -> store -> decode, verified by
-sha256 on the decode side.
+One prefill and one decode sim engine run as processes with `--sim-kv-transfer mooncake`
+and a real `mooncake_master` runs from the plan's own argv, once per `mooncake.metadata`
+mode the planner offers: `p2p` (the default, no metadata server) and `master-http` (the
+master's own). The control-plane etcd is in the spec but no engine is pointed at it. The
+JSON files are the plan's `FileSpec`s, written as the agent writes them. A request through
+the built-in proxy must move bytes prefill -> store -> decode, verified by sha256 on the
+decode side.
 
 Skipped when mooncake is not installed, except under CI (`CI` set), where that fails.
 """
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -59,7 +62,7 @@ CAPS = {"PDSIM_MOONCAKE_SEGMENT_CAP": "32MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "16M
         "MC_TCP_BIND_ADDRESS": "{node_ip}"}
 
 
-def mooncake_plan(tmp: Path, etcd: str):
+def mooncake_plan(tmp: Path, etcd: str, metadata: str = "p2p"):
     spec = validate_spec({
         "cluster": "mc-kv",
         "model": "sim-model",
@@ -67,7 +70,7 @@ def mooncake_plan(tmp: Path, etcd: str):
         "engine_env": CAPS,
         "mooncake": {
             # protocol stays `auto` (no RDMA device registered -> tcp), sizes stay the defaults
-            "gc_args": [], "port": free_port(), "max_threads": 4,
+            "gc_args": [], "port": free_port(), "max_threads": 4, "metadata": metadata, "metadata_port": free_port(),
             "extra_args": ["-rpc_address", "{node_ip}", "-metrics_host", "{node_ip}",
                            "-metrics_port", str(free_port()), "-rpc_thread_num", "2"],
         },
@@ -98,17 +101,22 @@ def _tcp_open(host: str, port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def kv_cluster(etcd_server, tmp_path_factory):
+@pytest.fixture(scope="module", params=["p2p", "master-http"])
+def kv_cluster(request, etcd_server, tmp_path_factory):
     require_mooncake()
     tmp = tmp_path_factory.mktemp("mckv")
-    plan = mooncake_plan(tmp, etcd_server.endpoint)
+    plan = mooncake_plan(tmp, etcd_server.endpoint, request.param)
     procs = Procs(tmp)
     try:
         (master,) = [p for np_ in plan.nodes.values() for p in np_.processes if p.role == "mooncake-master"]
         m = start_spec(procs, master)
         wait_for(lambda: _tcp_open(master.host, master.port) or m.poll() is not None, 10, what="mooncake_master")
         assert m.poll() is None, procs.log(m)
+        metadata_server = "P2PHANDSHAKE"
+        if request.param == "master-http":  # the master binds its metadata server before its RPC port
+            md_port = int(master.argv[master.argv.index("-http_metadata_server_port") + 1])
+            assert _tcp_open(master.host, md_port), procs.log(m)
+            metadata_server = f"http://{master.host}:{md_port}/metadata"
         engines = {p.role: p for _, p in plan.engines()}
         running = {role: start_spec(procs, p) for role, p in engines.items()}
         for role, p in engines.items():
@@ -116,7 +124,7 @@ def kv_cluster(etcd_server, tmp_path_factory):
         proxy, _ = procs.proxy("--prefill", engines["prefill"].endpoint, "--decode", engines["decode"].endpoint)
         yield {"plan": plan, "proxy": proxy, "prefill": f"http://{engines['prefill'].endpoint}",
                "decode": f"http://{engines['decode'].endpoint}", "log": lambda role: procs.log(running[role]),
-               "procs": running, "master": m}
+               "procs": running, "master": m, "metadata": request.param, "metadata_server": metadata_server}
     finally:
         procs.kill_all()
 
@@ -126,12 +134,27 @@ def test_plan_json_is_the_production_shape(kv_cluster):
     plan = kv_cluster["plan"]
     cfg = json.loads(Path(plan.nodes["n1"].mooncake_config_path).read_text())
     assert cfg["protocol"] == "tcp" and cfg["device_name"] == ""
-    assert cfg["metadata_server"].startswith("etcd://") and cfg["global_segment_size"] == 53687091200
+    assert cfg["metadata_server"] == kv_cluster["metadata_server"]
+    assert "etcd" not in json.dumps(cfg) and cfg["global_segment_size"] == 53687091200
     _, body = http("GET", kv_cluster["prefill"] + "/debug/kv")
     kv = json.loads(body)
     assert kv["ready"] and kv["config_path"] == plan.nodes["n1"].mooncake_config_path
     assert kv["setup_params"]["global_segment_size"] == 32 << 20
     assert kv["setup_params"]["master_server_address"] == plan.master_address
+    assert kv["setup_params"]["metadata_server"] == cfg["metadata_server"]
+
+
+def test_segments_are_found_through_the_planned_metadata(kv_cluster):
+    """`master-http`: the prefill's segment descriptor is in the master's metadata server;
+    `p2p`: the transfer engine runs its own handshake instead of any metadata server."""
+    plan = kv_cluster["plan"]
+    cfg = json.loads(Path(plan.nodes["n1"].mooncake_config_path).read_text())
+    segment = json.loads(http("GET", kv_cluster["prefill"] + "/debug/kv")[1])["segment"]
+    if kv_cluster["metadata"] == "master-http":
+        status, body = http("GET", f"{cfg['metadata_server']}?key={quote(f'mooncake/ram/{segment}', safe='')}")
+        assert status == 200 and json.loads(body), body
+    else:
+        assert "using P2P handshake" in kv_cluster["log"]("prefill")
 
 
 def test_request_moves_verified_kv_bytes_through_mooncake(kv_cluster):
@@ -203,7 +226,8 @@ def test_sigterm_exits_cleanly(kv_cluster):
 
 
 def test_stop_with_master_and_etcd_gone_is_bounded(kv_cluster, etcd_server):
-    """With the master and etcd gone, a stop still takes no Mooncake call: prompt and clean."""
+    """With the master and etcd gone, a stop still takes no Mooncake call: prompt and clean.
+    (The engines never use this etcd any more; pausing it still shows nothing waits on it.)"""
     kill_tree(kv_cluster["master"].pid)
     etcd_server.pause()
     try:
@@ -225,7 +249,7 @@ def _cfg(tmp_path: Path, mc: dict, *extra: str):
     return parse_args(["--sim-kv-transfer", "mooncake", *extra], env={"MOONCAKE_CONFIG_PATH": str(path)})
 
 
-MC = {"local_hostname": "10.0.0.1", "metadata_server": "etcd://10.0.0.9:2379", "protocol": "tcp", "device_name": "",
+MC = {"local_hostname": "10.0.0.1", "metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "device_name": "",
       "master_server_address": "10.0.0.9:50001", "global_segment_size": 53687091200, "local_buffer_size": 10737418240}
 
 

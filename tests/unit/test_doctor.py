@@ -285,3 +285,6 @@ def test_ports_without_a_plan_leave_out_a_disabled_master(tmp_path):
     assert ports_needed(on, None, "n1")[on.mooncake.port] == "mooncake-master"
     assert on.mooncake.port not in ports_needed(off, None, "n1")
     assert ports_needed(off, None, "n1")[off.proxy.port] == "proxy"
+    http = validate_spec(spec_doc(tmp_path, mooncake={"metadata": "master-http", "metadata_port": free_port()}))
+    assert ports_needed(http, None, "n1")[http.mooncake.metadata_port] == "mooncake-master metadata"
+    assert on.mooncake.metadata_port not in ports_needed(on, None, "n1")  # p2p: no metadata server

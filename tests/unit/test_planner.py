@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
-from pdsupervisor.core.planner import PlanError, interleaved_decode_endpoints, plan_cluster
+from pdsupervisor.core.planner import PlanError, interleaved_decode_endpoints, plan_cluster, port_claims
 from pdsupervisor.core.spec import load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_example_spec_reproduces_the_guide_layout():
     assert "--generator_on_p_node" not in proxy and "--benchmark_mode" not in proxy
 
     assert g13.mooncake_config == {
-        "local_hostname": "10.239.129.81", "metadata_server": "etcd://10.239.129.9:2379", "protocol": "tcp",
+        "local_hostname": "10.239.129.81", "metadata_server": "P2PHANDSHAKE", "protocol": "tcp",
         "device_name": "", "master_server_address": "10.239.129.9:50001",
         "global_segment_size": 53687091200, "local_buffer_size": 10737418240,
     }
@@ -246,7 +246,8 @@ def test_plan_properties(prefill_nodes: int, decode_nodes: int, prefill_tp: int,
     for name, np_ in plan.nodes.items():
         if np_.mooncake_config:
             assert np_.mooncake_config["master_server_address"] == plan.master_address
-            assert np_.mooncake_config["metadata_server"] == f"etcd://{plan.etcd_endpoints[0]}"
+            assert np_.mooncake_config["metadata_server"] == "P2PHANDSHAKE"
+            assert "etcd" not in json.dumps(np_.mooncake_config).lower()
             assert np_.mooncake_config["local_hostname"] == nodes[name].ip
     assert plan.master_address == f"{nodes[names[0]].ip}:50001"
 
@@ -291,3 +292,62 @@ def test_every_placeholder_the_spec_accepts_is_filled():
     assert len(argvs) == 1 + 16 + 1
     left = sorted({item for argv in argvs for item in argv if "{" in item})
     assert left == [], left
+
+
+# ---- Mooncake's metadata: never the control-plane etcd -----------------------------------
+
+def _mooncake_jsons(plan) -> list[str]:
+    """Every Mooncake JSON the plan would write, as written."""
+    return [f.content for _, p in plan.engines() for f in p.files if "/mooncake/" in f.path]
+
+
+@pytest.mark.parametrize("metadata", [None, "p2p", "master-http", "http://10.239.129.50:8080/metadata"])
+def test_no_mooncake_json_names_etcd(metadata):
+    doc = example_doc()
+    if metadata is not None:
+        doc["mooncake"]["metadata"] = metadata
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    written = _mooncake_jsons(plan)
+    assert len(written) == 1 + 16
+    assert all("etcd" not in text.lower() for text in written), written[0]
+    assert all(plan.etcd_endpoints[0] not in text for text in written)
+
+
+def test_master_http_metadata_is_served_by_the_master_on_its_node_ip():
+    doc = example_doc()
+    doc["mooncake"].update(metadata="master-http", metadata_port=50080)
+    spec = validate_spec(doc)
+    plan = plan_cluster(spec, seed_nodes())
+    master = plan.nodes["g10"].processes[1]
+    assert master.argv == ["mooncake_master", "-enable_gc", "true", "-max_threads", "64", "-port", "50001",
+                           "-enable_http_metadata_server=true", "-http_metadata_server_host", "10.239.129.9",
+                           "-http_metadata_server_port", "50080", "--v=1"]
+    assert plan.nodes["g13"].mooncake_config["metadata_server"] == "http://10.239.129.9:50080/metadata"
+    claims = {(c.port, c.field) for c in port_claims(spec, plan, "g10")}
+    assert {(50001, "mooncake.port"), (50080, "mooncake.metadata_port")} <= claims
+    assert 50080 not in {c.port for c in port_claims(spec, plan, "g13")}
+    # p2p (the default) runs no metadata server: nothing more in the argv, no port to claim
+    p2p = plan_cluster(load_spec(EXAMPLE.read_text()), seed_nodes())
+    assert not any("metadata" in a for a in p2p.nodes["g10"].processes[1].argv)
+    assert 8080 not in {c.port for c in port_claims(spec, p2p, "g10")}
+
+
+def test_master_http_metadata_port_clash_is_named():
+    doc = example_doc()
+    doc["mooncake"].update(metadata="master-http", metadata_port=8868)  # the proxy's
+    with pytest.raises(PlanError) as err:
+        plan_cluster(validate_spec(doc), seed_nodes())
+    assert ("mooncake.metadata_port", "port 8868 on node g10 is also proxy.port") in err.value.problems
+
+
+def test_explicit_metadata_url_is_passed_through_unless_it_is_the_control_plane_etcd():
+    doc = example_doc()
+    doc["mooncake"]["metadata"] = "etcd://10.239.129.50:2379"  # a second etcd, Mooncake's own
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    assert plan.nodes["g13"].mooncake_config["metadata_server"] == "etcd://10.239.129.50:2379"
+    for url in ("etcd://10.239.129.9:2379", "etcd://10.239.129.50:2379,10.239.129.9:2379"):
+        doc["mooncake"]["metadata"] = url
+        with pytest.raises(PlanError) as err:
+            plan_cluster(validate_spec(doc), seed_nodes())
+        assert [p for p, _ in err.value.problems] == ["mooncake.metadata"]
+        assert "10.239.129.9:2379 is the control-plane etcd" in err.value.problems[0][1]

@@ -54,6 +54,8 @@ def test_shipped_specs_are_valid():
         (lambda d: d["policy"].update(node_loss="panic"), "policy.node_loss", "Input should be 'wait' or 'replace'"),
         (lambda d: d["benchmark"].update(enabled=True, decode_batch_size=1), "benchmark.decode_batch_size", "at least 2"),
         (lambda d: d["policy"].update(node_loss="replace", spare_nodes=["g13"]), "policy.spare_nodes", "g13 already has a role"),
+        (lambda d: d["mooncake"].update(metadata="10.0.0.9:2379"), "mooncake.metadata", "give p2p, master-http or a URL"),
+        (lambda d: d["mooncake"].update(metadata="P2PHANDSHAKE"), "mooncake.metadata", "give p2p, master-http or a URL"),
     ],
 )
 def test_bad_field_is_named(mutate, field, why):

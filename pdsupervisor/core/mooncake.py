@@ -1,0 +1,93 @@
+"""Mooncake in the plan: the master's process and each engine node's Mooncake JSON.
+
+Mooncake's metadata (where transfer engines find each other's segments) never lives in the
+control-plane etcd: that etcd holds what every agent executes, and Mooncake's own etcd client
+has neither TLS nor auth, so an engine able to reach it could write it. `mooncake.metadata`
+picks the store instead (checked against mooncake-transfer-engine 0.3.13, see
+tests/e2e/test_mooncake_kv.py):
+- `p2p` (default): `P2PHANDSHAKE`, no metadata server at all; each transfer engine answers
+  its peers' handshakes itself (the Store supports it from Mooncake 0.3.7);
+- `master-http`: the master's built-in HTTP metadata server on `metadata_port` (0.3.6+);
+- a URL: a metadata server run elsewhere (an http server, a second etcd holding nothing an
+  agent acts on). One naming a control-plane etcd endpoint is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec
+from pdsupervisor.core.spec import ClusterSpec, render
+
+METADATA_PORT_FIELD = "mooncake.metadata_port"
+
+
+def metadata_server(spec: ClusterSpec, master_ip: str) -> str:
+    """The JSON's `metadata_server` for this spec, with the master on `master_ip`."""
+    mc = spec.mooncake
+    if mc.metadata == "p2p":
+        return "P2PHANDSHAKE"
+    if mc.metadata == "master-http":
+        return f"http://{master_ip}:{mc.metadata_port}/metadata"
+    return mc.metadata
+
+
+def metadata_problems(spec: ClusterSpec, etcd_endpoints: Sequence[str]) -> list[tuple[str, str]]:
+    """An explicit metadata URL must not name the control-plane etcd (engines would write it)."""
+    md = spec.mooncake.metadata
+    if "://" not in md:
+        return []
+    hosts = {h.strip() for h in md.split("://", 1)[1].split("/", 1)[0].split(",")}
+    shared = sorted(hosts & {e.split("://", 1)[-1] for e in etcd_endpoints})
+    if shared:
+        return [("mooncake.metadata", f"{', '.join(shared)} is the control-plane etcd: engines must not reach "
+                                      "it; use p2p, master-http or a store of Mooncake's own")]
+    return []
+
+
+def metadata_port(spec: ClusterSpec) -> int | None:
+    """The port a planned master also binds for metadata (`master-http`), else None."""
+    mc = spec.mooncake
+    return mc.metadata_port if mc.enabled and mc.metadata == "master-http" else None
+
+
+def transport(spec: ClusterSpec, facts: NodeFacts) -> tuple[str, str]:
+    """(protocol, device_name) on this node. `auto`: rdma only when an allowed device is up."""
+    mc = spec.mooncake
+    up = facts.rdma_up(mc.rdma_devices)
+    protocol = mc.protocol if mc.protocol != "auto" else ("rdma" if up else "tcp")
+    device = (up[0] if up else (mc.rdma_devices[0] if mc.rdma_devices else "")) if protocol == "rdma" else ""
+    return protocol, device
+
+
+def mooncake_config(spec: ClusterSpec, facts: NodeFacts, master_ip: str) -> dict[str, object]:
+    """The node's Mooncake JSON (vLLM's field names), the master on `master_ip`."""
+    mc = spec.mooncake
+    protocol, device = transport(spec, facts)
+    return {
+        "local_hostname": facts.ip,
+        "metadata_server": metadata_server(spec, master_ip),
+        "protocol": protocol,
+        "device_name": device,
+        "master_server_address": f"{master_ip}:{mc.port}",
+        "global_segment_size": mc.global_segment_size,
+        "local_buffer_size": mc.local_buffer_size,
+    }
+
+
+def master_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> ProcessSpec:
+    """The master on its node. `master-http` adds its metadata server, asked to bind the node IP
+    (0.3.13 still listens on every interface: upstream only logs the host)."""
+    mc = spec.mooncake
+    gc = mc.gc and not (spec.benchmark.enabled and not spec.benchmark.master_gc)
+    values = {"node_ip": facts.ip, "port": mc.port}
+    argv = [mc.binary, *(mc.gc_args if gc else []), "-max_threads", str(mc.max_threads), "-port", str(mc.port)]
+    if mc.metadata == "master-http":
+        argv += ["-enable_http_metadata_server=true", "-http_metadata_server_host", facts.ip,
+                 "-http_metadata_server_port", str(mc.metadata_port)]
+    argv += [render(a, values) for a in mc.extra_args]
+    return ProcessSpec(
+        name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
+        readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
+        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s, generation=generation,
+    )
