@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.core.etcd_command import etcd_argv  # noqa: E402
 from pdsupervisor.core.models import NodeAssignment, NodeStatus, Probe, ProcessSpec  # noqa: E402
-from pdsupervisor.local.cluster import MARKER_ENV, free_port, kill_tree, marked_processes  # noqa: E402
+from pdsupervisor.local.cluster import MARKER_ENV  # noqa: E402
+from pdsupervisor.local.ports import free_port  # noqa: E402
+from pdsupervisor.local.procs import kill_tree, marked_processes  # noqa: E402
 from pdsupervisor.store.embedded import etcd_binary  # noqa: E402
 from pdsupervisor.store.etcd import Store  # noqa: E402
 

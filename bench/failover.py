@@ -48,7 +48,7 @@ from _localbench import (
 )
 
 from pdsupervisor.core.documents import ClusterDocument, ProcessRow
-from pdsupervisor.local.cluster import kill_tree
+from pdsupervisor.local.procs import kill_tree
 
 
 def row(doc: ClusterDocument, node: str, name: str) -> ProcessRow | None:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _localbench import machine
 
-from pdsupervisor.local.cluster import free_port
+from pdsupervisor.local.ports import free_port
 
 BODY = {"model": "sim-model", "prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 16}
 

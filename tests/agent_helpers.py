@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from pdsupervisor.local.cluster import marked_processes
-from tests.conftest import free_port, kill_tree
+from pdsupervisor.local.ports import free_port
+from pdsupervisor.local.procs import kill_tree, marked_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MARKER_ENV = "PD_TEST_MARKER"

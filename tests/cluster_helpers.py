@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
+from pdsupervisor.local.ports import free_port
 from tests.agent_helpers import AgentProc, kill_marked
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
 from tests.pdproc import http
 
 HAVE_MASTER = shutil.which("mooncake_master") is not None
@@ -59,8 +60,13 @@ def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: lis
     }
 
 
-class LocalCluster:
-    """Agents n1..nN on 127.0.0.1..N sharing one etcd; every process carries one marker."""
+class AgentCluster:
+    """Agents n1..nN on 127.0.0.1..N sharing the test's etcd; every process carries one marker.
+
+    Unlike the product's `pdsupervisor.local.cluster.LocalCluster` (the demo's: it boots its
+    own etcd and stops everything in order), this harness takes one agent at a time through
+    what failure tests need: start, restart under the same state dir, SIGTERM, kill -9.
+    """
 
     def __init__(self, tmp: Path, etcd: str, cluster: str, names: list[str], ttl: int = 3, token_file: Path | None = None):
         self.tmp, self.etcd, self.cluster, self.ttl = tmp, etcd, cluster, ttl

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pdsupervisor.core.etcd_command import etcd_argv
-from pdsupervisor.local.cluster import free_port, kill_tree
+from pdsupervisor.local.ports import free_port
+from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.embedded import etcd_binary
 
 

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, kill_tree, wait_for
+from pdsupervisor.local.ports import free_port
+from pdsupervisor.local.procs import kill_tree
+from tests.conftest import wait_for
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import psutil
 
 from pdsupervisor.core.checks import ports_needed
 from pdsupervisor.core.spec import ClusterSpec
+from pdsupervisor.local.procs import marked_processes, signal_all
 
 MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
 
@@ -161,97 +160,8 @@ class LocalCluster:
     def kill_all(self, grace_s: float = 5.0) -> list[psutil.Process]:
         """SIGTERM, then SIGKILL, whatever of this cluster is still alive; returns what was left."""
         left = self.processes()
-        _signal(left, signal.SIGTERM)
+        signal_all(left, signal.SIGTERM)
         _, alive = psutil.wait_procs(left, timeout=grace_s)
-        _signal(alive, signal.SIGKILL)
+        signal_all(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=grace_s)
         return left
-
-
-_handed_out: set[int] = set()
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-# Ports free_port never hands out: Mooncake's transfer engine binds random ports in its RPC
-# range (MC_MIN_PRC_PORT..MC_MAX_PRC_PORT defaults; seen: two per engine) while it starts, and
-# the benchmarks' fixed ports (bench/_localbench.py) lie in 12000-12999.
-MOONCAKE_RPC_PORTS = frozenset(range(15000, 17001))
-BENCH_PORTS = frozenset(range(12000, 13000))
-RESERVED_PORTS = MOONCAKE_RPC_PORTS | BENCH_PORTS
-
-
-def _can_bind(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
-    """The first of `span` consecutive ports nobody listens on now on `host` (tests, benchmarks).
-
-    Not the kernel's `bind(0)`: that draws from the ephemeral range, where the agents' own
-    outgoing connections take ports too, and may hand the same port out twice before anyone
-    listens on it (a proxy and an agent API once got one port). These ports lie outside
-    that range and outside RESERVED_PORTS (Mooncake's engines bind random ports there while
-    they start, possibly before a port handed out here is listened on; the benchmarks' fixed
-    ports), and are never handed out twice by one process.
-    """
-    low, high = _ephemeral_range()
-    lo, hi = (10000, low) if low - 10000 >= 5000 else (high + 1, 65536)
-    rng = random.Random()
-    for _ in range(2000 if hi - span > lo else 0):
-        first = rng.randrange(lo, hi - span)
-        ports = range(first, first + span)
-        if not _handed_out.isdisjoint(ports) or not RESERVED_PORTS.isdisjoint(ports):
-            continue
-        if all(_can_bind(host, p) for p in ports):
-            _handed_out.update(ports)
-            return first
-    raise RuntimeError(f"no {span} free consecutive port(s) on {host} in {lo}-{hi - 1}")
-
-
-def marked_processes(env_name: str, value: str) -> list[psutil.Process]:
-    """Live processes (not this one) whose environment has `env_name` equal to `value`.
-
-    Children inherit the environment, so this finds a whole family of processes even after
-    their parents died or they left the process group.
-    """
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid == os.getpid():
-                continue
-            if p.environ().get(env_name) == value:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def _signal(procs: list[psutil.Process], sig: int) -> None:
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def kill_tree(pid: int, timeout: float = 5.0) -> None:
-    """SIGKILL a process and every descendant (collected before the first signal)."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    _signal(procs, signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=timeout)

@@ -16,9 +16,10 @@ import pytest
 
 from agent.process import proctree
 from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec, RestartPolicy
+from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 from tests.agent_helpers import SLEEP, TREE, AgentProc, alive, kill_marked, run
-from tests.conftest import kill_tree, wait_for
+from tests.conftest import wait_for
 
 FAST = RestartPolicy(initial_backoff_s=0.3, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
 
@@ -141,7 +142,7 @@ def test_agent_kill9_member_key_expires_and_restart_adopts(env):
     wait_for(lambda: view.member("n1", strict=True) is None, timeout=a.ttl + 8, what="member key to expire")
     assert all(alive(p) for p in pids.values())
     # restarted while etcd cannot be reached: adopts at once, kills nothing
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     offline = agent(state_dir=a.state_dir, etcd=f"127.0.0.1:{free_port()}")
     local = wait_for(lambda: len(offline.local_procs()) == 2 and offline.local_procs(), what="adopted offline")
@@ -226,7 +227,7 @@ def test_sigterm_leaves_children_and_a_restart_keeps_membership(env):
 
 
 def test_embedded_etcd_bootstrap_and_adoption(env, tmp_path):
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     _, agent = env
     cport, pport = free_port(), free_port()
@@ -250,7 +251,7 @@ def test_sigterm_while_the_embedded_etcd_cannot_start(env, tmp_path):
     """The agent waits for its bootstrap etcd before registering; a stop must still end that wait."""
     import socket
 
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     _, agent = env
     # the client port is bound (not listened on, so the readiness probe is refused): etcd

@@ -102,7 +102,7 @@ async def test_tls_with_client_certificates(tmp_path):
         ext.write_text("subjectAltName=IP:127.0.0.1\n")
         _openssl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
                  "-CAcreateserial", "-days", "1", "-out", str(d / f"{who}.crt"), "-extfile", str(ext))
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     rest = RestConfig(host="127.0.0.1", port=free_port(), tls_cert=str(d / "server.crt"),
                       tls_key=str(d / "server.key"), tls_client_ca=str(d / "ca.crt"))

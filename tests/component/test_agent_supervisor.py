@@ -15,8 +15,9 @@ from agent.process import logs, proctree
 from agent.process.statefile import ProcRecord, ProcStore, matches
 from agent.process.supervisor import ManagedProcess, backoff_delay, child_env
 from pdsupervisor.core.models import ProcessSpec, ProcessState, RestartPolicy
+from pdsupervisor.local.procs import kill_tree
 from tests.agent_helpers import TREE
-from tests.conftest import kill_tree, until
+from tests.conftest import until
 
 FAST = RestartPolicy(initial_backoff_s=0.2, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
 
@@ -91,7 +92,7 @@ async def test_spawn_failure_backs_off_never_gives_up(tmp_path, cleanup):
 
 async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
     from pdsupervisor.core.models import FileSpec, Probe
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     port = free_port()
     target = tmp_path / "cfg" / "mooncake.json"

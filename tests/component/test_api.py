@@ -11,7 +11,7 @@ import yaml
 from agent.api.cluster import openapi_document
 from pdsupervisor.core.documents import DOCUMENTS, ErrorBody
 from pdsupervisor.store.etcd import Store
-from tests.cluster_helpers import LocalCluster, cluster_spec
+from tests.cluster_helpers import AgentCluster, cluster_spec
 from tests.openapi_helpers import check_served, response_schema
 
 TOKEN = "s3cret-token"
@@ -22,7 +22,7 @@ def one_agent(etcd_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
-    c = LocalCluster(tmp, etcd_server.endpoint, "api-test", ["n1"], ttl=3, token_file=token_file)
+    c = AgentCluster(tmp, etcd_server.endpoint, "api-test", ["n1"], ttl=3, token_file=token_file)
     try:
         c.start()
         yield c

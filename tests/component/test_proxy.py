@@ -59,7 +59,7 @@ def test_openai_client(procs):
 
 
 def test_errors_are_openai_shaped(procs, tmp_path):
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     dec, _ = procs.engine("decode")
@@ -75,7 +75,7 @@ def test_errors_are_openai_shaped(procs, tmp_path):
 
 
 def test_ejected_instance_is_probed_back(procs):
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     pre, _ = procs.engine("prefill")
     port = free_port()
@@ -189,9 +189,9 @@ def test_an_empty_200_is_one_failed_exchange_retried_elsewhere(role):
     from prometheus_client.parser import text_string_to_metric_families
 
     from pdsupervisor.aio.serve import start_site
+    from pdsupervisor.local.ports import free_port
     from pdsupervisor.proxy.instances import Registry
     from pdsupervisor.proxy.server import PDProxy, ProxyConfig
-    from tests.conftest import free_port
 
     async def prefill(request: web.Request) -> web.Response:
         return web.json_response({"choices": [{"text": "t0"}], "kv_transfer_params": {"k": 1}})

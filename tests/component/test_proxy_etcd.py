@@ -12,10 +12,11 @@ from aiohttp import web
 from pdsupervisor.aio import serve
 from pdsupervisor.aio.wait import cancel_and_wait, wait_event
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
+from pdsupervisor.local.ports import free_port
 from pdsupervisor.proxy.etcd_source import MEMBERSHIP, EtcdSource, membership
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.store.etcd import Keys, Store, WatchEvent
-from tests.conftest import free_port, until
+from tests.conftest import until
 from tests.pdproc import http, metric, wait_for
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from pdsupervisor.core.cluster_view import SpecRecord
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
+from pdsupervisor.local.ports import free_port
 from pdsupervisor.store.cluster import observe, observe_membership
 from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
-from tests.conftest import EtcdServer, free_port, running_etcd, until, wait_for
+from tests.conftest import EtcdServer, running_etcd, until, wait_for
 
 
 async def test_member_under_lease_disappears_when_lease_revoked(etcd_server, cluster_name):

@@ -12,19 +12,20 @@ import signal
 import psutil
 import pytest
 
+from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.etcd import Store
 from tests.agent_helpers import alive, kill_marked, marked, run
 from tests.cluster_helpers import (
     HAVE_MASTER,
     HAVE_MOONCAKE,
-    LocalCluster,
+    AgentCluster,
     cluster_spec,
     get_json,
     post_json,
     ready_pids,
     wait_proxy_routes,
 )
-from tests.conftest import kill_tree, wait_for
+from tests.conftest import wait_for
 
 TTL = 3
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster(etcd_server, tmp_path_factory):
     name = f"clu-{id(tmp_path_factory) % 100000}"
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), etcd_server.endpoint, name, ["n1", "n2", "n3", "n4"], ttl=TTL)
+    c = AgentCluster(tmp_path_factory.mktemp("cluster"), etcd_server.endpoint, name, ["n1", "n2", "n3", "n4"], ttl=TTL)
     # With Mooncake installed the engines hand KV over through the real store, reading the JSON
     # their agents wrote (test_mooncake_kv.py covers the details).
     c.spec = cluster_spec(name, etcd_server.endpoint, decode_nodes=["n2", "n3"], spare=["n4"], ttl=TTL,
@@ -47,12 +48,12 @@ def cluster(etcd_server, tmp_path_factory):
         c.close()
 
 
-async def _leader(c: LocalCluster) -> str | None:
+async def _leader(c: AgentCluster) -> str | None:
     async with Store([c.etcd], c.cluster) as store:
         return await store.leader()
 
 
-async def _events(c: LocalCluster) -> list[dict]:
+async def _events(c: AgentCluster) -> list[dict]:
     async with Store([c.etcd], c.cluster) as store:
         return await store.events(500)
 

@@ -62,7 +62,7 @@ def test_demo_refuses_a_taken_engine_port_before_starting_anything(tmp_path):
     import yaml
 
     from pdsupervisor.cli.demo import REPO_DEMO_SPEC
-    from tests.conftest import free_port
+    from pdsupervisor.local.ports import free_port
 
     doc = yaml.safe_load(REPO_DEMO_SPEC.read_text())
     port = free_port(span=2)

@@ -30,10 +30,12 @@ from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import plan_cluster
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.host.files import atomic_write
+from pdsupervisor.local.ports import free_port
+from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.simengine.config import ConfigError, parse_args
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV, kv_payload
 from tests.cluster_helpers import sim_argv
-from tests.conftest import free_port, kill_tree, wait_for
+from tests.conftest import wait_for
 from tests.pdproc import Procs, http, metric, wait_up
 
 

@@ -25,7 +25,8 @@ from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import plan_cluster
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.host import probes
-from tests.conftest import free_port, write
+from pdsupervisor.local.ports import free_port
+from tests.conftest import write
 
 IB = "sys/class/infiniband"
 THP = "sys/kernel/mm/transparent_hugepage/enabled"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdsupervisor.local.cluster import BENCH_PORTS, MOONCAKE_RPC_PORTS, _can_bind, _ephemeral_range, free_port
+from pdsupervisor.local.ports import BENCH_PORTS, MOONCAKE_RPC_PORTS, _can_bind, _ephemeral_range, free_port
 
 
 def test_ports_are_distinct_free_and_outside_the_ranges_others_draw_from():
