@@ -21,15 +21,17 @@ from pathlib import Path
 import psutil
 import structlog
 
-from agent.process import logs, proctree
+from agent.process import logs, proctree, secrets
 from agent.process.statefile import ProcRecord, ProcStore
 from pdsupervisor.core.models import Probe, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.host.files import atomic_write
 
 log = structlog.get_logger("agent.process.supervisor")
 
-# Never handed to a child: a child speaking for the agent's systemd unit is a known bug.
-STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# Never handed to a child: a child speaking for the agent's systemd unit is a known bug, and
+# the agent's credentials go to a child only one by one, as `{credential: NAME}` env values.
+STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                secrets.CREDENTIALS_ENV)
 UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is reported running
 # Until first ready, re-probe every STARTUP_PROBE_S (or the probe's period, if shorter):
 # readiness is what releases the next start stage, and a local probe costs next to nothing.
@@ -46,7 +48,7 @@ def child_env(spec_env: dict[str, str]) -> dict[str, str]:
 def spawn_error(exc: Exception) -> str:
     """Why a start failed, for the status message: an OSError says it itself (errno, path);
     anything else is named by its type too (`ValueError: embedded null byte`)."""
-    return str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, OSError | secrets.EnvFileError) else f"{type(exc).__name__}: {exc}"
 
 
 def backoff_delay(policy_initial: float, multiplier: float, maximum: float, jitter: float, attempt: int) -> float:
@@ -252,7 +254,9 @@ class ManagedProcess:
 
     def _spawn(self) -> None:
         """Write the files, start the child, track it. Raises whatever stops it (the caller
-        backs off): a NUL in argv or env (ValueError), a missing binary or cwd (OSError)..."""
+        backs off): a NUL in argv or env (ValueError), a missing binary or cwd (OSError), an
+        env file that cannot be read (EnvFileError)..."""
+        env = child_env(secrets.resolve_env(self.spec.env, os.environ.get(secrets.CREDENTIALS_ENV)))
         self._write_files()
         fd = logs.open_log(self.log_path)
         try:
@@ -260,7 +264,7 @@ class ManagedProcess:
                          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             popen = subprocess.Popen(
                 self.spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                cwd=self.spec.cwd, env=child_env(self.spec.env), start_new_session=True, close_fds=True,
+                cwd=self.spec.cwd, env=env, start_new_session=True, close_fds=True,
             )
         finally:
             os.close(fd)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 Role = Literal["etcd", "mooncake-master", "prefill", "decode", "proxy"]
 
@@ -56,13 +56,62 @@ class FileSpec(Strict):
     mode: int = 0o644
 
 
+CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,254}$"  # a file name: no '/', not '.' or '..'
+
+
+class EnvFromFile(Strict):
+    """An env value the agent reads from a file on its node each time it starts the process:
+    a secret stays on the node, etcd holds only the path. One trailing newline is dropped."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str = Field(max_length=4096)
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or "\0" in v:
+            raise ValueError("must be an absolute path")
+        return v
+
+
+class EnvFromCredential(Strict):
+    """An env value the agent reads from one of its systemd credentials (`LoadCredential=` in
+    its unit): the file `$CREDENTIALS_DIRECTORY/<credential>`, read at each start."""
+
+    model_config = ConfigDict(frozen=True)
+
+    credential: str = Field(pattern=CREDENTIAL_NAME_PATTERN)
+
+
+# Tags of the env value kinds: what a validation error's location shows after the variable
+# (`engine_env.HF_TOKEN.env-file.file`); `spec._loc` leaves them out.
+ENV_VALUE_TAGS = frozenset({"env-value", "env-file", "env-credential"})
+
+
+def _env_value_kind(v: Any) -> str:
+    if isinstance(v, EnvFromFile) or (isinstance(v, dict) and "credential" not in v):
+        return "env-file"
+    if isinstance(v, EnvFromCredential | dict):
+        return "env-credential"
+    return "env-value"
+
+
+# A process's env value: the value itself, or where the agent reads it at start (secrets).
+EnvValue = Annotated[
+    Annotated[str, Tag("env-value")] | Annotated[EnvFromFile, Tag("env-file")]
+    | Annotated[EnvFromCredential, Tag("env-credential")],
+    Discriminator(_env_value_kind),
+]
+
+
 class ProcessSpec(Strict):
     """One process an agent must keep running: everything needed to start, probe and stop it."""
 
     name: str
     role: Role
     argv: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, EnvValue] = Field(default_factory=dict)  # files and credentials read at each start
     cwd: str | None = None
     files: list[FileSpec] = Field(default_factory=list)
     host: str = "127.0.0.1"

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pdsupervisor.core.models import RestartPolicy, Strict
+from pdsupervisor.core.models import ENV_VALUE_TAGS, EnvValue, RestartPolicy, Strict
 
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
 ENGINE_PLACEHOLDERS = frozenset(
@@ -105,7 +105,7 @@ class RoleSpec(Strict):
     base_port: int = Field(8100, ge=1, le=65535)
     bind_host: str = "{node_ip}"  # what {host} renders to; "0.0.0.0" to listen everywhere
     argv: list[str] = Field(default_factory=lambda: list(DEFAULT_ENGINE_ARGV), min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, EnvValue] = Field(default_factory=dict)  # over engine_env; {file: PATH} / {credential: NAME}
     readiness: ReadinessSpec = Field(default_factory=ReadinessSpec)
     stop_timeout_s: float = Field(60.0, gt=0)
     cwd: str | None = None  # working directory of the engines (default: the agent's)
@@ -185,7 +185,8 @@ class ClusterSpec(Strict):
 
     cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: str
-    engine_env: dict[str, str] = Field(default_factory=dict)
+    # values, or {file: PATH} / {credential: NAME}: a secret the agent reads on the node at each start
+    engine_env: dict[str, EnvValue] = Field(default_factory=dict)
     etcd: EtcdSpec = Field(default_factory=EtcdSpec)
     mooncake: MooncakeSpec = Field(default_factory=MooncakeSpec)
     prefill: RoleSpec
@@ -210,6 +211,11 @@ def _placeholder_problems(path: str, items: Iterable[str], allowed: frozenset[st
     return problems
 
 
+def _strings(values: Iterable[object]) -> list[str]:
+    """Env values as placeholder checks see them: a file or credential is never rendered."""
+    return [v if isinstance(v, str) else "" for v in values]
+
+
 def _role_problems(name: str, role: RoleSpec) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if role.slots % role.tp:
@@ -223,7 +229,7 @@ def _role_problems(name: str, role: RoleSpec) -> list[tuple[str, str]]:
     if role.base_port + role.engines_per_node - 1 > 65535:
         problems.append((f"{name}.base_port", "engine ports run past 65535"))
     problems += _placeholder_problems(f"{name}.argv", role.argv, ENGINE_PLACEHOLDERS)
-    problems += _placeholder_problems(f"{name}.env", role.env.values(), ENGINE_PLACEHOLDERS)
+    problems += _placeholder_problems(f"{name}.env", _strings(role.env.values()), ENGINE_PLACEHOLDERS)
     return problems
 
 
@@ -257,7 +263,7 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
     )
     for name in ("benchmark_args", "first_token_args", "extra_args"):
         problems += _placeholder_problems(f"proxy.{name}", getattr(spec.proxy, name), PROXY_PLACEHOLDERS)
-    problems += _placeholder_problems("engine_env", spec.engine_env.values(), ENGINE_PLACEHOLDERS)
+    problems += _placeholder_problems("engine_env", _strings(spec.engine_env.values()), ENGINE_PLACEHOLDERS)
     if spec.benchmark.enabled and spec.benchmark.decode_batch_size < 2:
         problems.append(("benchmark.decode_batch_size", "benchmark mode needs a batch size of at least 2"))
     return problems
@@ -266,6 +272,8 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if part in ENV_VALUE_TAGS:  # which kind of env value pydantic tried: not a field
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "spec"
 
