@@ -13,13 +13,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from pdsupervisor.core.limits import MAX_DURATION_S, MAX_PATH
+
 Role = Literal["etcd", "mooncake-master", "prefill", "decode", "proxy"]
 
 
 class Strict(BaseModel):
-    """Base for every boundary model: unknown keys are an error, never silently dropped."""
+    """Base for every boundary model: unknown keys are an error, never silently dropped, and
+    a float is finite (NaN or infinity would make a timer, a sleep or a comparison meaningless)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Duration = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]  # seconds: positive, a week at most
 
 
 class Probe(Strict):
@@ -27,10 +34,10 @@ class Probe(Strict):
 
     kind: Literal["http", "tcp"] = "http"
     host: str = "127.0.0.1"
-    port: int
+    port: Port
     path: str = "/health"
-    period_s: float = Field(1.0, gt=0)
-    timeout_s: float = Field(2.0, gt=0)
+    period_s: Duration = 1.0
+    timeout_s: Duration = 2.0
 
 
 class RestartPolicy(Strict):
@@ -41,11 +48,11 @@ class RestartPolicy(Strict):
     """
 
     mode: Literal["always", "on-failure", "never"] = "always"
-    initial_backoff_s: float = Field(1.0, gt=0)
-    max_backoff_s: float = Field(60.0, gt=0)
-    multiplier: float = Field(2.0, ge=1)
+    initial_backoff_s: Duration = 1.0
+    max_backoff_s: Duration = 60.0
+    multiplier: float = Field(2.0, ge=1, le=100)
     jitter: float = Field(0.2, ge=0, le=1)
-    reset_after_s: float = Field(60.0, gt=0)
+    reset_after_s: Duration = 60.0
 
 
 class FileSpec(Strict):
@@ -65,7 +72,7 @@ class EnvFromFile(Strict):
 
     model_config = ConfigDict(frozen=True)
 
-    file: str = Field(max_length=4096)
+    file: str = Field(max_length=MAX_PATH)
 
     @field_validator("file")
     @classmethod
@@ -115,12 +122,12 @@ class ProcessSpec(Strict):
     cwd: str | None = None
     files: list[FileSpec] = Field(default_factory=list)
     host: str = "127.0.0.1"
-    port: int | None = None
+    port: Port | None = None
     readiness: Probe | None = None
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     stop_signal: Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP"] = "SIGTERM"
-    stop_timeout_s: float = Field(30.0, gt=0)
-    start_timeout_s: float | None = Field(None, gt=0)  # not ready this long after starting: a problem
+    stop_timeout_s: Duration = 30.0
+    start_timeout_s: Duration | None = None  # not ready this long after starting: a problem
     generation: int = 0
     dp_rank: int | None = None
     # Bumped by the coordinator to restart a process that runs the very same thing, e.g. the
