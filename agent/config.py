@@ -70,6 +70,8 @@ class AgentConfig(_Strict):
     status_heartbeat_s: float = Field(60.0, gt=0)  # rewrite an unchanged status this rarely
     assignment_resync_s: float = Field(60.0, gt=0)  # re-read the assignment besides the watch
     logs: LogConfig = Field(default_factory=LogConfig)
+    # fnmatch globs on argv[0] of what assignments may run here; empty: anything (see README)
+    allowed_commands: list[str] = Field(default_factory=list)
 
     @field_validator("etcd")
     @classmethod

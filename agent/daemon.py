@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from agent.admission import Admission
 from agent.api.cluster import cluster_routes
 from agent.config import AgentConfig
 from agent.coordinator import Coordinator
@@ -74,9 +75,13 @@ class Agent:
         self.store = Store(config.etcd, config.cluster, timeout_s=store_timeout(config.ttl))
         self.lease = LeaseState(config.ttl)
         self.notifier = notifier or Notifier()
+        etcd_dir = Path(config.bootstrap_etcd.data_dir or self.state_dir / "etcd").absolute()
+        # what an assignment may run here; no file of it in the agent's own directories
+        self.admission = Admission(self.state_dir, config.allowed_commands, private_dirs=[
+            self.state_dir / "procs", self.state_dir / "bootstrap", self.log_dir, etcd_dir])
         self.reconciler = Reconciler(
             self.name, self.store, ProcStore(self.state_dir / "procs"), self.log_dir, self.lease,
-            heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
+            admission=self.admission, heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
         )
         self.registration = Registration(self.store, self.facts, self.lease)
         # every agent runs the coordinator loop (it acts only as leader) and serves the cluster API

@@ -2,6 +2,9 @@
 
 Only the assignment stops a process: a key read as absent means "run nothing", but a
 failed read means nothing at all (etcd away: everything keeps running as it is).
+Each process is admitted first (`agent.admission`): one this node refuses is never started
+(nor kept running, if it ran), it is reported `failed` with why, and an event says so;
+the rest of the assignment runs.
 Status is written when it changes (coalesced, at most one write per `min_interval_s`) and
 otherwise only every `heartbeat_s`, so a node at rest costs etcd almost no writes. It is
 written under the agent's member lease (`LeaseState`), and again under each new one.
@@ -19,10 +22,12 @@ import psutil
 import structlog
 from pydantic import ValidationError
 
+from agent.admission import Admission, RefusedProcess
 from agent.lease import LeaseState
 from agent.process.statefile import ProcRecord, ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.aio.wait import wait_event
+from pdsupervisor.core.admission import show
 from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 
@@ -38,6 +43,7 @@ class Reconciler:
         log_dir: Path,
         lease: LeaseState,
         *,
+        admission: Admission,
         heartbeat_s: float = 60.0,
         resync_s: float = 60.0,
         min_interval_s: float = 0.25,
@@ -47,10 +53,11 @@ class Reconciler:
         self.records = records
         self.log_dir = log_dir
         self.lease = lease  # the member lease status is reported under
+        self.admission = admission
         self.heartbeat_s = heartbeat_s
         self.resync_s = resync_s
         self.min_interval_s = min_interval_s
-        self.procs: dict[str, ManagedProcess] = {}  # in the assignment's order
+        self.procs: dict[str, ManagedProcess | RefusedProcess] = {}  # in the assignment's order
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -73,26 +80,45 @@ class Reconciler:
     # ---- applying an assignment --------------------------------------------------
 
     async def apply(self, assignment: NodeAssignment | None) -> None:
+        refused: list[RefusedProcess] = []
         async with self._lock:
             self.assignment_seen = True
             desired = {p.name: p for p in (assignment.processes if assignment else [])}
+            problems = {n: self.admission.problems(s) for n, s in desired.items()}
+
+            def kept(n: str) -> bool:  # same spec, and still refused or still admitted
+                cur = self.procs[n]
+                return cur.spec_hash == desired[n].spec_hash() and isinstance(cur, RefusedProcess) == bool(problems[n])
+
             stop = [n for n in self.procs if n not in desired]
-            changed = [n for n, s in desired.items()
-                       if n in self.procs and self.procs[n].spec_hash != s.spec_hash()]
+            changed = [n for n in desired if n in self.procs and not kept(n)]
             if stop or changed:
                 log.info("stopping", removed=stop, changed=changed)
             await asyncio.gather(*(self.procs[n].stop() for n in stop + changed))
             for n in changed:  # started anew below; removed ones go with the rebuild at the end
                 self.procs.pop(n)
             for n, spec in desired.items():
-                if n in self.procs:
-                    if self.procs[n].spec != spec:
-                        self.procs[n].update_spec(spec)
-                else:
+                cur = self.procs.get(n)
+                if problems[n] and (not isinstance(cur, RefusedProcess) or cur.problems != problems[n]):
+                    self.procs[n] = r = RefusedProcess(spec, problems[n])
+                    refused.append(r)
+                elif cur is None:
                     log.info("starting", process=n)
                     self._new(spec).start()
+                elif cur.spec != spec:
+                    cur.update_spec(spec)
             self.procs = {n: self.procs[n] for n in desired}
             self.mark_dirty()
+        for r in refused:  # outside the lock: etcd being slow must not hold up the next apply
+            await self._record_refusal(r)
+
+    async def _record_refusal(self, r: RefusedProcess) -> None:
+        message = f"{show(r.name)} on {self.node} refused: {'; '.join(r.problems)}"
+        log.error("process refused", process=r.name, problems=r.problems)
+        try:
+            await self.store.append_event("refused", message, node=self.node, process=r.name)
+        except StoreUnavailable as exc:  # best effort: the status says it too
+            log.warning("refusal event not recorded", process=r.name, error=str(exc) or type(exc).__name__)
 
     async def watch_assignment(self) -> None:
         """Read the key once, watch from the next revision; on failure back off and redo."""
@@ -134,7 +160,7 @@ class Reconciler:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
-    def snapshot_procs(self) -> list[ManagedProcess]:
+    def snapshot_procs(self) -> list[ManagedProcess | RefusedProcess]:
         return list(self.procs.values())
 
     def snapshot(self) -> NodeStatus:

@@ -9,6 +9,7 @@ our child): it is reported as None with a message saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -20,15 +21,17 @@ from pathlib import Path
 import psutil
 import structlog
 
-from agent.process import logs, proctree
+from agent.process import logs, proctree, secrets
 from agent.process.statefile import ProcRecord, ProcStore
 from pdsupervisor.core.models import Probe, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.host.files import atomic_write
 
 log = structlog.get_logger("agent.process.supervisor")
 
-# Never handed to a child: a child speaking for the agent's systemd unit is a known bug.
-STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# Never handed to a child: a child speaking for the agent's systemd unit is a known bug, and
+# the agent's credentials go to a child only one by one, as `{credential: NAME}` env values.
+STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                secrets.CREDENTIALS_ENV)
 UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is reported running
 # Until first ready, re-probe every STARTUP_PROBE_S (or the probe's period, if shorter):
 # readiness is what releases the next start stage, and a local probe costs next to nothing.
@@ -40,6 +43,12 @@ def child_env(spec_env: dict[str, str]) -> dict[str, str]:
     for k in STRIPPED_ENV:
         env.pop(k, None)
     return env
+
+
+def spawn_error(exc: Exception) -> str:
+    """Why a start failed, for the status message: an OSError says it itself (errno, path);
+    anything else is named by its type too (`ValueError: embedded null byte`)."""
+    return str(exc) if isinstance(exc, OSError | secrets.EnvFileError) else f"{type(exc).__name__}: {exc}"
 
 
 def backoff_delay(policy_initial: float, multiplier: float, maximum: float, jitter: float, attempt: int) -> float:
@@ -244,6 +253,10 @@ class ManagedProcess:
             atomic_write(Path(self.spec.cwd or ".", f.path), f.content.encode(), f.mode)
 
     def _spawn(self) -> None:
+        """Write the files, start the child, track it. Raises whatever stops it (the caller
+        backs off): a NUL in argv or env (ValueError), a missing binary or cwd (OSError), an
+        env file that cannot be read (EnvFileError)..."""
+        env = child_env(secrets.resolve_env(self.spec.env, os.environ.get(secrets.CREDENTIALS_ENV)))
         self._write_files()
         fd = logs.open_log(self.log_path)
         try:
@@ -251,10 +264,24 @@ class ManagedProcess:
                          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             popen = subprocess.Popen(
                 self.spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                cwd=self.spec.cwd, env=child_env(self.spec.env), start_new_session=True, close_fds=True,
+                cwd=self.spec.cwd, env=env, start_new_session=True, close_fds=True,
             )
         finally:
             os.close(fd)
+        try:
+            self._track(popen)
+        except Exception:
+            # Started but not tracked (no adoption record, e.g. a full disk): it must not run
+            # unseen beside the one the next attempt starts. Its own session: kill the group.
+            if self.child is not None:
+                self.child.detach()
+                self.child = None
+            with contextlib.suppress(OSError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+
+    def _track(self, popen: subprocess.Popen[bytes]) -> None:
         proc = psutil.Process(popen.pid)
         try:
             start = proctree.started(popen.pid)  # our unreaped child: its /proc entry stays
@@ -283,10 +310,11 @@ class ManagedProcess:
                 self._set(ProcessState.starting)
                 try:
                     self._spawn()
-                except OSError as exc:
-                    self.log.warning("spawn failed", error=str(exc))
+                except Exception as exc:  # whatever it is, a failed start: never a dead loop
+                    why = spawn_error(exc)
+                    self.log.warning("spawn failed", error=why)
                     self.last_exit_code = None
-                    attempt = await self._backoff(attempt, 0.0, f"spawn failed: {exc}")
+                    attempt = await self._backoff(attempt, 0.0, f"spawn failed: {why}")
                     continue
                 self._set(ProcessState.running)
             child = self.child

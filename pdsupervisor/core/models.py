@@ -9,17 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from pdsupervisor.core.limits import MAX_DURATION_S, MAX_PATH
 
 Role = Literal["etcd", "mooncake-master", "prefill", "decode", "proxy"]
 
 
 class Strict(BaseModel):
-    """Base for every boundary model: unknown keys are an error, never silently dropped."""
+    """Base for every boundary model: unknown keys are an error, never silently dropped, and
+    a float is finite (NaN or infinity would make a timer, a sleep or a comparison meaningless)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Duration = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]  # seconds: positive, a week at most
 
 
 class Probe(Strict):
@@ -27,10 +34,10 @@ class Probe(Strict):
 
     kind: Literal["http", "tcp"] = "http"
     host: str = "127.0.0.1"
-    port: int
+    port: Port
     path: str = "/health"
-    period_s: float = Field(1.0, gt=0)
-    timeout_s: float = Field(2.0, gt=0)
+    period_s: Duration = 1.0
+    timeout_s: Duration = 2.0
 
 
 class RestartPolicy(Strict):
@@ -41,11 +48,11 @@ class RestartPolicy(Strict):
     """
 
     mode: Literal["always", "on-failure", "never"] = "always"
-    initial_backoff_s: float = Field(1.0, gt=0)
-    max_backoff_s: float = Field(60.0, gt=0)
-    multiplier: float = Field(2.0, ge=1)
+    initial_backoff_s: Duration = 1.0
+    max_backoff_s: Duration = 60.0
+    multiplier: float = Field(2.0, ge=1, le=100)
     jitter: float = Field(0.2, ge=0, le=1)
-    reset_after_s: float = Field(60.0, gt=0)
+    reset_after_s: Duration = 60.0
 
 
 class FileSpec(Strict):
@@ -56,22 +63,71 @@ class FileSpec(Strict):
     mode: int = 0o644
 
 
+CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,254}$"  # a file name: no '/', not '.' or '..'
+
+
+class EnvFromFile(Strict):
+    """An env value the agent reads from a file on its node each time it starts the process:
+    a secret stays on the node, etcd holds only the path. One trailing newline is dropped."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str = Field(max_length=MAX_PATH)
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or "\0" in v:
+            raise ValueError("must be an absolute path")
+        return v
+
+
+class EnvFromCredential(Strict):
+    """An env value the agent reads from one of its systemd credentials (`LoadCredential=` in
+    its unit): the file `$CREDENTIALS_DIRECTORY/<credential>`, read at each start."""
+
+    model_config = ConfigDict(frozen=True)
+
+    credential: str = Field(pattern=CREDENTIAL_NAME_PATTERN)
+
+
+# Tags of the env value kinds: what a validation error's location shows after the variable
+# (`engine_env.HF_TOKEN.env-file.file`); `spec._loc` leaves them out.
+ENV_VALUE_TAGS = frozenset({"env-value", "env-file", "env-credential"})
+
+
+def _env_value_kind(v: Any) -> str:
+    if isinstance(v, EnvFromFile) or (isinstance(v, dict) and "credential" not in v):
+        return "env-file"
+    if isinstance(v, EnvFromCredential | dict):
+        return "env-credential"
+    return "env-value"
+
+
+# A process's env value: the value itself, or where the agent reads it at start (secrets).
+EnvValue = Annotated[
+    Annotated[str, Tag("env-value")] | Annotated[EnvFromFile, Tag("env-file")]
+    | Annotated[EnvFromCredential, Tag("env-credential")],
+    Discriminator(_env_value_kind),
+]
+
+
 class ProcessSpec(Strict):
     """One process an agent must keep running: everything needed to start, probe and stop it."""
 
     name: str
     role: Role
     argv: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, EnvValue] = Field(default_factory=dict)  # files and credentials read at each start
     cwd: str | None = None
     files: list[FileSpec] = Field(default_factory=list)
     host: str = "127.0.0.1"
-    port: int | None = None
+    port: Port | None = None
     readiness: Probe | None = None
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     stop_signal: Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP"] = "SIGTERM"
-    stop_timeout_s: float = Field(30.0, gt=0)
-    start_timeout_s: float | None = Field(None, gt=0)  # not ready this long after starting: a problem
+    stop_timeout_s: Duration = 30.0
+    start_timeout_s: Duration | None = None  # not ready this long after starting: a problem
     generation: int = 0
     dp_rank: int | None = None
     # Bumped by the coordinator to restart a process that runs the very same thing, e.g. the

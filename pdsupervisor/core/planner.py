@@ -171,8 +171,8 @@ def _engine_processes(
             "index": rank,
         }
         values["host"] = render(role.bind_host, values)
-        env = {k: render(v, values) for k, v in spec.engine_env.items()}
-        env.update({k: render(v, values) for k, v in role.env.items()})
+        # a {file:} or {credential:} value passes untouched: the agent reads it on the node
+        env = {k: render(v, values) if isinstance(v, str) else v for k, v in {**spec.engine_env, **role.env}.items()}
         env["MOONCAKE_CONFIG_PATH"] = config_path
         if role_name == "decode" and dp_size > 1:
             assert dp_master is not None

@@ -2,6 +2,8 @@
 
 `load_spec(text)` is the only way in: it parses YAML or JSON, rejects unknown keys, runs the
 cross-field checks, and raises `SpecError` listing every problem as `field.path: why`.
+Every value is bounded (`limits`); `load_spec`, the submit path, also measures the
+assignments on a trial plan (`sizing`): they must fit in one etcd request.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from pdsupervisor.core.models import RestartPolicy, Strict
+from pdsupervisor.core import limits
+from pdsupervisor.core.admission import ENV_NAME_PATTERN
+from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, Port, RestartPolicy, Strict
+from pdsupervisor.core.spec_checks import document_problems
 
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
 ENGINE_PLACEHOLDERS = frozenset(
@@ -56,13 +61,28 @@ class SpecError(ValueError):
         super().__init__("\n".join(f"{path}: {why}" for path, why in self.problems))
 
 
-class EtcdSpec(Strict):
+class SpecModel(Strict):
+    """Base of the spec's sections: no string longer than limits.MAX_STRING (and, from `Strict`,
+    unknown keys refused, floats finite). Lists and mappings are bounded field by field."""
+
+    model_config = ConfigDict(str_max_length=limits.MAX_STRING)
+
+
+def _args() -> Any:
+    return Field(default_factory=list, max_length=limits.MAX_ARGS)
+
+
+def _env() -> Any:
+    return Field(default_factory=dict, max_length=limits.MAX_ENV)
+
+
+class EtcdSpec(SpecModel):
     """Where the cluster's etcd is. Empty `endpoints` means: the bootstrap node's IP."""
 
-    endpoints: list[str] = Field(default_factory=list)
+    endpoints: list[str] = Field(default_factory=list, max_length=limits.MAX_ENDPOINTS)
     bootstrap_node: str | None = None
-    client_port: int = Field(2379, ge=1, le=65535)
-    peer_port: int = Field(2380, ge=1, le=65535)
+    client_port: Port = 2379
+    peer_port: Port = 2380
 
     @field_validator("endpoints")
     @classmethod
@@ -74,26 +94,27 @@ class EtcdSpec(Strict):
         return v
 
 
-class MooncakeSpec(Strict):
+class MooncakeSpec(SpecModel):
     """The Mooncake master and the per-node Mooncake JSON the engines read."""
 
     enabled: bool = True  # false: no master process (engines still get their Mooncake JSON)
     master_node: str | None = None  # default: the etcd bootstrap node
-    port: int = Field(50001, ge=1, le=65535)
+    port: Port = 50001
     binary: str = "mooncake_master"
     gc: bool = True
     # How GC is switched on: the seed's master takes `-enable_gc true`; newer masters have no
     # such flag (GC is always on there): set `gc_args: []` for them.
-    gc_args: list[str] = Field(default_factory=lambda: ["-enable_gc", "true"])
-    max_threads: int = Field(64, ge=1)
-    extra_args: list[str] = Field(default_factory=lambda: ["--v=1"])  # may use {node_ip}, {port}
+    gc_args: list[str] = Field(default_factory=lambda: ["-enable_gc", "true"], max_length=limits.MAX_ARGS)
+    max_threads: int = Field(64, ge=1, le=limits.MAX_THREADS)
+    extra_args: list[str] = Field(default_factory=lambda: ["--v=1"], max_length=limits.MAX_ARGS)  # may use {node_ip}, {port}
     protocol: Literal["auto", "tcp", "rdma"] = "auto"
     rdma_devices: list[str] = Field(
-        default_factory=lambda: ["mlx5_0", "mlx5_3", "mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7", "mlx5_8", "mlx5_9"]
+        default_factory=lambda: ["mlx5_0", "mlx5_3", "mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7", "mlx5_8", "mlx5_9"],
+        max_length=limits.MAX_LABELS,
     )
-    global_segment_size: int = Field(53687091200, gt=0)
-    local_buffer_size: int = Field(10737418240, gt=0)
-    readiness_timeout_s: float = Field(60.0, gt=0)
+    global_segment_size: int = Field(53687091200, gt=0, le=limits.MAX_BYTES_SIZE)
+    local_buffer_size: int = Field(10737418240, gt=0, le=limits.MAX_BYTES_SIZE)
+    readiness_timeout_s: Duration = 60.0
     # Where transfer engines find each other's segments; never the control-plane etcd.
     # "p2p": no metadata server (P2PHANDSHAKE; Mooncake >= 0.3.7). "master-http": the master
     # serves it on `metadata_port` (>= 0.3.6). Or a URL of a metadata server run elsewhere.
@@ -108,29 +129,29 @@ class MooncakeSpec(Strict):
         return v
 
 
-class ReadinessSpec(Strict):
+class ReadinessSpec(SpecModel):
     """Engine readiness: HTTP GET `path` answering 200 (vLLM: /health or /v1/models)."""
 
     path: str = "/health"
-    period_s: float = Field(1.0, gt=0)
-    timeout_s: float = Field(2.0, gt=0)
-    start_timeout_s: float = Field(3600.0, gt=0)  # a DeepSeek-size load takes many minutes
+    period_s: Duration = 1.0
+    timeout_s: Duration = 2.0
+    start_timeout_s: Duration = 3600.0  # a DeepSeek-size load takes many minutes
 
 
-class RoleSpec(Strict):
+class RoleSpec(SpecModel):
     """A prefill or decode role: which nodes, how many engines per node, how each is run."""
 
-    nodes: int | None = Field(None, ge=1)  # how many nodes (chosen among eligible members)
-    node_names: list[str] = Field(default_factory=list)  # explicit nodes, in DP-index order
-    labels: dict[str, str] = Field(default_factory=dict)  # members must carry these labels
-    tp: int = Field(8, ge=1)
-    slots: int = Field(8, ge=1)  # accelerators per node this role uses
-    base_port: int = Field(8100, ge=1, le=65535)
+    nodes: int | None = Field(None, ge=1, le=limits.MAX_NODES)  # how many nodes (chosen among eligible members)
+    node_names: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # explicit nodes, in DP-index order
+    labels: dict[str, str] = Field(default_factory=dict, max_length=limits.MAX_LABELS)  # members must carry these labels
+    tp: int = Field(8, ge=1, le=limits.MAX_SLOTS)
+    slots: int = Field(8, ge=1, le=limits.MAX_SLOTS)  # accelerators per node this role uses (so engines per node too)
+    base_port: Port = 8100
     bind_host: str = "{node_ip}"  # what {host} renders to; "0.0.0.0" to listen everywhere
-    argv: list[str] = Field(default_factory=lambda: list(DEFAULT_ENGINE_ARGV), min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
+    argv: list[str] = Field(default_factory=lambda: list(DEFAULT_ENGINE_ARGV), min_length=1, max_length=limits.MAX_ARGS)
+    env: dict[str, EnvValue] = _env()  # over engine_env; {file: PATH} / {credential: NAME}
     readiness: ReadinessSpec = Field(default_factory=ReadinessSpec)
-    stop_timeout_s: float = Field(60.0, gt=0)
+    stop_timeout_s: Duration = 60.0
     cwd: str | None = None  # working directory of the engines (default: the agent's)
 
     @property
@@ -138,77 +159,80 @@ class RoleSpec(Strict):
         return self.slots // self.tp
 
 
-class DpEnvNames(Strict):
+class DpEnvNames(SpecModel):
     """The environment variable names the decode engines read; rename for other engines."""
 
-    size: str = "VLLM_DP_SIZE"
-    rank: str = "VLLM_DP_RANK"
-    rank_local: str = "VLLM_DP_RANK_LOCAL"
-    master_ip: str = "VLLM_DP_MASTER_IP"
-    master_port: str = "VLLM_DP_MASTER_PORT"
-    ep_size: str = "VLLM_EP_SIZE"
+    size: str = Field("VLLM_DP_SIZE", pattern=ENV_NAME_PATTERN)
+    rank: str = Field("VLLM_DP_RANK", pattern=ENV_NAME_PATTERN)
+    rank_local: str = Field("VLLM_DP_RANK_LOCAL", pattern=ENV_NAME_PATTERN)
+    master_ip: str = Field("VLLM_DP_MASTER_IP", pattern=ENV_NAME_PATTERN)
+    master_port: str = Field("VLLM_DP_MASTER_PORT", pattern=ENV_NAME_PATTERN)
+    ep_size: str = Field("VLLM_EP_SIZE", pattern=ENV_NAME_PATTERN)
 
 
 class DecodeSpec(RoleSpec):
-    base_port: int = Field(8200, ge=1, le=65535)
-    tp: int = Field(1, ge=1)
-    ep_size: int | None = Field(None, ge=1)  # default: nodes x slots (every decode accelerator)
-    dp_master_port: int = Field(25940, ge=1, le=65535)
+    base_port: Port = 8200
+    tp: int = Field(1, ge=1, le=limits.MAX_SLOTS)
+    ep_size: int | None = Field(None, ge=1, le=limits.MAX_NODES * limits.MAX_SLOTS)  # default: nodes x slots
+    dp_master_port: Port = 25940
     dp_env: DpEnvNames = Field(default_factory=DpEnvNames)
 
 
-class ProxySpec(Strict):
+class ProxySpec(SpecModel):
     """The proxy in front. `builtin` follows engines live from etcd; `external` is an argv template."""
 
     kind: Literal["builtin", "external"] = "builtin"
     node: str | None = None  # default: the first prefill node
-    port: int = Field(8868, ge=1, le=65535)
+    port: Port = 8868
     first_token_from: Literal["decode", "prefill"] = "decode"
-    argv: list[str] = Field(default_factory=list)  # required when kind is external
-    first_token_args: list[str] = Field(default_factory=lambda: ["--generator_on_p_node"])
+    argv: list[str] = _args()  # required when kind is external
+    first_token_args: list[str] = Field(default_factory=lambda: ["--generator_on_p_node"], max_length=limits.MAX_ARGS)
     benchmark_args: list[str] = Field(
-        default_factory=lambda: ["--benchmark_mode", "--repeat_p_request", "1", "--repeat_d_times", "{repeat_d_times}"]
+        default_factory=lambda: ["--benchmark_mode", "--repeat_p_request", "1", "--repeat_d_times", "{repeat_d_times}"],
+        max_length=limits.MAX_ARGS,
     )
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = _env()
     cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
-    extra_args: list[str] = Field(default_factory=list)  # appended to the built-in proxy's argv
+    extra_args: list[str] = _args()  # appended to the built-in proxy's argv
     readiness_path: str = "/health"
-    start_timeout_s: float = Field(120.0, gt=0)
+    start_timeout_s: Duration = 120.0
 
 
-class BenchmarkSpec(Strict):
+class BenchmarkSpec(SpecModel):
     """Benchmark mode: one prompt fills a decode batch of B; per-run overrides only."""
 
     enabled: bool = False
-    decode_batch_size: int = Field(1, ge=1)
+    decode_batch_size: int = Field(1, ge=1, le=limits.MAX_BATCH)
     master_gc: bool = False
-    engine_env: dict[str, str] = Field(default_factory=lambda: {"VLLM_USE_ASYNC_TRANSFER_IN_PD": "0"})
+    engine_env: dict[str, str] = Field(default_factory=lambda: {"VLLM_USE_ASYNC_TRANSFER_IN_PD": "0"}, max_length=limits.MAX_ENV)
 
     @property
     def repeat_d_times(self) -> int:
         return self.decode_batch_size - 1
 
 
-class HostRequirements(Strict):
+class HostRequirements(SpecModel):
     thp_mode: str | None = "always"
-    hugepages: int | None = Field(None, ge=0)
-    hard: list[Literal["thp", "hugepages", "rdma", "accelerators"]] = Field(default_factory=list)
+    hugepages: int | None = Field(None, ge=0, le=limits.MAX_HUGEPAGES)
+    hard: list[Literal["thp", "hugepages", "rdma", "accelerators"]] = Field(default_factory=list, max_length=4)
 
 
-class PolicySpec(Strict):
+class PolicySpec(SpecModel):
     node_loss: Literal["wait", "replace"] = "wait"
-    spare_nodes: list[str] = Field(default_factory=list)  # empty with `replace`: any unused member
-    lease_ttl_s: int = Field(10, ge=2)
+    spare_nodes: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # empty with `replace`: any unused member
+    # etcd's own minimum (a shorter TTL is granted as 2 s) to five minutes
+    lease_ttl_s: int = Field(10, ge=limits.LEASE_TTL_MIN_S, le=limits.LEASE_TTL_MAX_S)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
-    start_timeout_s: float = Field(3600.0, gt=0)  # submit -> ready, for the whole cluster
+    start_timeout_s: Duration = 3600.0  # submit -> ready, for the whole cluster
 
 
-class ClusterSpec(Strict):
+class ClusterSpec(SpecModel):
     """A whole PD cluster: the document `POST /cluster/start` and `pdsupervisor plan` take."""
 
     cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: str
-    engine_env: dict[str, str] = Field(default_factory=dict)
+    # values, or {file: PATH} / {credential: NAME}: a secret the agent reads on the node at each start
+    engine_env: dict[str, EnvValue] = _env()
     etcd: EtcdSpec = Field(default_factory=EtcdSpec)
     mooncake: MooncakeSpec = Field(default_factory=MooncakeSpec)
     prefill: RoleSpec
@@ -233,6 +257,11 @@ def _placeholder_problems(path: str, items: Iterable[str], allowed: frozenset[st
     return problems
 
 
+def _strings(values: Iterable[object]) -> list[str]:
+    """Env values as placeholder checks see them: a file or credential is never rendered."""
+    return [v if isinstance(v, str) else "" for v in values]
+
+
 def _role_problems(name: str, role: RoleSpec) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if role.slots % role.tp:
@@ -246,7 +275,7 @@ def _role_problems(name: str, role: RoleSpec) -> list[tuple[str, str]]:
     if role.base_port + role.engines_per_node - 1 > 65535:
         problems.append((f"{name}.base_port", "engine ports run past 65535"))
     problems += _placeholder_problems(f"{name}.argv", role.argv, ENGINE_PLACEHOLDERS)
-    problems += _placeholder_problems(f"{name}.env", role.env.values(), ENGINE_PLACEHOLDERS)
+    problems += _placeholder_problems(f"{name}.env", _strings(role.env.values()), ENGINE_PLACEHOLDERS)
     return problems
 
 
@@ -280,7 +309,7 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
     )
     for name in ("benchmark_args", "first_token_args", "extra_args"):
         problems += _placeholder_problems(f"proxy.{name}", getattr(spec.proxy, name), PROXY_PLACEHOLDERS)
-    problems += _placeholder_problems("engine_env", spec.engine_env.values(), ENGINE_PLACEHOLDERS)
+    problems += _placeholder_problems("engine_env", _strings(spec.engine_env.values()), ENGINE_PLACEHOLDERS)
     if spec.benchmark.enabled and spec.benchmark.decode_batch_size < 2:
         problems.append(("benchmark.decode_batch_size", "benchmark mode needs a batch size of at least 2"))
     return problems
@@ -289,6 +318,8 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if part in ENV_VALUE_TAGS:  # which kind of env value pydantic tried: not a field
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "spec"
 
@@ -304,16 +335,22 @@ def validate_spec(data: Any) -> ClusterSpec:
             (_loc(e["loc"]), "unknown field" if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         ) from None
-    problems = _spec_problems(spec)
+    problems = _spec_problems(spec) + document_problems(spec.model_dump(mode="json"))
     if problems:
         raise SpecError(problems)
     return spec
 
 
 def load_spec(text: str | bytes) -> ClusterSpec:
-    """Parse YAML (JSON is YAML) and validate."""
+    """Parse YAML (JSON is YAML), validate, and check the assignments fit in etcd."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([("spec", f"not valid YAML/JSON: {exc}")]) from None
-    return validate_spec(data)
+    spec = validate_spec(data)
+    from pdsupervisor.core.sizing import write_size_problems  # it plans, and the planner imports this module
+
+    problems = write_size_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec

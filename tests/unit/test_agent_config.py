@@ -52,3 +52,10 @@ def test_cli_reports_bad_key_and_exits_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "agent.main", "--config", str(p)], capture_output=True,
                          text=True, cwd=ROOT, timeout=30)
     assert out.returncode == 2 and "state_dri: unknown field" in out.stderr
+
+
+def test_allowed_commands_default_to_any_and_are_read(tmp_path):
+    assert load_config(None).allowed_commands == []
+    p = tmp_path / "agent.yaml"
+    p.write_text("allowed_commands: [/usr/bin/python3*, /opt/bin/mooncake_master]\n")
+    assert load_config(str(p)).allowed_commands == ["/usr/bin/python3*", "/opt/bin/mooncake_master"]
