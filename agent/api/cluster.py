@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
+from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import cluster_document
 from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
@@ -22,6 +23,7 @@ from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 __all__ = ["cluster_routes", "openapi_document"]
+MAX_EVENTS = 1000  # per GET /events
 
 
 def document(doc: BaseModel, status: int = 200) -> web.Response:
@@ -82,10 +84,7 @@ async def get_nodes(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_events(request: web.Request, store: Store) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        return error(400, "limit must be a whole number")
+    limit = query_int(request, "limit", 100, 1, MAX_EVENTS)
     events = [Event.model_validate(e) for e in await store.events(limit)]
     return document(EventsDocument(events=events))
 
