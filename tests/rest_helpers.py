@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,12 +13,14 @@ from pdsupervisor.store.etcd import Store
 
 
 def call(base: str, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
-         headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, Any, dict[str, str]]:
+         headers: dict[str, str] | None = None, timeout: float = 10,
+         tls: ssl.SSLContext | None = None) -> tuple[int, Any, dict[str, str]]:
     """(status, body as JSON (or text when it is not JSON), headers). Only `headers` and what
     HTTP needs (Host, Content-Length) are sent: no default Content-Type. An iterable body is
-    sent chunked."""
+    sent chunked. `tls`: the client context for an https `base`."""
     url = urlsplit(base)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    conn = (http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout, context=tls) if url.scheme == "https"
+            else http.client.HTTPConnection(url.hostname, url.port, timeout=timeout))
     try:
         chunked = body is not None and not isinstance(body, bytes)
         conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)

@@ -1,7 +1,7 @@
 """Cluster REST routes served by every agent. Thin: writes are desired state, reads come from etcd.
 
-`cluster_routes(store)` gives the route list the agent mounts beside its own; the agent's
-token middleware guards every mutating method (`Authorization: Bearer <token>`).
+`cluster_routes(store)` gives the route list the agent mounts beside its own; the app's
+`agent.api.auth.guard` checks every mutating request (credential, Origin, body type) first.
 """
 
 from __future__ import annotations
