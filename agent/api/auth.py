@@ -24,7 +24,7 @@ agent. A mutating request's body is JSON or YAML (`BODY_TYPES`, else 415) of at 
 `MAX_BODY` bytes (else 413); a POST without a body (`/cluster/stop`) may carry any type or none.
 
 `request[CALLER]` names who was let in ("token", "cert:<subject CN>", or "local" without
-credentials).
+credentials); `audit` records what an accepted mutating request did as a `kind="audit"` event.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from aiohttp import web
 from agent.api.errors import MAX_BODY, error_body, json_error
 from agent.config import AgentConfig, RestConfig, is_loopback
 from pdsupervisor.aio.serve import is_wildcard
+from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 log = structlog.get_logger("agent.api")
 
@@ -197,3 +198,18 @@ def require_credential(handler: Handler) -> Handler:
 
 
 require_token = require_credential  # its earlier name
+
+
+async def audit(request: web.Request, store: Store, did: str, **fields: Any) -> None:
+    """Record an accepted mutating request: who (`request[CALLER]`), from where, what it did.
+
+    In the agent's log always; in etcd as a `kind="audit"` event when etcd answers (the request
+    has done its work by now: a failed audit write is logged, not turned into an error)."""
+    caller = request.get(CALLER, "unknown")
+    message = f"{request.method} {request.path} by {caller} from {request.remote}: {did}"
+    record = {"caller": caller, "remote": request.remote, "method": request.method, "path": request.path, **fields}
+    log.info("audit", message=message, **record)
+    try:
+        await store.append_event("audit", message, **record)
+    except StoreUnavailable as exc:
+        log.error("audit event not written to etcd", error=str(exc), message=message)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
+from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import cluster_document
@@ -67,11 +68,20 @@ async def start_cluster(request: web.Request, store: Store) -> web.Response:
     if spec.cluster != store.cluster:
         return invalid_spec([("cluster", f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}")])
     replace = request.query.get("replace", "").lower() in ("1", "true", "yes")
-    return _submit_response(await submit_spec(store, spec, replace=replace))
+    result = await submit_spec(store, spec, replace=replace)
+    if result.status < 400:
+        did = (f"generation {result.generation} {result.message}: nothing changed" if result.message
+               else f"generation {result.generation} submitted" + (" (replace)" if replace else ""))
+        await audit(request, store, did, generation=result.generation, model=spec.model)
+    return _submit_response(result)
 
 
 async def stop_cluster(request: web.Request, store: Store) -> web.Response:
-    return _submit_response(await request_stop(store))
+    result = await request_stop(store)
+    if result.status < 400:
+        await audit(request, store, result.message or f"stop of generation {result.generation} requested",
+                    generation=result.generation)
+    return _submit_response(result)
 
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:

@@ -122,6 +122,37 @@ def test_the_token_is_read_once_at_start(guarded, token_file):
         token_file.write_text(TOKEN + "\n")
 
 
+def audits(base: str, tls: ssl.SSLContext | None = None) -> list[dict]:
+    status, answer, _ = call(base, "GET", "/events?limit=1000", tls=tls)
+    assert status == 200
+    return [e for e in answer["events"] if e["kind"] == "audit"]
+
+
+def test_accepted_writes_are_audited_with_caller_and_address(guarded):
+    before = len(audits(guarded.api()))
+    status, answer, _ = call(guarded.api(), "POST", "/cluster/start", spec_body(guarded),
+                             {**bearer(), "Content-Type": "application/yaml"})
+    assert status == 202
+    generation = answer["generation"]
+    status, _, _ = call(guarded.api(), "POST", "/cluster/stop", None, bearer())
+    assert status == 202
+    guarded.wait_phase("stopped", 15)
+    new = audits(guarded.api())[before:]
+    assert [(e["method"], e["path"], e["caller"], e["remote"], e["generation"]) for e in new] == [
+        ("POST", "/cluster/start", "token", "127.0.0.1", generation),
+        ("POST", "/cluster/stop", "token", "127.0.0.1", generation),
+    ]
+    assert new[0]["message"] == f"POST /cluster/start by token from 127.0.0.1: generation {generation} submitted"
+    assert new[1]["message"].endswith(f"stop of generation {generation} requested")
+
+
+def test_refused_writes_are_not_audited(guarded):
+    before = audits(guarded.api())
+    assert call(guarded.api(), "POST", "/cluster/stop", None, {})[0] == 401
+    assert call(guarded.api(), "POST", "/cluster/stop", None, {**bearer(), "Origin": "http://evil.example"})[0] == 403
+    assert audits(guarded.api()) == before
+
+
 # ---- what a browser can send ----------------------------------------------------------
 
 
@@ -193,6 +224,9 @@ def test_without_credentials_only_loopback_host_names_are_served(unguarded):
         status, text, _ = call(unguarded.api(), "GET", "/logs/p?tail=1", headers={"Host": host})
         assert status == 200 and text == SECRET_LINE
     assert call(unguarded.api(), "POST", "/cluster/stop", None, {})[0] == 202
+    last = audits(unguarded.api())[-1]
+    assert (last["caller"], last["path"], last["message"]) == (
+        "local", "/cluster/stop", "POST /cluster/stop by local from 127.0.0.1: nothing to stop")
 
 
 # ---- client certificates ----------------------------------------------------------------
@@ -251,9 +285,11 @@ def test_client_certificate_is_a_credential_and_optional_for_reads(mtls, pki):
     assert call(mtls, "POST", "/cluster/stop", tls=client(pki))[0] == 401
     assert call(mtls, "GET", "/logs/p", tls=client(pki))[0] == 401
     assert call(mtls, "POST", "/cluster/stop", tls=client(pki, "alice"))[0] == 202  # the certificate alone
+    assert audits(mtls, client(pki))[-1]["caller"] == "cert:alice"
     status, text, _ = call(mtls, "GET", "/logs/p?tail=1", tls=client(pki, "alice"))
     assert status == 200 and text == SECRET_LINE
     assert call(mtls, "POST", "/cluster/stop", headers=bearer(), tls=client(pki))[0] == 202  # the token alone
+    assert audits(mtls, client(pki))[-1]["caller"] == "token"
 
 
 def test_a_certificate_from_another_ca_fails_the_handshake(mtls, pki):
