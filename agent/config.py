@@ -6,12 +6,14 @@ so a typo in the YAML file fails the start instead of being silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pdsupervisor.aio.serve import is_wildcard
 
@@ -34,19 +36,88 @@ class EtcdBootstrap(_Strict):
     extra_args: list[str] = Field(default_factory=list)
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`: only processes on this machine can connect."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_token_file(path: str) -> tuple[str, int]:
+    """The bearer token in `path` (surrounding whitespace removed) and the file's mode.
+    ValueError, naming the file, when it cannot be read or holds no token."""
+    try:
+        text = Path(path).read_text()
+        mode = os.stat(path).st_mode & 0o777
+    except OSError as exc:
+        raise ValueError(f"token_file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"token_file {path}: not text") from None
+    token = text.strip()
+    if not token:
+        raise ValueError(f"token_file {path} is empty: put the token in it "
+                         f"(`openssl rand -hex 32 > {path}; chmod 600 {path}`), or leave token_file unset")
+    return token, mode
+
+
 class RestConfig(_Strict):
-    host: str = "0.0.0.0"
+    """The REST server. Credentials: the bearer token in `token_file` and/or client certificates
+    signed by `tls_client_ca`. Without any, the server listens on loopback only."""
+
+    host: str | None = None  # None: 0.0.0.0 with a credential configured, else 127.0.0.1
     port: int = Field(DEFAULT_PORT, ge=0, lt=65536)
-    token_file: str | None = None  # bearer token for mutating endpoints
+    token_file: str | None = None  # bearer token for mutating endpoints and process logs; read once, at load
     tls_cert: str | None = None
     tls_key: str | None = None
-    tls_client_ca: str | None = None  # when set, clients must present a certificate
+    tls_client_ca: str | None = None  # client certificates signed by it are a credential
+    _token: str | None = PrivateAttr(None)
+    _token_mode: int = PrivateAttr(0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> RestConfig:
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: client certificates are checked by HTTPS")
+        if self.token_file:
+            self._token, self._token_mode = read_token_file(self.token_file)
+        if self.host is not None and not self.credentialed and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} (rest.host / --listen) is not a loopback address, and no credential is "
+                "configured: anyone reaching the port could run commands as root on every node. Set "
+                "rest.token_file (--token-file) or rest.tls_client_ca, or listen on 127.0.0.1"
+            )
+        return self
 
     @property
     def token(self) -> str | None:
-        if not self.token_file:
-            return None
-        return Path(self.token_file).read_text().strip() or None
+        """The bearer token, read from `token_file` when the configuration was loaded."""
+        return self._token
+
+    @property
+    def credentialed(self) -> bool:
+        """A token or a client CA is configured: the API may listen beyond loopback."""
+        return bool(self.token_file or self.tls_client_ca)
+
+    def security_warnings(self) -> list[str]:
+        """What the agent says at start about how its API is protected (one log line each)."""
+        out = []
+        if self.token_file and self._token_mode & 0o077:
+            out.append(f"token file {self.token_file} is open to group or others (mode {self._token_mode:03o}): "
+                       f"run `chmod 600 {self.token_file}`")
+        if not self.credentialed:
+            out.append(f"no REST credential configured: listening on {self.bind_host} (loopback) only, where any "
+                       "local user may change assignments; set rest.token_file (--token-file) to require a token "
+                       "(and to listen on other addresses)")
+        return out
+
+    @property
+    def bind_host(self) -> str:
+        """Where the server listens: `host`, or by default 0.0.0.0 with credentials, 127.0.0.1 without."""
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if self.credentialed else "127.0.0.1"
 
 
 class LogConfig(_Strict):
@@ -82,7 +153,8 @@ class AgentConfig(_Strict):
 
     @property
     def api_host(self) -> str:
-        return self.ip if is_wildcard(self.rest.host) and self.ip else self.rest.host
+        host = self.rest.bind_host
+        return self.ip if is_wildcard(host) and self.ip else host
 
     def api_url(self, port: int | None = None) -> str:
         """Where other nodes reach this agent's API (`port`: the one actually bound)."""
@@ -98,7 +170,7 @@ def _format(err: ValidationError, source: str) -> str:
     lines = [f"invalid agent configuration ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
@@ -132,7 +204,7 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Ag
         raise ConfigError(_format(exc, source)) from None
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`host:port`, `:port` or `port` -> (host, port)."""
+def parse_listen(value: str) -> tuple[str | None, int]:
+    """`host:port`, `:port` or `port` -> (host, port); no host: None, the default (see `RestConfig.bind_host`)."""
     host, _, port = value.rpartition(":")
-    return (host or "0.0.0.0"), int(port)
+    return (host or None), int(port)

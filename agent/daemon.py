@@ -213,9 +213,12 @@ class Agent:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)
         await self.runner.setup()
         rc = self.config.rest
-        site = web.TCPSite(self.runner, rc.host, rc.port, ssl_context=ssl_context(rc), reuse_address=True)
+        site = web.TCPSite(self.runner, rc.bind_host, rc.port, ssl_context=ssl_context(rc), reuse_address=True)
         await site.start()
-        log.info("rest api listening", url=self.api_url)
+        log.info("rest api listening", url=self.api_url, host=rc.bind_host,
+                 credentials=[c for c, on in (("token", rc.token), ("client-certificate", rc.tls_client_ca)) if on])
+        for warning in rc.security_warnings():
+            log.warning(warning)
         if self.config.bootstrap_etcd.enabled:
             await self._start_bootstrap_etcd()
         await self.store.connect()

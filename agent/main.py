@@ -29,7 +29,7 @@ def overrides_from_flags(**flags: Any) -> dict[str, Any]:
         o["etcd"] = [e for item in flags["etcd"] for e in item.split(",") if e]
     if flags.get("listen"):
         host, port = parse_listen(flags["listen"])
-        o["rest"] = {"host": host, "port": port}
+        o["rest"] = {"port": port} if host is None else {"host": host, "port": port}
     if flags.get("token_file"):
         o.setdefault("rest", {})["token_file"] = flags["token_file"]
     boot: dict[str, Any] = {}
@@ -53,7 +53,8 @@ def overrides_from_flags(**flags: Any) -> dict[str, Any]:
 @click.option("--ip", help="Advertise IP (default: first non-loopback IPv4).")
 @click.option("--etcd", multiple=True, help="etcd endpoint host:port (repeat or comma-separate).")
 @click.option("--cluster", help="Cluster name.")
-@click.option("--listen", help="REST listen address host:port (default 0.0.0.0:8470).")
+@click.option("--listen", help="REST listen address host:port (default: 0.0.0.0:8470 with a token or client CA "
+                                "configured, else 127.0.0.1:8470; another address needs a credential).")
 @click.option("--state-dir", help="State directory (process records, logs, etcd data).")
 @click.option("--bootstrap-etcd/--no-bootstrap-etcd", default=None, help="Start a one-member etcd here.")
 @click.option("--etcd-client-port", type=int, help="Client port of the embedded etcd.")
@@ -62,7 +63,7 @@ def overrides_from_flags(**flags: Any) -> dict[str, Any]:
 @click.option("--sys-root", help="Root for /sys, /proc and /dev probes.")
 @click.option("--accelerators", type=int, help="Accelerator slots (default: probed).")
 @click.option("--label", multiple=True, help="key=value node label (repeatable).")
-@click.option("--token-file", help="Bearer token file for mutating REST endpoints.")
+@click.option("--token-file", help="Bearer token file: required on mutating REST endpoints and process logs.")
 @click.option("--log-level", default="info", show_default=True)
 def main(config_path: str | None, log_level: str, **flags: Any) -> None:
     """Run the pd-agent daemon."""

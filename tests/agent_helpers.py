@@ -40,7 +40,7 @@ TREE = (
 class AgentProc:
     def __init__(self, tmp: Path, etcd: str, cluster: str, name: str = "n1", ttl: int = 2,
                  marker: str | None = None, extra: list[str] | None = None, state_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, listen: str | None = None) -> None:
         self.env = env or {}
         self.name = name
         self.cluster = cluster
@@ -49,6 +49,7 @@ class AgentProc:
         self.marker = marker or uuid.uuid4().hex
         self.state_dir = state_dir or tmp / f"state-{name}"
         self.port = free_port()
+        self.listen = listen or "127.0.0.1:{port}"  # --listen; {port} is self.port
         self.extra = extra or []
         self.log_path = tmp / f"agent-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -59,7 +60,7 @@ class AgentProc:
 
     def start(self) -> AgentProc:
         argv = [sys.executable, "-m", "agent.main", "--name", self.name, "--ip", "127.0.0.1",
-                "--etcd", self.etcd, "--cluster", self.cluster, "--listen", f"127.0.0.1:{self.port}",
+                "--etcd", self.etcd, "--cluster", self.cluster, "--listen", self.listen.format(port=self.port),
                 "--state-dir", str(self.state_dir), "--ttl", str(self.ttl), "--accelerators", "0",
                 "--log-level", "debug", *self.extra]
         env = {**os.environ, **self.env, TEST_MARKER_ENV: self.marker, "PYTHONPATH": str(ROOT)}

@@ -1,83 +1,32 @@
 """The agent's local REST API (aiohttp).
 
 `build_app(agent, extra_routes)` builds the app; the agent passes the cluster routes
-(`agent.routes`) as `extra_routes`, so one server per node serves both. Read endpoints are
-open; mutating methods (POST, PUT, PATCH, DELETE) need `Authorization: Bearer <token>`
-when a token file is configured, checked by `token_middleware` for the whole app;
-`require_token` guards a single handler.
+(`agent.routes`) as `extra_routes`, so one server per node serves both. Who may call what:
+`agent.api.auth` (open reads; a token or client certificate for writes and process logs;
+loopback only without credentials). Bad input: `agent.api.errors` (JSON 4xx bodies naming
+the field, a body size limit, control characters refused).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import hmac
-import json
 import re
-import ssl
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from agent.config import RestConfig
+from agent.api.auth import POLICY, AccessPolicy, guard, require_credential, require_token, ssl_context
+from agent.api.errors import MAX_BODY, json_error, json_errors, query_int, refuse_control_characters
 from agent.process import logs
-from pdsupervisor.core.documents import ErrorBody
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
+__all__ = ["build_app", "require_credential", "require_token", "ssl_context"]
+
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
-TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token", object)  # type: ignore[arg-type]
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def token_ok(request: web.Request) -> bool:
-    """True when no token is configured or the request carries it (constant-time compare)."""
-    expected = request.app.get(TOKEN_KEY)
-    if not expected:
-        return True
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else ""
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def _json_error(kind: type[web.HTTPError], message: str) -> web.HTTPError:
-    """An HTTP error whose body is `{"error": message}` (encoded, whatever the message holds)."""
-    return kind(text=json.dumps(ErrorBody(error=message).served()), content_type="application/json")
-
-
-def require_token(handler: Handler) -> Handler:
-    """Decorator: answer 401 unless the request carries the configured bearer token."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not token_ok(request):
-            raise _json_error(web.HTTPUnauthorized, "missing or wrong bearer token")
-        return await handler(request)
-
-    return wrapped
-
-
-@web.middleware
-async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method in MUTATING and not token_ok(request):
-        raise _json_error(web.HTTPUnauthorized, "missing or wrong bearer token")
-    return await handler(request)
-
-
-def ssl_context(rc: RestConfig) -> ssl.SSLContext | None:
-    if not rc.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(rc.tls_cert, rc.tls_key)
-    if rc.tls_client_ca:
-        ctx.load_verify_locations(rc.tls_client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+MAX_TAIL = 100_000  # lines
 
 
 def _agent(request: web.Request) -> Agent:
@@ -107,16 +56,14 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+@require_credential
 async def process_logs(request: web.Request) -> web.StreamResponse:
     a = _agent(request)
     name = request.match_info["process"]
+    n = query_int(request, "tail", 100, 0, MAX_TAIL)
     path = a.log_dir / f"{name}.log"
     if not _NAME.match(name) or not path.is_file():
-        raise _json_error(web.HTTPNotFound, f"no log for process {name!r}")
-    try:
-        n = max(0, min(int(request.query.get("tail", "100")), 100_000))
-    except ValueError:
-        raise _json_error(web.HTTPBadRequest, "tail must be an integer") from None
+        raise json_error(web.HTTPNotFound, f"no log for process {name!r}", "process")
     lines = await asyncio.to_thread(logs.tail, path, n)  # a big tail must not stall the loop
     text = "".join(line + "\n" for line in lines)
     if request.query.get("follow") not in ("1", "true", "yes"):
@@ -134,9 +81,10 @@ async def process_logs(request: web.Request) -> web.StreamResponse:
 
 def build_app(agent: Agent, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
     """The agent's REST app; `extra_routes` (e.g. the coordinator's /cluster routes) are added."""
-    app = web.Application(middlewares=[token_middleware])
+    # outermost first: errors as JSON, then control characters refused, then credentials
+    app = web.Application(middlewares=[json_errors, refuse_control_characters, guard], client_max_size=MAX_BODY)
     app[AGENT_KEY] = agent
-    app[TOKEN_KEY] = agent.config.rest.token
+    app[POLICY] = AccessPolicy.from_config(agent.config)
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/status", status),

@@ -1,7 +1,7 @@
 """Cluster REST routes served by every agent. Thin: writes are desired state, reads come from etcd.
 
-`cluster_routes(store)` gives the route list the agent mounts beside its own; the agent's
-token middleware guards every mutating method (`Authorization: Bearer <token>`).
+`cluster_routes(store)` gives the route list the agent mounts beside its own; the app's
+`agent.api.auth.guard` checks every mutating request (credential, Origin, body type) first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
+from agent.api.auth import audit
+from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import cluster_document
 from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
@@ -22,6 +24,7 @@ from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 __all__ = ["cluster_routes", "openapi_document"]
+MAX_EVENTS = 1000  # per GET /events
 
 
 def document(doc: BaseModel, status: int = 200) -> web.Response:
@@ -65,11 +68,20 @@ async def start_cluster(request: web.Request, store: Store) -> web.Response:
     if spec.cluster != store.cluster:
         return invalid_spec([("cluster", f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}")])
     replace = request.query.get("replace", "").lower() in ("1", "true", "yes")
-    return _submit_response(await submit_spec(store, spec, replace=replace))
+    result = await submit_spec(store, spec, replace=replace)
+    if result.status < 400:
+        did = (f"generation {result.generation} {result.message}: nothing changed" if result.message
+               else f"generation {result.generation} submitted" + (" (replace)" if replace else ""))
+        await audit(request, store, did, generation=result.generation, model=spec.model)
+    return _submit_response(result)
 
 
 async def stop_cluster(request: web.Request, store: Store) -> web.Response:
-    return _submit_response(await request_stop(store))
+    result = await request_stop(store)
+    if result.status < 400:
+        await audit(request, store, result.message or f"stop of generation {result.generation} requested",
+                    generation=result.generation)
+    return _submit_response(result)
 
 
 async def get_cluster(request: web.Request, store: Store) -> web.Response:
@@ -82,10 +94,7 @@ async def get_nodes(request: web.Request, store: Store) -> web.Response:
 
 
 async def get_events(request: web.Request, store: Store) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        return error(400, "limit must be a whole number")
+    limit = query_int(request, "limit", 100, 1, MAX_EVENTS)
     events = [Event.model_validate(e) for e in await store.events(limit)]
     return document(EventsDocument(events=events))
 

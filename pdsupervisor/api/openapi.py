@@ -26,31 +26,40 @@ def _error(description: str) -> dict[str, Any]:
     return _json("ErrorBody", description)
 
 
-_UNAUTHORIZED = _error("token missing or wrong")
+_UNAUTHORIZED = _error("no credential: bearer token missing or wrong, and no verified client certificate")
+_FORBIDDEN = _error("a foreign Origin (a browser's cross-site request), or, on an agent without credentials, "
+                    "a Host that is not a loopback address")
 _ETCD_AWAY = _error("etcd unavailable")
+_CREDENTIAL: list[dict[str, list[str]]] = [{"bearer": []}, {"clientCertificate": []}]  # either one
 
 PATHS: dict[str, Any] = {
     "/cluster/start": {"post": {
-        "summary": "Run a cluster spec (YAML or JSON body).",
-        "security": [{"bearer": []}],
+        "summary": "Run a cluster spec (YAML or JSON body, at most 1 MiB, nested at most 32 levels).",
+        "security": _CREDENTIAL,
         "parameters": [{"name": "replace", "in": "query", "schema": {"type": "boolean"},
                         "description": "replace a running spec"}],
         "requestBody": {"required": True, "content": {
             "application/yaml": {"schema": {"type": "string"}},
+            "application/x-yaml": {"schema": {"type": "string"}},
+            "text/yaml": {"schema": {"type": "string"}},
             "application/json": {"schema": {"type": "object"}},
         }},
         "responses": {
-            "202": _json("SubmitAnswer", "accepted"),
-            "400": _error("invalid spec; nothing changed"),
+            "202": _json("SubmitAnswer", "accepted (recorded as an `audit` event)"),
+            "400": _error("invalid spec, or nested too deeply; nothing changed"),
             "401": _UNAUTHORIZED,
+            "403": _FORBIDDEN,
             "409": _error("another spec is running"),
+            "413": _error("body larger than 1 MiB"),
+            "415": _error("body not JSON or YAML"),
             "503": _ETCD_AWAY,
         },
     }},
     "/cluster/stop": {"post": {
-        "summary": "Ordered stop (proxy, engines, master).",
-        "security": [{"bearer": []}],
-        "responses": {"202": _json("SubmitAnswer", "accepted"), "401": _UNAUTHORIZED, "503": _ETCD_AWAY},
+        "summary": "Ordered stop (proxy, engines, master). No body.",
+        "security": _CREDENTIAL,
+        "responses": {"202": _json("SubmitAnswer", "accepted (recorded as an `audit` event)"),
+                      "401": _UNAUTHORIZED, "403": _FORBIDDEN, "503": _ETCD_AWAY},
     }},
     "/cluster": {"get": {
         "summary": "Phase, what is missing, and every process.",
@@ -61,11 +70,13 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json("NodesDocument", "members"), "503": _ETCD_AWAY},
     }},
     "/events": {"get": {
-        "summary": "Recent events (member joined/lost, process restarted, proxy released, leader changed).",
-        "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}}],
+        "summary": "Recent events (member joined/lost, process restarted, proxy released, leader changed, "
+                   "audit: an accepted write, its caller and address).",
+        "parameters": [{"name": "limit", "in": "query",
+                        "schema": {"type": "integer", "default": 100, "minimum": 1, "maximum": 1000}}],
         "responses": {
             "200": _json("EventsDocument", "events"),
-            "400": _error("limit is not a whole number"),
+            "400": _error("limit is not a whole number from 1 to 1000"),
             "503": _ETCD_AWAY,
         },
     }},
@@ -73,14 +84,19 @@ PATHS: dict[str, Any] = {
     "/status": {"get": {"summary": "This node's facts and processes.",
                         "responses": {"200": {"description": "node status"}}}},
     "/logs/{process}": {"get": {
-        "summary": "Tail of a process's log on this node (follow=1 streams).",
+        "summary": "Tail of a process's log on this node (follow=1 streams). Needs a credential: logs hold secrets.",
+        "security": _CREDENTIAL,
         "parameters": [
             {"name": "process", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "tail", "in": "query", "schema": {"type": "integer", "default": 100}},
+            {"name": "tail", "in": "query", "schema": {"type": "integer", "default": 100, "minimum": 0,
+                                                        "maximum": 100000}},
             {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
         ],
         "responses": {
             "200": {"description": "log text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "400": _error("tail is not a whole number from 0 to 100000"),
+            "401": _UNAUTHORIZED,
+            "403": _FORBIDDEN,
             "404": _error("no such process"),
         },
     }},
@@ -106,13 +122,18 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": (
                 "Served by every pd-agent. Writes record desired state in etcd; the elected coordinator\n"
-                "acts on it. Reads come from etcd, so any agent answers them. Mutating endpoints require\n"
-                "`Authorization: Bearer <token>` when the agent is configured with a token file.\n"
+                "acts on it. Reads come from etcd, so any agent answers them and need no credential.\n"
+                "Writes and process logs need one: `Authorization: Bearer <token>` (the agent's\n"
+                "rest.token_file) or a client certificate signed by its rest.tls_client_ca. An agent\n"
+                "without either listens on loopback only. Requests needing a credential are refused\n"
+                "with a foreign `Origin` (403); write bodies are JSON or YAML (415), at most 1 MiB (413).\n"
+                "Every error answer is an ErrorBody; a bad field is named in its `problems`.\n"
             ),
         },
         "servers": [{"url": "http://127.0.0.1:8470"}],
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "clientCertificate": {"type": "mutualTLS"}},
             "schemas": schemas(),
         },
         "paths": PATHS,

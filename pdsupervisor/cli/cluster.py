@@ -33,14 +33,21 @@ def api_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+TOKEN_HINT = ("pass the agents' token with --token-file FILE (env PDSUPERVISOR_TOKEN_FILE) "
+              "or in env PDSUPERVISOR_TOKEN")
+
+
 def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiClient:
-    """The API client; a client certificate comes from PDSUPERVISOR_CERT_FILE / _KEY_FILE."""
-    token = os.environ.get("PDSUPERVISOR_TOKEN")
+    """The API client; a client certificate comes from PDSUPERVISOR_CERT_FILE / _KEY_FILE.
+    The token goes to `api` only, and only on requests that need it (see `ApiClient`)."""
+    token = os.environ.get("PDSUPERVISOR_TOKEN", "").strip() or None
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:
             raise click.ClickException(f"--token-file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise click.ClickException(f"--token-file {token_file} is empty")
     return ApiClient(api, token, ca_file, cert_file=os.environ.get("PDSUPERVISOR_CERT_FILE"),
                      key_file=os.environ.get("PDSUPERVISOR_KEY_FILE"))
 
@@ -50,7 +57,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except ApiError as exc:
-        raise click.ClickException(str(exc)) from None
+        hint = f"\n{TOKEN_HINT}" if exc.status == 401 and not exc.withheld else ""
+        raise click.ClickException(f"{exc}{hint}") from None
     except TimeoutError as exc:  # a wait that ran out (also what aiohttp raises on a slow answer)
         raise click.ClickException(str(exc) or "the agent API did not answer in time") from None
     except OSError as exc:
@@ -197,14 +205,21 @@ def events_command(api: str, token_file: str | None, ca_file: str | None, limit:
 @click.option("-f", "--follow", is_flag=True)
 def logs_command(api: str, token_file: str | None, ca_file: str | None, node: str, process: str,
                  tail: int, follow: bool) -> None:
-    """A process's log, fetched from its node's agent."""
+    """A process's log, fetched from its node's agent (its `api_url` in etcd)."""
     client = make_client(api, token_file, ca_file)
 
     async def go() -> None:
         nodes = {n.name: n for n in (await client.nodes()).nodes}
         if node not in nodes:
             raise click.ClickException(f"no registered node {node!r}; nodes: {', '.join(sorted(nodes)) or 'none'}")
-        async for line in client.logs(nodes[node].api_url, process, tail, follow):
+        url = nodes[node].api_url
+        there = client.at(url)  # the token only if `url` is safe for it
+        name = (await there.health()).get("name")
+        if name != node:  # e.g. a loopback-only agent's 127.0.0.1 URL, read on another machine
+            raise click.ClickException(
+                f"node {node}'s API {url} (from etcd) answers as {name!r}: an agent without a credential "
+                "listens on loopback only; run this on that node, or give the agents a token")
+        async for line in there.logs(process, tail, follow):
             click.echo(line, nl=False)
 
     try:

@@ -341,12 +341,34 @@ def validate_spec(data: Any) -> ClusterSpec:
     return spec
 
 
+MAX_NESTING = 32  # levels of mappings and sequences; a real spec has about 5
+
+
+def _too_deep(text: str | bytes) -> bool:
+    """True when the document nests more than MAX_NESTING collections. Read from the parser's
+    events (a loop, no recursion) before anything is built: composing a deeply nested document
+    recurses once per level and would blow the stack."""
+    depth = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return False
+
+
 def load_spec(text: str | bytes) -> ClusterSpec:
     """Parse YAML (JSON is YAML), validate, and check the assignments fit in etcd."""
     try:
+        if _too_deep(text):
+            raise SpecError([("spec", f"nested deeper than {MAX_NESTING} levels")])
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([("spec", f"not valid YAML/JSON: {exc}")]) from None
+    except RecursionError:  # not expected after the depth check; never a crash of the caller
+        raise SpecError([("spec", "nested too deeply")]) from None
     spec = validate_spec(data)
     from pdsupervisor.core.sizing import write_size_problems  # it plans, and the planner imports this module
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import yaml
@@ -13,6 +12,7 @@ from pdsupervisor.core.documents import DOCUMENTS, ErrorBody
 from pdsupervisor.store.etcd import Store
 from tests.cluster_helpers import AgentCluster, cluster_spec
 from tests.openapi_helpers import check_served, response_schema
+from tests.rest_helpers import etcd_snapshot as _snapshot
 
 TOKEN = "s3cret-token"
 
@@ -28,20 +28,6 @@ def one_agent(etcd_server, tmp_path_factory):
         yield c
     finally:
         c.close()
-
-
-async def _snapshot(etcd: str, cluster: str) -> list[tuple[str, bytes]]:
-    async with Store([etcd], cluster) as store:
-        kvs, _ = await store.get_prefix(store.keys.root)
-        liveness = ("/status/", "/members/", "/leader")  # the agents' own keys, not the cluster's
-        return [(kv.key, kv.value) for kv in kvs if not any(k in kv.key for k in liveness)
-                and not _agent_lifecycle_event(kv.key, kv.value)]
-
-
-def _agent_lifecycle_event(key: str, value: bytes) -> bool:
-    """An event the agents write on their own as they come up (leader taken, member joined):
-    it may land between two snapshots; a request's own events (spec, assign) still count."""
-    return "/events/" in key and json.loads(value).get("kind") in ("leader", "member")
 
 
 def test_mutating_endpoints_need_the_token(one_agent):

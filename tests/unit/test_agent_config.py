@@ -59,3 +59,18 @@ def test_allowed_commands_default_to_any_and_are_read(tmp_path):
     p = tmp_path / "agent.yaml"
     p.write_text("allowed_commands: [/usr/bin/python3*, /opt/bin/mooncake_master]\n")
     assert load_config(str(p)).allowed_commands == ["/usr/bin/python3*", "/opt/bin/mooncake_master"]
+
+
+def test_rest_listens_on_loopback_unless_a_credential_is_configured(tmp_path):
+    from agent.config import RestConfig
+
+    assert RestConfig().bind_host == "127.0.0.1" and not RestConfig().credentialed
+    token = tmp_path / "token"
+    token.write_text(" t0ken \n")
+    with_token = RestConfig(token_file=str(token))
+    assert with_token.bind_host == "0.0.0.0" and with_token.token == "t0ken"  # read at load
+    assert RestConfig(host="127.0.0.5").bind_host == "127.0.0.5"
+    cfg = load_config(None, overrides_from_flags(listen=":9100"))  # no host: the default one
+    assert (cfg.rest.host, cfg.rest.bind_host, cfg.rest.port) == (None, "127.0.0.1", 9100)
+    with pytest.raises(ConfigError, match=r"rest: tls_client_ca needs tls_cert"):
+        load_config(None, {"rest": {"tls_client_ca": str(token)}})
