@@ -9,8 +9,9 @@ import sys
 import psutil
 import pytest
 
+from pdsupervisor.local.ports import free_port
 from tests.agent_helpers import ROOT, AgentProc, kill_marked
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
 
 
 @pytest.fixture

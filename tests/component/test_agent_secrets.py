@@ -13,10 +13,11 @@ from agent.process.secrets import MAX_BYTES, EnvFileError, read_value, resolve_e
 from agent.process.statefile import ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.core.models import EnvFromCredential, EnvFromFile, ProcessSpec, ProcessState, RestartPolicy
+from pdsupervisor.local.procs import kill_tree
 from tests.agent_helpers import run
 from tests.component import test_agent_daemon as daemon_tests
 from tests.component.test_agent_daemon import spec
-from tests.conftest import kill_tree, until, wait_for
+from tests.conftest import until, wait_for
 
 env = daemon_tests.env  # the fixture: (view of etcd, factory of real agents), all killed after
 

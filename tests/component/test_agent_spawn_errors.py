@@ -11,7 +11,8 @@ import pytest
 from agent.process.statefile import ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.core.models import ProcessSpec, ProcessState, RestartPolicy
-from tests.conftest import kill_tree, until
+from pdsupervisor.local.procs import kill_tree
+from tests.conftest import until
 
 FAST = RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, jitter=0.1, reset_after_s=30)
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]

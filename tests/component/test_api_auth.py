@@ -11,7 +11,7 @@ import yaml
 
 from tests.agent_helpers import AgentProc, kill_marked
 from tests.certs import TestCA
-from tests.cluster_helpers import LocalCluster, cluster_spec
+from tests.cluster_helpers import AgentCluster, cluster_spec
 from tests.conftest import wait_for
 from tests.rest_helpers import call, etcd_snapshot
 
@@ -35,7 +35,7 @@ def token_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(etcd_server, tmp_path_factory, token_file):
     """One agent with a token file, on 127.0.0.1."""
-    c = LocalCluster(tmp_path_factory.mktemp("auth"), etcd_server.endpoint, "auth-test", ["n1"], ttl=3,
+    c = AgentCluster(tmp_path_factory.mktemp("auth"), etcd_server.endpoint, "auth-test", ["n1"], ttl=3,
                      token_file=token_file)
     try:
         c.start()
@@ -48,7 +48,7 @@ def guarded(etcd_server, tmp_path_factory, token_file):
 @pytest.fixture(scope="module")
 def unguarded(etcd_server, tmp_path_factory):
     """One agent without any credential: loopback only, as the demo runs."""
-    c = LocalCluster(tmp_path_factory.mktemp("auth-open"), etcd_server.endpoint, "auth-open", ["n1"], ttl=3)
+    c = AgentCluster(tmp_path_factory.mktemp("auth-open"), etcd_server.endpoint, "auth-open", ["n1"], ttl=3)
     try:
         c.start()
         _write_log(c.agents["n1"])
@@ -57,11 +57,11 @@ def unguarded(etcd_server, tmp_path_factory):
         c.close()
 
 
-def spec_body(c: LocalCluster) -> bytes:
+def spec_body(c: AgentCluster) -> bytes:
     return yaml.safe_dump(cluster_spec(c.cluster, c.etcd, decode_nodes=["n2"])).encode()
 
 
-def unchanged(c: LocalCluster, request):
+def unchanged(c: AgentCluster, request):
     """Run `request()`; assert the cluster's keys in etcd are the same after it; return its answer."""
     before = asyncio.run(etcd_snapshot(c.etcd, c.cluster))
     answer = request()

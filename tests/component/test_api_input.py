@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.cluster_helpers import LocalCluster
+from tests.cluster_helpers import AgentCluster
 from tests.rest_helpers import call, etcd_snapshot
 
 TOKEN = "input-t0ken"
@@ -23,7 +23,7 @@ def agent(etcd_server, tmp_path_factory):
     token_file = tmp / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    c = LocalCluster(tmp, etcd_server.endpoint, CLUSTER, ["n1"], ttl=3, token_file=token_file)
+    c = AgentCluster(tmp, etcd_server.endpoint, CLUSTER, ["n1"], ttl=3, token_file=token_file)
     try:
         c.start()
         (c.agents["n1"].state_dir / "logs" / "p.log").write_text("one\ntwo\n")

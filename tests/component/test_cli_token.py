@@ -15,10 +15,11 @@ import pytest
 from aiohttp import web
 
 from pdsupervisor.host import probes
+from pdsupervisor.local.ports import free_port
 from tests.agent_helpers import ROOT
 from tests.certs import TestCA
-from tests.cluster_helpers import LocalCluster
-from tests.conftest import free_port, wait_for
+from tests.cluster_helpers import AgentCluster
+from tests.conftest import wait_for
 
 TOKEN = "cli-t0ken"
 
@@ -179,7 +180,7 @@ def guarded(etcd_server, tmp_path_factory):
     token = tmp / "token"
     token.write_text(TOKEN)
     token.chmod(0o600)
-    c = LocalCluster(tmp, etcd_server.endpoint, "cli-test", ["n1"], ttl=3, token_file=token)
+    c = AgentCluster(tmp, etcd_server.endpoint, "cli-test", ["n1"], ttl=3, token_file=token)
     try:
         c.start()
         wait_for(lambda: [n["name"] for n in c.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
