@@ -159,6 +159,23 @@ class RdmaDevice(Strict):
         return any(p.up for p in self.ports)
 
 
+class TlsFiles(Strict):
+    """A TLS identity as files on a node: the trusted CA bundle, a certificate and its key."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+class EtcdAccess(Strict):
+    """How processes on a node reach etcd: file paths on that node, never their contents
+    (a secret in etcd would be readable by whoever reads etcd)."""
+
+    tls: TlsFiles | None = None  # the node's etcd client certificate
+    username: str | None = None  # etcd RBAC (an external etcd); the password stays in password_file
+    password_file: str | None = None
+
+
 class NodeFacts(Strict):
     """What an agent registers about its node under its lease (`members/<node>`)."""
 
