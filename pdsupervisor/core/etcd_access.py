@@ -1,9 +1,15 @@
 """Pure rules about reaching etcd: which scheme an endpoint speaks, whether it stays on this
-host."""
+host, and the flags that hand a node's etcd credentials (paths) to the built-in proxy."""
 
 from __future__ import annotations
 
 import ipaddress
+
+from pdsupervisor.core.models import EtcdAccess
+
+# In the env of a process that reads etcd certificates (the embedded etcd, the built-in proxy):
+# their digest, so that replaced files change the process's spec and it restarts to read them.
+TLS_FINGERPRINT_ENV = "PDSUPERVISOR_ETCD_TLS"
 
 
 def endpoint_url(endpoint: str, *, tls: bool) -> str:
@@ -40,3 +46,21 @@ def plaintext_remote(endpoints: list[str], *, tls: bool) -> list[str]:
             out.append(url)
     return out
 
+
+def proxy_etcd_env(access: EtcdAccess | None) -> dict[str, str]:
+    """The built-in proxy's env for `access`: the certificates' digest, if known."""
+    return {TLS_FINGERPRINT_ENV: access.fingerprint} if access is not None and access.fingerprint else {}
+
+
+def proxy_etcd_args(access: EtcdAccess | None) -> list[str]:
+    """The built-in proxy's flags for `access` (the files stay on the node; only paths travel)."""
+    if access is None:
+        return []
+    args: list[str] = []
+    if access.tls is not None:
+        args += ["--etcd-ca", access.tls.ca_file, "--etcd-cert", access.tls.cert_file, "--etcd-key", access.tls.key_file]
+    if access.username:
+        args += ["--etcd-user", access.username]
+        if access.password_file:
+            args += ["--etcd-password-file", access.password_file]
+    return args

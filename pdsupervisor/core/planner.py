@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
+from pdsupervisor.core.etcd_access import proxy_etcd_args, proxy_etcd_env
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import FileSpec, NodeFacts, Probe, ProcessSpec, Strict
 from pdsupervisor.core.spec import PLACEHOLDER_RE, ClusterSpec, RoleSpec, SpecError
@@ -256,12 +257,17 @@ def _proxy_process(
         "first_token_args": px.first_token_args if px.first_token_from == "prefill" else [],
         "benchmark_args": px.benchmark_args if spec.benchmark.enabled else [],
     }
+    argv: list[str] = []
+    env = {k: render(v, values) for k, v in px.env.items()}
     if px.kind == "builtin":
-        template = [
+        env |= proxy_etcd_env(facts.etcd_access)
+        argv = [render(item, values) for item in (
             "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
             "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
             "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
-        ]
+        )]
+        argv += proxy_etcd_args(facts.etcd_access)  # the proxy node's own credential files (paths, not templates)
+        template = []
         if px.first_token_from == "prefill":
             template.append("--generator-on-p-node")
         if spec.benchmark.enabled:
@@ -269,7 +275,6 @@ def _proxy_process(
         template += px.extra_args
     else:
         template = px.argv
-    argv: list[str] = []
     for item in template:
         name = item[1:-1] if item.startswith("{") and item.endswith("}") else None
         if name in lists:
@@ -277,7 +282,7 @@ def _proxy_process(
         else:
             argv.append(render(item, values))
     return ProcessSpec(
-        name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
+        name="proxy", role="proxy", argv=argv, env=env,
         cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
         restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s, generation=generation,

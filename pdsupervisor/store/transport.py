@@ -9,6 +9,7 @@ token (its TTL passed, etcd restarted) the store authenticates again and retries
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,6 +51,19 @@ def client_ssl_context(ca_file: str, cert_file: str | None = None, key_file: str
 
 def tls_context(tls: TlsFiles | None) -> ssl.SSLContext | None:
     return None if tls is None else client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file)
+
+
+def files_fingerprint(*paths: str) -> str | None:
+    """A short digest of the files' contents (certificates, CA bundles: public material), None
+    when one cannot be read. Put into a process's spec, a replaced file restarts the process."""
+    digest = hashlib.sha256()
+    try:
+        for path in paths:
+            digest.update(Path(path).read_bytes())
+            digest.update(b"\0")
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
 
 
 def read_password(path: str) -> str:
