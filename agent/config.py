@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pdsupervisor.aio.serve import is_wildcard
+from pdsupervisor.core.models import TlsFiles
 
 DEFAULT_PORT = 8470
 DEFAULT_CONFIG_PATH = "/etc/pdsupervisor/agent.yaml"
@@ -34,6 +35,16 @@ class EtcdBootstrap(_Strict):
     client_port: int = Field(2379, gt=0, lt=65536)
     peer_port: int = Field(2380, gt=0, lt=65536)
     extra_args: list[str] = Field(default_factory=list)
+    # the node's etcd server certificate and key (`pki` nodes/<name>/server.*), with etcd_tls
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class EtcdAuth(_Strict):
+    """etcd RBAC (an external etcd with auth enabled): a user whose password is in a file."""
+
+    username: str = Field(min_length=1)
+    password_file: str
 
 
 def is_loopback(host: str) -> bool:
@@ -131,6 +142,9 @@ class AgentConfig(_Strict):
     name: str = Field(default_factory=socket.gethostname)
     ip: str | None = None  # advertise IP; default: first non-loopback IPv4
     etcd: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"])
+    etcd_tls: TlsFiles | None = None  # the CA bundle, this node's etcd client certificate and key
+    etcd_auth: EtcdAuth | None = None
+    allow_plaintext_etcd: bool = False  # accept etcd without TLS off loopback (warned at every start)
     bootstrap_etcd: EtcdBootstrap = Field(default_factory=EtcdBootstrap)
     rest: RestConfig = Field(default_factory=RestConfig)
     state_dir: str = "/var/lib/pdsupervisor"
@@ -199,9 +213,13 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Ag
         data = loaded or {}
     data = _merge(data, overrides or {})
     try:
-        return AgentConfig.model_validate(data)
+        config = AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
+    from agent.etcd_security import check_etcd_security  # it reads this module's models
+
+    check_etcd_security(config, source)
+    return config
 
 
 def parse_listen(value: str) -> tuple[str | None, int]:

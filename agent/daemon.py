@@ -28,7 +28,8 @@ from agent.admission import Admission
 from agent.api.cluster import cluster_routes
 from agent.config import AgentConfig
 from agent.coordinator import Coordinator
-from agent.lease import LeaseState, store_timeout
+from agent.etcd_security import check_etcd_security, etcd_access, etcd_store, server_tls
+from agent.lease import LeaseState
 from agent.notify import Notifier
 from agent.process import logs
 from agent.process.statefile import ProcStore
@@ -37,11 +38,12 @@ from agent.reconciler import Reconciler
 from agent.registration import Registration
 from pdsupervisor import __version__
 from pdsupervisor.aio.wait import cancel_and_wait
+from pdsupervisor.core.etcd_access import TLS_FINGERPRINT_ENV
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec, ProcessState, RestartPolicy
 from pdsupervisor.host import probes
 from pdsupervisor.store.embedded import etcd_binary
-from pdsupervisor.store.etcd import Store
+from pdsupervisor.store.transport import files_fingerprint
 
 log = structlog.get_logger("agent")
 
@@ -72,7 +74,7 @@ class Agent:
         self.name = config.name
         self.state_dir = Path(config.state_dir).absolute()  # it goes into specs and facts
         self.log_dir = self.state_dir / "logs"
-        self.store = Store(config.etcd, config.cluster, timeout_s=store_timeout(config.ttl))
+        self.store = etcd_store(config)
         self.lease = LeaseState(config.ttl)
         self.notifier = notifier or Notifier()
         etcd_dir = Path(config.bootstrap_etcd.data_dir or self.state_dir / "etcd").absolute()
@@ -118,6 +120,7 @@ class Agent:
             ips=probes.ipv4_addresses(), labels=c.labels, cpu_count=probes.cpu_count(),
             memory_bytes=probes.memory_bytes(), agent_version=__version__, api_url=self.api_url,
             state_dir=str(self.state_dir), python=sys.executable,
+            etcd_access=etcd_access(self.config),
         )
 
     @property
@@ -129,12 +132,16 @@ class Agent:
     def _etcd_spec(self) -> ProcessSpec:
         b = self.config.bootstrap_etcd
         host = b.client_host or self.config.ip or "127.0.0.1"
+        tls = server_tls(self.config)
         argv = etcd_argv(
             name=self.name, data_dir=b.data_dir or str(self.state_dir / "etcd"), client_host=host,
             client_port=b.client_port, peer_port=b.peer_port, extra=b.extra_args, binary=etcd_binary(),
+            tls=tls,
         )
+        # replaced certificate files (rotation) change the spec, so the next agent start restarts etcd
+        env = {TLS_FINGERPRINT_ENV: files_fingerprint(tls.ca_file, tls.cert_file) or "unreadable"} if tls else {}
         return ProcessSpec(
-            name="etcd", role="etcd", argv=argv, host=host, port=b.client_port,
+            name="etcd", role="etcd", argv=argv, env=env, host=host, port=b.client_port,
             readiness=Probe(kind="tcp", host=host, port=b.client_port, period_s=0.2),
             restart=RestartPolicy(initial_backoff_s=0.5, max_backoff_s=10, reset_after_s=60),
             stop_timeout_s=10,
@@ -208,6 +215,9 @@ class Agent:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         adopted = self.reconciler.adopt()  # before etcd is even contacted
         log.info("agent starting", name=self.name, cluster=self.config.cluster, adopted=adopted)
+        for warning in check_etcd_security(self.config, "agent configuration"):
+            log.warning("etcd without TLS: anyone on the network can read and write it, and so run code "
+                        "as root on every node", problem=warning)
         app = build_app(self, self.routes)
         # a request still running 3 s into shutdown is cancelled (aiohttp would wait 60 s)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)

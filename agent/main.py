@@ -75,7 +75,11 @@ def main(config_path: str | None, log_level: str, **flags: Any) -> None:
     except (ConfigError, ValueError) as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
-    asyncio.run(_run(config))
+    try:
+        asyncio.run(_run(config))
+    except ConfigError as exc:  # a file the configuration names (etcd credentials) cannot be used
+        click.echo(str(exc), err=True)
+        sys.exit(2)
 
 
 async def _run(config: Any) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pdsupervisor.core.etcd_command import etcd_argv
+from pdsupervisor.core.models import TlsFiles
 from pdsupervisor.local.ports import free_port
 from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.embedded import etcd_binary
@@ -61,21 +62,38 @@ def write(root: Path, rel: str, text: str = "") -> None:
 
 
 class EtcdServer:
-    def __init__(self, tmp: Path, host: str = "127.0.0.1") -> None:
+    """A real etcd; plaintext, or with `tls` (its server files) TLS with client-certificate
+    auth, then checked with `client` (a client certificate of the same CA)."""
+
+    def __init__(self, tmp: Path, host: str = "127.0.0.1", tls: TlsFiles | None = None,
+                 client: TlsFiles | None = None, extra: list[str] | None = None) -> None:
         self.host = host
         self.port = free_port(host)
         self.peer_port = free_port(host)
         self.data_dir = tmp / "etcd-data"
+        self.tls, self.client, self.extra = tls, client, extra or []
+        self.user: str | None = None  # `name:password` for etcdctl, once RBAC is on
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    def etcdctl(self, *args: str, **run) -> subprocess.CompletedProcess:
+        tls = [] if self.client is None else [
+            "--cacert", self.client.ca_file, "--cert", self.client.cert_file, "--key", self.client.key_file]
+        user = ["--user", self.user] if self.user else []
+        return subprocess.run([etcd_binary("etcdctl"), "--endpoints", self.url, *tls, *user, *args],
+                              capture_output=True, timeout=5, **run)
+
     def start(self) -> None:
         argv = etcd_argv(
             name="test", data_dir=str(self.data_dir), client_host=self.host,
-            client_port=self.port, peer_port=self.peer_port, binary=etcd_binary(),
+            client_port=self.port, peer_port=self.peer_port, binary=etcd_binary(), tls=self.tls, extra=self.extra,
         )
         self.log = open(self.data_dir.parent / "etcd.log", "ab")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,11 +105,7 @@ class EtcdServer:
                 pass
         except OSError:
             return False
-        out = subprocess.run(
-            [etcd_binary("etcdctl"), "--endpoints", self.endpoint, "endpoint", "health"],
-            capture_output=True, timeout=5,
-        )
-        return out.returncode == 0
+        return self.etcdctl("endpoint", "health").returncode == 0
 
     def pause(self) -> None:
         assert self.proc

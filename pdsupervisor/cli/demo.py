@@ -1,6 +1,7 @@
 """`pdsupervisor demo`: a whole PD cluster on this machine, from nothing, in one command.
 
-etcd (started by node1's agent), three agents on 127.0.0.1-127.0.0.3, simulated engines,
+A CA and every node's certificates (in the state dir), etcd with TLS and client-certificate
+auth (started by node1's agent), three agents on 127.0.0.1-127.0.0.3, simulated engines,
 the real `mooncake_master` when installed, the built-in proxy. Ctrl-C or SIGTERM stops it all
 in order and leaves no process behind.
 """
@@ -29,7 +30,9 @@ from pdsupervisor.cli.cluster import console as make_console
 from pdsupervisor.cli.cluster import status_table, wait_for_phase
 from pdsupervisor.cli.doctor import load_spec_file, port_check
 from pdsupervisor.core.spec import ClusterSpec, load_spec
+from pdsupervisor.host.private import open_lock, private_dir
 from pdsupervisor.local.cluster import BootError, LocalCluster
+from pdsupervisor.store.embedded import etcd_binary
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parents[2] / "etc" / "pdsupervisor" / "demo.yaml"
 
@@ -42,13 +45,20 @@ def _name(p: Any) -> str:
 
 
 def _take_lock(state_dir: Path) -> Any:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(state_dir / "demo.lock", "a+")
+    """The demo's state dir (ours, 0700) and its lock, neither reachable through a symlink
+    someone else planted (the default lives in /tmp)."""
+    try:
+        private_dir(state_dir)
+        fd = open_lock(state_dir / "demo.lock")
+    except OSError as exc:  # UnsafePath included
+        raise click.ClickException(f"cannot use the state directory {state_dir}: {exc}; pass another --state-dir") from None
+    lock = os.fdopen(fd, "r+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "?"
+        lock.close()
         raise click.ClickException(
             f"a demo is already running (pid {holder}, state in {state_dir}); stop it with Ctrl-C "
             f"or `kill {holder}`, or use it: PDSUPERVISOR_API=http://127.0.0.1:8471 pdsupervisor status"
@@ -112,6 +122,7 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
     api = lc.agents[0].api_url
+    admin = lc.client_files()
     console.print(f"""
 The cluster is yours until Ctrl-C:
   curl -s {doc.proxy_url}/v1/completions -H 'Content-Type: application/json' \\
@@ -120,7 +131,10 @@ The cluster is yours until Ctrl-C:
   PDSUPERVISOR_API={api} pdsupervisor events
   PDSUPERVISOR_API={api} pdsupervisor logs node2 decode-0
   logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
-""")
+etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); e.g. the admin one:
+  {etcd_binary("etcdctl")} --endpoints {lc.etcd_endpoint} --cacert {admin.ca_file} \\
+       --cert {admin.cert_file} --key {admin.key_file} get --prefix /pdsupervisor/{lc.cluster}/members/ --keys-only
+""", soft_wrap=True)
     if not exit_when_ready:
         await stop.wait()
 
@@ -151,10 +165,11 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
     spec, spec_text = _demo_spec(spec_path, console)
     # node1's agent starts etcd where the spec (and so the plan) has it
     lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
-                      etcd_peer_port=spec.etcd.peer_port)
+                      etcd_peer_port=spec.etcd.peer_port, tls=True)
     _refuse_taken_ports(spec, lc)
     if lc.root.exists():
-        shutil.rmtree(lc.root)  # a fresh etcd and fresh process records each run
+        shutil.rmtree(lc.root)  # a fresh etcd, CA and process records each run
+    lc.make_pki()
 
     async def main() -> None:
         stop = asyncio.Event()

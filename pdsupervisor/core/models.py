@@ -215,6 +215,26 @@ class RdmaDevice(Strict):
         return any(p.up for p in self.ports)
 
 
+class TlsFiles(Strict):
+    """A TLS identity as files on a node: the trusted CA bundle, a certificate and its key."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+class EtcdAccess(Strict):
+    """How processes on a node reach etcd: file paths on that node, never their contents
+    (a secret in etcd would be readable by whoever reads etcd)."""
+
+    tls: TlsFiles | None = None  # the node's etcd client certificate
+    username: str | None = None  # etcd RBAC (an external etcd); the password stays in password_file
+    password_file: str | None = None
+    # a digest of the CA and certificate files as registered: when they are replaced
+    # (rotation), what runs with them is restarted to read them again
+    fingerprint: str | None = None
+
+
 class NodeFacts(Strict):
     """What an agent registers about its node under its lease (`members/<node>`)."""
 
@@ -234,6 +254,7 @@ class NodeFacts(Strict):
     api_url: str = ""
     state_dir: str = "/var/lib/pdsupervisor"
     python: str = "python3"  # the agent's interpreter: what {python} renders to in argv templates
+    etcd_access: EtcdAccess | None = None  # the agent's own etcd credentials (paths), for the built-in proxy
     registered_at: float = 0.0
     lease: int = 0  # the lease this record is held by (set by the agent when it registers)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
+from pdsupervisor.core.etcd_access import proxy_etcd_args, proxy_etcd_env
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import FileSpec, NodeFacts, Probe, ProcessSpec, Strict
 from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, metadata_port, metadata_problems, mooncake_config
@@ -222,12 +223,17 @@ def _proxy_process(
         "first_token_args": px.first_token_args if px.first_token_from == "prefill" else [],
         "benchmark_args": px.benchmark_args if spec.benchmark.enabled else [],
     }
+    argv: list[str] = []
+    env = {k: render(v, values) for k, v in px.env.items()}
     if px.kind == "builtin":
-        template = [
+        env |= proxy_etcd_env(facts.etcd_access)
+        argv = [render(item, values) for item in (
             "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
             "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
             "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
-        ]
+        )]
+        argv += proxy_etcd_args(facts.etcd_access)  # the proxy node's own credential files (paths, not templates)
+        template = []
         if px.first_token_from == "prefill":
             template.append("--generator-on-p-node")
         if spec.benchmark.enabled:
@@ -235,7 +241,6 @@ def _proxy_process(
         template += px.extra_args
     else:
         template = px.argv
-    argv: list[str] = []
     for item in template:
         name = item[1:-1] if item.startswith("{") and item.endswith("}") else None
         if name in lists:
@@ -243,7 +248,7 @@ def _proxy_process(
         else:
             argv.append(render(item, values))
     return ProcessSpec(
-        name="proxy", role="proxy", argv=argv, env={k: render(v, values) for k, v in px.env.items()},
+        name="proxy", role="proxy", argv=argv, env=env,
         cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
         restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s, generation=generation,

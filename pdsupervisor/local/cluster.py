@@ -19,9 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import yaml
 
+from pdsupervisor.core import pki
 from pdsupervisor.core.checks import ports_needed
+from pdsupervisor.core.models import TlsFiles
 from pdsupervisor.core.spec import ClusterSpec
+from pdsupervisor.host import pki as pki_files
+from pdsupervisor.host.files import atomic_write
+from pdsupervisor.host.private import private_dir
 from pdsupervisor.local.procs import marked_processes, signal_all
 
 MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
@@ -60,6 +66,7 @@ class LocalCluster:
     etcd_peer_port: int = 0  # 0: etcd_port + 1
     api_base_port: int = 8471
     ttl: int = 5
+    tls: bool = False  # etcd over TLS with client certificates, from a PKI made in <root>/pki
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     agents: list[LocalAgent] = field(default_factory=list)
 
@@ -82,12 +89,37 @@ class LocalCluster:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"127.0.0.1:{self.etcd_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.etcd_port}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    def make_pki(self) -> None:
+        """The cluster's CA and every node's certificates (`pdsupervisor pki init`), once."""
+        if not (self.pki_dir / pki.CA_CERT).exists():
+            pki_files.init(self.pki_dir, [pki.NodeId(a.name, a.ip) for a in self.agents], ca_name=f"{self.cluster} demo CA")
+
+    def client_files(self, name: str = pki.ADMIN) -> TlsFiles:
+        """A client's TLS files in this cluster's PKI (`admin`: what etcdctl or a test uses)."""
+        d = self.pki_dir / pki.client_dir(name)
+        return TlsFiles(ca_file=str(d / pki.CA_CERT), cert_file=str(d / pki.CLIENT_CERT), key_file=str(d / pki.CLIENT_KEY))
+
+    def config(self, agent: LocalAgent) -> dict[str, object]:
+        """The agent's configuration file: its etcd TLS files (with `tls`)."""
+        if not self.tls:
+            return {}
+        d = self.pki_dir / pki.node_dir(agent.name)
+        doc: dict[str, object] = {"etcd_tls": {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
+                                               "key_file": str(d / pki.CLIENT_KEY)}}
+        if agent.bootstrap_etcd:
+            doc["bootstrap_etcd"] = {"cert_file": str(d / pki.SERVER_CERT), "key_file": str(d / pki.SERVER_KEY)}
+        return doc
 
     def argv(self, agent: LocalAgent) -> list[str]:
         argv = [
-            sys.executable, "-m", "agent.main", "--name", agent.name, "--ip", agent.ip,
-            "--cluster", self.cluster, "--etcd", self.etcd_endpoint,
+            sys.executable, "-m", "agent.main", "--config", str(agent.state_dir / "agent.yaml"),
+            "--name", agent.name, "--ip", agent.ip, "--cluster", self.cluster, "--etcd", self.etcd_endpoint,
             "--listen", f"{agent.ip}:{agent.api_port}", "--state-dir", str(agent.state_dir),
             "--ttl", str(self.ttl), "--accelerators", "8",
         ]
@@ -97,7 +129,10 @@ class LocalCluster:
         return argv
 
     def start_agent(self, agent: LocalAgent) -> None:
-        agent.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(agent.state_dir)
+        if self.tls:
+            self.make_pki()
+        atomic_write(agent.state_dir / "agent.yaml", yaml.safe_dump(self.config(agent)).encode(), 0o600)
         env = {**os.environ, MARKER_ENV: self.marker}
         env.pop("NOTIFY_SOCKET", None)
         with open(agent.log_path, "ab") as log:

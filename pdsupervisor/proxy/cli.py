@@ -7,6 +7,7 @@ repeated flags, and underscore forms such as `--generator_on_p_node`.
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import click
 from aiohttp import web
 
 from pdsupervisor.aio.serve import run_app
+from pdsupervisor.core.models import EtcdAccess, TlsFiles
 from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
+from pdsupervisor.store.transport import Credentials, CredentialsError, credentials
 
 log = logging.getLogger("pdsupervisor.proxy")
 
@@ -58,6 +61,13 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--decode", multiple=True, help="Decode instance host:port (repeatable, or several after one flag).")
 @click.option("--cluster", default=None, help="Read instances live from etcd for this cluster.")
 @click.option("--etcd", default=None, help="etcd endpoints host:port[,host:port] (with --cluster).")
+@click.option("--etcd-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA bundle etcd's certificate is checked against (endpoints are then https).")
+@click.option("--etcd-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Client certificate shown to etcd (with --etcd-key).")
+@click.option("--etcd-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--etcd-user", default=None, help="etcd RBAC user (with --etcd-password-file).")
+@click.option("--etcd-password-file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--routing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --cluster: keep the last routing here; used at start while etcd is away.")
 @click.option("--policy", type=click.Choice(["load", "round-robin"]), default="load", show_default=True)
@@ -100,21 +110,41 @@ def proxy(**opts: Any) -> None:
     registry.set_endpoints("prefill", prefill)
     registry.set_endpoints("decode", decode)
     etcd = opts["etcd"].split(",") if opts["cluster"] else None
-    app = build_app(cfg, registry, cluster=opts["cluster"], etcd=etcd, routing_cache=opts["routing_cache"])
+    access = _etcd_access(opts)
+    try:
+        tls, auth = credentials(access)
+    except CredentialsError as exc:
+        raise click.UsageError(str(exc)) from None
+    app = build_app(cfg, registry, cluster=opts["cluster"], etcd=etcd, routing_cache=opts["routing_cache"],
+                    etcd_tls=tls, etcd_auth=auth)
     source = app[PROXY].source
     run_app(app, cfg.host, cfg.port, on_listening=lambda: log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, source))
 
 
+def _etcd_access(opts: dict[str, Any]) -> EtcdAccess | None:
+    files = (opts["etcd_ca"], opts["etcd_cert"], opts["etcd_key"])
+    if any(files) and not all(files):
+        raise click.UsageError("--etcd-ca, --etcd-cert and --etcd-key go together")
+    if bool(opts["etcd_user"]) != bool(opts["etcd_password_file"]):
+        raise click.UsageError("--etcd-user and --etcd-password-file go together")
+    if not (any(files) or opts["etcd_user"]):
+        return None
+    tls = TlsFiles(ca_file=files[0], cert_file=files[1], key_file=files[2]) if all(files) else None
+    return EtcdAccess(tls=tls, username=opts["etcd_user"], password_file=opts["etcd_password_file"])
+
+
 def build_app(cfg: ProxyConfig, registry: Registry, *, cluster: str | None = None, etcd: list[str] | None = None,
-              routing_cache: Path | None = None) -> web.Application:
-    """The proxy's app; with `cluster` and `etcd`, its membership comes live from etcd."""
+              routing_cache: Path | None = None, etcd_tls: ssl.SSLContext | None = None,
+              etcd_auth: Credentials | None = None) -> web.Application:
+    """The proxy's app; with `cluster` and `etcd`, its membership comes live from etcd (over
+    TLS with `etcd_tls`, as an RBAC user with `etcd_auth`)."""
     if not (cluster and etcd):
         return PDProxy(cfg, registry).app()
     from pdsupervisor.proxy.etcd_source import MEMBERSHIP, EtcdSource, membership
     from pdsupervisor.store.etcd import Store
 
     app = PDProxy(cfg, registry, source=f"etcd:{cluster}").app()
-    app[MEMBERSHIP] = EtcdSource(Store(etcd, cluster), registry, routing_cache)
+    app[MEMBERSHIP] = EtcdSource(Store(etcd, cluster, tls=etcd_tls, auth=etcd_auth), registry, routing_cache)
     app.cleanup_ctx.append(membership)
     return app
 

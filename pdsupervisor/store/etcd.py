@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -16,6 +17,10 @@ import aiohttp
 from pydantic import BaseModel
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
+from pdsupervisor.store.errors import EtcdError as EtcdError  # re-exported: callers catch them from here
+from pdsupervisor.store.errors import StoreUnavailable as StoreUnavailable
+from pdsupervisor.store.errors import TokenRejected
+from pdsupervisor.store.errors import WatchLost as WatchLost
 from pdsupervisor.store.gateway import KeyValue as KeyValue  # re-exported (as are WatchEvent and Keys): Store returns them
 from pdsupervisor.store.gateway import WatchEvent as WatchEvent
 from pdsupervisor.store.gateway import (
@@ -35,25 +40,9 @@ from pdsupervisor.store.gateway import (
     watch_message,
 )
 from pdsupervisor.store.keys import Keys as Keys
+from pdsupervisor.store.transport import Credentials, TokenAuth, token_rejected
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class StoreUnavailable(Exception):
-    """etcd is away for now, or would not do what was asked: retry later, touch nothing.
-
-    The store raises only this family, from the transport's own errors (chained as
-    `__cause__`), so a caller's `except StoreUnavailable` never swallows an unrelated
-    `ConnectionError` or `TimeoutError` of its own (Patroni's `DCSError`).
-    """
-
-
-class EtcdError(StoreUnavailable):
-    """etcd answered with an error (e.g. a revision compacted away, a lease not found)."""
-
-
-class WatchLost(StoreUnavailable):
-    """The server ended a watch: read again, then watch from the new revision."""
 
 
 # What the transport raises when etcd is unreachable, slow or cut off mid-answer.
@@ -87,13 +76,18 @@ class Store:
     node. Endpoints are tried in turn when one refuses connections.
     """
 
-    def __init__(self, endpoints: list[str], cluster: str, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, endpoints: list[str], cluster: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tls: ssl.SSLContext | None = None, auth: Credentials | None = None):
+        """`tls`: how to verify etcd and which client certificate to show (`transport.
+        client_ssl_context`); endpoints without a scheme are then https. `auth`: etcd RBAC."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
-        self.endpoints = [parse_endpoint(e) for e in endpoints]
+        self.endpoints = [parse_endpoint(e, tls=tls is not None) for e in endpoints]
         self.cluster = cluster
         self.keys = Keys(cluster)
         self.timeout_s = timeout_s
+        self._tls = tls
+        self._auth = TokenAuth(auth) if auth else None
         self._session: aiohttp.ClientSession | None = None
         self._current = 0  # index of the endpoint that answered last
 
@@ -108,7 +102,7 @@ class Store:
         """Open the HTTP session (no request is made: etcd may come up later)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=self._tls or True),
                 json_serialize=lambda obj: json.dumps(obj, separators=(",", ":")),
             )
 
@@ -124,6 +118,24 @@ class Store:
         return [(self._current + i) % n for i in range(n)]
 
     async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None) -> aiohttp.ClientResponse:
+        """`_post` with the RBAC token, if any; authenticated again once if etcd rejects it."""
+        if self._auth is None:
+            return await self._post(path, body, idle_s, None)
+        headers = await self._auth.header(self._authenticate)
+        try:
+            return await self._post(path, body, idle_s, headers)
+        except TokenRejected:
+            return await self._post(path, body, idle_s, await self._auth.header(self._authenticate, stale=headers))
+
+    async def _authenticate(self, creds: Credentials) -> str:
+        out = await self._json(await self._post(
+            "/v3/auth/authenticate", {"name": creds.username, "password": creds.password}, None, None))
+        if not out.get("token"):
+            raise EtcdError(f"etcd gave no token to user {creds.username} (is its auth enabled?)")
+        return str(out["token"])
+
+    async def _post(self, path: str, body: Mapping[str, Any], idle_s: float | None,
+                    headers: Mapping[str, str] | None) -> aiohttp.ClientResponse:
         """POST to the first endpoint that takes the connection; the caller reads and releases.
 
         An endpoint that refuses, or does not accept within the connect timeout (a dead
@@ -138,7 +150,7 @@ class Store:
         error: BaseException | None = None
         for i in self._endpoint_order():
             try:
-                resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout)
+                resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 error = exc
                 continue
@@ -152,12 +164,17 @@ class Store:
                     raise StoreUnavailable(f"etcd error answer cut off: {exc or type(exc).__name__}") from exc
                 finally:
                     resp.release()
+                if headers is not None and token_rejected(resp.status, answer):
+                    raise TokenRejected(error_text(answer, resp.status))
                 raise EtcdError(error_text(answer, resp.status))
             return resp
         raise StoreUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {error}") from error
 
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        resp = await self._open(path, body)
+        return await self._json(await self._open(path, body))
+
+    @staticmethod
+    async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
         try:
             async with resp:
                 out: dict[str, Any] = await resp.json(content_type=None)

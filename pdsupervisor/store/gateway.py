@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel
 
+from pdsupervisor.core.etcd_access import endpoint_url
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -34,10 +36,10 @@ class WatchEvent:
     revision: int
 
 
-def parse_endpoint(url: str) -> str:
-    """`10.0.0.1:2379` or `http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`."""
-    url = url.strip().rstrip("/")
-    return url if "://" in url else "http://" + url
+def parse_endpoint(url: str, *, tls: bool = False) -> str:
+    """`10.0.0.1:2379` -> `http://10.0.0.1:2379` (`https://` with `tls`); a scheme given is
+    kept (`http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`)."""
+    return endpoint_url(url, tls=tls)
 
 
 def prefix_range(prefix: str, **options: Any) -> dict[str, Any]:

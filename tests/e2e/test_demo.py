@@ -1,18 +1,24 @@
-"""`pdsupervisor demo` end to end: ready, a second demo refused clearly, Ctrl-C stops it in order
-and leaves nothing."""
+"""`pdsupervisor demo` end to end: ready, its etcd only for its own certificates, a second demo
+refused clearly, Ctrl-C stops it in order and leaves nothing; a planted symlink is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import ssl
+import stat
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
 from pdsupervisor.local.cluster import LocalCluster
+from pdsupervisor.store.etcd import Store, StoreUnavailable
+from pdsupervisor.store.transport import client_ssl_context
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
 from tests.conftest import wait_for
 from tests.pdproc import http
@@ -38,6 +44,8 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
                  what="the demo's completion")
+        _check_etcd_wants_a_client_certificate(state / "run" / "pki")
+        wait_for(lambda: b"--cert" in (tmp_path / "demo.out").read_bytes(), 20, what="how to reach etcd, printed")
         # the same marker: anything a second demo wrongly started is found (and killed) too
         second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         assert second.returncode == 1
@@ -54,6 +62,54 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
             demo.kill()
         kill_marked(marker)
         out.close()
+
+
+def _check_etcd_wants_a_client_certificate(pki_dir: Path) -> None:
+    """The demo's etcd: TLS with client certificates of the demo's own CA, nothing else."""
+    admin = pki_dir / "clients" / "admin"
+
+    async def members(endpoint: str, tls: ssl.SSLContext | None) -> set[str]:
+        async with Store([endpoint], "demo", tls=tls, timeout_s=3) as store:
+            return set(await store.members())
+    full = client_ssl_context(str(admin / "ca.crt"), str(admin / "client.crt"), str(admin / "client.key"))
+    assert asyncio.run(members("127.0.0.1:2379", full)) == {"node1", "node2", "node3"}
+    for endpoint, tls in (("http://127.0.0.1:2379", None), ("127.0.0.1:2379", client_ssl_context(str(admin / "ca.crt")))):
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(members(endpoint, tls))
+    assert stat.S_IMODE((pki_dir / "ca.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("planted", ["state dir", "lock"])
+def test_demo_refuses_a_planted_symlink_and_touches_nothing(tmp_path, planted):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_text("precious")
+    state = tmp_path / "demo"
+    if planted == "state dir":
+        state.symlink_to(victim)
+    else:
+        state.mkdir(mode=0o700)
+        (state / "demo.lock").symlink_to(victim / "file")
+    marker = uuid.uuid4().hex
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state), "--timeout", "20"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, TEST_MARKER_ENV: marker})
+    finally:
+        kill_marked(marker)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 1 and "symbolic link" in text, text
+    assert sorted(p.name for p in victim.iterdir()) == ["file"] and (victim / "file").read_text() == "precious"
+    assert marked(marker) == []
+
+
+def test_demo_refuses_a_state_dir_others_can_write(tmp_path):
+    state = tmp_path / "demo"
+    state.mkdir()
+    state.chmod(0o777)
+    out = subprocess.run([sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "writable by group or others" in " ".join((out.stdout + out.stderr).split())
+    assert list(state.iterdir()) == []
 
 
 def test_demo_refuses_a_taken_engine_port_before_starting_anything(tmp_path):

@@ -36,7 +36,9 @@ def test_bad_value_is_named(tmp_path):
 
 def test_flags_override_file(tmp_path):
     p = tmp_path / "agent.yaml"
-    p.write_text("cluster: fromfile\nname: a\nrest:\n  port: 9000\n  host: 10.0.0.1\nlabels: {x: y}\n")
+    # plaintext h1, h2 and a plaintext bootstrap etcd on a probed IP: allowed here, this is about flags
+    p.write_text("cluster: fromfile\nname: a\nrest:\n  port: 9000\n  host: 10.0.0.1\nlabels: {x: y}\n"
+                 "allow_plaintext_etcd: true\n")
     o = overrides_from_flags(name="b", etcd=("h1:1,h2:2",), listen="127.0.0.3:9100", bootstrap_etcd=True,
                              etcd_client_port=1234, label=("rack=r2",))
     cfg = load_config(str(p), o)
