@@ -6,7 +6,6 @@ so a typo in the YAML file fails the start instead of being silently ignored.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pdsupervisor.aio.serve import is_wildcard
+from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.models import TlsFiles
 
 DEFAULT_PORT = 8470
@@ -45,16 +45,6 @@ class EtcdAuth(_Strict):
 
     username: str = Field(min_length=1)
     password_file: str
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`: only processes on this machine can connect."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def read_token_file(path: str) -> tuple[str, int]:

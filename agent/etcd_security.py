@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from agent.config import AgentConfig, ConfigError
 from agent.lease import store_timeout
-from pdsupervisor.core.etcd_access import is_loopback, plaintext_remote
+from pdsupervisor.core.addresses import is_loopback
+from pdsupervisor.core.etcd_access import plaintext_remote
 from pdsupervisor.core.models import EtcdAccess, TlsFiles
 from pdsupervisor.store.etcd import Store
 from pdsupervisor.store.transport import Credentials, CredentialsError, files_fingerprint, read_password, tls_context

@@ -41,8 +41,9 @@ import structlog
 from aiohttp import web
 
 from agent.api.errors import MAX_BODY, error_body, json_error
-from agent.config import AgentConfig, RestConfig, is_loopback
+from agent.config import AgentConfig, RestConfig
 from pdsupervisor.aio.serve import is_wildcard
+from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 log = structlog.get_logger("agent.api")

@@ -12,7 +12,6 @@ never over plain http to an address anyone able to write to etcd could have put 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import ValidationError
 
+from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.documents import ClusterDocument, ErrorBody, Event, EventsDocument, NodesDocument, SubmitAnswer
 
 DEFAULT_API = "http://127.0.0.1:8470"
@@ -59,15 +59,6 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return u.scheme, (u.hostname or "").lower(), u.port or default
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class ApiClient:
     base_url: str = DEFAULT_API
@@ -99,7 +90,7 @@ class ApiClient:
     def token_safe_for(self, url: str) -> str | None:
         """None when the token may go to `url`; else why not."""
         scheme, host, _ = _origin(url)
-        if _origin(url) == _origin(self.base_url) or _loopback(host):
+        if _origin(url) == _origin(self.base_url) or is_loopback(host):
             return None
         if scheme == "https" and self.ca_file:
             return None  # verified against the cluster CA only (see `_ssl`)

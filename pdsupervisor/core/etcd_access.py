@@ -3,8 +3,7 @@ host, and the flags that hand a node's etcd credentials (paths) to the built-in 
 
 from __future__ import annotations
 
-import ipaddress
-
+from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.models import EtcdAccess
 
 # In the env of a process that reads etcd certificates (the embedded etcd, the built-in proxy):
@@ -24,17 +23,6 @@ def endpoint_host(endpoint: str) -> str:
     if rest.startswith("["):
         return rest[1:].split("]", 1)[0]
     return rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`: traffic that never leaves the host."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def plaintext_remote(endpoints: list[str], *, tls: bool) -> list[str]:

@@ -11,7 +11,8 @@ import yaml
 
 from agent.config import ConfigError, load_config
 from agent.etcd_security import etcd_access
-from pdsupervisor.core.etcd_access import endpoint_url, is_loopback, plaintext_remote, proxy_etcd_args
+from pdsupervisor.core.addresses import is_loopback
+from pdsupervisor.core.etcd_access import endpoint_url, plaintext_remote, proxy_etcd_args
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import EtcdAccess, NodeFacts, TlsFiles
 from pdsupervisor.core.planner import plan_cluster
