@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,26 @@ def wait_proxy_routes(doc: dict[str, Any], timeout: float = 15) -> dict[str, set
 
 def ready_pids(doc: dict[str, Any]) -> dict[tuple[str, str], int]:
     return {(p["node"], p["name"]): p["pid"] for p in doc["processes"] if p["state"] == "ready"}
+
+
+def private_token(directory: Path, token: str) -> Path:
+    """A token file as an operator makes it (mode 0600: the agent warns about any other)."""
+    path = directory / "token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@contextlib.contextmanager
+def single_agent(tmp: Path, etcd: str, cluster: str, *, token_file: Path | None = None,
+                 log_text: str | None = None) -> Iterator[AgentCluster]:
+    """One agent n1 on 127.0.0.1, started and answering; `log_text` becomes its process log
+    `p.log` (what /logs serves); the whole tree is killed however the block ends."""
+    c = AgentCluster(tmp, etcd, cluster, ["n1"], ttl=3, token_file=token_file)
+    try:
+        c.start()
+        if log_text is not None:
+            (c.agents["n1"].state_dir / "logs" / "p.log").write_text(log_text)
+        yield c
+    finally:
+        c.close()

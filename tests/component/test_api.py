@@ -10,7 +10,7 @@ import yaml
 from agent.api.cluster import openapi_document
 from pdsupervisor.core.documents import DOCUMENTS, ErrorBody
 from pdsupervisor.store.etcd import Store
-from tests.cluster_helpers import AgentCluster, cluster_spec
+from tests.cluster_helpers import cluster_spec, private_token, single_agent
 from tests.openapi_helpers import check_served, response_schema
 from tests.rest_helpers import etcd_snapshot as _snapshot
 
@@ -20,14 +20,8 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def one_agent(etcd_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN + "\n")
-    c = AgentCluster(tmp, etcd_server.endpoint, "api-test", ["n1"], ttl=3, token_file=token_file)
-    try:
-        c.start()
+    with single_agent(tmp, etcd_server.endpoint, "api-test", token_file=private_token(tmp, TOKEN)) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_mutating_endpoints_need_the_token(one_agent):

@@ -11,7 +11,7 @@ import yaml
 
 from tests.agent_helpers import AgentProc, kill_marked
 from tests.certs import TestCA
-from tests.cluster_helpers import AgentCluster, cluster_spec
+from tests.cluster_helpers import AgentCluster, cluster_spec, private_token, single_agent
 from tests.conftest import wait_for
 from tests.rest_helpers import call, etcd_snapshot
 
@@ -20,41 +20,32 @@ SECRET_LINE = "HF_TOKEN=hf_do_not_show\n"
 OPEN_READS = ("/healthz", "/status", "/cluster", "/nodes", "/events", "/openapi.yaml")
 
 
+LOG_TEXT = "starting\n" + SECRET_LINE
+
+
 def _write_log(agent: AgentProc) -> None:
-    (agent.state_dir / "logs" / "p.log").write_text("starting\n" + SECRET_LINE)
+    (agent.state_dir / "logs" / "p.log").write_text(LOG_TEXT)
 
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("auth-token") / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+    return private_token(tmp_path_factory.mktemp("auth-token"), TOKEN)
 
 
 @pytest.fixture(scope="module")
 def guarded(etcd_server, tmp_path_factory, token_file):
     """One agent with a token file, on 127.0.0.1."""
-    c = AgentCluster(tmp_path_factory.mktemp("auth"), etcd_server.endpoint, "auth-test", ["n1"], ttl=3,
-                     token_file=token_file)
-    try:
-        c.start()
-        _write_log(c.agents["n1"])
+    with single_agent(tmp_path_factory.mktemp("auth"), etcd_server.endpoint, "auth-test", token_file=token_file,
+                      log_text=LOG_TEXT) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
 def unguarded(etcd_server, tmp_path_factory):
     """One agent without any credential: loopback only, as the demo runs."""
-    c = AgentCluster(tmp_path_factory.mktemp("auth-open"), etcd_server.endpoint, "auth-open", ["n1"], ttl=3)
-    try:
-        c.start()
-        _write_log(c.agents["n1"])
+    with single_agent(tmp_path_factory.mktemp("auth-open"), etcd_server.endpoint, "auth-open",
+                      log_text=LOG_TEXT) as c:
         yield c
-    finally:
-        c.close()
 
 
 def spec_body(c: AgentCluster) -> bytes:

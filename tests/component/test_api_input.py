@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.cluster_helpers import AgentCluster
+from tests.cluster_helpers import private_token, single_agent
 from tests.rest_helpers import call, etcd_snapshot
 
 TOKEN = "input-t0ken"
@@ -20,16 +20,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def agent(etcd_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("input")
-    token_file = tmp / "token"
-    token_file.write_text(TOKEN)
-    token_file.chmod(0o600)
-    c = AgentCluster(tmp, etcd_server.endpoint, CLUSTER, ["n1"], ttl=3, token_file=token_file)
-    try:
-        c.start()
-        (c.agents["n1"].state_dir / "logs" / "p.log").write_text("one\ntwo\n")
+    with single_agent(tmp, etcd_server.endpoint, CLUSTER, token_file=private_token(tmp, TOKEN),
+                      log_text="one\ntwo\n") as c:
         yield c
-    finally:
-        c.close()
 
 
 def problem_fields(answer) -> list[str]:

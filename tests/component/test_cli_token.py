@@ -18,7 +18,7 @@ from pdsupervisor.host import probes
 from pdsupervisor.local.ports import free_port
 from tests.agent_helpers import ROOT
 from tests.certs import TestCA
-from tests.cluster_helpers import AgentCluster
+from tests.cluster_helpers import private_token, single_agent
 from tests.conftest import wait_for
 
 TOKEN = "cli-t0ken"
@@ -177,18 +177,11 @@ def test_empty_token_file_is_an_error(recorders, tmp_path):
 @pytest.fixture(scope="module")
 def guarded(etcd_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    token = tmp / "token"
-    token.write_text(TOKEN)
-    token.chmod(0o600)
-    c = AgentCluster(tmp, etcd_server.endpoint, "cli-test", ["n1"], ttl=3, token_file=token)
-    try:
-        c.start()
+    token = private_token(tmp, TOKEN)
+    with single_agent(tmp, etcd_server.endpoint, "cli-test", token_file=token, log_text="from the real agent\n") as c:
         wait_for(lambda: [n["name"] for n in c.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
                  what="n1 registered")
-        (c.agents["n1"].state_dir / "logs" / "p.log").write_text("from the real agent\n")
         yield c, token
-    finally:
-        c.close()
 
 
 def test_a_401_says_how_to_pass_the_token(guarded):
