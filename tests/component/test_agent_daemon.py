@@ -70,12 +70,16 @@ def env(etcd_server, cluster_name, tmp_path):
         started.append(a)
         return a.start()
 
-    yield View(etcd_server.endpoint, cluster_name), agent
-    etcd_server.resume()
-    for a in started:
-        if a.proc and a.proc.poll() is None:
-            kill_tree(a.proc.pid)
-    kill_marked(marker)
+    try:
+        yield View(etcd_server.endpoint, cluster_name), agent
+    finally:  # every agent and child goes, even when etcd does not come back
+        try:
+            etcd_server.resume()
+        finally:
+            for a in started:
+                if a.proc and a.proc.poll() is None:
+                    kill_tree(a.proc.pid)
+            kill_marked(marker)
 
 
 def spec(name: str, argv: list[str], **kw) -> ProcessSpec:
