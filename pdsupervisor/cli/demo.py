@@ -25,7 +25,7 @@ import click
 import yaml
 from rich.console import Console
 
-from pdsupervisor.api.client import ApiClient, ApiError
+from pdsupervisor.api.client import ApiError
 from pdsupervisor.cli.cluster import console as make_console
 from pdsupervisor.cli.cluster import status_table, wait_for_phase
 from pdsupervisor.cli.doctor import load_spec_file, port_check
@@ -105,7 +105,7 @@ async def _one_completion(proxy_url: str, model: str) -> str:
 
 async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float, console: Console, stop: asyncio.Event,
                     exit_when_ready: bool) -> None:
-    client = ApiClient(lc.agents[0].api_url)
+    client = lc.client()
     started = time.monotonic()
     console.print(f"starting etcd and {len(lc.agents)} agents (logs in {lc.root}) ...")
     try:
@@ -127,9 +127,10 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
 The cluster is yours until Ctrl-C:
   curl -s {doc.proxy_url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  PDSUPERVISOR_API={api} pdsupervisor status
-  PDSUPERVISOR_API={api} pdsupervisor events
-  PDSUPERVISOR_API={api} pdsupervisor logs node2 decode-0
+  export PDSUPERVISOR_API={api} PDSUPERVISOR_TOKEN_FILE={lc.token_file}
+  pdsupervisor status
+  pdsupervisor events
+  pdsupervisor logs node2 decode-0
   logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
 etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); e.g. the admin one:
   {etcd_binary("etcdctl")} --endpoints {lc.etcd_endpoint} --cacert {admin.ca_file} \\
@@ -140,7 +141,7 @@ etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); 
 
 
 async def _shutdown(lc: LocalCluster, console: Console) -> None:
-    client = ApiClient(lc.agents[0].api_url)
+    client = lc.client()
     console.print("\nstopping the cluster in order (proxy, engines, master) ...")
     try:
         await client.stop()
@@ -165,11 +166,12 @@ def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_rea
     spec, spec_text = _demo_spec(spec_path, console)
     # node1's agent starts etcd where the spec (and so the plan) has it
     lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
-                      etcd_peer_port=spec.etcd.peer_port, tls=True)
+                      etcd_peer_port=spec.etcd.peer_port, tls=True, token=True)
     _refuse_taken_ports(spec, lc)
     if lc.root.exists():
         shutil.rmtree(lc.root)  # a fresh etcd, CA and process records each run
     lc.make_pki()
+    lc.make_token()
 
     async def main() -> None:
         stop = asyncio.Event()

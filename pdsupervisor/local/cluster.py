@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from pdsupervisor.api.client import ApiClient
 from pdsupervisor.core import pki
 from pdsupervisor.core.checks import ports_needed
 from pdsupervisor.core.models import TlsFiles
@@ -67,6 +69,7 @@ class LocalCluster:
     api_base_port: int = 8471
     ttl: int = 5
     tls: bool = False  # etcd over TLS with client certificates, from a PKI made in <root>/pki
+    token: bool = False  # the agents' REST API wants the bearer token in <root>/token for writes and logs
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     agents: list[LocalAgent] = field(default_factory=list)
 
@@ -105,13 +108,31 @@ class LocalCluster:
         d = self.pki_dir / pki.client_dir(name)
         return TlsFiles(ca_file=str(d / pki.CA_CERT), cert_file=str(d / pki.CLIENT_CERT), key_file=str(d / pki.CLIENT_KEY))
 
+    @property
+    def token_file(self) -> Path:
+        return self.root / "token"
+
+    def make_token(self) -> None:
+        """The agents' REST token (0600, in the private root), once."""
+        if not self.token_file.exists():
+            private_dir(self.root)
+            atomic_write(self.token_file, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+
+    def client(self, index: int = 0, timeout_s: float = 10.0) -> ApiClient:
+        """An API client of agent `index`, carrying the token when the cluster has one."""
+        token = self.token_file.read_text().strip() if self.token else None
+        return ApiClient(self.agents[index].api_url, token=token, timeout_s=timeout_s)
+
     def config(self, agent: LocalAgent) -> dict[str, object]:
-        """The agent's configuration file: its etcd TLS files (with `tls`)."""
+        """The agent's configuration file: its etcd TLS files (with `tls`), its token (with `token`)."""
+        doc: dict[str, object] = {}
+        if self.token:
+            doc["rest"] = {"token_file": str(self.token_file)}
         if not self.tls:
-            return {}
+            return doc
         d = self.pki_dir / pki.node_dir(agent.name)
-        doc: dict[str, object] = {"etcd_tls": {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
-                                               "key_file": str(d / pki.CLIENT_KEY)}}
+        doc["etcd_tls"] = {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
+                           "key_file": str(d / pki.CLIENT_KEY)}
         if agent.bootstrap_etcd:
             doc["bootstrap_etcd"] = {"cert_file": str(d / pki.SERVER_CERT), "key_file": str(d / pki.SERVER_KEY)}
         return doc
@@ -132,6 +153,8 @@ class LocalCluster:
         private_dir(agent.state_dir)
         if self.tls:
             self.make_pki()
+        if self.token:
+            self.make_token()
         atomic_write(agent.state_dir / "agent.yaml", yaml.safe_dump(self.config(agent)).encode(), 0o600)
         env = {**os.environ, MARKER_ENV: self.marker}
         env.pop("NOTIFY_SOCKET", None)
@@ -152,11 +175,11 @@ class LocalCluster:
         """
         from aiohttp import ClientError
 
-        from pdsupervisor.api.client import ApiClient, ApiError
+        from pdsupervisor.api.client import ApiError
 
         t0 = time.monotonic()
         self.start()
-        client = ApiClient(self.agents[0].api_url, timeout_s=3)
+        client = self.client(timeout_s=3)
         registered: set[str] | None = None  # None: node1's API has not answered yet
         while True:
             for a in self.agents:

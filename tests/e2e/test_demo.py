@@ -45,6 +45,7 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
                  what="the demo's completion")
         _check_etcd_wants_a_client_certificate(state / "run" / "pki")
+        _check_writes_want_the_demo_token(state / "run" / "token")
         wait_for(lambda: b"--cert" in (tmp_path / "demo.out").read_bytes(), 20, what="how to reach etcd, printed")
         # the same marker: anything a second demo wrongly started is found (and killed) too
         second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
@@ -62,6 +63,20 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
             demo.kill()
         kill_marked(marker)
         out.close()
+
+
+def _check_writes_want_the_demo_token(token_file: Path) -> None:
+    """The demo's API: a write without the token changes nothing; the token (0600, in the
+    private state dir, the path printed for the CLI) is what lets one through."""
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    status, _ = http("POST", f"{DEMO_API}/cluster/stop", headers={"Content-Type": "application/json"})
+    assert status == 401 and _phase() == "ready"
+    status, body = http("GET", f"{DEMO_API}/logs/prefill-0", timeout=5)
+    assert status == 401, body
+    token = token_file.read_text().strip()
+    status, body = http("GET", f"{DEMO_API}/logs/prefill-0?tail=5", headers={"Authorization": f"Bearer {token}"},
+                        timeout=5)
+    assert status == 200, body
 
 
 def _check_etcd_wants_a_client_certificate(pki_dir: Path) -> None:
