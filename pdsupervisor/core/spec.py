@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from pdsupervisor.core import limits
 from pdsupervisor.core.admission import ENV_NAME_PATTERN
-from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, Port, RestartPolicy, Strict
+from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, HttpPath, Port, RestartPolicy, Strict
 from pdsupervisor.core.spec_checks import document_problems
 
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
@@ -132,7 +132,7 @@ class MooncakeSpec(SpecModel):
 class ReadinessSpec(SpecModel):
     """Engine readiness: HTTP GET `path` answering 200 (vLLM: /health or /v1/models)."""
 
-    path: str = "/health"
+    path: HttpPath = "/health"
     period_s: Duration = 1.0
     timeout_s: Duration = 2.0
     start_timeout_s: Duration = 3600.0  # a DeepSeek-size load takes many minutes
@@ -194,7 +194,7 @@ class ProxySpec(SpecModel):
     env: dict[str, str] = _env()
     cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
     extra_args: list[str] = _args()  # appended to the built-in proxy's argv
-    readiness_path: str = "/health"
+    readiness_path: HttpPath = "/health"
     start_timeout_s: Duration = 120.0
 
 

@@ -56,6 +56,9 @@ def test_shipped_specs_are_valid():
         (lambda d: d["policy"].update(node_loss="replace", spare_nodes=["g13"]), "policy.spare_nodes", "g13 already has a role"),
         (lambda d: d["mooncake"].update(metadata="10.0.0.9:2379"), "mooncake.metadata", "give p2p, master-http or a URL"),
         (lambda d: d["mooncake"].update(metadata="P2PHANDSHAKE"), "mooncake.metadata", "give p2p, master-http or a URL"),
+        (lambda d: d["prefill"].update(readiness={"path": "/health\r\nX-Evil: 1"}), "prefill.readiness.path",
+         "no space, CR, LF"),
+        (lambda d: d["proxy"].update(readiness_path="health"), "proxy.readiness_path", "must start with /"),
     ],
 )
 def test_bad_field_is_named(mutate, field, why):
