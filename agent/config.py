@@ -107,6 +107,9 @@ class RestConfig(_Strict):
         if self.token_file and self._token_mode & 0o077:
             out.append(f"token file {self.token_file} is open to group or others (mode {self._token_mode:03o}): "
                        f"run `chmod 600 {self.token_file}`")
+        if self.token_file and not self.tls_cert and not is_loopback(self.bind_host):
+            out.append(f"the bearer token travels in clear: {self.bind_host} serves plain HTTP; set rest.tls_cert and "
+                       "rest.tls_key (e.g. the node's pki server certificate) to serve HTTPS")
         if not self.credentialed:
             out.append(f"no REST credential configured: listening on {self.bind_host} (loopback) only, where any "
                        "local user may change assignments; set rest.token_file (--token-file) to require a token "

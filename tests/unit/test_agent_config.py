@@ -76,3 +76,14 @@ def test_rest_listens_on_loopback_unless_a_credential_is_configured(tmp_path):
     assert (cfg.rest.host, cfg.rest.bind_host, cfg.rest.port) == (None, "127.0.0.1", 9100)
     with pytest.raises(ConfigError, match=r"rest: tls_client_ca needs tls_cert"):
         load_config(None, {"rest": {"tls_client_ca": str(token)}})
+
+
+def test_a_token_served_over_plain_http_beyond_loopback_is_warned_about(tmp_path):
+    from agent.config import RestConfig
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    in_clear = RestConfig(token_file=str(token))  # 0.0.0.0, plain HTTP
+    assert any("travels in clear" in w for w in in_clear.security_warnings())
+    assert not any("travels in clear" in w for w in RestConfig(token_file=str(token), host="127.0.0.1").security_warnings())
