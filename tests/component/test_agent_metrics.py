@@ -20,6 +20,7 @@ from pdsupervisor.store.etcd import Store
 from tests.agent_helpers import SLEEP, AgentProc
 from tests.cluster_helpers import AgentCluster
 from tests.conftest import wait_for
+from tests.monitoring_helpers import sample_names, used_metrics
 
 FAST = RestartPolicy(initial_backoff_s=0.3, max_backoff_s=1.0, jitter=0.1, reset_after_s=30)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -113,6 +114,9 @@ def test_registration_leadership_and_etcd_requests(two):
     assert value(m, "pdsupervisor_etcd_request_duration_seconds_count", node="n1", op="kv/put") >= 1
     assert value(m, "pdsupervisor_agent_info", node="n1", cluster=two.cluster, version=__version__) == 1
     assert value(m, "process_resident_memory_bytes") > 0
+    # what the shipped alerts and dashboard ask of an agent, a live one exports
+    asked = {n for names in used_metrics().values() for n in names if not n.startswith("pdproxy_")}
+    assert asked <= sample_names(n1.get("/metrics"))
 
 
 def test_etcd_away_shows_unreachable_and_failed_requests(two, etcd_server):
