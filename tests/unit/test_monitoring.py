@@ -1,18 +1,21 @@
 """What operators load into Prometheus and Grafana names only metrics that exist: every metric
 in etc/prometheus/alerts.yml and etc/grafana/pdsupervisor.json is one an agent's /metrics or
-the proxy's registry exports; the dashboard is Grafana-shaped.
+the proxy's registry exports; the dashboard is Grafana-shaped; README lists each agent metric.
 (promtool runs on both in tests/component/test_monitoring_promtool.py.)"""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AgentConfig, RestConfig
 from agent.daemon import Agent
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.metrics import ProxyMetrics
-from tests.monitoring_helpers import alert_rules, dashboard, metric_names, panels, sample_names, used_metrics
+from tests.monitoring_helpers import ROOT, alert_rules, dashboard, metric_names, panels, sample_names, used_metrics
 
 
 @pytest.fixture
@@ -75,3 +78,9 @@ def test_dashboard_is_grafana_shaped():
     for topic in ("phase", "state", "restarts", "leader", "etcd", "first token", "requests"):
         assert topic in titles
 
+
+def test_readme_lists_each_agent_metric(agent_metrics):
+    # each family as a person writes it: a counter with its `_total`, no `_created` beside it
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in text_string_to_metric_families(agent_metrics)
+                if f.name.startswith("pdsupervisor_") and not f.name.endswith("_created")}
+    assert set(re.findall(r"`(pdsupervisor_\w+)`", (ROOT / "README.md").read_text())) == exported
