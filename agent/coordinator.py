@@ -7,7 +7,10 @@ coordinator cannot write. When the leader dies its lease expires and another age
 takes the key within about one TTL and carries on from what is in etcd.
 
 Each `cycle()` returns its `Outcome` (Patroni's `run_cycle` sentence); `run()` logs it when
-it differs from the last one, so the agent's log shows each decision once.
+it differs from the last one, so the agent's log shows each decision once, and tells
+`on_cycle` (the agent's metrics) of every cycle and how long it took. For the metrics too:
+`is_leader`, `view` (the phase and which assigned nodes are registered, as the leader last
+saw them; None on a follower) and `assignment_writes`.
 
 The cluster spec's `policy.lease_ttl_s` is asked of the agent's `LeaseState` (registration
 moves the member lease onto it) and governs the leader lease from the next election.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +30,7 @@ import structlog
 from agent.lease import LeaseState
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.cluster_view import Changes, Desired, Observed, SpecRecord, changes, desired_state, phase_of
+from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, write_events
 from pdsupervisor.core.models import NodeAssignment
 from pdsupervisor.store.cluster import observe, read_record
@@ -56,6 +61,15 @@ class Outcome:
     message: str
 
 
+@dataclass(frozen=True)
+class LeaderView:
+    """What the leader saw in its last cycle: the phase, and each node with an assignment
+    and whether it holds its member key (False: lost)."""
+
+    phase: Phase
+    registered: dict[str, bool]
+
+
 class Coordinator:
     def __init__(self, store: Store, name: str, member_lease: LeaseState, *, events_kept: int = EVENTS_KEPT) -> None:
         self.store = store
@@ -66,6 +80,9 @@ class Coordinator:
         self._events_added = False
         self.lease: int | None = None  # our leader lease (a follower holds one too, to try with)
         self.is_leader = False
+        self.view: LeaderView | None = None
+        self.assignment_writes = 0  # assignment keys put or deleted by this agent as leader
+        self.on_cycle: Callable[[Outcome | None, float], None] | None = None  # None: the cycle raised
         self._last_refresh = 0.0
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
@@ -81,10 +98,13 @@ class Coordinator:
         try:
             while True:
                 outcome: Outcome | None = None
+                started = time.perf_counter()
                 try:
                     outcome = await self.cycle()
                 except Exception:  # a bug must not kill the agent that hosts us
                     log.exception("coordinator cycle failed")
+                if self.on_cycle is not None:
+                    self.on_cycle(outcome, time.perf_counter() - started)
                 if outcome is not None and outcome != last:
                     (log.warning if outcome.kind in WARNINGS else log.info)(outcome.message, outcome=outcome.kind)
                 last = outcome
@@ -117,6 +137,7 @@ class Coordinator:
 
     def _step_down(self) -> None:
         self.is_leader = False
+        self.view = None
         self._previous = None
 
     async def cycle(self) -> Outcome:
@@ -144,7 +165,9 @@ class Coordinator:
         for event in observed_events(self._previous, obs):
             await self._event(event)
         self._previous = obs
-        outcome = await self._apply(obs, desired_state(obs))
+        desired = desired_state(obs)
+        self.view = LeaderView(phase_of(obs, desired), {n: n in obs.members for n in obs.assignments})
+        outcome = await self._apply(obs, desired)
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False
             await self.store.trim_events(self.events_kept)
@@ -219,6 +242,7 @@ class Coordinator:
         if written == "deposed":
             self._step_down()
             return Outcome("deposed", "nothing written: the leader key is no longer ours (fenced)")
+        self.assignment_writes += len(todo.puts) + len(todo.deletes)
         for event in write_events(obs, desired):
             await self._event(event)
         return Outcome("wrote", _what_was_written(todo))

@@ -30,6 +30,7 @@ from agent.config import AgentConfig
 from agent.coordinator import Coordinator
 from agent.etcd_security import check_etcd_security, etcd_access, etcd_store, server_tls
 from agent.lease import LeaseState
+from agent.metrics import AgentMetrics
 from agent.notify import Notifier
 from agent.process import logs
 from agent.process.statefile import ProcStore
@@ -65,6 +66,8 @@ class Agent:
     - `agent.stopping`: an `asyncio.Event` set when the agent is asked to stop; a handler
       that runs long (a log follower) ends when it is set.
     - `agent.routes`: the REST routes beside the node's own (the cluster API).
+    - `agent.metrics`: its Prometheus registry (`GET /metrics`), fed by the store's and the
+      coordinator's observer hooks and read from the parts above at scrape time.
     """
 
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
@@ -93,6 +96,9 @@ class Agent:
         self.runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT; long-lived handlers end on it
+        self.metrics = AgentMetrics(self)  # last: it reads the parts above
+        self.store.on_request = self.metrics.etcd_request
+        self.coordinator.on_cycle = self.metrics.coordinator_cycle
 
     def root_tasks(self) -> dict[str, TaskFactory]:
         """Every long-lived loop of the agent, by name, in start order (kopf's `spawn_tasks`).

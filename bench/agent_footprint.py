@@ -2,7 +2,9 @@
 
 Starts a private etcd and one agent (a real subprocess) with a couple of trivial children,
 waits until they are ready, then samples for `--duration` seconds. Everything started is
-killed at the end. Usage: python bench/agent_footprint.py [--duration 20] [--ttl 10]
+killed at the end. `GET /metrics` is scraped every `--scrape-every` seconds meanwhile, as
+Prometheus would (0: never). Usage: python bench/agent_footprint.py [--duration 20] [--ttl 10]
+[--scrape-every 15]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--ttl", type=int, default=10)
+    ap.add_argument("--scrape-every", type=float, default=15.0)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pd-footprint-"))
@@ -107,7 +110,14 @@ def main() -> None:
         w0 = etcd_writes(endpoint)
         t0 = time.monotonic()
         rss: list[int] = []
+        scrapes: list[float] = []
+        next_scrape = t0
         while time.monotonic() - t0 < args.duration:
+            if args.scrape_every > 0 and time.monotonic() >= next_scrape:
+                s0 = time.perf_counter()
+                urllib.request.urlopen(f"http://127.0.0.1:{rport}/metrics", timeout=5).read()
+                scrapes.append(time.perf_counter() - s0)
+                next_scrape += args.scrape_every
             rss.append(proc.memory_info().rss)
             time.sleep(0.5)
         elapsed = time.monotonic() - t0
@@ -119,6 +129,8 @@ def main() -> None:
         print(f"  RSS: max {max(rss) / 2**20:.1f} MiB, mean {sum(rss) / len(rss) / 2**20:.1f} MiB "
               f"(USS {uss / 2**20:.1f} MiB)   target <= 60 MB")
         print(f"  CPU: {100 * cpu_s / elapsed:.2f} % of one core   target <= 1 %")
+        if scrapes:
+            print(f"  GET /metrics: {len(scrapes)} scrapes, {1000 * max(scrapes):.1f} ms at most")
         print(f"  etcd writes from this node: {(w1 - w0) / elapsed:.3f} /s ({w1 - w0:.0f} in {elapsed:.0f} s)"
               "   target <= 1 /s")
     finally:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.api.auth import POLICY, AccessPolicy, guard, require_credential, require_token, ssl_context
 from agent.api.errors import MAX_BODY, json_error, json_errors, query_int, refuse_control_characters
+from agent.metrics import CONTENT_TYPE
 from agent.process import logs
 
 if TYPE_CHECKING:
@@ -56,6 +57,11 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text (`agent.metrics`)."""
+    return web.Response(body=_agent(request).metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
 @require_credential
 async def process_logs(request: web.Request) -> web.StreamResponse:
     a = _agent(request)
@@ -88,6 +94,7 @@ def build_app(agent: Agent, extra_routes: list[web.RouteDef] | None = None) -> w
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/status", status),
+        web.get("/metrics", metrics),
         web.get("/logs/{process}", process_logs),
     ])
     if extra_routes:

@@ -83,6 +83,11 @@ PATHS: dict[str, Any] = {
     "/healthz": {"get": {"summary": "The agent is alive.", "responses": {"200": {"description": "ok"}}}},
     "/status": {"get": {"summary": "This node's facts and processes.",
                         "responses": {"200": {"description": "node status"}}}},
+    "/metrics": {"get": {
+        "summary": "This agent's Prometheus metrics: processes, registration, etcd, coordinator (README, Metrics).",
+        "responses": {"200": {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }},
     "/logs/{process}": {"get": {
         "summary": "Tail of a process's log on this node (follow=1 streams). Needs a credential: logs hold secrets.",
         "security": _CREDENTIAL,

@@ -9,13 +9,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pdsupervisor.proxy.instances import Registry
+from pdsupervisor.proxy.instances import ROLES, Registry
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class _InstanceCollector(Collector):
-    """In-flight and ejection per instance, read from the registry at scrape time."""
+    """In-flight and ejection per instance, and instances in rotation per role (0 too: an
+    alert on a role left without instances needs the sample), read from the registry at
+    scrape time."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
@@ -23,11 +25,16 @@ class _InstanceCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         inflight = GaugeMetricFamily("pdproxy_instance_inflight", "Requests in flight per instance.", labels=["role", "instance"])
         ejected = GaugeMetricFamily("pdproxy_instance_ejected", "1 if the instance is ejected.", labels=["role", "instance"])
+        available = GaugeMetricFamily("pdproxy_available_instances", "Instances of the role in rotation "
+                                      "(not ejected).", labels=["role"])
         for inst in self._registry.instances():
             inflight.add_metric([inst.role, inst.endpoint], inst.inflight)
             ejected.add_metric([inst.role, inst.endpoint], 1 if inst.ejected else 0)
+        for role in ROLES:
+            available.add_metric([role], len(self._registry.healthy(role)))
         yield inflight
         yield ejected
+        yield available
 
 
 class ProxyMetrics:

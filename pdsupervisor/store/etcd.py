@@ -10,7 +10,7 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -60,6 +60,9 @@ def lease_refresh_interval(ttl: float) -> float:
 
 
 LeaderWrite = Literal["written", "changed", "deposed"]
+# Told of every request's (path, seconds, answered): `answered` is False when etcd did not
+# answer (StoreUnavailable), True for an answer, an error answer too. Metrics hook here.
+RequestObserver = Callable[[str, float, bool], None]
 
 
 def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
@@ -77,9 +80,12 @@ class Store:
     """
 
     def __init__(self, endpoints: list[str], cluster: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tls: ssl.SSLContext | None = None, auth: Credentials | None = None):
+                 tls: ssl.SSLContext | None = None, auth: Credentials | None = None,
+                 on_request: RequestObserver | None = None):
         """`tls`: how to verify etcd and which client certificate to show (`transport.
-        client_ssl_context`); endpoints without a scheme are then https. `auth`: etcd RBAC."""
+        client_ssl_context`); endpoints without a scheme are then https. `auth`: etcd RBAC.
+        `on_request` (also settable later): told of every request, not of watch streams;
+        it must be quick and must not raise."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = [parse_endpoint(e, tls=tls is not None) for e in endpoints]
@@ -90,6 +96,7 @@ class Store:
         self._auth = TokenAuth(auth) if auth else None
         self._session: aiohttp.ClientSession | None = None
         self._current = 0  # index of the endpoint that answered last
+        self.on_request = on_request
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -171,7 +178,16 @@ class Store:
         raise StoreUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {error}") from error
 
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._json(await self._open(path, body))
+        observe, start = self.on_request, time.perf_counter()
+        try:
+            out = await self._json(await self._open(path, body))
+        except StoreUnavailable as exc:  # a cancelled call is not observed
+            if observe is not None:
+                observe(path, time.perf_counter() - start, isinstance(exc, EtcdError))
+            raise
+        if observe is not None:
+            observe(path, time.perf_counter() - start, True)
+        return out
 
     @staticmethod
     async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:

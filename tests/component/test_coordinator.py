@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.coordinator import Coordinator, Outcome
+from agent.coordinator import Coordinator, LeaderView, Outcome
 from agent.lease import LeaseState
 from pdsupervisor.core.cluster_view import desired_state
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
@@ -256,3 +256,23 @@ async def test_events_are_trimmed_by_a_cycle_that_writes_no_assignment(cluster):
     await coord.cycle()  # no spec: nothing to assign, one `leader` event added
     events = await store.events(limit=100)
     assert [e["kind"] for e in events] == ["process", "process", "leader"]
+
+
+async def test_the_leader_view_and_writes_for_metrics(cluster):
+    a = cluster.coordinator("a")
+    await a.cycle()
+    assert a.view == LeaderView("stopped", {}) and a.assignment_writes == 0
+    await _started(cluster, a)
+    assert a.view == LeaderView("ready", {"n1": True, "n2": True})
+    assert a.assignment_writes == 4  # n1 (master), n1 and n2 (engines), n1 (proxy)
+    follower = cluster.coordinator("b")
+    assert (await follower.cycle()).kind == "follower" and follower.view is None
+    await cluster.store.revoke_lease(cluster.member_lease)  # both nodes lost
+    cluster.member_lease = 0
+    await a.cycle()
+    assert a.view == LeaderView("degraded", {"n1": False, "n2": False})
+    await cluster.store.delete(cluster.store.keys.leader)  # by hand: a's next write is fenced
+    assert (await follower.cycle()).kind == "acquired"
+    assert (await request_stop(cluster.store)).status == 202  # a's next cycle wants to write, and is deposed
+    assert (await a.cycle()).kind == "deposed"
+    assert a.view is None and not a.is_leader

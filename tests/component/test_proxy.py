@@ -72,6 +72,9 @@ def test_errors_are_openai_shaped(procs, tmp_path):
     assert status == 503 and "prefill" in json.loads(body)["error"]["message"]
     assert json.loads(http("GET", base + "/status")[1])["ejected"] == [dead]
     assert http("GET", base + "/health")[0] == 503
+    text = http("GET", base + "/metrics")[1].decode()  # what the "no instances of a role" alert reads
+    assert 'pdproxy_available_instances{role="prefill"} 0.0' in text
+    assert 'pdproxy_available_instances{role="decode"} 1.0' in text
 
 
 def test_ejected_instance_is_probed_back(procs):

@@ -276,3 +276,28 @@ async def test_a_watch_from_after_the_snapshot_sees_the_next_write(quiet_etcd, c
             await events.aclose()
         # not the member write the snapshot already holds, but the one right after it
         assert (first.key, first.revision) == (keys.node_status("n1"), written) and written == revision + 1
+
+
+async def test_the_store_tells_its_observer_of_each_request(etcd_server, cluster_name):
+    seen: list[tuple[str, bool]] = []
+
+    def observe(path: str, seconds: float, answered: bool) -> None:
+        assert 0 <= seconds < 5
+        seen.append((path, answered))
+
+    async with Store([etcd_server.endpoint], cluster_name, on_request=observe) as store:
+        rev = await store.put(store.keys.spec, b"{}")
+        assert seen == [("/v3/kv/put", True)]
+        with pytest.raises(EtcdError):  # an error answer is an answer
+            await store.compact(rev + 1000)
+        assert seen[-1] == ("/v3/kv/compaction", True)
+        seen.clear()
+        events = store.watch_prefix(store.keys.root, rev)  # a stream, not a request: not observed
+        assert (await anext(events)).key == store.keys.spec
+        await events.aclose()
+        assert seen == []
+    away = Store([f"127.0.0.1:{free_port()}"], cluster_name, timeout_s=1, on_request=observe)
+    async with away:
+        with pytest.raises(StoreUnavailable):
+            await away.get("x")
+    assert seen == [("/v3/kv/range", False)]
