@@ -160,6 +160,7 @@ class ManagedProcess:
         self.restarts = 0
         self.last_exit_code: int | None = None
         self.started_at: float | None = None
+        self.ready_lost_at: float | None = None  # wall clock; see ProcessStatus.ready_lost_at
         self._started_mono: float | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
@@ -188,6 +189,7 @@ class ManagedProcess:
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
+            ready_lost_at=self.ready_lost_at,
         )
 
     def start(self) -> None:
@@ -237,6 +239,8 @@ class ManagedProcess:
             self._task = None
 
     def _set(self, state: ProcessState, message: str = "") -> None:
+        if state != ProcessState.running:  # ready again, or this run is over
+            self.ready_lost_at = None
         self.state, self.message = state, message
         self.on_change()
 
@@ -359,16 +363,18 @@ class ManagedProcess:
             return
         failures = 0
         while True:  # cancelled by _run as soon as the child exits
-            ok = await probe_once(p)
-            if ok:
-                failures = 0
-                if self.state != ProcessState.ready:
-                    self._set(ProcessState.ready, "")
-            else:
-                failures += 1
-                if self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
-                    self._set(ProcessState.running, f"readiness probe failing ({failures}x)")
+            failures = 0 if await probe_once(p) else failures + 1
+            self._probed(failures)
             if self.state == ProcessState.ready:
                 await asyncio.sleep(max(p.period_s, 5.0))
             else:
                 await asyncio.sleep(min(STARTUP_PROBE_S, p.period_s))
+
+    def _probed(self, failures: int) -> None:
+        """One readiness probe's verdict; `failures`: consecutive failed probes (0: it passed)."""
+        if failures == 0:
+            if self.state != ProcessState.ready:
+                self._set(ProcessState.ready, "")
+        elif self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
+            self.ready_lost_at = time.time()  # kept by _set while the state is running
+            self._set(ProcessState.running, f"readiness probe failing ({failures}x)")
