@@ -56,6 +56,13 @@ def backoff_delay(policy_initial: float, multiplier: float, maximum: float, jitt
     return max(0.0, base * (1 + jitter * random.uniform(-1, 1)))
 
 
+def backoff_message(why: str, delay: float, attempt: int) -> str:
+    """The status message while waiting to restart (`pdsupervisor.cli.progress` leaves its
+    countdown out of the `--wait` line)."""
+    at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+    return f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt})"
+
+
 async def probe_once(p: Probe) -> bool:
     """HTTP GET answering 200, or a TCP connect, within the probe's timeout."""
     writer = None
@@ -350,8 +357,7 @@ class ManagedProcess:
     async def _backoff(self, attempt: int, ran: float, why: str) -> int:
         p = self.spec.restart
         delay = backoff_delay(p.initial_backoff_s, p.multiplier, p.max_backoff_s, p.jitter, attempt)
-        at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
-        self._set(ProcessState.backoff, f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt + 1})")
+        self._set(ProcessState.backoff, backoff_message(why, delay, attempt + 1))
         await asyncio.sleep(delay)
         self.restarts += 1
         return attempt + 1
