@@ -19,6 +19,7 @@ from pdsupervisor.core import limits
 from pdsupervisor.core.admission import ENV_NAME_PATTERN
 from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, Port, RestartPolicy, Strict
 from pdsupervisor.core.spec_checks import document_problems
+from pdsupervisor.core.suggest import unknown_field
 
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
 ENGINE_PLACEHOLDERS = frozenset(
@@ -332,7 +333,7 @@ def validate_spec(data: Any) -> ClusterSpec:
         spec = ClusterSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            (_loc(e["loc"]), "unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+            (_loc(e["loc"]), unknown_field(ClusterSpec, e["loc"]) if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         ) from None
     problems = _spec_problems(spec) + document_problems(spec.model_dump(mode="json"))
