@@ -17,6 +17,7 @@ from rich.table import Table
 
 from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
 from pdsupervisor.cli.progress import Lines, Progress, progress_for_stdout
+from pdsupervisor.cli.specfile import invalid_spec
 from pdsupervisor.core.documents import ClusterDocument, Phase
 
 T = TypeVar("T")
@@ -142,11 +143,25 @@ async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait with --wait.")
 def start_command(api: str, token_file: str | None, ca_file: str | None, spec_file: str, replace: bool,
                   wait: bool, timeout: float) -> None:
-    """Submit a cluster spec; with --wait, show progress until ready."""
+    """Submit a cluster spec; with --wait, show progress until ready.
+
+    Exit 2 when the agent finds the spec invalid (as `plan` and `doctor` do), 1 on any other error.
+    """
     client = make_client(api, token_file, ca_file)
+    try:
+        text = Path(spec_file).read_text()
+    except OSError as exc:
+        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
+    refused: list[tuple[str, str]] = []
 
     async def go() -> None:
-        answer = await client.start(Path(spec_file).read_text(), replace=replace)
+        try:
+            answer = await client.start(text, replace=replace)
+        except ApiError as exc:
+            if exc.status == 400 and exc.error is not None and exc.error.problems:
+                refused.extend((p.field, p.message) for p in exc.error.problems)
+                return
+            raise
         note = f" ({answer.message})" if answer.message else ""
         click.echo(f"accepted: generation {answer.generation}{note}")
         if wait:
@@ -158,6 +173,8 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
             click.echo(f"ready: proxy at {doc.proxy_url}")
 
     run(go())
+    if refused:
+        invalid_spec(spec_file, refused, "invalid (the agent answered HTTP 400)")
 
 
 @click.command("stop")

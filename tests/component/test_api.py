@@ -168,3 +168,28 @@ def test_start_wait_fails_with_the_reason_after_the_start_timeout(one_agent, tmp
     finally:
         one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
         one_agent.wait_phase("stopped", 10)
+
+
+def _cli(one_agent, tmp_path, spec: dict, *args: str):
+    import subprocess
+    import sys
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    run = subprocess.run([sys.executable, "-m", "pdsupervisor", "start", "-f", str(path), *args,
+                          "--api", one_agent.api(), "--token-file", str(token)],
+                         capture_output=True, text=True, timeout=60)
+    return path, run
+
+
+def test_start_of_an_invalid_spec_exits_2_naming_each_field(one_agent, tmp_path):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    spec["proxy"]["port"] = 70000
+    spec["prefill"]["bse_port"] = 1
+    path, run = _cli(one_agent, tmp_path, spec)
+    assert run.returncode == 2, run.stderr  # as `plan` and `doctor` exit for an invalid spec
+    assert f"{path}: invalid (the agent answered HTTP 400):" in run.stderr
+    assert "  proxy.port: Input should be less than or equal to 65535" in run.stderr
+    assert "  prefill.bse_port: unknown field; did you mean `base_port`?" in run.stderr

@@ -147,3 +147,17 @@ def test_plan_command_json_and_errors(tmp_path):
 
     res = runner.invoke(main, ["plan", "-f", str(EXAMPLE), "--node", "g10"])
     assert res.exit_code != 0 and "expected NAME=IP" in res.output
+
+
+@pytest.mark.parametrize("command", [["plan"], ["doctor", "--root", "/nonexistent"]])
+def test_an_invalid_spec_exits_2_from_every_command_that_reads_one(tmp_path, command):
+    """`start` too, from the agent's 400: tests/component/test_api.py."""
+    bad = tmp_path / "bad.yaml"
+    d = doc()
+    d["prefill"]["bse_port"] = 8100
+    bad.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(main, [*command, "-f", str(bad)])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}: invalid:" in res.output and "prefill.bse_port: unknown field; did you mean `base_port`?" in res.output
+    unreadable = CliRunner().invoke(main, [*command, "-f", str(tmp_path / "absent.yaml")])
+    assert unreadable.exit_code == 1 and "No such file or directory" in unreadable.output
