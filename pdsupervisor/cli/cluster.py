@@ -161,6 +161,8 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
             if exc.status == 400 and exc.error is not None and exc.error.problems:
                 refused.extend((p.field, p.message) for p in exc.error.problems)
                 return
+            if exc.status == 409 and exc.error is not None and exc.error.generation:
+                raise click.ClickException(f"{exc}\n{replace_hint(spec_file)}") from None
             raise
         note = f" ({answer.message})" if answer.message else ""
         click.echo(f"accepted: generation {answer.generation}{note}")
@@ -175,6 +177,12 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
     run(go())
     if refused:
         invalid_spec(spec_file, refused, "invalid (the agent answered HTTP 400)")
+
+
+def replace_hint(spec_file: str) -> str:
+    """What a 409 on submit means and what to do (a running spec of another generation)."""
+    return (f"another spec is running; `pdsupervisor start --replace -f {spec_file}` to replace it "
+            "(or `pdsupervisor stop --wait` first)")
 
 
 @click.command("stop")

@@ -193,3 +193,18 @@ def test_start_of_an_invalid_spec_exits_2_naming_each_field(one_agent, tmp_path)
     assert f"{path}: invalid (the agent answered HTTP 400):" in run.stderr
     assert "  proxy.port: Input should be less than or equal to 65535" in run.stderr
     assert "  prefill.bse_port: unknown field; did you mean `base_port`?" in run.stderr
+
+
+def test_a_409_names_replace(one_agent, tmp_path):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    assert one_agent.submit(spec, token=TOKEN)[0] == 202
+    try:
+        path, run = _cli(one_agent, tmp_path, {**spec, "model": "another-model"})
+        assert run.returncode == 1 and "HTTP 409" in run.stderr
+        assert (f"another spec is running; `pdsupervisor start --replace -f {path}` to replace it "
+                "(or `pdsupervisor stop --wait` first)") in " ".join(run.stderr.split())
+        path, run = _cli(one_agent, tmp_path, {**spec, "model": "another-model"}, "--replace")
+        assert run.returncode == 0 and "accepted: generation" in run.stdout, run.stderr
+    finally:
+        one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+        one_agent.wait_phase("stopped", 10)
