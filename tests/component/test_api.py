@@ -43,6 +43,9 @@ def test_mutating_endpoints_need_the_token(one_agent):
         (lambda d: d["decode"].update(tp=3), "decode.tp", "not divisible"),
         (lambda d: d["prefill"].update(bogus=1), "prefill.bogus", "unknown field"),
         (lambda d: d.update(cluster="someone-else"), "cluster", "these agents serve cluster 'api-test'"),
+        # no node joining can fix it: refused, not left pending
+        (lambda d: d["proxy"].update(port=d["prefill"]["base_port"]), "proxy.port",
+         "on node n1 is also prefill.base_port"),
     ],
 )
 def test_invalid_spec_is_400_naming_the_field_and_changes_nothing(one_agent, mutate, field, why):
