@@ -211,3 +211,14 @@ def test_a_409_names_replace(one_agent, tmp_path):
     finally:
         one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
         one_agent.wait_phase("stopped", 10)
+
+
+def test_readyz_once_registered(one_agent):
+    from tests.conftest import wait_for
+
+    wait_for(lambda: [n["name"] for n in one_agent.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
+             what="n1 registered")
+    status, body = wait_for(lambda: (a := one_agent.request("GET", "/readyz"))[0] == 200 and a, 15,
+                            what="/readyz 200")
+    assert body == {"ok": True, "name": "n1", "registered": True, "etcd_reachable": True, "ready": True}
+    assert one_agent.request("GET", "/healthz") == (200, body)
