@@ -222,3 +222,24 @@ def test_readyz_once_registered(one_agent):
                             what="/readyz 200")
     assert body == {"ok": True, "name": "n1", "registered": True, "etcd_reachable": True, "ready": True}
     assert one_agent.request("GET", "/healthz") == (200, body)
+
+
+def test_nodes_command_against_a_real_agent(one_agent):
+    import json
+    import subprocess
+    import sys
+
+    from pdsupervisor import __version__
+    from tests.conftest import wait_for
+
+    wait_for(lambda: [n["name"] for n in one_agent.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
+             what="n1 registered")
+    run = subprocess.run([sys.executable, "-m", "pdsupervisor", "nodes", "-o", "json", "--api", one_agent.api()],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (n1,) = json.loads(run.stdout)["nodes"]
+    assert n1["name"] == "n1" and n1["ip"] == "127.0.0.1" and n1["agent_version"] == __version__
+    assert n1["api_url"] == one_agent.api() and n1["lease_age_s"] >= 0 and n1["roles"] == []
+    table = subprocess.run([sys.executable, "-m", "pdsupervisor", "nodes", "--api", one_agent.api()],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and one_agent.api() in table.stdout and __version__ in table.stdout
