@@ -86,6 +86,10 @@ class Coordinator:
         self._last_refresh = 0.0
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
+        # The `... is the coordinator` event was written for our current hold of the key: taking
+        # the key back ourselves (after a failed cycle, or anew under the spec's lease TTL) is
+        # no news. Cleared once another agent is seen holding it.
+        self._announced = False
 
     @property
     def loop_wait(self) -> float:
@@ -215,8 +219,11 @@ class Coordinator:
         self._last_refresh = time.monotonic()
         if await self.store.acquire_leader(self.name, self.lease):
             self.is_leader = True
-            await self._event(new_leader(self.name))
+            if not self._announced:
+                await self._event(new_leader(self.name))
+                self._announced = True
             return "acquired"
+        self._announced = False  # another agent holds the key: our next hold is news again
         return "expired" if expired else "follower"
 
     async def _apply(self, obs: Observed, desired: Desired) -> Outcome:

@@ -34,12 +34,23 @@ def _agent(request: web.Request) -> Agent:
     return request.app[AGENT_KEY]
 
 
+def _health(a: Agent) -> dict[str, object]:
+    """`ok`: the agent runs and answers (liveness); `ready`: it is a member of the cluster now,
+    registered under a lease confirmed alive within its TTL (readiness)."""
+    registered, reachable = a.lease.lease_id is not None, a.registration.healthy
+    return {"ok": True, "name": a.name, "registered": registered, "etcd_reachable": reachable,
+            "ready": registered and reachable}
+
+
 async def healthz(request: web.Request) -> web.Response:
-    a = _agent(request)
-    return web.json_response({
-        "ok": True, "name": a.name, "registered": a.lease.lease_id is not None,
-        "etcd_reachable": a.registration.healthy,
-    })
+    """Liveness: 200 while the agent answers, registered or not (see `readyz`)."""
+    return web.json_response(_health(_agent(request)))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when `ready`, else 503 with the same body (a probe or load balancer)."""
+    body = _health(_agent(request))
+    return web.json_response(body, status=200 if body["ready"] else 503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -93,6 +104,7 @@ def build_app(agent: Agent, extra_routes: list[web.RouteDef] | None = None) -> w
     app[POLICY] = AccessPolicy.from_config(agent.config)
     app.add_routes([
         web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
         web.get("/status", status),
         web.get("/metrics", metrics),
         web.get("/logs/{process}", process_logs),

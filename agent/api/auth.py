@@ -1,7 +1,7 @@
 """Who may do what on the agent's REST API (Patroni's shape): open reads, guarded writes.
 
-Reads that reveal nothing sensitive are open (`/healthz`, `/status`, `/metrics`, `/cluster`,
-`/nodes`, `/events`, `/openapi.yaml`). A request **needs a credential** when it mutates (POST, PUT,
+Reads that reveal nothing sensitive are open (`/healthz`, `/readyz`, `/status`, `/metrics`,
+`/cluster`, `/nodes`, `/events`, `/openapi.yaml`). A request **needs a credential** when it mutates (POST, PUT,
 PATCH, DELETE: `guard`, for the whole app) or shows process output (`/logs/...`: handlers
 decorated with `require_credential`). A credential is
 

@@ -56,6 +56,13 @@ def backoff_delay(policy_initial: float, multiplier: float, maximum: float, jitt
     return max(0.0, base * (1 + jitter * random.uniform(-1, 1)))
 
 
+def backoff_message(why: str, delay: float, attempt: int) -> str:
+    """The status message while waiting to restart (`pdsupervisor.cli.progress` leaves its
+    countdown out of the `--wait` line)."""
+    at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+    return f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt})"
+
+
 async def probe_once(p: Probe) -> bool:
     """HTTP GET answering 200, or a TCP connect, within the probe's timeout."""
     writer = None
@@ -160,6 +167,7 @@ class ManagedProcess:
         self.restarts = 0
         self.last_exit_code: int | None = None
         self.started_at: float | None = None
+        self.ready_lost_at: float | None = None  # wall clock; see ProcessStatus.ready_lost_at
         self._started_mono: float | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
@@ -188,6 +196,7 @@ class ManagedProcess:
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
+            ready_lost_at=self.ready_lost_at,
         )
 
     def start(self) -> None:
@@ -237,6 +246,8 @@ class ManagedProcess:
             self._task = None
 
     def _set(self, state: ProcessState, message: str = "") -> None:
+        if state != ProcessState.running:  # ready again, or this run is over
+            self.ready_lost_at = None
         self.state, self.message = state, message
         self.on_change()
 
@@ -346,8 +357,7 @@ class ManagedProcess:
     async def _backoff(self, attempt: int, ran: float, why: str) -> int:
         p = self.spec.restart
         delay = backoff_delay(p.initial_backoff_s, p.multiplier, p.max_backoff_s, p.jitter, attempt)
-        at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
-        self._set(ProcessState.backoff, f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt + 1})")
+        self._set(ProcessState.backoff, backoff_message(why, delay, attempt + 1))
         await asyncio.sleep(delay)
         self.restarts += 1
         return attempt + 1
@@ -359,16 +369,18 @@ class ManagedProcess:
             return
         failures = 0
         while True:  # cancelled by _run as soon as the child exits
-            ok = await probe_once(p)
-            if ok:
-                failures = 0
-                if self.state != ProcessState.ready:
-                    self._set(ProcessState.ready, "")
-            else:
-                failures += 1
-                if self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
-                    self._set(ProcessState.running, f"readiness probe failing ({failures}x)")
+            failures = 0 if await probe_once(p) else failures + 1
+            self._probed(failures)
             if self.state == ProcessState.ready:
                 await asyncio.sleep(max(p.period_s, 5.0))
             else:
                 await asyncio.sleep(min(STARTUP_PROBE_S, p.period_s))
+
+    def _probed(self, failures: int) -> None:
+        """One readiness probe's verdict; `failures`: consecutive failed probes (0: it passed)."""
+        if failures == 0:
+            if self.state != ProcessState.ready:
+                self._set(ProcessState.ready, "")
+        elif self.state == ProcessState.ready and failures >= UNHEALTHY_AFTER:
+            self.ready_lost_at = time.time()  # kept by _set while the state is running
+            self._set(ProcessState.running, f"readiness probe failing ({failures}x)")

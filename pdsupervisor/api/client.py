@@ -144,7 +144,7 @@ class ApiClient:
         return await self.document(NodesDocument, "GET", "/nodes")
 
     async def health(self) -> dict[str, Any]:
-        """`GET /healthz` of this agent: `{ok, name, registered, etcd_reachable}`."""
+        """`GET /healthz` of this agent: `{ok, name, registered, etcd_reachable, ready}`."""
         answer: dict[str, Any] = await self.request("GET", "/healthz")
         return answer
 

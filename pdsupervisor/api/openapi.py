@@ -80,7 +80,12 @@ PATHS: dict[str, Any] = {
             "503": _ETCD_AWAY,
         },
     }},
-    "/healthz": {"get": {"summary": "The agent is alive.", "responses": {"200": {"description": "ok"}}}},
+    "/healthz": {"get": {"summary": "The agent is alive (liveness): {ok, name, registered, etcd_reachable, ready}, "
+                                    "200 registered or not.", "responses": {"200": {"description": "alive"}}}},
+    "/readyz": {"get": {"summary": "The agent is a member of the cluster (readiness): registered under a lease "
+                                   "confirmed within its TTL. The body of /healthz.",
+                        "responses": {"200": {"description": "ready"},
+                                      "503": {"description": "not registered, or etcd not reached within the TTL"}}}},
     "/status": {"get": {"summary": "This node's facts and processes.",
                         "responses": {"200": {"description": "node status"}}}},
     "/metrics": {"get": {

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
+from pdsupervisor.cli.progress import Lines, Progress, progress_for_stdout
+from pdsupervisor.cli.specfile import invalid_spec
 from pdsupervisor.core.documents import ClusterDocument, Phase
 
 T = TypeVar("T")
@@ -115,37 +117,22 @@ def status_command(api: str, token_file: str | None, ca_file: str | None, output
         status_table(doc, console())
 
 
-def _progress_line(doc: ClusterDocument) -> str:
-    procs = doc.processes
-    engines = [p for p in procs if p.role in ("prefill", "decode")]
-    ready = sum(1 for p in engines if p.state == "ready")
-    proxy = next((p.state for p in procs if p.role == "proxy"), "waiting")
-    line = f"{doc.phase}: members {len(doc.members)}, engines ready {ready}/{len(engines)}, proxy {proxy}"
-    if doc.missing:
-        line += f"; missing: {'; '.join(doc.missing)}"
-    if doc.problems:
-        line += f"; problems: {'; '.join(doc.problems)}"
-    return line
-
-
 async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
-                         echo: Callable[[str], None]) -> ClusterDocument:
-    """Poll `GET /cluster` until `want`, printing each new progress line; TimeoutError on timeout."""
+                         progress: Progress | Callable[[str], None], poll_s: float = 0.25) -> ClusterDocument:
+    """Poll `GET /cluster` until `want`, showing progress (a `Progress`, or a function given
+    each new line); TimeoutError on timeout."""
+    shown = progress if isinstance(progress, Progress) else Lines(progress)
     deadline = time.monotonic() + timeout_s
-    last = ""
     while True:
         doc = await client.cluster()
-        line = _progress_line(doc)
-        if line != last:
-            echo(line)
-            last = line
+        shown.show(doc)
         if doc.phase == want:
             return doc
         if doc.start_timed_out and want == "ready":
             raise TimeoutError(f"start failed: {'; '.join(doc.problems)}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {line}")
-        await asyncio.sleep(0.25)
+            raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {shown.last}")
+        await asyncio.sleep(poll_s)
 
 
 @click.command("start")
@@ -156,18 +143,46 @@ async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait with --wait.")
 def start_command(api: str, token_file: str | None, ca_file: str | None, spec_file: str, replace: bool,
                   wait: bool, timeout: float) -> None:
-    """Submit a cluster spec; with --wait, show progress until ready."""
+    """Submit a cluster spec; with --wait, show progress until ready.
+
+    Exit 2 when the agent finds the spec invalid (as `plan` and `doctor` do), 1 on any other error.
+    """
     client = make_client(api, token_file, ca_file)
+    try:
+        text = Path(spec_file).read_text()
+    except OSError as exc:
+        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
+    refused: list[tuple[str, str]] = []
 
     async def go() -> None:
-        answer = await client.start(Path(spec_file).read_text(), replace=replace)
+        try:
+            answer = await client.start(text, replace=replace)
+        except ApiError as exc:
+            if exc.status == 400 and exc.error is not None and exc.error.problems:
+                refused.extend((p.field, p.message) for p in exc.error.problems)
+                return
+            if exc.status == 409 and exc.error is not None and exc.error.generation:
+                raise click.ClickException(f"{exc}\n{replace_hint(spec_file)}") from None
+            raise
         note = f" ({answer.message})" if answer.message else ""
         click.echo(f"accepted: generation {answer.generation}{note}")
         if wait:
-            doc = await wait_for_phase(client, "ready", timeout, click.echo)
+            progress = progress_for_stdout(click.echo)
+            try:
+                doc = await wait_for_phase(client, "ready", timeout, progress)
+            finally:
+                progress.close()
             click.echo(f"ready: proxy at {doc.proxy_url}")
 
     run(go())
+    if refused:
+        invalid_spec(spec_file, refused, "invalid (the agent answered HTTP 400)")
+
+
+def replace_hint(spec_file: str) -> str:
+    """What a 409 on submit means and what to do (a running spec of another generation)."""
+    return (f"another spec is running; `pdsupervisor start --replace -f {spec_file}` to replace it "
+            "(or `pdsupervisor stop --wait` first)")
 
 
 @click.command("stop")
@@ -182,7 +197,11 @@ def stop_command(api: str, token_file: str | None, ca_file: str | None, wait: bo
         answer = await client.stop()
         click.echo(f"stopping generation {answer.generation}")
         if wait:
-            await wait_for_phase(client, "stopped", timeout, click.echo)
+            progress = progress_for_stdout(click.echo)
+            try:
+                await wait_for_phase(client, "stopped", timeout, progress)
+            finally:
+                progress.close()
 
     run(go())
 

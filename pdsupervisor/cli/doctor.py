@@ -26,6 +26,7 @@ from rich.table import Table
 from pdsupervisor.api.client import ApiClient
 from pdsupervisor.cli.cluster import api_options, console, make_client, run
 from pdsupervisor.cli.plan import parse_node
+from pdsupervisor.cli.specfile import read_spec
 from pdsupervisor.core.checks import (
     CheckResult,
     EtcdProbe,
@@ -249,9 +250,10 @@ def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: st
                    etcd: str | None, fix: bool, output: str) -> None:
     """Check this host (or every member) against SPEC: found, needed, and the command to fix it.
 
-    Exit 1 when a check FAILs (a requirement in host_requirements.hard, a taken port, a missing model).
+    Exit 1 when a check FAILs (a requirement in host_requirements.hard, a taken port, a missing model),
+    2 when the spec is invalid.
     """
-    spec = load_spec_file(spec_file)
+    spec = read_spec(spec_file)  # invalid: exit 2, as `plan` and `start`
     if cluster_wide:
         if fix:
             raise click.ClickException("--fix applies to this host only: run `pdsupervisor doctor --fix` on each node")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -11,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pdsupervisor.cli.cluster import console
+from pdsupervisor.cli.specfile import invalid_spec, read_spec
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
 from pdsupervisor.core.planner import Plan, plan_cluster
-from pdsupervisor.core.spec import SpecError, load_spec
+from pdsupervisor.core.spec import SpecError
 
 
 def parse_node(text: str) -> NodeFacts:
@@ -76,17 +76,12 @@ def plan_table(plan: Plan, out: Console) -> None:
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def plan_command(spec_file: Path, nodes: tuple[str, ...], output: str) -> None:
     """Print the plan for SPEC on the given nodes; nothing is started."""
+    spec = read_spec(spec_file)
+    facts = {f.name: f for f in map(parse_node, nodes)}
     try:
-        spec = load_spec(spec_file.read_text())
-        facts = {f.name: f for f in map(parse_node, nodes)}
         plan = plan_cluster(spec, facts)
-    except OSError as exc:
-        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
-    except SpecError as exc:
-        click.echo(f"{spec_file}: invalid:", err=True)
-        for path, why in exc.problems:
-            click.echo(f"  {path}: {why}", err=True)
-        sys.exit(2)
+    except SpecError as exc:  # cannot be placed on these nodes
+        invalid_spec(spec_file, exc.problems)
     for node, check, why in hard_failures(spec, facts, plan):  # what the coordinator would refuse
         click.echo(f"warning: {node}: {check}: {why} (host_requirements.hard: the cluster would stay pending)",
                    err=True)

@@ -6,6 +6,7 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,18 +269,36 @@ def phase_of(obs: Observed, desired: Desired) -> Phase:
     return "starting" if first_start and engines_ready else "degraded"
 
 
+def stopped_on_purpose(seen: ProcessStatus, assigned: ProcessSpec) -> bool:
+    """The agent stops it because its assignment changed (`stopping` only ever means that), or
+    it exited so while running a previous spec: a replacement under way, not a failure."""
+    if seen.state == ProcessState.stopping:
+        return True
+    return seen.state == ProcessState.exited and bool(seen.spec_hash) and seen.spec_hash != assigned.spec_hash()
+
+
+def clock(ts: float, now: float) -> str:
+    """A moment for people, in the local time of whoever computes it: the time of day, with
+    the date unless it was within the last 12 hours."""
+    recent = 0 <= now - ts < 12 * 3600
+    return time.strftime("%H:%M:%S" if recent else "%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: float) -> tuple[list[str], bool]:
     """What a person should look at, and whether the start ran past `policy.start_timeout_s`."""
     problems: list[str] = []
     for node, a in sorted(obs.assignments.items()):
         for proc in a.processes:
             seen = observed_process(obs, node, proc.name)
-            if seen is None:
+            if seen is None or stopped_on_purpose(seen, proc):
                 continue
+            detail = f": {seen.message}" if seen.message else ""
             if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
-                detail = f": {seen.message}" if seen.message else ""
                 problems.append(f"{proc.name} on {node}: {seen.state.value} (exit code {seen.last_exit_code}, "
                                 f"restarts {seen.restarts}){detail}")
+            elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
+                problems.append(f"{proc.name} on {node}: not ready since {clock(seen.ready_lost_at, now)} "
+                                f"(was ready){detail}")
             elif (seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at
                   and now - seen.started_at > proc.start_timeout_s):
                 problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "

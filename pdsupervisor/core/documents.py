@@ -54,8 +54,9 @@ class ClusterDocument(Document):
     phase: Phase
     leader: str | None
     missing: list[str] = Field(description="what the plan lacks, e.g. 'decode.node_names: node g14 is not registered'")
-    problems: list[str] = Field(description="processes in backoff/exited, or not ready after their start_timeout_s; "
-                                            "the cluster past policy.start_timeout_s")
+    problems: list[str] = Field(description="processes in backoff/exited/failed, not ready after their "
+                                            "start_timeout_s, or no longer ready after being ready (not those "
+                                            "the agent stops on purpose); the cluster past policy.start_timeout_s")
     start_timed_out: bool = Field(description="still pending/starting after policy.start_timeout_s")
     members: list[str]
     placement: dict[str, list[str]] = Field(description="role -> nodes (decode in DP-index order; 'spare')")

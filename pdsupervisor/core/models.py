@@ -190,6 +190,10 @@ class ProcessStatus(Strict):
     endpoint: str | None = None
     dp_rank: int | None = None
     message: str = ""
+    # wall clock: when this run of the process, ready before, stopped passing its readiness
+    # probe (state `running` since); None while ready, before its first ready, or from an agent
+    # that predates the field
+    ready_lost_at: float | None = None
 
 
 class NodeStatus(Strict):

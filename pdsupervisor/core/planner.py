@@ -258,9 +258,11 @@ def _proxy_process(
 def plan_cluster(
     spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
     previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
+    check_ports: bool = True,
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
-    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine."""
+    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine.
+    `check_ports=False`: a plan with two ports equal on a node too (see `port_problems`)."""
     placement = place(spec, nodes, previous)
     problems: list[tuple[str, str]] = []
     bootstrap = spec.etcd.bootstrap_node
@@ -329,7 +331,9 @@ def plan_cluster(
         dp_master=dp_master.name if dp_master else None,
         nodes=dict(sorted(plans.items())),
     )
-    _check_ports(spec, plan)
+    clashes = port_problems(spec, plan) if check_ports else []
+    if clashes:
+        raise PlanError(clashes)
     return plan
 
 
@@ -362,8 +366,8 @@ def port_claims(spec: ClusterSpec, plan: Plan, node: str) -> list[PortClaim]:
     return claims
 
 
-def _check_ports(spec: ClusterSpec, plan: Plan) -> None:
-    """(node, port) pairs must be unique."""
+def port_problems(spec: ClusterSpec, plan: Plan) -> list[tuple[str, str]]:
+    """Two claims of one port on one node, as (field, why) pairs: (node, port) pairs must be unique."""
     problems: list[tuple[str, str]] = []
     for np_ in plan.nodes.values():
         seen: dict[int, str] = {}
@@ -373,5 +377,4 @@ def _check_ports(spec: ClusterSpec, plan: Plan) -> None:
             elif port in seen:
                 problems.append((field, f"port {port} on node {np_.node} is used twice"))
             seen[port] = field
-    if problems:
-        raise PlanError(problems)
+    return problems

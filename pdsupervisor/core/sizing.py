@@ -28,6 +28,14 @@ TRIAL_STATE_DIR = "/var/lib/pdsupervisor"
 TRIAL_PYTHON = "/usr/local/bin/python3"
 
 
+def trial_slots(spec: ClusterSpec) -> dict[str, list[str]]:
+    """Each engine role's nodes on the trial members: the named ones, or made-up ones (their
+    names sort role by role, so each role's count-based pick finds its own)."""
+    roles: dict[str, RoleSpec] = {"prefill": spec.prefill, "decode": spec.decode}
+    return {role_name: list(role.node_names) or [f"{order}-trial-{role_name}-{i}" for i in range(role.nodes or 0)]
+            for order, (role_name, role) in enumerate(roles.items())}
+
+
 def trial_members(spec: ClusterSpec) -> dict[str, NodeFacts]:
     """Members the spec can be placed on: every node it names, and made-up ones for counts."""
     members: dict[str, NodeFacts] = {}
@@ -36,10 +44,9 @@ def trial_members(spec: ClusterSpec) -> dict[str, NodeFacts]:
         members.setdefault(name, NodeFacts(name=name, ip=TRIAL_IP, labels=dict(labels), state_dir=TRIAL_STATE_DIR,
                                            python=TRIAL_PYTHON))
 
-    roles: dict[str, RoleSpec] = {"prefill": spec.prefill, "decode": spec.decode}
-    for order, (role_name, role) in enumerate(roles.items()):
-        # made-up names sort role by role, so each role's count-based pick finds its own
-        for name in role.node_names or [f"{order}-trial-{role_name}-{i}" for i in range(role.nodes or 0)]:
+    for role_name, names in trial_slots(spec).items():
+        role: RoleSpec = spec.prefill if role_name == "prefill" else spec.decode
+        for name in names:
             add(name, role.labels)
     for named in (spec.etcd.bootstrap_node, spec.mooncake.master_node, spec.proxy.node):
         if named:
@@ -108,7 +115,7 @@ def plan_size_problems(spec: ClusterSpec, plan: Plan) -> list[tuple[str, str]]:
 
 def write_size_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
     """`plan_size_problems` on a trial plan. A spec that cannot be placed even there (a port
-    clash) is not measured: the planner says why when it plans on the real members."""
+    clash) is not measured: `trial_checks.submit_problems` says why instead."""
     try:
         plan = plan_cluster(spec, trial_members(spec))
     except PlanError:

@@ -2,8 +2,9 @@
 
 `load_spec(text)` is the only way in: it parses YAML or JSON, rejects unknown keys, runs the
 cross-field checks, and raises `SpecError` listing every problem as `field.path: why`.
-Every value is bounded (`limits`); `load_spec`, the submit path, also measures the
-assignments on a trial plan (`sizing`): they must fit in one etcd request.
+Every value is bounded (`limits`); `load_spec`, the submit path, also plans the spec on
+trial members (`trial_checks`): it refuses what no registration can fix (two ports equal on a
+node on every placement) and assignments that would not fit in one etcd request (`sizing`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pdsupervisor.core import limits
 from pdsupervisor.core.admission import ENV_NAME_PATTERN
 from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, HttpPath, Port, RestartPolicy, Strict
 from pdsupervisor.core.spec_checks import document_problems
+from pdsupervisor.core.suggest import unknown_field
 
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
 ENGINE_PLACEHOLDERS = frozenset(
@@ -332,7 +334,7 @@ def validate_spec(data: Any) -> ClusterSpec:
         spec = ClusterSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(
-            (_loc(e["loc"]), "unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+            (_loc(e["loc"]), unknown_field(ClusterSpec, e["loc"]) if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         ) from None
     problems = _spec_problems(spec) + document_problems(spec.model_dump(mode="json"))
@@ -360,7 +362,8 @@ def _too_deep(text: str | bytes) -> bool:
 
 
 def load_spec(text: str | bytes) -> ClusterSpec:
-    """Parse YAML (JSON is YAML), validate, and check the assignments fit in etcd."""
+    """Parse YAML (JSON is YAML), validate, refuse what no registration can fix (a port clash
+    on every placement), and check the assignments fit in etcd (`trial_checks`)."""
     try:
         if _too_deep(text):
             raise SpecError([("spec", f"nested deeper than {MAX_NESTING} levels")])
@@ -370,9 +373,9 @@ def load_spec(text: str | bytes) -> ClusterSpec:
     except RecursionError:  # not expected after the depth check; never a crash of the caller
         raise SpecError([("spec", "nested too deeply")]) from None
     spec = validate_spec(data)
-    from pdsupervisor.core.sizing import write_size_problems  # it plans, and the planner imports this module
+    from pdsupervisor.core.trial_checks import submit_problems  # it plans, and the planner imports this module
 
-    problems = write_size_problems(spec)
+    problems = submit_problems(spec)
     if problems:
         raise SpecError(problems)
     return spec

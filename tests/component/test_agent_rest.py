@@ -47,6 +47,17 @@ async def test_health_status_and_logs(aiohttp_client, tmp_path):
     resp.close()
 
 
+async def test_healthz_is_liveness_and_readyz_says_registration(aiohttp_client, tmp_path):
+    a = make_agent(tmp_path)  # its etcd does not answer: never registered
+    client = await aiohttp_client(build_app(a))
+    alive = await client.get("/healthz")
+    assert alive.status == 200 and (await alive.json()) == {
+        "ok": True, "name": "n1", "registered": False, "etcd_reachable": False, "ready": False}
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json()) == await alive.json()
+    # a registered agent's 200: tests/component/test_api.py
+
+
 async def test_token_guards_mutating_routes(aiohttp_client, tmp_path):
     a = make_agent(tmp_path, token="s3cret")
 

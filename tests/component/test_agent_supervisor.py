@@ -109,6 +109,29 @@ async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
     await m.stop()
 
 
+def test_readiness_lost_is_reported_with_since_when_and_cleared_when_ready_again(tmp_path):
+    from agent.process.supervisor import UNHEALTHY_AFTER
+
+    m = mp(tmp_path, ProcessSpec(name="web", role="proxy", argv=["x"]))
+    m._probed(0)
+    assert m.status().state == ProcessState.ready and m.status().ready_lost_at is None
+    for failures in range(1, UNHEALTHY_AFTER):
+        m._probed(failures)
+    assert m.status().state == ProcessState.ready  # a probe or two may fail
+    before = time.time()
+    m._probed(UNHEALTHY_AFTER)
+    st = m.status()
+    assert st.state == ProcessState.running and st.message == f"readiness probe failing ({UNHEALTHY_AFTER}x)"
+    assert st.ready_lost_at is not None and before <= st.ready_lost_at <= time.time()
+    m._probed(UNHEALTHY_AFTER + 1)
+    assert m.status().ready_lost_at == st.ready_lost_at  # since the first moment, not the latest probe
+    m._probed(0)
+    assert m.status().state == ProcessState.ready and m.status().ready_lost_at is None
+    m._probed(UNHEALTHY_AFTER)
+    m._set(ProcessState.backoff, "exited (exit code 1)")  # this run is over
+    assert m.status().ready_lost_at is None
+
+
 async def test_a_relative_file_is_written_where_the_child_runs(tmp_path, cleanup, monkeypatch):
     from pdsupervisor.core.models import FileSpec
 

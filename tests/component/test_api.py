@@ -43,6 +43,9 @@ def test_mutating_endpoints_need_the_token(one_agent):
         (lambda d: d["decode"].update(tp=3), "decode.tp", "not divisible"),
         (lambda d: d["prefill"].update(bogus=1), "prefill.bogus", "unknown field"),
         (lambda d: d.update(cluster="someone-else"), "cluster", "these agents serve cluster 'api-test'"),
+        # no node joining can fix it: refused, not left pending
+        (lambda d: d["proxy"].update(port=d["prefill"]["base_port"]), "proxy.port",
+         "on node n1 is also prefill.base_port"),
     ],
 )
 def test_invalid_spec_is_400_naming_the_field_and_changes_nothing(one_agent, mutate, field, why):
@@ -168,3 +171,75 @@ def test_start_wait_fails_with_the_reason_after_the_start_timeout(one_agent, tmp
     finally:
         one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
         one_agent.wait_phase("stopped", 10)
+
+
+def _cli(one_agent, tmp_path, spec: dict, *args: str):
+    import subprocess
+    import sys
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    run = subprocess.run([sys.executable, "-m", "pdsupervisor", "start", "-f", str(path), *args,
+                          "--api", one_agent.api(), "--token-file", str(token)],
+                         capture_output=True, text=True, timeout=60)
+    return path, run
+
+
+def test_start_of_an_invalid_spec_exits_2_naming_each_field(one_agent, tmp_path):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    spec["proxy"]["port"] = 70000
+    spec["prefill"]["bse_port"] = 1
+    path, run = _cli(one_agent, tmp_path, spec)
+    assert run.returncode == 2, run.stderr  # as `plan` and `doctor` exit for an invalid spec
+    assert f"{path}: invalid (the agent answered HTTP 400):" in run.stderr
+    assert "  proxy.port: Input should be less than or equal to 65535" in run.stderr
+    assert "  prefill.bse_port: unknown field; did you mean `base_port`?" in run.stderr
+
+
+def test_a_409_names_replace(one_agent, tmp_path):
+    spec = cluster_spec("api-test", one_agent.etcd, decode_nodes=["n2"])
+    assert one_agent.submit(spec, token=TOKEN)[0] == 202
+    try:
+        path, run = _cli(one_agent, tmp_path, {**spec, "model": "another-model"})
+        assert run.returncode == 1 and "HTTP 409" in run.stderr
+        assert (f"another spec is running; `pdsupervisor start --replace -f {path}` to replace it "
+                "(or `pdsupervisor stop --wait` first)") in " ".join(run.stderr.split())
+        path, run = _cli(one_agent, tmp_path, {**spec, "model": "another-model"}, "--replace")
+        assert run.returncode == 0 and "accepted: generation" in run.stdout, run.stderr
+    finally:
+        one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)
+        one_agent.wait_phase("stopped", 10)
+
+
+def test_readyz_once_registered(one_agent):
+    from tests.conftest import wait_for
+
+    wait_for(lambda: [n["name"] for n in one_agent.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
+             what="n1 registered")
+    status, body = wait_for(lambda: (a := one_agent.request("GET", "/readyz"))[0] == 200 and a, 15,
+                            what="/readyz 200")
+    assert body == {"ok": True, "name": "n1", "registered": True, "etcd_reachable": True, "ready": True}
+    assert one_agent.request("GET", "/healthz") == (200, body)
+
+
+def test_nodes_command_against_a_real_agent(one_agent):
+    import json
+    import subprocess
+    import sys
+
+    from pdsupervisor import __version__
+    from tests.conftest import wait_for
+
+    wait_for(lambda: [n["name"] for n in one_agent.request("GET", "/nodes")[1]["nodes"]] == ["n1"], 15,
+             what="n1 registered")
+    run = subprocess.run([sys.executable, "-m", "pdsupervisor", "nodes", "-o", "json", "--api", one_agent.api()],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (n1,) = json.loads(run.stdout)["nodes"]
+    assert n1["name"] == "n1" and n1["ip"] == "127.0.0.1" and n1["agent_version"] == __version__
+    assert n1["api_url"] == one_agent.api() and n1["lease_age_s"] >= 0 and n1["roles"] == []
+    table = subprocess.run([sys.executable, "-m", "pdsupervisor", "nodes", "--api", one_agent.api()],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and one_agent.api() in table.stdout and __version__ in table.stdout

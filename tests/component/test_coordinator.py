@@ -226,6 +226,21 @@ async def test_a_new_spec_ttl_takes_the_key_anew(cluster):
     assert await cluster.store.leader() is None
     assert (await a.cycle()).kind == "acquired"
     assert await cluster.store.lease_granted_ttl(a.lease) == 7
+    # taking its own key back under the new TTL is no news: one `leader` event, not two
+    assert [m for m in await cluster.events() if m.endswith("is the coordinator")] == ["a is the coordinator"]
+
+
+async def test_each_change_of_hands_is_one_event(cluster):
+    a, b = cluster.coordinator("a"), cluster.coordinator("b")
+    assert (await a.cycle()).kind == "acquired"
+    assert (await b.cycle()).kind == "follower"
+    await cluster.store.release_leader("a")  # a hands the key over, as for a new lease TTL...
+    a._step_down()
+    assert (await b.cycle()).kind == "acquired"  # ...but b takes it first
+    assert (await a.cycle()).kind == "follower"
+    await cluster.store.release_leader("b")
+    assert (await a.cycle()).kind == "acquired"  # a saw b hold it: a's new hold is news
+    assert await cluster.events() == ["a is the coordinator", "b is the coordinator", "a is the coordinator"]
 
 
 async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster):
@@ -241,6 +256,7 @@ async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster):
         assert outcome.kind == "unavailable" and not coord.is_leader
         assert (await coord.cycle()).kind == "acquired"
         assert coord.is_leader  # took its own key back instead of waiting on itself forever
+        assert await cluster.events() == ["a is the coordinator"]  # its own key again: no second event
         other = cluster.coordinator("b")
         assert (await other.cycle()).kind == "follower"
         assert not other.is_leader and await cluster.store.leader() == "a"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,51 @@ def test_the_document_is_what_the_openapi_schema_describes():
     assert schema_errors(openapi, "ClusterDocument", {**served, "processes": [{**row, "role": "bogus"}]}) != []
     grown = {**served, "new": 1, "processes": [{**row, "new": 2}]}
     assert set(unlisted(openapi, {"$ref": REF.format(model="ClusterDocument")}, grown)) == {"$.new", "$.processes[0].new"}
+
+
+# ---- honest problems: lost readiness, planned stops --------------------------------------------
+
+def _seen(obs: Observed, **status: object) -> Observed:
+    """`obs` with its one process's status changed."""
+    node = obs.statuses["n1"]
+    changed = node.processes[0].model_copy(update=status)
+    return dataclasses.replace(obs, statuses={"n1": node.model_copy(update={"processes": [changed]})})
+
+
+def test_readiness_lost_after_being_ready_is_said_as_such_with_since_when():
+    from pdsupervisor.core.cluster_view import clock
+
+    up_for_minutes = _seen(_obs(ProcessState.running, 40.0), ready_lost_at=600.0,
+                           message="readiness probe failing (3x)")
+    doc = cluster_document(up_for_minutes, now=646.0)
+    assert doc.problems == [f"decode-0 on n1: not ready since {clock(600.0, 646.0)} (was ready): "
+                            "readiness probe failing (3x)"]
+    assert "after starting" not in doc.problems[0]
+    assert doc.problems == cluster_document(up_for_minutes, now=700.0).problems  # no counter in it
+
+
+def test_a_moment_is_the_time_of_day_or_with_the_date_when_older():
+    from pdsupervisor.core.cluster_view import clock
+
+    assert clock(1_000_000.0, 1_000_060.0) == time.strftime("%H:%M:%S", time.localtime(1_000_000.0))
+    assert clock(1_000_000.0, 1_000_000.0 + 86400) == time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                    time.localtime(1_000_000.0))
+
+
+def test_a_process_stopped_on_purpose_is_not_a_problem():
+    stopping = _seen(_obs(ProcessState.stopping, 40.0), message="stopping with SIGTERM")
+    assert cluster_document(stopping, now=600.0).problems == []  # past its start timeout, too
+    replaced = _seen(_obs(ProcessState.exited, 40.0), spec_hash="0ld5pec", message="stopped")
+    assert cluster_document(replaced, now=60.0).problems == []  # a previous spec, stopped for the new one
+
+
+def test_an_exit_of_the_assigned_spec_is_still_a_problem():
+    ended = _seen(_obs(ProcessState.exited, 40.0), last_exit_code=0, message="exited (exit code 0); restart policy never")
+    assert cluster_document(ended, now=60.0).problems == [
+        "decode-0 on n1: exited (exit code 0, restarts 4): exited (exit code 0); restart policy never"]
+
+
+def test_an_old_agents_status_without_the_new_field_still_reads():
+    old = _obs(ProcessState.ready, 40.0).statuses["n1"].model_dump(mode="json")
+    del old["processes"][0]["ready_lost_at"]
+    assert NodeStatus.model_validate(old).processes[0].ready_lost_at is None

@@ -66,6 +66,32 @@ def test_bad_field_is_named(mutate, field, why):
     assert any(path == field and why in msg for path, msg in problems), problems
 
 
+@pytest.mark.parametrize(
+    "mutate, field, why",
+    [
+        (lambda d: d.update(modle="x"), "modle", "unknown field; did you mean `model`?"),
+        (lambda d: d["prefill"].update(bse_port=8100), "prefill.bse_port", "unknown field; did you mean `base_port`?"),
+        (lambda d: d["decode"].update(dp_env={"sise": "X"}), "decode.dp_env.sise", "did you mean `size`?"),
+        (lambda d: d["policy"].update(restart={"max_backof_s": 3}), "policy.restart.max_backof_s",
+         "did you mean `max_backoff_s`?"),
+        (lambda d: d["prefill"].update(readiness={"pth": "/x"}), "prefill.readiness.pth", "did you mean `path`?"),
+        # an env value's kind is picked by its keys: a misspelt key is matched against every kind's
+        (lambda d: d.update(engine_env={"T": {"credentail": "hf"}}), "engine_env.T.credentail",
+         "did you mean `credential`?"),
+        (lambda d: d.update(engine_env={"T": {"credential": "hf", "fle": "/a"}}), "engine_env.T.fle",
+         "did you mean `file`?"),
+    ],
+)
+def test_an_unknown_key_gets_the_closest_field_name(mutate, field, why):
+    problems = problems_of(mutate)
+    assert any(path == field and why in msg for path, msg in problems), problems
+
+
+def test_an_unknown_key_far_from_any_field_gets_no_guess():
+    assert ("colour", "unknown field") in problems_of(lambda d: d.update(colour="red"))
+    assert ("prefill.colour", "unknown field") in problems_of(lambda d: d["prefill"].update(colour="red"))
+
+
 def test_several_problems_are_reported_together():
     def mutate(d):
         d["decode"]["tp"] = 3
@@ -124,3 +150,17 @@ def test_plan_command_json_and_errors(tmp_path):
 
     res = runner.invoke(main, ["plan", "-f", str(EXAMPLE), "--node", "g10"])
     assert res.exit_code != 0 and "expected NAME=IP" in res.output
+
+
+@pytest.mark.parametrize("command", [["plan"], ["doctor", "--root", "/nonexistent"]])
+def test_an_invalid_spec_exits_2_from_every_command_that_reads_one(tmp_path, command):
+    """`start` too, from the agent's 400: tests/component/test_api.py."""
+    bad = tmp_path / "bad.yaml"
+    d = doc()
+    d["prefill"]["bse_port"] = 8100
+    bad.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(main, [*command, "-f", str(bad)])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}: invalid:" in res.output and "prefill.bse_port: unknown field; did you mean `base_port`?" in res.output
+    unreadable = CliRunner().invoke(main, [*command, "-f", str(tmp_path / "absent.yaml")])
+    assert unreadable.exit_code == 1 and "No such file or directory" in unreadable.output

@@ -232,7 +232,7 @@ def test_the_trial_plan_places_count_based_roles_with_their_labels():
 
 def test_a_spec_that_cannot_be_placed_is_not_measured():
     d = doc()
-    d["proxy"]["port"] = d["prefill"]["base_port"]  # a port clash on g10: the planner reports it, later
+    d["proxy"]["port"] = d["prefill"]["base_port"]  # a port clash on g10: trial_checks reports it instead
     _huge_argv(d)
     assert write_size_problems(validate_spec(d)) == []
 
