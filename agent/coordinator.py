@@ -50,7 +50,7 @@ OutcomeKind = Literal[
     "unavailable",  # etcd did not answer: not leading until it does
 ]
 WARNINGS: frozenset[OutcomeKind] = frozenset({"deposed", "unavailable"})
-Held = Literal["kept", "acquired", "expired", "follower"]
+Held = Literal["kept", "acquired", "expired", "taken", "follower"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,8 @@ class Coordinator:
             return Outcome("follower", "no action: another agent holds the leader key")
         if held == "expired":
             return Outcome("deposed", "our leader lease expired and another agent holds the leader key")
+        if held == "taken":
+            return Outcome("deposed", "the leader key was taken over while our lease lived: following")
         obs = await observe(self.store)
         if await self._follow_spec_ttl(obs.record):
             return Outcome("stepped-down", f"released the leader key to take it again under the spec's lease TTL "
@@ -209,6 +211,12 @@ class Coordinator:
                 return "kept"
             assert self.lease is not None
             if await self.store.refresh_lease(self.lease) > 0:
+                # and the key itself: deleted or overwritten by hand (etcdctl, a restore), our
+                # live lease alone would keep us "leading" a key nobody holds, or someone else's
+                # (Patroni checks its key each cycle too). A free key is taken back at once.
+                if not await self.store.acquire_leader(self.name, self.lease):
+                    self._step_down()
+                    return "taken"
                 self._last_refresh = now
                 return "kept"
             self._step_down()

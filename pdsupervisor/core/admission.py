@@ -14,7 +14,10 @@ The rules, each reported as `<field> <what is wrong>`:
   then symlinks followed) to a path strictly inside the agent's state dir, outside the
   agent's own directories in it, with a plain permission mode (no setuid, setgid, sticky);
 - with `allowed_commands` (fnmatch globs), `argv[0]` must match one of them; it may then
-  have no `..` component, and a bare name (looked up on PATH) may not come with its own PATH.
+  have no `..` component, and a bare name (looked up on PATH) may not come with its own PATH;
+- an HTTP readiness probe's `path` is a request path (`REQUEST_PATH_PATTERN`): the agent
+  writes it as is into the request line it sends, so a CR or LF in it would add headers or
+  whole requests of the writer's choosing.
 
 No I/O here: the caller gives its working directory and a `realpath` (the agent passes
 `os.path.realpath`; the default only normalises the text).
@@ -33,6 +36,10 @@ PROCESS_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 PROCESS_NAME_RE = re.compile(PROCESS_NAME_PATTERN)
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
+# The request target of an HTTP readiness probe: "/" then visible ASCII (no space, no CR, LF or
+# other control character), as it goes into the probe's request line.
+REQUEST_PATH_PATTERN = r"^/[\x21-\x7e]*$"
+REQUEST_PATH_RE = re.compile(REQUEST_PATH_PATTERN)
 SPECIAL_MODE_BITS = 0o7000  # setuid, setgid, sticky
 SHOWN_CHARS = 256  # of a value quoted in a problem (a long path stays whole)
 SHOWN_PROBLEMS = 5  # in a status message
@@ -57,6 +64,13 @@ def name_problems(name: str) -> list[str]:
     if ".." in name:
         return [f"name {show(name)} contains '..'"]
     return []
+
+
+def request_path_problem(path: str) -> str | None:
+    """Why `path` cannot be an HTTP probe's request target, or None when it can."""
+    if REQUEST_PATH_RE.fullmatch(path):
+        return None
+    return f"{show(path)} is not a request path: '/' then visible ASCII, no space, CR, LF or other control character"
 
 
 def env_problems(env: Mapping[str, object], field: str = "env") -> list[str]:
@@ -145,6 +159,9 @@ def check_process(
     if spec.cwd is not None and "\0" in spec.cwd:
         problems.append("cwd contains a NUL byte")
     problems += env_problems(spec.env)
+    if spec.readiness is not None and spec.readiness.kind == "http":
+        why = request_path_problem(spec.readiness.path)
+        problems += [f"readiness.path {why}"] if why else []
     problems += _file_problems(spec, state_dir=state_dir, cwd=cwd, realpath=realpath, private_dirs=private_dirs)
     if allowed_commands and spec.argv and spec.argv[0] and "\0" not in spec.argv[0]:
         problems += _command_problems(spec, allowed_commands)

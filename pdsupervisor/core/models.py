@@ -11,7 +11,7 @@ import json
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from pdsupervisor.core.limits import MAX_DURATION_S, MAX_PATH
 
@@ -29,24 +29,13 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Duration = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]  # seconds: positive, a week at most
 
 
-def _http_path(path: str) -> str:
-    if not path.startswith("/") or any(not "!" <= c <= "~" for c in path):
-        raise ValueError("must start with / and hold no space, CR, LF or other control character "
-                         "(it goes into the probe's request line)")
-    return path
-
-
-# An HTTP path as it goes into a probe's request line.
-HttpPath = Annotated[str, Field(max_length=1024), AfterValidator(_http_path)]
-
-
 class Probe(Strict):
     """How to tell a process is ready: HTTP GET answering 200, or a TCP connect."""
 
     kind: Literal["http", "tcp"] = "http"
     host: str = "127.0.0.1"
     port: Port
-    path: HttpPath = "/health"
+    path: str = "/health"
     period_s: Duration = 1.0
     timeout_s: Duration = 2.0
 

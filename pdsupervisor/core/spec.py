@@ -17,8 +17,8 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from pdsupervisor.core import limits
-from pdsupervisor.core.admission import ENV_NAME_PATTERN
-from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, HttpPath, Port, RestartPolicy, Strict
+from pdsupervisor.core.admission import ENV_NAME_PATTERN, request_path_problem
+from pdsupervisor.core.models import ENV_VALUE_TAGS, Duration, EnvValue, Port, RestartPolicy, Strict
 from pdsupervisor.core.spec_checks import document_problems
 from pdsupervisor.core.suggest import unknown_field
 
@@ -131,13 +131,26 @@ class MooncakeSpec(SpecModel):
         return v
 
 
+def _request_path(v: str) -> str:
+    """A readiness path goes as is into the probe's request line: no CR, LF or space in it."""
+    why = request_path_problem(v)
+    if why:
+        raise ValueError(why)
+    return v
+
+
 class ReadinessSpec(SpecModel):
     """Engine readiness: HTTP GET `path` answering 200 (vLLM: /health or /v1/models)."""
 
-    path: HttpPath = "/health"
+    path: str = "/health"
     period_s: Duration = 1.0
     timeout_s: Duration = 2.0
     start_timeout_s: Duration = 3600.0  # a DeepSeek-size load takes many minutes
+
+    @field_validator("path")
+    @classmethod
+    def _request_path(cls, v: str) -> str:
+        return _request_path(v)
 
 
 class RoleSpec(SpecModel):
@@ -196,8 +209,13 @@ class ProxySpec(SpecModel):
     env: dict[str, str] = _env()
     cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
     extra_args: list[str] = _args()  # appended to the built-in proxy's argv
-    readiness_path: HttpPath = "/health"
+    readiness_path: str = "/health"
     start_timeout_s: Duration = 120.0
+
+    @field_validator("readiness_path")
+    @classmethod
+    def _request_path(cls, v: str) -> str:
+        return _request_path(v)
 
 
 class BenchmarkSpec(SpecModel):

@@ -166,6 +166,32 @@ async def test_deposed_when_its_lease_expired_and_another_took_the_key(cluster):
     assert not a.is_leader and await cluster.store.leader() == "b"
 
 
+async def test_a_leader_whose_key_was_deleted_takes_it_back(cluster):
+    """Deleted by hand while the leader's lease lives: with no write to make, a leader that
+    checked only its lease would lead a key nobody holds (every former leader alike)."""
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await cluster.store.delete(cluster.store.keys.leader)
+    a._last_refresh -= a.loop_wait  # its next refresh is due
+    assert await a.cycle() == Outcome("unchanged", "no action: no spec submitted")
+    assert a.is_leader and await cluster.store.leader() == "a"
+
+
+async def test_a_leader_whose_key_was_taken_over_follows(cluster):
+    """Overwritten by hand (etcdctl, a compromised writer) while the leader's lease lives: it
+    steps down at its next refresh, not only at its next write, and leads again once free."""
+    a = cluster.coordinator("a")
+    await a.cycle()
+    other = await cluster.store.grant_lease(30)
+    await cluster.store.put(cluster.store.keys.leader, b"intruder", other)
+    a._last_refresh -= a.loop_wait
+    assert await a.cycle() == Outcome("deposed", "the leader key was taken over while our lease lived: following")
+    assert not a.is_leader and await cluster.store.leader() == "intruder"
+    assert (await a.cycle()).kind == "follower"
+    await cluster.store.revoke_lease(other)
+    assert (await a.cycle()).kind == "acquired" and await cluster.store.leader() == "a"
+
+
 async def test_a_stop_during_a_cycle_is_not_overwritten(cluster, monkeypatch):
     store = cluster.store
     coord = cluster.coordinator("a")

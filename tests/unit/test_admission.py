@@ -7,7 +7,7 @@ import posixpath
 import pytest
 
 from pdsupervisor.core.admission import check_process, refusal_message, show
-from pdsupervisor.core.models import FileSpec, ProcessSpec
+from pdsupervisor.core.models import FileSpec, Probe, ProcessSpec
 
 STATE = "/var/lib/pdsupervisor"
 PRIVATE = [f"{STATE}/procs", f"{STATE}/logs"]
@@ -192,6 +192,24 @@ def test_allowed_commands_refuse_the_rest(argv0, env, why):
 def test_no_allowed_commands_means_any_command():
     assert problems(proc(argv=["/bin/sh", "-c", "id"])) == []
     assert problems(proc(argv=["python3"], env={"PATH": "/x"})) == []
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/", "/health?full=1&x=%0D", "/~a/b-c_d.e"])
+def test_request_paths_of_http_probes_are_admitted(path):
+    assert problems(proc(readiness=Probe(port=8200, path=path))) == []
+
+
+@pytest.mark.parametrize("path", [
+    "/health HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /",  # the probe writes it into its request line
+    "/health\n", "/health\r", "/a b", "/a\tb", "health", "", "/h\x7f", "/h\u00e9",
+])
+def test_a_probe_path_that_would_change_the_request_is_refused(path):
+    (p,) = problems(proc(readiness=Probe(port=8200, path=path)))
+    assert p.startswith(f"readiness.path {show(path)} is not a request path")
+
+
+def test_a_tcp_probe_has_no_path_to_check():
+    assert problems(proc(readiness=Probe(kind="tcp", port=8200, path="/x\r\n"))) == []
 
 
 def test_every_broken_rule_is_reported():

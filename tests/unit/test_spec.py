@@ -58,7 +58,7 @@ def test_shipped_specs_are_valid():
         (lambda d: d["mooncake"].update(metadata="P2PHANDSHAKE"), "mooncake.metadata", "give p2p, master-http or a URL"),
         (lambda d: d["prefill"].update(readiness={"path": "/health\r\nX-Evil: 1"}), "prefill.readiness.path",
          "no space, CR, LF"),
-        (lambda d: d["proxy"].update(readiness_path="health"), "proxy.readiness_path", "must start with /"),
+        (lambda d: d["proxy"].update(readiness_path="health"), "proxy.readiness_path", "is not a request path"),
     ],
 )
 def test_bad_field_is_named(mutate, field, why):

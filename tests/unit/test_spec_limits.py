@@ -170,6 +170,18 @@ def test_no_string_holds_a_nul(path, value, field):
     named(put(path, value), field, "NUL")
 
 
+@pytest.mark.parametrize("path", ["prefill.readiness.path", "decode.readiness.path", "proxy.readiness_path"])
+@pytest.mark.parametrize("value", ["/health HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /", "/health\n", "/a b", "health"])
+def test_readiness_paths_are_request_paths(path, value):
+    named(put(path, value), path, "is not a request path")
+
+
+@pytest.mark.parametrize("path", ["prefill.readiness.path", "decode.readiness.path", "proxy.readiness_path"])
+def test_usual_readiness_paths_are_fine(path):
+    for value in ("/health", "/v1/models", "/health?verbose=1"):
+        accepted(put(path, value))
+
+
 @pytest.mark.parametrize("path", ["engine_env", "prefill.env", "decode.env", "proxy.env", "benchmark.engine_env"])
 @pytest.mark.parametrize("name", ["1X", "A-B", "A B", "A=B", ""])
 def test_env_names_are_identifiers(path, name):
