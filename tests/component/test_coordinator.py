@@ -270,7 +270,8 @@ async def test_each_change_of_hands_is_one_event(cluster):
 
 
 async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster):
-    async with Store([etcd_server.endpoint], cluster.store.cluster, timeout_s=0.5) as impatient:
+    # short enough that the paused cycle fails fast, long enough for a loaded machine
+    async with Store([etcd_server.endpoint], cluster.store.cluster, timeout_s=2.0) as impatient:
         coord = cluster.coordinator("a", store=impatient)
         await coord.cycle()
         assert coord.is_leader and await cluster.store.leader() == "a"
