@@ -9,6 +9,8 @@ Contenders (each skipped, with a note, when not installed; this script installs 
 Engines are `pdsupervisor.simengine` with zero delays. Load is non-streamed
 `POST /v1/completions` (max_tokens 16) at each concurrency for a fixed duration, from `wrk`
 (C, one thread) when installed, else from an in-process aiohttp client. All on 127.0.0.1.
+"CPU us/req" is the contender's own CPU time (user + system; the decode engine's for `direct`)
+over the requests answered: steadier than req/s on a shared machine.
 
     python bench/proxy_bench.py --concurrency 1 16 64 256 --duration 5
 """
@@ -30,6 +32,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -85,6 +89,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_us: float | None = None  # the contender's CPU time per request answered
     note: str = ""
 
 
@@ -99,10 +105,12 @@ def run_wrk(url: str, conc: int, duration: float, tmp: Path) -> Result:
         capture_output=True, text=True, check=False,
     ).stdout
     rps = p50 = p99 = 0.0
-    errors = 0
+    errors = requests = 0
     for line in out.splitlines():
         parts = line.split()
-        if line.startswith("Requests/sec:"):
+        if " requests in " in line:
+            requests = int(parts[0])
+        elif line.startswith("Requests/sec:"):
             rps = float(parts[1])
         elif parts[:1] == ["50%"]:
             p50 = _ms(parts[1])
@@ -110,7 +118,12 @@ def run_wrk(url: str, conc: int, duration: float, tmp: Path) -> Result:
             p99 = _ms(parts[1])
         elif "Non-2xx" in line or "Socket errors" in line:
             errors += sum(int(x.strip(",")) for x in parts if x.strip(",").isdigit())
-    return Result(rps, p50, p99, errors)
+    return Result(rps, p50, p99, errors, requests)
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _ms(s: str) -> float:
@@ -145,7 +158,7 @@ def run_aiohttp(url: str, conc: int, duration: float) -> Result:
             elapsed = time.perf_counter() - t_start
         lat.sort()
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
-        return Result(len(lat) / elapsed, q[49] * 1e3, q[98] * 1e3, errors)
+        return Result(len(lat) / elapsed, q[49] * 1e3, q[98] * 1e3, errors, len(lat))
 
     return asyncio.run(go())
 
@@ -163,8 +176,9 @@ def main() -> None:
     py = sys.executable
     try:
         pre_port, dec_port = free_port(), free_port()
+        engines = {}
         for name, port, role in (("prefill", pre_port, "kv_producer"), ("decode", dec_port, "kv_consumer")):
-            procs.start(name, [py, "-m", "pdsupervisor.simengine", "--model", "sim-model", "--host", "127.0.0.1",
+            engines[name] = procs.start(name, [py, "-m", "pdsupervisor.simengine", "--model", "sim-model", "--host", "127.0.0.1",
                                "--port", str(port), "--sim-max-batch", "100000",
                                "--kv-transfer-config", json.dumps({"kv_role": role})])
         for port in (pre_port, dec_port):
@@ -188,11 +202,15 @@ def main() -> None:
                     procs.stop(proc)
                 continue
             results[name] = {}
+            measured = (proc or engines["decode"]).pid
             for conc in args.concurrency:
+                cpu0 = cpu_seconds(measured)
                 r = run_wrk(url, conc, args.duration, tmp) if loadgen == "wrk" else run_aiohttp(url, conc, args.duration)
+                if r.requests:
+                    r.cpu_us = (cpu_seconds(measured) - cpu0) / r.requests * 1e6
                 results[name][conc] = r
                 print(f"{name:7s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
-                      f"errors {r.errors}", flush=True)
+                      f"CPU {_us(r.cpu_us)} us/req  errors {r.errors}", flush=True)
             if proc:
                 procs.stop(proc)
         print_table(results, notes, args.concurrency, loadgen)
@@ -226,10 +244,14 @@ def contender_argv(name: str, port: int, pre: int, dec: int) -> list[str] | str:
     return f"unknown contender {name}"
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def print_table(results: dict[str, dict[int, Result]], notes: dict[str, str], concs: list[int], loadgen: str) -> None:
     print(f"\n## load generator: {loadgen}; {machine()}\n")
-    print("| contender | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| contender | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU us/req | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = results.get("direct", {})
     for name, by_conc in results.items():
         for c in concs:
@@ -239,7 +261,8 @@ def print_table(results: dict[str, dict[int, Result]], notes: dict[str, str], co
             b = base.get(c)
             add50 = f"{r.p50_ms - b.p50_ms:.2f}" if b and name != "direct" else "-"
             add99 = f"{r.p99_ms - b.p99_ms:.2f}" if b and name != "direct" else "-"
-            print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {add50} | {add99} | {r.errors} |")
+            print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {add50} | {add99} | {_us(r.cpu_us)} | "
+                  f"{r.errors} |")
     for name, note in notes.items():
         print(f"\n{name}: skipped: {note}")
 

@@ -1,20 +1,20 @@
 """`pdsupervisor doctor`: host preflight on this node, or on every member with `--cluster`.
 
 The I/O half of `pdsupervisor.core.checks`: gathers facts with `pdsupervisor.host.probes` under `--root`, tries
-the plan's ports, asks etcd for `/version`, writes the `--fix` files, and prints.
+the plan's ports, asks etcd for `/version` through the store (over TLS with `--etcd-ca`, showing
+`--etcd-cert`), writes the `--fix` files, and prints.
 """
 
 from __future__ import annotations
 
-import email.utils
+import asyncio
 import errno
 import json
 import os
 import socket
+import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import Plan, plan_cluster
 from pdsupervisor.core.spec import ClusterSpec, SpecError, load_spec
 from pdsupervisor.host import probes
+from pdsupervisor.store.etcd import Store, StoreUnavailable, TlsRefused
+from pdsupervisor.store.transport import CredentialsError, client_ssl_context
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # etcd is on the LAN
 STATUS_STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "red"}
 
 
@@ -104,27 +105,41 @@ def taken_ports(ports: list[int]) -> dict[int, str]:
     return taken
 
 
-def probe_etcd(endpoint: str, timeout_s: float = 2.0) -> EtcdProbe:
-    """GET /version; clock offset = local time minus the Date header (centred on its second)."""
-    url = f"http://{endpoint.split('://', 1)[-1]}/version"
-    before = time.time()
+def probe_etcd(endpoint: str, tls: ssl.SSLContext | None = None, timeout_s: float = 2.0) -> EtcdProbe:
+    """`Store.version()` (https with `tls`, unless `endpoint` names its scheme); clock offset =
+    local time minus the answer's Date header (centred on its second)."""
+    return asyncio.run(_probe_etcd(endpoint, tls, timeout_s))
+
+
+async def _probe_etcd(endpoint: str, tls_context: ssl.SSLContext | None, timeout_s: float) -> EtcdProbe:
+    store = Store([endpoint], "doctor", tls=tls_context, timeout_s=timeout_s)
+    url, tls = store.endpoints[0], store.endpoints[0].startswith("https://")
+    async with store:
+        before = time.time()
+        try:
+            answer = await store.version()
+        except TlsRefused as exc:
+            return EtcdProbe(url, error=str(exc), refused=True, tls=tls)
+        except StoreUnavailable as exc:  # refused, unreachable, timed out, not etcd's /version
+            return EtcdProbe(url, error=str(exc), tls=tls)
+        local = (before + time.time()) / 2
+    offset = None if answer.date is None else local - (answer.date + 0.5)
+    return EtcdProbe(url, version=answer.server, offset_s=offset, tls=tls)
+
+
+def etcd_tls(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    """The SSL context doctor reaches etcd with: `ca_file` checks etcd's certificate, and
+    `cert_file`/`key_file` are shown to it; None without `ca_file` (plaintext)."""
+    if bool(cert_file) != bool(key_file):
+        raise click.UsageError("--etcd-cert and --etcd-key go together")
+    if cert_file and not ca_file:
+        raise click.UsageError("--etcd-cert needs --etcd-ca (the CA etcd's certificate is checked against)")
+    if not ca_file:
+        return None
     try:
-        with _NO_PROXY.open(url, timeout=timeout_s) as resp:
-            body = resp.read(4096).decode(errors="replace")
-            date = resp.headers.get("Date")
-    except urllib.error.HTTPError as exc:  # something answered, but not etcd's /version
-        return EtcdProbe(endpoint, error=str(exc))
-    except OSError as exc:  # URLError included: refused, unreachable, timed out
-        return EtcdProbe(endpoint, error=str(getattr(exc, "reason", exc)))
-    local = (before + time.time()) / 2
-    try:
-        version = json.loads(body).get("etcdserver", "")
-    except ValueError:
-        version = ""
-    if not date:
-        return EtcdProbe(endpoint, version=version)
-    server = email.utils.parsedate_to_datetime(date).timestamp() + 0.5
-    return EtcdProbe(endpoint, version=version, offset_s=local - server)
+        return client_ssl_context(ca_file, cert_file, key_file)
+    except CredentialsError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def apply_fixes(spec: ClusterSpec, facts: NodeFacts, root: str) -> list[FixDone]:
@@ -187,7 +202,7 @@ def report_json(report: dict[str, Any]) -> str:
 
 
 def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: int | None,
-              nodes: tuple[str, ...], etcd: str | None, fix: bool) -> dict[str, Any]:
+              nodes: tuple[str, ...], etcd: str | None, fix: bool, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Every check for this node; with `fix`, write the safe fixes first and check again.
 
     The report holds the CheckResult and FixDone objects (`report_json` for JSON)."""
@@ -207,7 +222,7 @@ def run_local(spec: ClusterSpec, root: str, name: str, ip: str, accelerators: in
     results.append(port_check(ports_needed(spec, plan, name)))
     results.append(check_model(spec, Path(spec.model).expanduser().exists() if model_is_path(spec.model) else None))
     endpoint = _etcd_endpoint(spec, plan, local, etcd)
-    results += check_etcd(probe_etcd(endpoint) if endpoint else None)
+    results += check_etcd(probe_etcd(endpoint, tls) if endpoint else None)
     return {
         "node": name, "roles": roles,
         "plan": "planned" if plan is not None else f"not planned ({plan_note}): ports are every role's",
@@ -243,17 +258,24 @@ async def _cluster_checks(client: ApiClient, spec: ClusterSpec) -> dict[str, Any
 @click.option("--node", "nodes", multiple=True, metavar="NAME=IP[,key=value...]",
               help="Another node's facts for planning (repeat), as `pdsupervisor plan --node`.")
 @click.option("--etcd", default=None, metavar="HOST:PORT", help="etcd to check [default: from the plan].")
+@click.option("--etcd-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA bundle etcd's certificate is checked against (etcd is then reached over https).")
+@click.option("--etcd-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Client certificate shown to etcd, with --etcd-key (the node's etcd_tls files).")
+@click.option("--etcd-key", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--fix", is_flag=True, help="Write THP and nr_hugepages under --root (as root) and say what changed.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: str | None, ca_file: str | None,
                    root: str, name: str | None, ip: str | None, accelerators: int | None, nodes: tuple[str, ...],
-                   etcd: str | None, fix: bool, output: str) -> None:
+                   etcd: str | None, etcd_ca: str | None, etcd_cert: str | None, etcd_key: str | None, fix: bool,
+                   output: str) -> None:
     """Check this host (or every member) against SPEC: found, needed, and the command to fix it.
 
     Exit 1 when a check FAILs (a requirement in host_requirements.hard, a taken port, a missing model),
     2 when the spec is invalid.
     """
     spec = read_spec(spec_file)  # invalid: exit 2, as `plan` and `start`
+    tls = etcd_tls(etcd_ca, etcd_cert, etcd_key)
     if cluster_wide:
         if fix:
             raise click.ClickException("--fix applies to this host only: run `pdsupervisor doctor --fix` on each node")
@@ -261,7 +283,7 @@ def doctor_command(spec_file: Path, cluster_wide: bool, api: str, token_file: st
         rows = [(n, r) for n, d in doc["nodes"].items() for r in d["results"]]
     else:
         name = name or socket.gethostname()  # pd-agent's default name: the plan must agree
-        doc = run_local(spec, root, name, ip or probes.default_ip(), accelerators, nodes, etcd, fix)
+        doc = run_local(spec, root, name, ip or probes.default_ip(), accelerators, nodes, etcd, fix, tls)
         rows = [(name, r) for r in doc["results"]]
     if output == "json":
         click.echo(report_json(doc))

@@ -40,10 +40,16 @@ class CheckResult:
 class EtcdProbe:
     """What the command learned from `GET <etcd>/version`: reachability and the clock offset."""
 
-    endpoint: str
+    endpoint: str  # as asked: a URL
     error: str | None = None
     version: str = ""
     offset_s: float | None = None  # local clock minus etcd's Date header; None: not measured
+    refused: bool = False  # the TLS handshake failed (a certificate refused): etcd is there, and wrongly reached
+    tls: bool = False  # asked over TLS (doctor's --etcd-ca)
+
+
+ETCD_TLS_FIX = ("give --etcd-ca, --etcd-cert and --etcd-key: this node's etcd_tls files "
+                "(`pdsupervisor pki`: nodes/<name>/ca.crt, client.crt, client.key)")
 
 
 def _miss(spec: ClusterSpec, hard_name: str) -> Status:
@@ -204,9 +210,14 @@ def check_etcd(probe: EtcdProbe | None) -> list[CheckResult]:
                             "give --etcd HOST:PORT or --node for the bootstrap node"),
                 CheckResult("clock", "WARN", "not measured", f"offset < {CLOCK_WARN_S:g}s")]
     if probe.error is not None:
-        return [CheckResult("etcd", "WARN", f"{probe.endpoint}: {probe.error}", "reachable",
-                            f"curl http://{probe.endpoint}/version  # is the bootstrap node's agent running?"),
-                CheckResult("clock", "WARN", "not measured (etcd unreachable)", f"offset < {CLOCK_WARN_S:g}s")]
+        found = probe.error if probe.endpoint in probe.error else f"{probe.endpoint}: {probe.error}"
+        if probe.refused:
+            etcd = CheckResult("etcd", "FAIL", found, "reachable with this node's etcd certificates", ETCD_TLS_FIX)
+        else:
+            curl = "curl --cacert CA --cert CERT --key KEY" if probe.tls else "curl"
+            fix = f"{curl} {probe.endpoint}/version  # is the bootstrap node's agent running?"
+            etcd = CheckResult("etcd", "WARN", found, "reachable", fix if probe.tls else f"{fix} A TLS etcd: {ETCD_TLS_FIX}")
+        return [etcd, CheckResult("clock", "WARN", "not measured (etcd unreachable)", f"offset < {CLOCK_WARN_S:g}s")]
     etcd = CheckResult("etcd", "OK", f"{probe.endpoint} {probe.version}".strip(), "reachable")
     if probe.offset_s is None:
         return [etcd, CheckResult("clock", "WARN", "not measured (no Date header)", f"offset < {CLOCK_WARN_S:g}s")]

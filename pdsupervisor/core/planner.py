@@ -267,7 +267,7 @@ def plan_cluster(
     problems: list[tuple[str, str]] = []
     bootstrap = spec.etcd.bootstrap_node
     if spec.etcd.endpoints:
-        etcd_endpoints = [e.split("://", 1)[-1] for e in spec.etcd.endpoints]
+        etcd_endpoints = list(spec.etcd.endpoints)  # as given: an explicit scheme is kept (no TLS upgrade of http://)
     elif bootstrap is not None and bootstrap in nodes:
         etcd_endpoints = [f"{nodes[bootstrap].ip}:{spec.etcd.client_port}"]
     else:

@@ -18,6 +18,7 @@ from aiohttp import web
 from pdsupervisor.aio.serve import run_app
 from pdsupervisor.core.models import EtcdAccess, TlsFiles
 from pdsupervisor.host.logsetup import configure_logging
+from pdsupervisor.proxy.config import DEFAULT_MAX_BODY_BYTES
 from pdsupervisor.proxy.instances import Registry
 from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
 from pdsupervisor.store.transport import Credentials, CredentialsError, credentials
@@ -79,6 +80,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
               help="Accepted for the seed; only 1 is supported.")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="File with accepted API keys, one a line.")
+@click.option("--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1),
+              help="Largest request body accepted; a larger one is refused (413) before any engine sees it.")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float,
               help="Seconds to connect upstream; a timeout ejects the instance and retries elsewhere.")
 @click.option("--read-timeout", default=1200.0, show_default=True, type=float)
@@ -105,6 +108,7 @@ def proxy(**opts: Any) -> None:
         benchmark_mode=opts["benchmark_mode"], repeat_d_times=opts["repeat_d_times"], api_keys=keys,
         connect_timeout_s=opts["connect_timeout"], read_timeout_s=opts["read_timeout"],
         total_timeout_s=opts["total_timeout"], probe_interval_s=opts["probe_interval"],
+        max_body_bytes=opts["max_body_bytes"],
     )
     registry = Registry(policy="round-robin" if opts["round_robin"] else opts["policy"])
     registry.set_endpoints("prefill", prefill)

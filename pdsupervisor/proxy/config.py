@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # a long prompt, or a long chat, fits many times over
+
 
 @dataclass
 class ProxyConfig:
@@ -18,3 +20,4 @@ class ProxyConfig:
     total_timeout_s: float = 6 * 3600.0
     probe_interval_s: float = 1.0
     pool_size: int = 4096
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body is refused (413)

@@ -12,7 +12,8 @@ connection, so the engine stops working for nobody.
 
 Each request's steps share one `Exchange`, a slotted dataclass built once the body is parsed,
 instead of passing its parts positionally: the proxy's CPU per request is what
-bench/proxy_bench.py measures, so this path stays plain (no validation layer, no per-step objects).
+bench/proxy_bench.py measures, so this path stays plain (no validation layer, no per-step objects;
+the body's few checks, size, JSON object, depth, are `limits`, cheap for nearly every request).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import aiohttp
 from aiohttp import web
 
 from pdsupervisor.proxy.config import ProxyConfig
+from pdsupervisor.proxy.errors import JSON_HEADERS, ProxyError, error_response
 from pdsupervisor.proxy.instances import Instance, ProxyRole, Registry
+from pdsupervisor.proxy.limits import parse_body, read_body
 from pdsupervisor.proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("pdsupervisor.proxy")
 
-JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # Asks a vLLM v1 connector to keep the KV for a remote decode; ignored by v0 engines.
 PREFILL_KV_REQUEST = {
@@ -43,25 +45,12 @@ PREFILL_KV_REQUEST = {
 }
 
 
-class ProxyError(Exception):
-    """Ends a request with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, type_: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type_ = status, message, type_
-
-
 class Passthrough(Exception):
     """An upstream 4xx: the client's fault, handed back as it is."""
 
     def __init__(self, response: web.Response) -> None:
         super().__init__("upstream 4xx")
         self.response = response
-
-
-def error_response(status: int, message: str, type_: str) -> web.Response:
-    body = json.dumps({"error": {"message": message, "type": type_, "code": status}}).encode()
-    return web.Response(status=status, body=body, headers=JSON_HEADERS)
 
 
 # What an attempt on one instance can fail with and still be counted and handled by the proxy
@@ -131,13 +120,8 @@ class Flow:
             if (denied := self.denied(request)) is not None:
                 status = denied.status
                 return denied
-            raw = await request.read()
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise ProxyError(400, f"request body is not valid JSON: {exc}", "BadRequestError") from None
-            if not isinstance(body, dict) or not body:
-                raise ProxyError(400, "request body must be a non-empty JSON object", "BadRequestError")
+            raw = await read_body(request, self.cfg.max_body_bytes)
+            body = parse_body(raw)
             ex = Exchange(request=request, session=request.app[UPSTREAM], path=path, chat=chat, start=start, raw=raw, body=body,
                           tokens=len(raw) // 4 + 1, stream=bool(body.get("stream")))
             ex.prefill = prefill = await self._prefill(ex)
@@ -151,7 +135,7 @@ class Flow:
         except ProxyError as e:
             status = e.status
             self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
-            return error_response(e.status, e.message, e.type_)
+            return error_response(e.status, e.message, e.type_, e.param)
         except asyncio.CancelledError:
             status = 499  # client went away
             raise

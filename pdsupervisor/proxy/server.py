@@ -20,8 +20,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdsupervisor.aio.serve import stop_tasks
 from pdsupervisor.proxy.config import ProxyConfig
-from pdsupervisor.proxy.exchange import DUPLICATES, JSON_HEADERS, UPSTREAM, Flow, error_response
+from pdsupervisor.proxy.errors import JSON_HEADERS, error_response
+from pdsupervisor.proxy.exchange import DUPLICATES, UPSTREAM, Flow
 from pdsupervisor.proxy.instances import Instance, Registry
+from pdsupervisor.proxy.limits import no_route
 from pdsupervisor.proxy.metrics import ProxyMetrics
 
 __all__ = ["DUPLICATES", "PROXY", "UPSTREAM", "PDProxy", "ProxyConfig"]
@@ -38,7 +40,7 @@ class PDProxy:
         self.flow = Flow(cfg, registry, self.metrics)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app[PROXY] = self
         app.router.add_post("/v1/completions", self.flow.completions)
         app.router.add_post("/v1/chat/completions", self.flow.chat_completions)
@@ -46,6 +48,7 @@ class PDProxy:
         app.router.add_get("/health", self.health)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_route("*", r"/{path:[\s\S]*}", no_route)  # last: what matches no route above, newlines too
         app.cleanup_ctx.extend((upstream_session, prober, duplicates))
         return app
 

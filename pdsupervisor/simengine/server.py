@@ -46,6 +46,7 @@ class EngineMetrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
         self.requests = counter("vllm:request_success", "Requests finished.")
+        self.received = counter("vllm:sim_requests_received", "Completion requests received, bad ones too.")
         self.local_prefills = counter(
             "vllm:sim_decode_local_prefills", "Decode-role requests without valid kv_transfer_params (prefill paid here)."
         )
@@ -117,6 +118,7 @@ class SimEngine:
     # ---- generation ----------------------------------------------------------------
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self.metrics.received.inc()
         try:
             body = json.loads(await request.read())
         except ValueError as exc:

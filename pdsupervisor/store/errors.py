@@ -16,6 +16,12 @@ class EtcdError(StoreUnavailable):
     """etcd answered with an error (e.g. a revision compacted away, a lease not found)."""
 
 
+class TlsRefused(StoreUnavailable):
+    """The TLS handshake with etcd failed: etcd refused our client certificate (none, or not one
+    of its CA), or its own is not one our CA bundle trusts. Retrying will not mend it; the
+    message says which side refused."""
+
+
 class TokenRejected(EtcdError):
     """etcd no longer takes our RBAC token (expired, forgotten by a restart): authenticate again."""
 

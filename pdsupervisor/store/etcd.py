@@ -19,9 +19,11 @@ from pydantic import BaseModel
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.store.errors import EtcdError as EtcdError  # re-exported: callers catch them from here
 from pdsupervisor.store.errors import StoreUnavailable as StoreUnavailable
+from pdsupervisor.store.errors import TlsRefused as TlsRefused
 from pdsupervisor.store.errors import TokenRejected
 from pdsupervisor.store.errors import WatchLost as WatchLost
-from pdsupervisor.store.gateway import KeyValue as KeyValue  # re-exported (as are WatchEvent and Keys): Store returns them
+from pdsupervisor.store.gateway import KeyValue as KeyValue  # re-exported (as are these three and Keys): Store returns them
+from pdsupervisor.store.gateway import ServerVersion as ServerVersion
 from pdsupervisor.store.gateway import WatchEvent as WatchEvent
 from pdsupervisor.store.gateway import (
     b64,
@@ -36,11 +38,12 @@ from pdsupervisor.store.gateway import (
     prefix_end,
     prefix_range,
     put_request,
+    server_version,
     unb64,
     watch_message,
 )
 from pdsupervisor.store.keys import Keys as Keys
-from pdsupervisor.store.transport import Credentials, TokenAuth, token_rejected
+from pdsupervisor.store.transport import Credentials, TokenAuth, tls_refusal, token_rejected
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -125,29 +128,31 @@ class Store:
         return [(self._current + i) % n for i in range(n)]
 
     async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None) -> aiohttp.ClientResponse:
-        """`_post` with the RBAC token, if any; authenticated again once if etcd rejects it."""
+        """`_send` with the RBAC token, if any; authenticated again once if etcd rejects it."""
         if self._auth is None:
-            return await self._post(path, body, idle_s, None)
+            return await self._send(path, body, idle_s, None)
         headers = await self._auth.header(self._authenticate)
         try:
-            return await self._post(path, body, idle_s, headers)
+            return await self._send(path, body, idle_s, headers)
         except TokenRejected:
-            return await self._post(path, body, idle_s, await self._auth.header(self._authenticate, stale=headers))
+            return await self._send(path, body, idle_s, await self._auth.header(self._authenticate, stale=headers))
 
     async def _authenticate(self, creds: Credentials) -> str:
-        out = await self._json(await self._post(
+        out = await self._json(await self._send(
             "/v3/auth/authenticate", {"name": creds.username, "password": creds.password}, None, None))
         if not out.get("token"):
             raise EtcdError(f"etcd gave no token to user {creds.username} (is its auth enabled?)")
         return str(out["token"])
 
-    async def _post(self, path: str, body: Mapping[str, Any], idle_s: float | None,
+    async def _send(self, path: str, body: Mapping[str, Any] | None, idle_s: float | None,
                     headers: Mapping[str, str] | None) -> aiohttp.ClientResponse:
-        """POST to the first endpoint that takes the connection; the caller reads and releases.
+        """POST `body` (GET without one) to the first endpoint that takes the connection; the
+        caller reads and releases.
 
         An endpoint that refuses, or does not accept within the connect timeout (a dead
         host drops SYNs), is skipped for the next: nothing was sent to it. A request
         (`idle_s` None) has `timeout_s` in all; a stream fails after `idle_s` of silence.
+        A failed TLS handshake is TlsRefused, saying which side refused.
         """
         await self.connect()
         assert self._session is not None
@@ -155,13 +160,17 @@ class Store:
         timeout = (aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect_s) if idle_s is None
                    else aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=idle_s))
         error: BaseException | None = None
+        failed_at = ""
         for i in self._endpoint_order():
             try:
-                resp = await self._session.post(self.endpoints[i] + path, json=body, timeout=timeout, headers=headers)
+                resp = await self._session.request("GET" if body is None else "POST", self.endpoints[i] + path,
+                                                   json=body, timeout=timeout, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                error = exc
+                error, failed_at = exc, self.endpoints[i]
                 continue
             except _TRANSPORT_ERRORS as exc:
+                if refusal := tls_refusal(exc):
+                    raise TlsRefused(f"etcd at {self.endpoints[i]}: {refusal}") from exc
                 raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {exc or type(exc).__name__}") from exc
             self._current = i
             if resp.status != 200:
@@ -175,6 +184,8 @@ class Store:
                     raise TokenRejected(error_text(answer, resp.status))
                 raise EtcdError(error_text(answer, resp.status))
             return resp
+        if refusal := tls_refusal(error):  # at the last endpoint tried
+            raise TlsRefused(f"etcd at {failed_at}: {refusal}") from error
         raise StoreUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {error}") from error
 
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -281,6 +292,15 @@ class Store:
                 except _TRANSPORT_ERRORS as exc:
                     raise WatchLost(f"watch on {key} broken: {exc or type(exc).__name__}") from exc
             raise WatchLost(f"watch on {key} closed by the server")
+
+    async def version(self) -> ServerVersion:
+        """etcd's `GET /version` (no RBAC token needed) and the answer's Date, from the first
+        endpoint that answers: what `pdsupervisor doctor` checks."""
+        resp = await self._send("/version", None, None, None)
+        try:
+            return server_version(await self._json(resp), resp.headers.get("Date"))
+        except ValueError as exc:  # something answered 200, but not in JSON: not etcd
+            raise EtcdError(f"{resp.url} answered something else than JSON: {exc}") from exc
 
     async def compact(self, revision: int) -> None:
         """Drop history before `revision` (etcd's auto-compaction does this on a schedule)."""

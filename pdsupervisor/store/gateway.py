@@ -7,6 +7,7 @@ out of answers.
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,23 @@ class WatchEvent:
     key: str
     value: bytes | None  # None for a delete
     revision: int
+
+
+@dataclass(frozen=True)
+class ServerVersion:
+    """etcd's `GET /version`, and when it answered."""
+
+    server: str  # `etcdserver`, e.g. "3.5.17"
+    date: float | None  # the answer's Date header, POSIX seconds (1 s resolution); None without one
+
+
+def server_version(answer: object, date: str | None) -> ServerVersion:
+    """The version etcd names (empty if none) and its Date header (None if none or unreadable)."""
+    try:
+        when = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        when = None
+    return ServerVersion(str(answer.get("etcdserver", "")) if isinstance(answer, dict) else "", when)
 
 
 def parse_endpoint(url: str, *, tls: bool = False) -> str:

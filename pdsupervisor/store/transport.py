@@ -88,6 +88,26 @@ def credentials(access: EtcdAccess | None) -> tuple[ssl.SSLContext | None, Crede
     return tls_context(access.tls), auth
 
 
+def tls_refusal(exc: BaseException | None) -> str | None:
+    """What a failed TLS handshake with etcd means, from `exc` or what caused it; None when
+    no TLS error is among them. (aiohttp's wrappers are SSLErrors too, without the details: the
+    `ssl` module's own error, their cause, has them.)"""
+    for _ in range(16):  # along the chain of causes (bounded: a cycle can be made by hand)
+        if exc is None:
+            return None
+        verify, reason = getattr(exc, "verify_message", None), getattr(exc, "reason", None)
+        if isinstance(exc, ssl.SSLCertVerificationError) and verify:
+            return f"its certificate is not one the CA bundle trusts (certificate verify failed: {verify})"
+        if isinstance(exc, ssl.SSLError) and isinstance(reason, str):
+            if "WRONG_VERSION_NUMBER" in reason:
+                return f"it does not speak TLS there ({reason})"
+            if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+                return f"it refused this client's certificate: none was shown, or not one of its CA ({reason})"
+            return f"the TLS handshake failed ({reason})"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 # etcd's answers meaning "authenticate again": the token expired or was forgotten (an etcd
 # restart forgets simple tokens), none was sent, or the auth store changed since it was issued.
 _TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")

@@ -3,6 +3,7 @@ own `pki` module), and against a real etcd with RBAC (user, password, token)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from pdsupervisor.core import pki
 from pdsupervisor.core.models import TlsFiles
 from pdsupervisor.host import pki as pki_files
-from pdsupervisor.store.etcd import Store, StoreUnavailable
+from pdsupervisor.store.etcd import Store, StoreUnavailable, TlsRefused
 from pdsupervisor.store.transport import Credentials, client_ssl_context
 from tests.conftest import EtcdServer
 
@@ -90,6 +91,21 @@ async def test_the_store_refuses_an_etcd_its_ca_did_not_sign(tls_etcd, pkis, clu
     async with Store([tls_etcd.endpoint], cluster_name, tls=ctx, timeout_s=2) as store:
         with pytest.raises(StoreUnavailable, match="certificate verify failed"):
             await store.get("/pdsupervisor/x")
+
+
+async def test_version_over_tls_and_a_refused_handshake_says_which_side(tls_etcd, pkis, cluster_name):
+    async with Store([tls_etcd.endpoint], cluster_name, tls=_ctx(pkis.admin)) as store:
+        answer = await store.version()
+    assert answer.server.startswith("3.") and answer.date is not None and abs(answer.date - time.time()) < 5
+    refusals = {
+        "etcd refused ours": (client_ssl_context(pkis.admin.ca_file), "it refused this client's certificate"),
+        "we refused etcd's": (_ctx(TlsFiles(ca_file=pkis.stranger.ca_file, cert_file=pkis.admin.cert_file,
+                                            key_file=pkis.admin.key_file)), "not one the CA bundle trusts"),
+    }
+    for ctx, words in refusals.values():
+        async with Store([tls_etcd.endpoint], cluster_name, tls=ctx, timeout_s=2) as store:
+            with pytest.raises(TlsRefused, match=f"etcd at https://{tls_etcd.endpoint}: .*{words}"):
+                await store.version()
 
 
 async def test_plaintext_to_a_tls_etcd_gets_nothing(tls_etcd, pkis, cluster_name):

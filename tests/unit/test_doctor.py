@@ -26,6 +26,7 @@ from pdsupervisor.core.planner import plan_cluster
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.host import probes
 from pdsupervisor.local.ports import free_port
+from tests.certs import TestCA
 from tests.conftest import write
 
 IB = "sys/class/infiniband"
@@ -181,7 +182,7 @@ def test_etcd_unreachable_is_a_warning(tmp_path):
     (tmp_path / "model").mkdir()
     code, doc = doctor(root, spec_file(tmp_path))
     checks = by_check(doc)
-    assert checks["etcd"]["status"] == "WARN" and "refused" in checks["etcd"]["found"].lower()
+    assert checks["etcd"]["status"] == "WARN" and "cannot connect" in checks["etcd"]["found"].lower()
     assert checks["clock"]["found"] == "not measured (etcd unreachable)"
     assert code == 0 and checks["model"]["status"] == "OK"
 
@@ -218,6 +219,16 @@ def test_etcd_version_and_clock_offset(fake_etcd, tmp_path):
     checks = by_check(doc)
     assert checks["etcd"]["status"] == "OK" and checks["clock"]["status"] == "WARN"
     assert 3598 < float(checks["clock"]["found"].split("s ", 1)[0]) < 3602
+
+
+def test_tls_to_a_plaintext_etcd_is_a_failure_saying_so(fake_etcd, tmp_path):
+    """--etcd-ca makes doctor speak https: a plaintext etcd there is named as such, not as unreachable."""
+    root = host_tree(tmp_path / "root", thp="[always]", total=32768, free=32768)
+    ca = TestCA(tmp_path / "ca")
+    code, doc = doctor(root, spec_file(tmp_path), "--etcd", fake_etcd, "--etcd-ca", str(ca.path))
+    etcd = by_check(doc)["etcd"]
+    assert code == 1 and etcd["status"] == "FAIL"
+    assert etcd["found"].startswith(f"etcd at https://{fake_etcd}: it does not speak TLS there")
 
 
 def test_model_hub_id_is_not_a_path(tmp_path):

@@ -10,9 +10,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
+from pdsupervisor.core.models import EtcdAccess, NodeFacts, RdmaDevice, RdmaPort, TlsFiles
 from pdsupervisor.core.planner import PlanError, interleaved_decode_endpoints, plan_cluster, port_claims
 from pdsupervisor.core.spec import load_spec, validate_spec
+from pdsupervisor.store.gateway import parse_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "etc/pdsupervisor/cluster.example.yaml"
@@ -123,6 +124,23 @@ def test_builtin_proxy_follows_etcd():
     assert argv[argv.index("--etcd") + 1] == "10.239.129.9:2379"
     assert argv[argv.index("--cluster") + 1] == "deepseek-r1"
     assert argv[-2:] == ["--api-key-file", "/etc/pd/keys"]
+
+
+def test_builtin_proxy_keeps_an_explicit_etcd_scheme():
+    """A scheme written in `etcd.endpoints` reaches the proxy's `--etcd` as written: a loopback
+    `http://` stays plaintext on a node with etcd TLS; only a bare host:port becomes https there."""
+    doc = example_doc()
+    doc["proxy"] = {"kind": "builtin"}
+    doc["etcd"] = {"endpoints": ["http://127.0.0.1:2379", "10.0.0.9:2379", "https://10.0.0.8:2379"]}
+    tls = EtcdAccess(tls=TlsFiles(ca_file="/pki/ca.crt", cert_file="/pki/client.crt", key_file="/pki/client.key"))
+    plan = plan_cluster(validate_spec(doc), seed_nodes(etcd_access=tls))
+    assert plan.etcd_endpoints == ["http://127.0.0.1:2379", "10.0.0.9:2379", "https://10.0.0.8:2379"]
+    argv = plan.nodes["g10"].processes[-1].argv
+    etcd = argv[argv.index("--etcd") + 1]
+    assert etcd == "http://127.0.0.1:2379,10.0.0.9:2379,https://10.0.0.8:2379" and "--etcd-ca" in argv
+    # what the proxy makes of them (its --etcd-ca given): the store's reading
+    assert [parse_endpoint(e, tls=True) for e in etcd.split(",")] == [
+        "http://127.0.0.1:2379", "https://10.0.0.9:2379", "https://10.0.0.8:2379"]
 
 
 def test_external_proxy_runs_in_its_directory():
