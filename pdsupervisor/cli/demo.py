@@ -25,13 +25,13 @@ import click
 import yaml
 from rich.console import Console
 
-from pdsupervisor.api.client import ApiError
+from pdsupervisor.api.client import DEFAULT_API, ApiError
 from pdsupervisor.cli.cluster import console as make_console
 from pdsupervisor.cli.cluster import status_table, wait_for_phase
 from pdsupervisor.cli.doctor import load_spec_file, port_check
 from pdsupervisor.core.spec import ClusterSpec, load_spec
 from pdsupervisor.host.private import open_lock, private_dir
-from pdsupervisor.local.cluster import BootError, LocalCluster
+from pdsupervisor.local.cluster import DEMO_STATE_DIR, BootError, LocalCluster
 from pdsupervisor.store.embedded import etcd_binary
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parents[2] / "etc" / "pdsupervisor" / "demo.yaml"
@@ -61,7 +61,7 @@ def _take_lock(state_dir: Path) -> Any:
         lock.close()
         raise click.ClickException(
             f"a demo is already running (pid {holder}, state in {state_dir}); stop it with Ctrl-C "
-            f"or `kill {holder}`, or use it: PDSUPERVISOR_API=http://127.0.0.1:8471 pdsupervisor status"
+            f"or `kill {holder}`, or use it: pdsupervisor status"
         ) from None
     lock.seek(0)
     lock.truncate()
@@ -122,14 +122,15 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
     api = lc.agents[0].api_url
+    # node1 is on the CLI's default API; another one (a changed LocalCluster) is said
+    export_api = "" if api == DEFAULT_API else f"PDSUPERVISOR_API={api} "
     admin = lc.client_files()
     console.print(f"""
 The cluster is yours until Ctrl-C:
   curl -s {doc.proxy_url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  export PDSUPERVISOR_API={api} PDSUPERVISOR_TOKEN_FILE={lc.token_file}
-  pdsupervisor status
-  pdsupervisor events
+  pdsupervisor status    # reads need no token: status, nodes, events
+  export {export_api}PDSUPERVISOR_TOKEN_FILE={lc.token_file}    # writes and logs do
   pdsupervisor logs node2 decode-0
   logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
 etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); e.g. the admin one:
@@ -154,7 +155,7 @@ async def _shutdown(lc: LocalCluster, console: Console) -> None:
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=REPO_DEMO_SPEC,
               show_default=True, help="Cluster spec to run.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("/tmp/pdsupervisor-demo"), show_default=True)
+              default=DEMO_STATE_DIR, show_default=True)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 @click.option("--exit-when-ready", is_flag=True, help="Stop everything once a completion went through (CI).")
 def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool) -> None:
