@@ -1,6 +1,6 @@
 """`pdsupervisor demo` end to end: ready, its etcd only for its own certificates, the CLI's
 defaults reach it, a second demo refused clearly, Ctrl-C stops it in order and leaves nothing;
-a planted symlink is refused."""
+a planted symlink is refused; a Mooncake master that cannot run here is left out, saying why."""
 
 from __future__ import annotations
 
@@ -190,3 +190,32 @@ def test_demo_refuses_a_bad_spec_with_a_message_not_a_traceback(tmp_path, text):
     assert f"{spec}: invalid" in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "demo" / "run").exists()
 
+
+def test_demo_runs_without_a_master_that_cannot_run_and_says_why(tmp_path):
+    """pip's mooncake_master without Debian's libibverbs1: installed (on PATH, where the demo and
+    its agents look), but the loader refuses it with exit 127. The demo tries it once, leaves the
+    master out, says why in one line and reaches ready; the agents never start it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "mooncake_master"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                    'echo "$0: error while loading shared libraries: libibverbs.so.1: cannot open shared object file: '
+                    'No such file or directory" >&2\nexit 127\n')
+    fake.chmod(0o755)
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(tmp_path / "demo"), "--timeout", "60",
+            "--exit-when-ready"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=150, env=env)
+    finally:
+        kill_marked(marker)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    reason = [line for line in text.splitlines() if "running without a Mooncake master" in line]
+    assert reason == [f"running without a Mooncake master: {fake}: error while loading shared libraries: "
+                      "libibverbs.so.1: cannot open shared object file: No such file or directory"], text
+    assert "one completion through the proxy" in text and "mooncake-master" not in text
+    assert calls.read_text() == "--help\n"  # the demo's try; no agent started it
+    assert marked(marker) == []
