@@ -1,6 +1,6 @@
 """Shared pieces of the orchestration and failover benchmarks (not a benchmark itself).
 
-A LocalCluster on private ports (nothing in the demo's 2379 / 8471+ / 8868, none that the
+A LocalCluster on private ports (nothing in the demo's 2379 / 8470+ / 8868, none that the
 tests' free_port hands out: localcluster.BENCH_PORTS), a spec generator for N one-engine
 nodes, and a poller that timestamps what `GET /cluster` shows.
 """

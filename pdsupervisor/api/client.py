@@ -24,7 +24,8 @@ from pydantic import ValidationError
 from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.documents import ClusterDocument, ErrorBody, Event, EventsDocument, NodesDocument, SubmitAnswer
 
-DEFAULT_API = "http://127.0.0.1:8470"
+DEFAULT_API_PORT = 8470  # an agent's REST port unless configured
+DEFAULT_API = f"http://127.0.0.1:{DEFAULT_API_PORT}"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 D = TypeVar("D", ClusterDocument, EventsDocument, NodesDocument, SubmitAnswer)
 

@@ -19,6 +19,7 @@ from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
 from pdsupervisor.cli.progress import Lines, Progress, progress_for_stdout
 from pdsupervisor.cli.specfile import invalid_spec
 from pdsupervisor.core.documents import ClusterDocument, Phase
+from pdsupervisor.local.cluster import DEMO_STATE_DIR
 
 T = TypeVar("T")
 PHASE_STYLE = {"ready": "green", "degraded": "red", "starting": "yellow", "pending": "yellow",
@@ -37,6 +38,15 @@ def api_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 TOKEN_HINT = ("pass the agents' token with --token-file FILE (env PDSUPERVISOR_TOKEN_FILE) "
               "or in env PDSUPERVISOR_TOKEN")
+DEMO_TOKEN_FILE = DEMO_STATE_DIR / "run" / "token"
+
+
+def token_hint() -> str:
+    """TOKEN_HINT, naming the demo's token file when a demo ran here with its default state dir.
+    Named, never read and sent on our own: whoever listens on the API port gets what we send."""
+    if os.path.exists(DEMO_TOKEN_FILE):  # False, not an error, in someone else's 0700 directory
+        return f"{TOKEN_HINT}; the demo's: export PDSUPERVISOR_TOKEN_FILE={DEMO_TOKEN_FILE}"
+    return TOKEN_HINT
 
 
 def make_client(api: str, token_file: str | None, ca_file: str | None) -> ApiClient:
@@ -59,7 +69,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except ApiError as exc:
-        hint = f"\n{TOKEN_HINT}" if exc.status == 401 and not exc.withheld else ""
+        hint = f"\n{token_hint()}" if exc.status == 401 and not exc.withheld else ""
         raise click.ClickException(f"{exc}{hint}") from None
     except TimeoutError as exc:  # a wait that ran out (also what aiohttp raises on a slow answer)
         raise click.ClickException(str(exc) or "the agent API did not answer in time") from None

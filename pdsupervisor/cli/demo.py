@@ -2,7 +2,7 @@
 
 A CA and every node's certificates (in the state dir), etcd with TLS and client-certificate
 auth (started by node1's agent), three agents on 127.0.0.1-127.0.0.3, simulated engines,
-the real `mooncake_master` when installed, the built-in proxy. Ctrl-C or SIGTERM stops it all
+the real `mooncake_master` when it runs here, the built-in proxy. Ctrl-C or SIGTERM stops it all
 in order and leaves no process behind.
 """
 
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,14 +25,15 @@ import aiohttp
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
-from pdsupervisor.api.client import ApiError
+from pdsupervisor.api.client import DEFAULT_API, ApiError
 from pdsupervisor.cli.cluster import console as make_console
 from pdsupervisor.cli.cluster import status_table, wait_for_phase
 from pdsupervisor.cli.doctor import load_spec_file, port_check
 from pdsupervisor.core.spec import ClusterSpec, load_spec
 from pdsupervisor.host.private import open_lock, private_dir
-from pdsupervisor.local.cluster import BootError, LocalCluster
+from pdsupervisor.local.cluster import DEMO_STATE_DIR, BootError, LocalCluster
 from pdsupervisor.store.embedded import etcd_binary
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parents[2] / "etc" / "pdsupervisor" / "demo.yaml"
@@ -61,7 +63,7 @@ def _take_lock(state_dir: Path) -> Any:
         lock.close()
         raise click.ClickException(
             f"a demo is already running (pid {holder}, state in {state_dir}); stop it with Ctrl-C "
-            f"or `kill {holder}`, or use it: PDSUPERVISOR_API=http://127.0.0.1:8471 pdsupervisor status"
+            f"or `kill {holder}`, or use it: pdsupervisor status"
         ) from None
     lock.seek(0)
     lock.truncate()
@@ -70,14 +72,44 @@ def _take_lock(state_dir: Path) -> Any:
     return lock
 
 
+LOADER_ERROR = "error while loading shared libraries"
+
+
+def master_cannot_run(binary: str, timeout_s: float = 15.0) -> str | None:
+    """Why the Mooncake master `binary` (found on PATH, as the agents find it) cannot run here,
+    or None when it can. Found is not enough: pip's mooncake_master without Debian's libibverbs1
+    is there and exits 127 at once, so it is run (`--help`: prints its flags, binds nothing)."""
+    path = shutil.which(binary)
+    if path is None:
+        return f"{binary} not installed (pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)"
+    try:
+        out = subprocess.run([path, "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"`{path} --help` did not finish in {timeout_s:g}s"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    lines = [line.strip() for line in (out.stderr + out.stdout).decode(errors="replace").splitlines() if line.strip()]
+    loader = next((line for line in lines if LOADER_ERROR in line), None)
+    if loader:
+        return loader
+    if out.returncode < 0:
+        sig = -out.returncode
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        return f"`{path} --help` was killed by {name}"
+    if out.returncode in (126, 127):
+        what = "not executable" if out.returncode == 126 else "not found or a shared library missing"
+        return f"{path} exited with {out.returncode} ({what})" + (f": {lines[0]}" if lines else "")
+    return None  # it ran (gflags' --help exits 1 after printing the flags)
+
+
 def _demo_spec(spec_path: Path, console: Console) -> tuple[ClusterSpec, str]:
     """The validated spec and the text to submit: the file's, or without a Mooncake master
-    when its binary is not installed here."""
+    when it cannot run here (not installed, or a shared library missing), saying why."""
     spec = load_spec_file(spec_path)
-    if not spec.mooncake.enabled or shutil.which(spec.mooncake.binary):
+    reason = master_cannot_run(spec.mooncake.binary) if spec.mooncake.enabled else None
+    if reason is None:
         return spec, spec_path.read_text()
-    console.print("[yellow]mooncake_master not installed: running without a Mooncake master "
-                  "(pip install mooncake-transfer-engine-non-cuda; it needs Debian's libibverbs1)[/]")
+    console.print(f"[yellow]running without a Mooncake master: {escape(reason)}[/]", soft_wrap=True)
     doc = yaml.safe_load(spec_path.read_text())
     doc.setdefault("mooncake", {})["enabled"] = False
     text = yaml.safe_dump(doc, sort_keys=False)
@@ -122,14 +154,15 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
     api = lc.agents[0].api_url
+    # node1 is on the CLI's default API; another one (a changed LocalCluster) is said
+    export_api = "" if api == DEFAULT_API else f"PDSUPERVISOR_API={api} "
     admin = lc.client_files()
     console.print(f"""
 The cluster is yours until Ctrl-C:
   curl -s {doc.proxy_url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  export PDSUPERVISOR_API={api} PDSUPERVISOR_TOKEN_FILE={lc.token_file}
-  pdsupervisor status
-  pdsupervisor events
+  pdsupervisor status    # reads need no token: status, nodes, events
+  export {export_api}PDSUPERVISOR_TOKEN_FILE={lc.token_file}    # writes and logs do
   pdsupervisor logs node2 decode-0
   logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
 etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); e.g. the admin one:
@@ -154,7 +187,7 @@ async def _shutdown(lc: LocalCluster, console: Console) -> None:
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=REPO_DEMO_SPEC,
               show_default=True, help="Cluster spec to run.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("/tmp/pdsupervisor-demo"), show_default=True)
+              default=DEMO_STATE_DIR, show_default=True)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 @click.option("--exit-when-ready", is_flag=True, help="Stop everything once a completion went through (CI).")
 def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool) -> None:

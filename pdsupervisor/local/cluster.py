@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from pdsupervisor.api.client import ApiClient
+from pdsupervisor.api.client import DEFAULT_API_PORT, ApiClient
 from pdsupervisor.core import pki
 from pdsupervisor.core.checks import ports_needed
 from pdsupervisor.core.models import TlsFiles
@@ -33,6 +33,7 @@ from pdsupervisor.host.private import private_dir
 from pdsupervisor.local.procs import marked_processes, signal_all
 
 MARKER_ENV = "PDSUPERVISOR_LOCAL_CLUSTER"
+DEMO_STATE_DIR = Path("/tmp/pdsupervisor-demo")  # `pdsupervisor demo --state-dir` default
 
 
 class BootError(RuntimeError):
@@ -66,7 +67,7 @@ class LocalCluster:
     nodes: int = 3
     etcd_port: int = 2379
     etcd_peer_port: int = 0  # 0: etcd_port + 1
-    api_base_port: int = 8471
+    api_base_port: int = DEFAULT_API_PORT  # node1 where the CLI looks by default: plain `pdsupervisor status`
     ttl: int = 5
     tls: bool = False  # etcd over TLS with client certificates, from a PKI made in <root>/pki
     token: bool = False  # the agents' REST API wants the bearer token in <root>/token for writes and logs

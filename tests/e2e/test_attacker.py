@@ -25,7 +25,7 @@ generation and mod revision and every assignment's mod revision, before and afte
 (b) `TestDemo`: the demo's documented mode is loopback without credentials, so its probes are
 the browser and DNS-rebinding paths (foreign `Origin`, non-loopback `Host`), its etcd without
 the demo's certificates, what listens where, and its private state dir. It runs on the demo's
-fixed ports (etcd 2379, agents 8471-8473, ...), as tests/e2e/test_demo.py does: one at a time.
+fixed ports (etcd 2379, agents 8470-8472, ...), as tests/e2e/test_demo.py does: one at a time.
 
 Bad specs given to `pdsupervisor plan -f` exit 2 naming the field and write nothing.
 
@@ -815,7 +815,7 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
 
 DEMO_PROBES = [
     # (id, method, path, headers, body kind, status, field)
-    ("start, DNS-rebinding Host", "POST", START, {**YAML, "Host": "attacker.example:8471"}, "hostile", 403, "Host"),
+    ("start, DNS-rebinding Host", "POST", START, {**YAML, "Host": "attacker.example:8470"}, "hostile", 403, "Host"),
     ("start, Host under a loopback-looking name", "POST", START, {**YAML, "Host": "127.0.0.1.attacker.example"},
      "hostile", 403, "Host"),
     ("start, foreign Origin", "POST", START, {**YAML, "Origin": EVIL}, "hostile", 403, "Origin"),
@@ -829,7 +829,7 @@ DEMO_PROBES = [
      "Content-Type"),
     ("stop, DNS-rebinding Host", "POST", "/cluster/stop", {"Host": "attacker.example"}, "none", 403, "Host"),
     ("stop, foreign Origin", "POST", "/cluster/stop", {"Origin": EVIL}, "none", 403, "Origin"),
-    ("logs, DNS-rebinding Host", "GET", "/logs/prefill-0", {"Host": "attacker.example:8471"}, "none", 403, "Host"),
+    ("logs, DNS-rebinding Host", "GET", "/logs/prefill-0", {"Host": "attacker.example:8470"}, "none", 403, "Host"),
     ("logs, foreign Origin", "GET", "/logs/prefill-0", {"Origin": EVIL}, "none", 403, "Origin"),
     ("CR LF in the path, encoded", "POST", "/cluster/stop%0D%0AX:%201", {}, "none", 400, "path"),
     ("events, limit 2^63", "GET", "/events?limit=9223372036854775808", {}, "none", 400, "limit"),

@@ -1,5 +1,6 @@
-"""`pdsupervisor demo` end to end: ready, its etcd only for its own certificates, a second demo
-refused clearly, Ctrl-C stops it in order and leaves nothing; a planted symlink is refused."""
+"""`pdsupervisor demo` end to end: ready, its etcd only for its own certificates, the CLI's
+defaults reach it, a second demo refused clearly, Ctrl-C stops it in order and leaves nothing;
+a planted symlink is refused; a Mooncake master that cannot run here is left out, saying why."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pdsupervisor.local.cluster import LocalCluster
+from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 from pdsupervisor.store.transport import client_ssl_context
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
@@ -24,7 +25,7 @@ from tests.conftest import wait_for
 from tests.pdproc import http
 
 pytestmark = pytest.mark.slow
-DEMO_API = f"http://127.0.0.1:{LocalCluster.api_base_port}"  # the demo's first agent
+DEMO_API = DEFAULT_API  # the demo's first agent: where the CLI looks by default
 
 
 def _phase() -> str | None:
@@ -47,6 +48,7 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         _check_etcd_wants_a_client_certificate(state / "run" / "pki")
         _check_writes_want_the_demo_token(state / "run" / "token")
         wait_for(lambda: b"--cert" in (tmp_path / "demo.out").read_bytes(), 20, what="how to reach etcd, printed")
+        _check_the_cli_reaches_it_as_printed(state / "run" / "token", (tmp_path / "demo.out").read_text())
         # the same marker: anything a second demo wrongly started is found (and killed) too
         second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         assert second.returncode == 1
@@ -77,6 +79,23 @@ def _check_writes_want_the_demo_token(token_file: Path) -> None:
     status, body = http("GET", f"{DEMO_API}/logs/prefill-0?tail=5", headers={"Authorization": f"Bearer {token}"},
                         timeout=5)
     assert status == 200, body
+
+
+def _check_the_cli_reaches_it_as_printed(token_file: Path, printed: str) -> None:
+    """Plain `pdsupervisor status` (no variables) reads the demo; logs take the token file the
+    demo printed, and only that variable (the API is the default one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDSUPERVISOR_")}
+    env["COLUMNS"] = "200"
+    cli = [sys.executable, "-m", "pdsupervisor"]
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=30, env=env)
+    assert status.returncode == 0 and "phase: ready" in status.stdout, status.stdout + status.stderr
+    assert f"export PDSUPERVISOR_TOKEN_FILE={token_file}" in printed and "PDSUPERVISOR_API" not in printed
+    denied = subprocess.run([*cli, "logs", "node1", "prefill-0", "-n", "3"], capture_output=True, text=True,
+                            timeout=30, env=env)
+    assert denied.returncode == 1 and "HTTP 401" in denied.stderr, denied.stderr
+    logs = subprocess.run([*cli, "logs", "node1", "prefill-0", "-n", "3"], capture_output=True, text=True, timeout=30,
+                          env={**env, "PDSUPERVISOR_TOKEN_FILE": str(token_file)})
+    assert logs.returncode == 0, logs.stderr
 
 
 def _check_etcd_wants_a_client_certificate(pki_dir: Path) -> None:
@@ -170,3 +189,33 @@ def test_demo_refuses_a_bad_spec_with_a_message_not_a_traceback(tmp_path, text):
     assert out.returncode == 1
     assert f"{spec}: invalid" in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "demo" / "run").exists()
+
+
+def test_demo_runs_without_a_master_that_cannot_run_and_says_why(tmp_path):
+    """pip's mooncake_master without Debian's libibverbs1: installed (on PATH, where the demo and
+    its agents look), but the loader refuses it with exit 127. The demo tries it once, leaves the
+    master out, says why in one line and reaches ready; the agents never start it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "mooncake_master"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                    'echo "$0: error while loading shared libraries: libibverbs.so.1: cannot open shared object file: '
+                    'No such file or directory" >&2\nexit 127\n')
+    fake.chmod(0o755)
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(tmp_path / "demo"), "--timeout", "60",
+            "--exit-when-ready"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=150, env=env)
+    finally:
+        kill_marked(marker)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    reason = [line for line in text.splitlines() if "running without a Mooncake master" in line]
+    assert reason == [f"running without a Mooncake master: {fake}: error while loading shared libraries: "
+                      "libibverbs.so.1: cannot open shared object file: No such file or directory"], text
+    assert "one completion through the proxy" in text and "mooncake-master" not in text
+    assert calls.read_text() == "--help\n"  # the demo's try; no agent started it
+    assert marked(marker) == []
