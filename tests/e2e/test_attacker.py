@@ -771,6 +771,12 @@ class Demo:
     def pki(self) -> Path:
         return self.state / "run" / "pki"
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The demo's own token (0600 in its private state dir): a probe carrying it isolates
+        the check after authentication (Host, Origin, Content-Type, sizes)."""
+        return {"Authorization": f"Bearer {(self.state / 'run' / 'token').read_text().strip()}"}
+
     def hostile_spec(self, canary: Path) -> bytes:
         from pdsupervisor.cli.demo import REPO_DEMO_SPEC
 
@@ -813,8 +819,14 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
         out.close()
 
 
+NO_TOKEN = {"Authorization": None}  # the probe goes without the demo's token
+
 DEMO_PROBES = [
-    # (id, method, path, headers, body kind, status, field)
+    # (id, method, path, headers, body kind, status, field); every probe carries the demo's
+    # token unless its headers say NO_TOKEN
+    ("start without the token", "POST", START, {**YAML, **NO_TOKEN}, "hostile", 401, "Authorization"),
+    ("stop without the token", "POST", "/cluster/stop", NO_TOKEN, "none", 401, "Authorization"),
+    ("logs without the token", "GET", "/logs/prefill-0", NO_TOKEN, "none", 401, "Authorization"),
     ("start, DNS-rebinding Host", "POST", START, {**YAML, "Host": "attacker.example:8470"}, "hostile", 403, "Host"),
     ("start, Host under a loopback-looking name", "POST", START, {**YAML, "Host": "127.0.0.1.attacker.example"},
      "hostile", 403, "Host"),
@@ -837,7 +849,7 @@ DEMO_PROBES = [
 
 
 class TestDemo:
-    """`pdsupervisor demo`: loopback without credentials by design; what a web page or another
+    """`pdsupervisor demo`: loopback only, a token for writes and logs; what a web page or another
     machine could try is refused, and so is etcd without the demo's certificates."""
 
     def test_the_demo_runs(self, demo):
@@ -852,16 +864,18 @@ class TestDemo:
         before = demo.etcd.fingerprint()
         for i in (0, 2):  # node1's agent and node3's
             base = f"http://127.0.0.{i + 1}:{LocalCluster.api_base_port + i}"
-            answer = call(base, method, path, body, headers)
+            sent = {k: v for k, v in {**demo.auth, **headers}.items() if v is not None}
+            answer = call(base, method, path, body, sent)
             assert answer.status == status and field_named in answer.fields, (base, answer)
         assert not canary.exists() and demo.etcd.fingerprint() == before
 
     def test_oversized_and_deep_bodies_are_refused(self, demo):
         canary = demo.canaries / "oversized"
         before = demo.etcd.fingerprint()
-        answer = call(DEMO_API, "POST", START, demo.hostile_spec(canary) + b"#" + b"x" * (2 << 20) + b"\n", YAML)
+        answer = call(DEMO_API, "POST", START, demo.hostile_spec(canary) + b"#" + b"x" * (2 << 20) + b"\n",
+                      {**YAML, **demo.auth})
         assert answer.status == 413 and answer.fields == ["body"], answer
-        answer = call(DEMO_API, "POST", START, _nested(DEEP).encode(), YAML)
+        answer = call(DEMO_API, "POST", START, _nested(DEEP).encode(), {**YAML, **demo.auth})
         assert answer.status == 400 and "spec" in answer.fields, answer
         assert not canary.exists() and demo.etcd.fingerprint() == before
 
@@ -920,4 +934,4 @@ class TestDemo:
         assert sorted(os.listdir(demo.canaries)) == []
         assert _demo_phase() == "ready" and demo.etcd.fingerprint()["generation"] == 1
         audits = [e for e in call(DEMO_API, "GET", "/events?limit=1000").body["events"] if e["kind"] == "audit"]
-        assert [(e["caller"], e["generation"]) for e in audits] == [("local", 1)]  # the demo's own start only
+        assert [(e["caller"], e["generation"]) for e in audits] == [("token", 1)]  # the demo's own start only
