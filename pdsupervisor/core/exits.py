@@ -104,15 +104,19 @@ def last_meaningful_line(lines: Iterable[str]) -> str | None:
     return clip(found) if found else None
 
 
-def failure_reason(code: int | None, lines: Iterable[str]) -> str:
-    """`<describe_exit>: <last meaningful line>`, or the decoded exit code alone."""
+def failure_reason(code: int | None, lines: Iterable[str], *, adopted: bool = False) -> str:
+    """`<describe_exit>: <last meaningful line>`, or the decoded exit code alone. An adopted
+    process is not the agent's child: its exit code cannot be known."""
+    what = "exit code unknown (adopted)" if adopted and code is None else describe_exit(code)
     said = last_meaningful_line(lines)
-    return clip(f"{describe_exit(code)}: {said}" if said else describe_exit(code), 2 * MAX_REASON)
+    return clip(f"{what}: {said}" if said else what, 2 * MAX_REASON)
 
 
 def spoken_duration(seconds: float) -> str:
-    """`45 s`, `1 min 53 s`, `2 h 5 min`: how long, for people."""
-    s = max(0, round(seconds))
+    """`0.5 s`, `45 s`, `1 min 53 s`, `2 h 5 min`: how long, for people."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f}".removesuffix(".0") + " s"
+    s = round(seconds)
     if s < 60:
         return f"{s} s"
     if s < 3600:

@@ -155,10 +155,13 @@ def test_a_failure_reason_is_the_decoded_code_and_the_line():
     assert failure_reason(1, TRACEBACK.splitlines()) == \
         "exit code 1: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert len(failure_reason(1, ["y" * 1000])) <= 2 * MAX_REASON
+    assert failure_reason(None, ["bye"], adopted=True) == "exit code unknown (adopted): bye"
+    assert failure_reason(None, []) == "exit code unknown"
 
 
 @pytest.mark.parametrize("seconds, said", [
-    (0, "0 s"), (0.4, "0 s"), (-3, "0 s"), (45, "45 s"), (59.6, "1 min"), (60, "1 min"), (113, "1 min 53 s"),
+    (0, "0 s"), (0.4, "0.4 s"), (0.04, "0 s"), (2.0, "2 s"), (9.96, "10 s"), (-3, "0 s"), (45, "45 s"),
+    (59.6, "1 min"), (60, "1 min"), (113, "1 min 53 s"),
     (3599, "59 min 59 s"), (3600, "1 h"), (7500, "2 h 5 min"),
 ])
 def test_durations_for_people(seconds, said):
