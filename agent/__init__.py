@@ -13,8 +13,9 @@ the store, host probes) and nothing in `pdsupervisor` imports it.
 - `coordinator`: the cluster's reconcile loop, acting only while this agent leads.
 - `notify`: sd_notify (READY, WATCHDOG, STATUS), no-op without NOTIFY_SOCKET.
 - `process/`: local supervision, knowing nothing of etcd: `supervisor` (`ManagedProcess`:
-  spawn, probe, backoff, stop), `proctree` (kill a whole tree, never a stranger),
-  `statefile` (records for adoption), `logs` (per-process files, rotation, tail/follow).
+  spawn, probe, backoff, stop), `child` (watching one pid; the readiness probe), `proctree`
+  (kill a whole tree, never a stranger), `statefile` (records for adoption), `logs`
+  (per-process files, rotation, tail/follow).
 - `api/`: the REST app: `app` (node routes, auth middleware), `cluster` (the cluster routes
   every agent serves: writes are desired state, reads come from etcd).
 """

@@ -24,11 +24,12 @@ from pydantic import ValidationError
 
 from agent.admission import Admission, RefusedProcess
 from agent.lease import LeaseState
+from agent.process.failures import STOPS_KEPT
 from agent.process.statefile import ProcRecord, ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.admission import show
-from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec
+from pdsupervisor.core.models import NodeAssignment, NodeStatus, ProcessSpec, StopEscalation
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 log = structlog.get_logger("agent.reconciler")
@@ -58,6 +59,9 @@ class Reconciler:
         self.resync_s = resync_s
         self.min_interval_s = min_interval_s
         self.procs: dict[str, ManagedProcess | RefusedProcess] = {}  # in the assignment's order
+        # the last stops that took SIGKILL, reported with the status: a process stopped because
+        # its assignment dropped it leaves the status, its escalation must not go with it
+        self.stops_escalated: list[StopEscalation] = []
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -73,7 +77,8 @@ class Reconciler:
         return adopted
 
     def _new(self, spec: ProcessSpec, adopt: tuple[ProcRecord, psutil.Process] | None = None) -> ManagedProcess:
-        m = ManagedProcess(spec, records=self.records, log_dir=self.log_dir, on_change=self.mark_dirty, adopt=adopt)
+        m = ManagedProcess(spec, records=self.records, log_dir=self.log_dir, on_change=self.mark_dirty, adopt=adopt,
+                           on_stop_escalated=self._stop_escalated)
         self.procs[spec.name] = m
         return m
 
@@ -160,19 +165,23 @@ class Reconciler:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
+    def _stop_escalated(self, stop: StopEscalation) -> None:
+        self.stops_escalated = [*self.stops_escalated, stop][-STOPS_KEPT:]
+        self.mark_dirty()
+
     def snapshot_procs(self) -> list[ManagedProcess | RefusedProcess]:
         return list(self.procs.values())
 
     def snapshot(self) -> NodeStatus:
         return NodeStatus(node=self.node, updated_at=time.time(), lease=self.lease.lease_id or 0,
-                          processes=[m.status() for m in self.snapshot_procs()])
+                          processes=[m.status() for m in self.snapshot_procs()], stops_escalated=self.stops_escalated)
 
     @staticmethod
-    def _comparable(st: NodeStatus) -> tuple[int, list[dict[str, Any]]]:
-        """What a write must carry when it changes: the processes, and the lease they are
-        reported under (readers ignore status under any other lease, so a re-registration
-        gets its own write)."""
-        return st.lease, [p.model_dump(exclude={"uptime_s"}) for p in st.processes]
+    def _comparable(st: NodeStatus) -> tuple[int, list[dict[str, Any]], list[StopEscalation]]:
+        """What a write must carry when it changes: the processes, the stops that took
+        SIGKILL, and the lease they are reported under (readers ignore status under any
+        other lease, so a re-registration gets its own write)."""
+        return st.lease, [p.model_dump(exclude={"uptime_s"}) for p in st.processes], st.stops_escalated
 
     async def rewrite_status_on_new_lease(self) -> None:
         """A new member lease (the first, or one replacing a lost lease) gets its own status
@@ -184,7 +193,7 @@ class Reconciler:
 
     async def report_status(self) -> None:
         """Write status on change (coalesced) and every `heartbeat_s`; retry while etcd is away."""
-        last: tuple[int, list[dict[str, Any]]] | None = None
+        last: tuple[int, list[dict[str, Any]], list[StopEscalation]] | None = None
         last_write = -1e9
         delay = 0.5
         while True:

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import os
 import signal
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -113,14 +114,20 @@ async def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil
     return alive
 
 
-async def terminate_tree(pid: int, start: float, sig: int, timeout: float) -> list[psutil.Process]:
-    """`sig` to the whole tree and its process group, wait `timeout`, SIGKILL the rest.
+@dataclass(frozen=True)
+class TreeStop:
+    """How a tree stop went: `escalated` were still alive `timeout` after `sig` and got
+    SIGKILL; `left` survived even that (should be empty; the caller logs it)."""
 
-    Returns what is still alive afterwards (should be empty; the caller logs it).
-    """
+    escalated: list[psutil.Process] = field(default_factory=list)
+    left: list[psutil.Process] = field(default_factory=list)
+
+
+async def stop_tree(pid: int, start: float, sig: int, timeout: float) -> TreeStop:
+    """`sig` to the whole tree and its process group, wait `timeout`, SIGKILL the rest."""
     procs = collect_tree(pid, start)
     if not procs:
-        return []
+        return TreeStop()
     root_is_ours = same_process(pid, start) is not None
     if root_is_ours:
         try:
@@ -129,6 +136,7 @@ async def terminate_tree(pid: int, start: float, sig: int, timeout: float) -> li
             pass
     _signal_all(procs, sig)
     alive = await _wait_gone(procs, timeout)
+    escalated = list(alive)
     if alive or root_is_ours:
         if same_process(pid, start) is not None:
             try:
@@ -137,4 +145,9 @@ async def terminate_tree(pid: int, start: float, sig: int, timeout: float) -> li
                 pass
         _signal_all(alive, signal.SIGKILL)
         alive = await _wait_gone(alive, GRACE_AFTER_KILL_S)
-    return alive
+    return TreeStop(escalated, alive)
+
+
+async def terminate_tree(pid: int, start: float, sig: int, timeout: float) -> list[psutil.Process]:
+    """`stop_tree`, returning what is still alive afterwards."""
+    return (await stop_tree(pid, start, sig, timeout)).left

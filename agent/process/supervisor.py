@@ -1,9 +1,8 @@
 """One managed process: spawn, watch, probe, restart with backoff, stop the whole tree.
 
-Exit notification uses a pidfd (no polling, works for adopted processes that are not our
-children too). Exit codes follow Python's convention: a process killed by signal N is
-reported as `-N` (SIGKILL: -9). An adopted process's exit code cannot be known (it is not
-our child): it is reported as None with a message saying so.
+Exit codes follow Python's convention: a process killed by signal N is reported as `-N`
+(SIGKILL: -9). An adopted process's exit code cannot be known (it is not our child): it is
+reported as None with a message saying so. The watching itself is `agent.process.child`.
 """
 
 from __future__ import annotations
@@ -22,8 +21,11 @@ import psutil
 import structlog
 
 from agent.process import logs, proctree, secrets
+from agent.process.child import Child, probe_once
+from agent.process.failures import Failures, escalation
 from agent.process.statefile import ProcRecord, ProcStore
-from pdsupervisor.core.models import Probe, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.exits import AGENT_MARK, failure_reason, spoken_duration
+from pdsupervisor.core.models import ProcessSpec, ProcessState, ProcessStatus, StopEscalation
 from pdsupervisor.host.files import atomic_write
 
 log = structlog.get_logger("agent.process.supervisor")
@@ -36,6 +38,7 @@ UNHEALTHY_AFTER = 3  # consecutive failed probes before a ready process is repor
 # Until first ready, re-probe every STARTUP_PROBE_S (or the probe's period, if shorter):
 # readiness is what releases the next start stage, and a local probe costs next to nothing.
 STARTUP_PROBE_S = 0.1
+TAIL_LINES = 200  # of a process's log read for why it exited (a traceback's header, often)
 
 
 def child_env(spec_env: dict[str, str]) -> dict[str, str]:
@@ -63,84 +66,6 @@ def backoff_message(why: str, delay: float, attempt: int) -> str:
     return f"{why}; next attempt at {at} (in {delay:.1f}s, attempt {attempt})"
 
 
-async def probe_once(p: Probe) -> bool:
-    """HTTP GET answering 200, or a TCP connect, within the probe's timeout."""
-    writer = None
-    try:
-        async with asyncio.timeout(p.timeout_s):
-            reader, writer = await asyncio.open_connection(p.host, p.port)
-            if p.kind == "tcp":
-                return True
-            writer.write(
-                f"GET {p.path} HTTP/1.1\r\nHost: {p.host}:{p.port}\r\nConnection: close\r\n\r\n".encode()
-            )
-            line = await reader.readline()
-            parts = line.split()
-            return len(parts) >= 2 and parts[1] == b"200"
-    except (OSError, TimeoutError, ValueError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-class Child:
-    """A live process we watch: our own Popen, or an adopted pid (psutil only)."""
-
-    def __init__(self, proc: psutil.Process, create_time: float, popen: subprocess.Popen[bytes] | None) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.create_time = create_time  # seconds after boot (proctree.started)
-        self.popen = popen
-        self._exited = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._pidfd: int | None = None
-        self._poller: asyncio.Future[None] | None = None
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-            self._loop.add_reader(self._pidfd, self._on_exit)
-        except ProcessLookupError:
-            self._exited.set()
-        except OSError:  # no pidfd support: poll
-            self._pidfd = None
-            self._poller = asyncio.ensure_future(self._poll())
-
-    def _on_exit(self) -> None:
-        self._close_fd()
-        self._exited.set()
-
-    def _close_fd(self) -> None:
-        if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-
-    async def _poll(self) -> None:
-        while not proctree.gone(self.proc):
-            await asyncio.sleep(1.0)
-        self._exited.set()
-
-    def detach(self) -> None:
-        """Forget the process without touching it (agent shutdown)."""
-        self._close_fd()
-        if self._poller is not None:
-            self._poller.cancel()
-
-    async def wait(self) -> None:
-        await self._exited.wait()
-
-    async def reap(self) -> int | None:
-        """Collect the exit code (our child) or None (adopted: not ours to wait for)."""
-        if self.popen is None:
-            return None
-        for _ in range(100):
-            rc = self.popen.poll()
-            if rc is not None:
-                return rc
-            await asyncio.sleep(0.02)
-        return self.popen.poll()
-
-
 class ManagedProcess:
     """Keeps one `ProcessSpec` running on this node; reports a `ProcessStatus`.
 
@@ -157,17 +82,21 @@ class ManagedProcess:
         log_dir: Path,
         on_change: Callable[[], None] = lambda: None,
         adopt: tuple[ProcRecord, psutil.Process] | None = None,
+        on_stop_escalated: Callable[[StopEscalation], None] = lambda e: None,
     ) -> None:
         self.spec = spec
         self.records = records
         self.log_path = log_dir / f"{spec.name}.log"
         self.on_change = on_change
+        self.on_stop_escalated = on_stop_escalated
         self.state = ProcessState.starting
         self.message = ""
         self.restarts = 0
         self.last_exit_code: int | None = None
         self.started_at: float | None = None
         self.ready_lost_at: float | None = None  # wall clock; see ProcessStatus.ready_lost_at
+        self.failures = Failures()
+        self.last_stop: str | None = None  # see ProcessStatus.last_stop
         self._started_mono: float | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
@@ -196,7 +125,7 @@ class ManagedProcess:
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
-            ready_lost_at=self.ready_lost_at,
+            ready_lost_at=self.ready_lost_at, last_stop=self.last_stop, **self.failures.status_fields(),
         )
 
     def start(self) -> None:
@@ -214,19 +143,16 @@ class ManagedProcess:
     async def stop(self) -> None:
         """Stop the supervision and the whole process tree; forget the process."""
         await self._cancel_task()
-        child = self.child
+        child, how = self.child, None
         if child is not None:
             self._set(ProcessState.stopping, f"stopping with {self.spec.stop_signal}")
-            sig = signal.Signals[self.spec.stop_signal]
-            left = await proctree.terminate_tree(child.pid, child.create_time, sig, self.spec.stop_timeout_s)
-            if left:
-                self.log.error("processes survived SIGKILL", pids=[p.pid for p in left])
+            how = await self._stop_tree(child, self.spec.stop_timeout_s)
             child.detach()
             rc = await child.reap()
             self.last_exit_code = rc if rc is not None else self.last_exit_code
             self.child = None
         self.records.remove(self.name)
-        self._set(ProcessState.exited, "stopped")
+        self._set(ProcessState.exited, f"stopped: {how}" if how else "stopped")
 
     async def detach(self) -> None:
         """Stop supervising, leave the process running (its record stays for adoption)."""
@@ -248,8 +174,37 @@ class ManagedProcess:
     def _set(self, state: ProcessState, message: str = "") -> None:
         if state != ProcessState.running:  # ready again, or this run is over
             self.ready_lost_at = None
+        if state == ProcessState.ready and self.state != ProcessState.ready:
+            self.failures.ready(time.time())
         self.state, self.message = state, message
         self.on_change()
+
+    def _note(self, what: str) -> None:
+        """A line of the agent's own in the process's log, where people read its output."""
+        try:
+            fd = logs.open_log(self.log_path)
+            try:
+                os.write(fd, f"{AGENT_MARK}{what} ---\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the log cannot be written: the status still says it
+            self.log.warning("cannot write to the process log", error=str(exc))
+
+    async def _stop_tree(self, child: Child, timeout: float) -> str | None:
+        """Stop `child`'s whole tree with the stop signal, SIGKILL after `timeout`; how it
+        ended when SIGKILL had to (logged, noted in the process log, reported), else None."""
+        sig = signal.Signals[self.spec.stop_signal]
+        done = await proctree.stop_tree(child.pid, child.create_time, sig, timeout)
+        if done.left:
+            self.log.error("processes survived SIGKILL", pids=[p.pid for p in done.left])
+        if not done.escalated:
+            return None
+        how = escalation(child.pid, sig, timeout, done.escalated)
+        self.log.warning("stop escalated to SIGKILL", how=how, pids=[p.pid for p in done.escalated])
+        self._note(f"{self.name}: {how}")
+        self.last_stop = how
+        self.on_stop_escalated(StopEscalation(process=self.name, at=time.time(), how=how))
+        return how
 
     def _save_record(self) -> None:
         assert self.child is not None
@@ -267,12 +222,11 @@ class ManagedProcess:
         """Write the files, start the child, track it. Raises whatever stops it (the caller
         backs off): a NUL in argv or env (ValueError), a missing binary or cwd (OSError), an
         env file that cannot be read (EnvFileError)..."""
+        self._note(f"starting {self.name} ({self.spec_hash}) at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
         env = child_env(secrets.resolve_env(self.spec.env, os.environ.get(secrets.CREDENTIALS_ENV)))
         self._write_files()
         fd = logs.open_log(self.log_path)
         try:
-            os.write(fd, f"--- pd-agent: starting {self.name} ({self.spec_hash}) at "
-                         f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             popen = subprocess.Popen(
                 self.spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
                 cwd=self.spec.cwd, env=env, start_new_session=True, close_fds=True,
@@ -322,37 +276,55 @@ class ManagedProcess:
                 try:
                     self._spawn()
                 except Exception as exc:  # whatever it is, a failed start: never a dead loop
-                    why = spawn_error(exc)
+                    why = f"spawn failed: {spawn_error(exc)}"
                     self.log.warning("spawn failed", error=why)
+                    self._note(why)  # after the start header: `logs` shows why, not headers alone
                     self.last_exit_code = None
-                    attempt = await self._backoff(attempt, 0.0, f"spawn failed: {why}")
+                    self.failures.failed(why, time.time())
+                    attempt = await self._backoff(attempt, 0.0, why)
                     continue
                 self._set(ProcessState.running)
             child = self.child
             assert child is not None
             prober = asyncio.create_task(self._probe(child))
             try:
-                await child.wait()
+                await self._watch(child)
             finally:
                 prober.cancel()
             ran = time.monotonic() - (self._started_mono or time.monotonic())
             # leftovers of the dead root (workers) are killed while its pid is still reserved
-            sig = signal.Signals[self.spec.stop_signal]
-            await proctree.terminate_tree(child.pid, child.create_time, sig, min(self.spec.stop_timeout_s, 10))
+            await self._stop_tree(child, min(self.spec.stop_timeout_s, 10))
             rc = await child.reap()
             self.child = None
             self.last_exit_code = rc
             self.records.remove(self.name)
-            what = "exit code unknown (adopted)" if rc is None and child.popen is None else f"exit code {rc}"
-            self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1))
+            tail = await asyncio.to_thread(logs.tail, self.log_path, TAIL_LINES)
+            why = failure_reason(rc, tail, adopted=child.popen is None)
+            self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1), reason=why)
+            self._note(f"{self.name} exited after {spoken_duration(ran)}: {why}")
             policy = self.spec.restart
             if policy.mode == "never" or (policy.mode == "on-failure" and rc == 0):
                 final = ProcessState.exited if rc in (0, None) else ProcessState.failed
-                self._set(final, f"exited ({what}); restart policy {policy.mode}")
+                if final == ProcessState.failed:
+                    self.failures.failed(why, time.time())
+                self._set(final, f"exited: {why}; restart policy {policy.mode}")
                 await asyncio.Event().wait()  # until stopped or replaced by the reconciler
             if ran >= policy.reset_after_s:
                 attempt = 0
-            attempt = await self._backoff(attempt, ran, f"exited ({what})")
+            self.failures.failed(why, time.time())
+            attempt = await self._backoff(attempt, ran, why)
+
+    async def _watch(self, child: Child) -> None:
+        """Until `child` exits; a run that lasts `reset_after_s` ends a row of failures."""
+        try:
+            async with asyncio.timeout(self.spec.restart.reset_after_s):
+                await child.wait()
+                return
+        except TimeoutError:
+            pass
+        if self.failures.stable():
+            self.on_change()
+        await child.wait()
 
     async def _backoff(self, attempt: int, ran: float, why: str) -> int:
         p = self.spec.restart

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdsupervisor.api.client import DEFAULT_API, ApiClient, ApiError
@@ -96,10 +97,10 @@ def status_table(doc: ClusterDocument, console: Console) -> None:
         f"phase: [{PHASE_STYLE.get(phase, 'white')}]{phase}[/]  leader: {doc.leader or '-'}  "
         f"proxy: {doc.proxy_url or '-'}"
     )
-    for item in doc.missing:
-        console.print(f"  [yellow]missing[/] {item}")
+    for item in doc.missing:  # escaped: what a process printed is no markup ("[rank0]: ...", "[/x]")
+        console.print(f"  [yellow]missing[/] {escape(item)}")
     for item in doc.problems:
-        console.print(f"  [red]problem[/] {item}")
+        console.print(f"  [red]problem[/] {escape(item)}")
     table = Table(box=None, pad_edge=False)
     for col in ("Node", "Role", "Process", "Endpoint", "State", "DP", "Pid", "Restarts", "Uptime"):
         table.add_column(col)

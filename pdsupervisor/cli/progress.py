@@ -29,6 +29,7 @@ VOLATILE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\s*\(in [0-9.]+\s*s\b[^)]*\)"), ""),  # any other countdown
     (re.compile(r",?\s*restarts \d+"), ""),
     (re.compile(r"\b[0-9.]+ s after\b"), "after"),  # "not ready 130 s after starting", "... after submission"
+    (re.compile(r"\s*\(\)"), ""),  # what the counters above leave of "(restarts 12)"
 )
 
 

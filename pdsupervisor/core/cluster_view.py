@@ -294,11 +294,13 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
                 continue
             detail = f": {seen.message}" if seen.message else ""
             if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
-                problems.append(f"{proc.name} on {node}: {seen.state.value} (exit code {seen.last_exit_code}, "
-                                f"restarts {seen.restarts}){detail}")
+                problems.append(f"{proc.name} on {node}: {seen.state.value} ({_counts(seen)}){detail}")
             elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
                 problems.append(f"{proc.name} on {node}: not ready since {clock(seen.ready_lost_at, now)} "
                                 f"(was ready){detail}")
+            elif seen.state in (ProcessState.starting, ProcessState.running) and seen.failures_in_a_row \
+                    and seen.last_failure:
+                problems.append(f"{proc.name} on {node}: {seen.state.value} again {_failed(seen)}{detail}")
             elif (seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at
                   and now - seen.started_at > proc.start_timeout_s):
                 problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "
@@ -312,6 +314,22 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
             problems.append(f"cluster not ready {waited:.0f} s after submission "
                             f"(policy.start_timeout_s {spec.policy.start_timeout_s:g})")
     return problems, timed_out
+
+
+def _counts(seen: ProcessStatus) -> str:
+    """`exit code 127, restarts 4`: the exit code unless there is none (a spawn failure) or
+    the reason already says it (`exit code 1: ...`)."""
+    code = seen.last_exit_code
+    said = code is None or f"exit code {code}" in (seen.last_failure or "")
+    return f"restarts {seen.restarts}" if said else f"exit code {code}, restarts {seen.restarts}"
+
+
+def _failed(seen: ProcessStatus) -> str:
+    """Why a process starting or running again failed before: the crash loop seen between
+    its failures too, not only while it waits out a backoff."""
+    if seen.crash_looping:
+        return f"in a crash loop ({seen.failures_in_a_row} failures in a row), last: {seen.last_failure}"
+    return f"after a failure: {seen.last_failure}"
 
 
 def cluster_document(obs: Observed, now: float) -> ClusterDocument:

@@ -1,8 +1,11 @@
 """What the coordinator tells people in the event log, as pure functions of what it saw.
 
 `observed_events(previous, current)`: what changed between two observations made by one
-leader: members joined or lost, processes restarted or started. `previous` is None for a new
-leader, which knows no history: only a node holding work but no lease is news (lost).
+leader: members joined or lost, processes restarted (with why), started, failed for good, ready
+again after failing (with how long it took), stops that took SIGKILL. `previous` is None for
+a new leader, which knows no history: only a node holding work but no lease is news (lost).
+Statuses carry the moments (`last_failure_at`, `ready_again_at`, each escalated stop's `at`),
+so what happened between two observations is still told once.
 `write_events(obs, desired)`: what a write the leader made means (a role assigned or
 removed, a replan, the Mooncake master restarted).
 """
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pdsupervisor.core.cluster_view import Desired, Observed, assigned_roles, live_statuses
-from pdsupervisor.core.models import ProcessStatus
+from pdsupervisor.core.exits import spoken_duration
+from pdsupervisor.core.models import NodeStatus, ProcessState, ProcessStatus
 
 EventKind = Literal["leader", "member", "process", "assign", "unassign", "replan", "master"]
 
@@ -53,16 +57,47 @@ def observed_events(previous: Observed | None, current: Observed) -> list[Cluste
     before = _processes(previous)
     for (node, name), now in _processes(current).items():
         prev = before.get((node, name))
-        if prev is None or now.pid is None:
-            continue
-        if now.restarts > prev.restarts:
-            events.append(ClusterEvent(
-                "process", f"{name} on {node} restarted (exit code {now.last_exit_code})",
-                {"node": node, "process": name, "exit_code": now.last_exit_code, "restarts": now.restarts}))
-        elif prev.pid is None or (prev.pid != now.pid and now.restarts == prev.restarts):
-            events.append(ClusterEvent("process", f"{name} on {node} started (pid {now.pid})",
-                                       {"node": node, "process": name, "pid": now.pid}))
+        if prev is not None:
+            events += _process_events(node, prev, now)
+    then = live_statuses(previous)
+    for node, status in live_statuses(current).items():
+        if node in then:
+            events += _stops_escalated(node, then[node], status)
     return events
+
+
+def _process_events(node: str, prev: ProcessStatus, now: ProcessStatus) -> list[ClusterEvent]:
+    name, ids = now.name, {"node": node, "process": now.name}
+    events: list[ClusterEvent] = []
+    if now.restarts > prev.restarts and now.last_failure:  # the agent says why (a spawn failure has no pid)
+        events.append(ClusterEvent(
+            "process", f"{name} on {node} restarted: {now.last_failure}",
+            {**ids, "exit_code": now.last_exit_code, "restarts": now.restarts, "reason": now.last_failure}))
+    elif now.pid is not None and now.restarts > prev.restarts:  # an agent that predates the reasons
+        events.append(ClusterEvent(
+            "process", f"{name} on {node} restarted (exit code {now.last_exit_code})",
+            {**ids, "exit_code": now.last_exit_code, "restarts": now.restarts}))
+    elif now.pid is not None and (prev.pid is None or (prev.pid != now.pid and now.restarts == prev.restarts)):
+        events.append(ClusterEvent("process", f"{name} on {node} started (pid {now.pid})", {**ids, "pid": now.pid}))
+    new_failure = now.last_failure_at is not None and now.last_failure_at != prev.last_failure_at
+    if new_failure and now.state == ProcessState.failed and now.restarts == prev.restarts:
+        events.append(ClusterEvent("process", f"{name} on {node} failed, not restarted: {now.last_failure}",
+                                   {**ids, "exit_code": now.last_exit_code, "reason": now.last_failure}))
+    if now.ready_again_at is not None and now.ready_again_at != prev.ready_again_at:
+        after = now.ready_again_after_s or 0.0
+        ready = ClusterEvent("process", f"{name} on {node} ready again after {spoken_duration(after)}",
+                             {**ids, "after_s": after})
+        # before a restart reported with it, if it failed again since (both seen at once)
+        failed_since = now.last_failure_at is not None and now.last_failure_at > now.ready_again_at
+        events.insert(0 if failed_since else len(events), ready)
+    return events
+
+
+def _stops_escalated(node: str, prev: NodeStatus, now: NodeStatus) -> list[ClusterEvent]:
+    seen = {(s.process, s.at) for s in prev.stops_escalated}
+    return [ClusterEvent("process", f"{s.process} on {node}: stop escalated to {s.how}",
+                         {"node": node, "process": s.process, "how": s.how})
+            for s in now.stops_escalated if (s.process, s.at) not in seen]
 
 
 def write_events(obs: Observed, desired: Desired) -> list[ClusterEvent]:

@@ -183,6 +183,35 @@ class ProcessStatus(Strict):
     # probe (state `running` since); None while ready, before its first ready, or from an agent
     # that predates the field
     ready_lost_at: float | None = None
+    # Why its last start or run failed, in one line (`spawn failed: ...`, `killed by SIGKILL (9)`,
+    # `exit code 1: RuntimeError: ...`), and when (wall clock). Kept while it starts again.
+    # Fields below default to "nothing known": an older agent's status still validates.
+    last_failure: str | None = None
+    last_failure_at: float | None = None
+    # failed starts and runs since it last ran `restart.reset_after_s`: 2 or more is a crash loop
+    failures_in_a_row: int = 0
+    down_since: float | None = None  # wall clock: its first failure since it was last ready
+    # wall clock: when it was last ready again after failing, and how long after `down_since`
+    ready_again_at: float | None = None
+    ready_again_after_s: float | None = None
+    # how a stop of this run had to end, when SIGKILL did it: `SIGKILL after 30 s (SIGTERM ignored)`
+    last_stop: str | None = None
+
+    @property
+    def crash_looping(self) -> bool:
+        return self.failures_in_a_row >= CRASH_LOOP_FAILURES
+
+
+CRASH_LOOP_FAILURES = 2  # failures in a row that make a crash loop
+
+
+class StopEscalation(Strict):
+    """A stop that took SIGKILL: the agent reports the last few, so the event survives the
+    process leaving the status (stopped because its assignment dropped it)."""
+
+    process: str
+    at: float  # wall clock
+    how: str  # `SIGKILL after 30 s (SIGTERM ignored)`
 
 
 class NodeStatus(Strict):
@@ -190,6 +219,7 @@ class NodeStatus(Strict):
     updated_at: float
     processes: list[ProcessStatus] = Field(default_factory=list)
     lease: int = 0  # the member lease of the agent that wrote it
+    stops_escalated: list[StopEscalation] = Field(default_factory=list)  # the last few, oldest first
 
     def current_for(self, member: NodeFacts | None) -> bool:
         """Written by the agent that holds the node's member key now (same lease).
