@@ -149,6 +149,11 @@ class ApiClient:
         answer: dict[str, Any] = await self.request("GET", "/healthz")
         return answer
 
+    async def status(self) -> dict[str, Any]:
+        """`GET /status` of this agent: its node's facts, `processes` and `bootstrap` (each with a pid)."""
+        answer: dict[str, Any] = await self.request("GET", "/status")
+        return answer
+
     async def logs(self, process: str, tail: int, follow: bool) -> AsyncIterator[str]:
         """Lines of a process's log on this client's agent (for a node's, `at(its api_url)`)."""
         params = {"tail": str(tail), **({"follow": "1"} if follow else {})}

@@ -51,8 +51,9 @@ def parse_node(text: str) -> NodeFacts:
 
 
 def plan_table(plan: Plan, out: Console) -> None:
+    master = f"master {plan.master_address}  " if plan.masters() else ""  # none: Mooncake disabled
     out.print(
-        f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  master {plan.master_address}  "
+        f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  {master}"
         f"DP size {plan.dp_size} (master {plan.dp_master})  EP {plan.ep_size}  proxy {plan.proxy_url}"
     )
     table = Table(show_lines=False)

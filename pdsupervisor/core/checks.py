@@ -156,11 +156,19 @@ def check_accelerators(spec: ClusterSpec, facts: NodeFacts, roles: Collection[st
                        "ls /dev/accel /dev/davinci* /dev/nvidia*  # driver loaded? or lower the role's slots")
 
 
+def mooncake_checks(spec: ClusterSpec, facts: NodeFacts) -> list[CheckResult]:
+    """RDMA and the Mooncake protocol; skipped (OK, saying so) when Mooncake is disabled:
+    nothing here moves a KV cache, so neither matters."""
+    if not spec.mooncake.enabled:
+        return [CheckResult(c, "OK", "skipped: mooncake.enabled is false", "none") for c in ("rdma", "mooncake_protocol")]
+    return [check_rdma(spec, facts), check_protocol(spec, facts)]
+
+
 def fact_checks(spec: ClusterSpec, facts: NodeFacts, roles: Collection[str]) -> list[CheckResult]:
     """Everything decidable from a node's registered facts alone (also what `--cluster` shows)."""
     return [
         check_thp(spec, facts), check_hugepages(spec, facts), check_hugepages_free(spec, facts),
-        check_rdma(spec, facts), check_protocol(spec, facts), check_accelerators(spec, facts, roles),
+        *mooncake_checks(spec, facts), check_accelerators(spec, facts, roles),
     ]
 
 
@@ -180,13 +188,34 @@ def ports_needed(spec: ClusterSpec, plan: Plan | None, node: str) -> dict[int, s
     return out
 
 
-def check_ports(needed: Mapping[int, str], taken: Mapping[int, str]) -> CheckResult:
-    """`taken`: port -> who holds it (as the command found). A taken port means a process cannot bind."""
+def held_by_cluster(holders: Mapping[int, Collection[int]], cluster_pids: Mapping[int, str]) -> dict[int, str]:
+    """Port -> the supervised process holding it, for each port whose holders (the pids listening
+    on it) are all this node's own supervised processes or their children: `cluster_pids` maps
+    every pid of those process trees to its process's name (the bootstrap etcd included).
+
+    A port with no known holder (not root: another user's socket) is not the cluster's."""
+    out: dict[int, str] = {}
+    for port, pids in holders.items():
+        if pids and all(pid in cluster_pids for pid in pids):
+            names = sorted({cluster_pids[pid] for pid in pids})
+            out[port] = f"{', '.join(names)} (pid {', '.join(map(str, sorted(pids)))})"
+    return out
+
+
+def check_ports(needed: Mapping[int, str], taken: Mapping[int, str], ours: Mapping[int, str] | None = None) -> CheckResult:
+    """`taken`: port -> who holds it (as the command found). A taken port means a process cannot bind,
+    unless it is in `ours` (port -> this node's supervised process holding it, `held_by_cluster`):
+    then the cluster is running here, and the port is where it belongs."""
+    ours = ours or {}
     want = ", ".join(f"{p} ({w})" for p, w in sorted(needed.items())) or "none"
-    clash = sorted(p for p in needed if p in taken)
+    clash = sorted(p for p in needed if p in taken and p not in ours)
+    held = sorted(p for p in needed if p in taken and p in ours)
+    found_ours = ", ".join(f"{p} held by this node's {ours[p]} (needed by {needed[p]})" for p in held)
     if not clash:
-        return CheckResult("ports", "OK", "all free", want)
+        return CheckResult("ports", "OK", f"free, or the cluster's own: {found_ours}" if held else "all free", want)
     found = ", ".join(f"{p} taken{' by ' + taken[p] if taken[p] else ''} (needed by {needed[p]})" for p in clash)
+    if held:
+        found += f"; {found_ours}"
     return CheckResult("ports", "FAIL", found, want, "; ".join(f"ss -ltnp 'sport = :{p}'" for p in clash))
 
 

@@ -18,7 +18,16 @@ from click.testing import CliRunner
 
 from pdsupervisor.cli.doctor import _cluster_checks, probe_etcd, report_json
 from pdsupervisor.cli.main import main
-from pdsupervisor.core.checks import check_model, check_protocol, check_rdma, fact_checks, hard_failures, ports_needed
+from pdsupervisor.core.checks import (
+    check_model,
+    check_ports,
+    check_protocol,
+    check_rdma,
+    fact_checks,
+    hard_failures,
+    held_by_cluster,
+    ports_needed,
+)
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, try_plan
 from pdsupervisor.core.documents import NodesDocument
 from pdsupervisor.core.models import NodeFacts
@@ -30,6 +39,12 @@ from tests.certs import TestCA
 from tests.conftest import write
 
 IB = "sys/class/infiniband"
+
+
+@pytest.fixture(autouse=True)
+def no_agent(monkeypatch):
+    """No agent answers doctor here (whatever listens on this machine's 8470)."""
+    monkeypatch.setenv("PDSUPERVISOR_API", f"http://127.0.0.1:{free_port()}")
 THP = "sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -300,3 +315,52 @@ def test_ports_without_a_plan_leave_out_a_disabled_master(tmp_path):
     http = validate_spec(spec_doc(tmp_path, mooncake={"metadata": "master-http", "metadata_port": free_port()}))
     assert ports_needed(http, None, "n1")[http.mooncake.metadata_port] == "mooncake-master metadata"
     assert on.mooncake.metadata_port not in ports_needed(on, None, "n1")  # p2p: no metadata server
+
+
+def test_ports_held_by_the_clusters_own_processes():
+    cluster = {100: "prefill-0", 101: "prefill-0", 200: "etcd"}  # 101: prefill-0's child
+    holders = {8100: {101}, 2379: {200}, 8200: {300}, 8300: {100, 300}, 8400: set()}
+    ours = held_by_cluster(holders, cluster)
+    assert ours == {8100: "prefill-0 (pid 101)", 2379: "etcd (pid 200)"}  # a stranger's, or unknown: not ours
+    needed = {8100: "prefill-0", 2379: "etcd", 8200: "proxy"}
+    r = check_ports(needed, {8100: "python (pid 101)", 2379: "etcd (pid 200)"}, ours)
+    assert r.status == "OK" and "8100 held by this node's prefill-0 (pid 101) (needed by prefill-0)" in r.found
+    r = check_ports(needed, {8100: "", 8200: "nginx (pid 300)"}, ours)
+    assert r.status == "FAIL" and r.found.startswith("8200 taken by nginx (pid 300) (needed by proxy); 8100 held")
+    assert r.fix == "ss -ltnp 'sport = :8200'"
+    assert check_ports(needed, {8100: ""}).status == "FAIL"  # without the agent's word: a clash, as before
+
+
+def test_mooncake_disabled_skips_rdma_and_protocol(tmp_path):
+    spec = validate_spec(spec_doc(tmp_path, mooncake={"enabled": False}, host_requirements={"hard": ["rdma"]}))
+    results = {r.check: r for r in fact_checks(spec, local(tmp_path), ["prefill"])}
+    assert {results[c].status for c in ("rdma", "mooncake_protocol")} == {"OK"}
+    assert results["rdma"].found == "skipped: mooncake.enabled is false"
+    members = {"n1": NodeFacts(name="n1", ip="127.0.0.1", hugepages_total=32768),
+               "n2": NodeFacts(name="n2", ip="127.0.0.2", hugepages_total=32768)}
+    assert hard_failures(spec, members, plan_cluster(spec, members)) == []
+
+
+def test_plan_header_names_a_master_only_with_mooncake(tmp_path):
+    args = ["plan", "--node", "n1=127.0.0.1", "--node", "n2=127.0.0.2", "-f"]
+    on = CliRunner().invoke(main, [*args, str(spec_file(tmp_path))], catch_exceptions=False).output
+    assert "master 127.0.0.1:" in on
+    off = CliRunner().invoke(main, [*args, str(spec_file(tmp_path, mooncake={"enabled": False}))],
+                             catch_exceptions=False).output
+    assert "master 127.0.0.1:" not in off and "DP size" in off
+
+
+def test_name_and_etcd_from_the_agent_config(fake_etcd, tmp_path):
+    root = host_tree(tmp_path / "root", thp="[always]", total=32768, free=32768)
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(yaml.safe_dump({"name": "n2", "etcd": [fake_etcd], "ttl": 10}))
+    args = ["doctor", "-f", str(spec_file(tmp_path)), "--root", str(root), "--ip", "127.0.0.2",
+            "--node", "n1=127.0.0.1", "--agent-config", str(conf), "-o", "json"]
+    doc = json.loads(CliRunner().invoke(main, args, catch_exceptions=False).output)
+    assert doc["node"] == "n2" and doc["roles"] == ["decode"]
+    assert doc["agent"].startswith("no agent at http://127.0.0.1:")  # one line, and today's behaviour
+    assert by_check(doc)["etcd"]["found"] == f"http://{fake_etcd} 3.5.9"
+    doc = json.loads(CliRunner().invoke(main, [*args, "--name", "n1", "--etcd", "127.0.0.1:1"]).output)
+    assert doc["node"] == "n1" and by_check(doc)["etcd"]["status"] == "WARN"  # flags win
+    missing = CliRunner().invoke(main, [*args[:-4], "--agent-config", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
