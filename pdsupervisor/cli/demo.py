@@ -30,7 +30,8 @@ from rich.markup import escape
 from pdsupervisor.api.client import DEFAULT_API, ApiError
 from pdsupervisor.cli.cluster import console as make_console
 from pdsupervisor.cli.cluster import status_table, wait_for_phase
-from pdsupervisor.cli.doctor import load_spec_file, port_check
+from pdsupervisor.cli.doctor import port_check
+from pdsupervisor.cli.specfile import read_spec
 from pdsupervisor.core.spec import ClusterSpec, load_spec
 from pdsupervisor.host.private import open_lock, private_dir
 from pdsupervisor.local.cluster import DEMO_STATE_DIR, BootError, LocalCluster
@@ -105,7 +106,7 @@ def master_cannot_run(binary: str, timeout_s: float = 15.0) -> str | None:
 def _demo_spec(spec_path: Path, console: Console) -> tuple[ClusterSpec, str]:
     """The validated spec and the text to submit: the file's, or without a Mooncake master
     when it cannot run here (not installed, or a shared library missing), saying why."""
-    spec = load_spec_file(spec_path)
+    spec = read_spec(spec_path)  # invalid: exit 2, as plan, doctor and start
     reason = master_cannot_run(spec.mooncake.binary) if spec.mooncake.enabled else None
     if reason is None:
         return spec, spec_path.read_text()

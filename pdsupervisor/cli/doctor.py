@@ -51,7 +51,7 @@ from pdsupervisor.core.checks import (
 )
 from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import Plan, plan_cluster
-from pdsupervisor.core.spec import ClusterSpec, SpecError, load_spec
+from pdsupervisor.core.spec import ClusterSpec, SpecError
 from pdsupervisor.host import probes
 from pdsupervisor.store.etcd import Store, StoreUnavailable, TlsRefused
 from pdsupervisor.store.transport import CredentialsError, client_ssl_context
@@ -281,16 +281,6 @@ def results_table(rows: list[tuple[str, CheckResult]], with_node: bool) -> Table
         cells = [r.check, f"[{STATUS_STYLE[r.status]}]{r.status}[/]", r.found, r.needed, r.fix]
         table.add_row(*([node] if with_node else []), *cells)
     return table
-
-
-def load_spec_file(spec_file: Path) -> ClusterSpec:
-    """The validated spec in `spec_file`; any problem is a ClickException naming the file."""
-    try:
-        return load_spec(spec_file.read_text())
-    except OSError as exc:
-        raise click.ClickException(f"{spec_file}: {exc.strerror}") from None
-    except SpecError as exc:
-        raise click.ClickException(f"{spec_file}: invalid:\n{exc}") from None
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -3,30 +3,11 @@ check goes through the store, with `--etcd-ca`, `--etcd-cert` and `--etcd-key`."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from click.testing import CliRunner
 
 from pdsupervisor.cli.main import main
-from tests.component.test_store_tls import Pkis
-from tests.conftest import EtcdServer
 from tests.unit.test_doctor import by_check, doctor, host_tree, spec_file
-
-
-@pytest.fixture(scope="module")
-def pkis(tmp_path_factory) -> Pkis:
-    return Pkis(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def tls_etcd(tmp_path_factory, pkis) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("tls-etcd"), tls=pkis.server, client=pkis.admin)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

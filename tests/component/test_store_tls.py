@@ -35,19 +35,6 @@ class Pkis:
         self.stranger = _client(self.other)
 
 
-@pytest.fixture(scope="module")
-def pkis(tmp_path_factory) -> Pkis:
-    return Pkis(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def tls_etcd(tmp_path_factory, pkis) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("tls-etcd"), tls=pkis.server, client=pkis.admin)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def _ctx(files: TlsFiles):

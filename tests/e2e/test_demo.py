@@ -186,7 +186,7 @@ def test_demo_refuses_a_bad_spec_with_a_message_not_a_traceback(tmp_path, text):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, TEST_MARKER_ENV: marker})
     finally:
         kill_marked(marker)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a bad spec exits 2 from every command
     assert f"{spec}: invalid" in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "demo" / "run").exists()
 
