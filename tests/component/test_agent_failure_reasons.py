@@ -3,11 +3,8 @@ reconciler), their statuses turned into events by the coordinator's pure functio
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
-
-import pytest
 
 from agent.admission import Admission
 from agent.lease import LeaseState
@@ -50,30 +47,6 @@ FLAKY = ("import pathlib, socket, sys, time\n"
          "server = socket.create_server(('127.0.0.1', int(sys.argv[3])))\n"
          "time.sleep(600)\n")
 
-
-@pytest.fixture
-def managed(tmp_path):
-    """Start a ManagedProcess; `seen` records its status after every change, as the reconciler
-    reports it: once the change's synchronous steps are done (a spawn's `starting` is never
-    written on its own). Trees killed at teardown."""
-    started: list[ManagedProcess] = []
-
-    def make(spec: ProcessSpec, seen: list[ProcessStatus] | None = None) -> ManagedProcess:
-        m: ManagedProcess
-
-        def changed() -> None:
-            if seen is not None:
-                asyncio.get_running_loop().call_soon(lambda: seen.append(m.status()))
-
-        m = ManagedProcess(spec, records=ProcStore(tmp_path / "procs"), log_dir=tmp_path / "logs", on_change=changed)
-        started.append(m)
-        m.start()
-        return m
-
-    yield make
-    for m in started:
-        if m.pid:
-            kill_tree(m.pid)
 
 
 def _log(m: ManagedProcess) -> list[str]:
@@ -153,7 +126,7 @@ async def test_a_process_failing_twice_then_running_shows_why_throughout_and_is_
                        argv=[sys.executable, "-c", FLAKY, str(tmp_path / "count"), "2", str(port)],
                        readiness=Probe(kind="tcp", port=port, period_s=0.1))
     seen: list[ProcessStatus] = []
-    m = managed(spec, seen)
+    m = managed(spec, seen=seen)
     await until(lambda: m.state == ProcessState.ready and m.restarts == 2, timeout=20, what="ready after 2 failures")
     first = "exit code 1: RuntimeError: no model yet (attempt 1)"
     second = "exit code 1: RuntimeError: no model yet (attempt 2)"

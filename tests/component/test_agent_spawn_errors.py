@@ -11,27 +11,11 @@ import pytest
 from agent.process.statefile import ProcStore
 from agent.process.supervisor import ManagedProcess
 from pdsupervisor.core.models import ProcessSpec, ProcessState, RestartPolicy
-from pdsupervisor.local.procs import kill_tree
 from tests.conftest import until
 
 FAST = RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, jitter=0.1, reset_after_s=30)
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 
-
-@pytest.fixture
-def managed(tmp_path):
-    started: list[ManagedProcess] = []
-
-    def make(spec: ProcessSpec, records: ProcStore | None = None) -> ManagedProcess:
-        m = ManagedProcess(spec, records=records or ProcStore(tmp_path / "procs"), log_dir=tmp_path / "logs")
-        started.append(m)
-        m.start()
-        return m
-
-    yield make
-    for m in started:
-        if m.pid:
-            kill_tree(m.pid)
 
 
 async def _fails_and_retries(m: ManagedProcess, why: str) -> None:
