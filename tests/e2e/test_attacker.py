@@ -254,15 +254,13 @@ class EtcdView:
 @dataclass
 class OperatorCluster(LocalCluster):
     """The product's local cluster, configured as the README's operator guide says: a token
-    file in each agent's config (so the REST API listens on every interface, the default with a
-    credential) and `allowed_commands` where given."""
+    (`token=True`: a 0600 file in each agent's config, so the REST API listens on every
+    interface, the default with a credential) and `allowed_commands` where given."""
 
-    token_file: Path | None = None
     allowed_commands: dict[str, list[str]] = field(default_factory=dict)
 
     def config(self, agent: LocalAgent) -> dict[str, object]:
         doc = super().config(agent)
-        doc["rest"] = {"token_file": str(self.token_file)}
         if agent.name in self.allowed_commands:
             doc["allowed_commands"] = self.allowed_commands[agent.name]
         return doc
@@ -309,14 +307,6 @@ class Secure:
         return {p["name"]: p["pid"] for p in self.get("/status", via=node)["processes"] if p["state"] == "ready"}
 
 
-def _write_token(path: Path) -> str:
-    token = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # (umask 077; openssl rand -hex 32 > token)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
-
-
 @pytest.fixture(scope="class")
 def secure(tmp_path_factory) -> Iterator[Secure]:
     tmp = tmp_path_factory.mktemp("attack")
@@ -326,7 +316,7 @@ def secure(tmp_path_factory) -> Iterator[Secure]:
     name = f"attack-{uuid.uuid4().hex[:8]}"
     lc = OperatorCluster(cluster=name, root=root, etcd_port=free_port(), etcd_peer_port=free_port(),
                          api_base_port=free_port(span=len(NODES)), ttl=TTL, tls=True,
-                         token_file=tmp / "token", allowed_commands={HOSTILE_NODE: [sys.executable]})
+                         token=True, allowed_commands={HOSTILE_NODE: [sys.executable]})
     assert [(a.name, a.ip) for a in lc.agents] == list(NODES.items())
     try:
         # the PKI, as the README's operator guide makes it
@@ -334,13 +324,13 @@ def secure(tmp_path_factory) -> Iterator[Secure]:
         out = subprocess.run([sys.executable, "-m", "pdsupervisor", "pki", "init", str(lc.pki_dir), *nodes],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
-        token = _write_token(tmp / "token")
         secret = f"pdsecret-{secrets.token_hex(16)}"
         secret_file = tmp / "hf_token"
         secret_file.write_text(secret + "\n")
         secret_file.chmod(0o600)
 
         asyncio.run(lc.boot(90))
+        token = lc.token_file.read_text().strip()
         spec = cluster_spec(name, f"127.0.0.1:{lc.etcd_port}", decode_nodes=["node2", "node3"], ttl=TTL)
         spec["prefill"]["node_names"] = ["node1"]
         spec["etcd"] = {"bootstrap_node": "node1", "client_port": lc.etcd_port, "peer_port": lc.etcd_peer_port}
@@ -348,7 +338,7 @@ def secure(tmp_path_factory) -> Iterator[Secure]:
         spec_file = tmp / "cluster.yaml"
         spec_file.write_text(yaml.safe_dump(spec))
         out = subprocess.run([sys.executable, "-m", "pdsupervisor", "start", "-f", str(spec_file), "--api",
-                              lc.agents[0].api_url, "--token-file", str(tmp / "token"), "--wait", "--timeout", "120"],
+                              lc.agents[0].api_url, "--token-file", str(lc.token_file), "--wait", "--timeout", "120"],
                              capture_output=True, text=True, timeout=150)
         assert out.returncode == 0, out.stdout + out.stderr + "\n".join(
             a.log_path.read_text(errors="replace")[-2000:] for a in lc.agents)
