@@ -172,8 +172,9 @@ class Coordinator:
             await self._event(event)
         self._previous = obs
         desired = desired_state(obs)
-        self.view = LeaderView(phase_of(obs, desired), {n: n in obs.members for n in obs.assignments})
-        outcome = await self._apply(obs, desired)
+        phase = phase_of(obs, desired)
+        self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments})
+        outcome = await self._apply(obs, desired, phase)
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False
             await self.store.trim_events(self.events_kept)
@@ -234,14 +235,14 @@ class Coordinator:
         self._announced = False  # another agent holds the key: our next hold is news again
         return "expired" if expired else "follower"
 
-    async def _apply(self, obs: Observed, desired: Desired) -> Outcome:
+    async def _apply(self, obs: Observed, desired: Desired, phase: Phase) -> Outcome:
         todo = changes(obs, desired)
         if not todo:
             if desired.missing:
                 return Outcome("waiting", "no action: waiting for " + "; ".join(desired.missing))
             if obs.record is None:
                 return Outcome("unchanged", "no action: no spec submitted")
-            return Outcome("unchanged", f"no action: cluster {phase_of(obs, desired)}")
+            return Outcome("unchanged", f"no action: cluster {phase}")
         keys = self.store.keys
         puts: dict[str, NodeAssignment | SpecRecord] = {keys.assignment(n): a for n, a in todo.puts.items()}
         if todo.record is not None:
