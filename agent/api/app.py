@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from agent.api.auth import POLICY, AccessPolicy, guard, require_credential, require_token, ssl_context
+from agent.api.auth import POLICY, AccessPolicy, guard, require_credential, ssl_context
 from agent.api.errors import MAX_BODY, json_error, json_errors, query_int, refuse_control_characters
 from agent.metrics import CONTENT_TYPE
 from agent.process import logs
@@ -23,7 +23,7 @@ from agent.process import logs
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
-__all__ = ["build_app", "require_credential", "require_token", "ssl_context"]
+__all__ = ["build_app", "require_credential", "ssl_context"]
 
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -198,8 +198,6 @@ def require_credential(handler: Handler) -> Handler:
     return wrapped
 
 
-require_token = require_credential  # its earlier name
-
 
 async def audit(request: web.Request, store: Store, did: str, **fields: Any) -> None:
     """Record an accepted mutating request: who (`request[CALLER]`), from where, what it did.

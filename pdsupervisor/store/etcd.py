@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 from pydantic import BaseModel
 
+from pdsupervisor.core.etcd_access import endpoint_url
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.store.errors import EtcdError as EtcdError  # re-exported: callers catch them from here
 from pdsupervisor.store.errors import StoreUnavailable as StoreUnavailable
@@ -34,7 +35,6 @@ from pdsupervisor.store.gateway import (
     error_text,
     header_revision,
     json_stream,
-    parse_endpoint,
     prefix_end,
     prefix_range,
     put_request,
@@ -91,7 +91,7 @@ class Store:
         it must be quick and must not raise."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
-        self.endpoints = [parse_endpoint(e, tls=tls is not None) for e in endpoints]
+        self.endpoints = [endpoint_url(e, tls=tls is not None) for e in endpoints]
         self.cluster = cluster
         self.keys = Keys(cluster)
         self.timeout_s = timeout_s
@@ -356,9 +356,6 @@ class Store:
 
     async def put_status(self, status: NodeStatus) -> None:
         await self.put(self.keys.node_status(status.node), _dump(status))
-
-    async def statuses(self) -> dict[str, NodeStatus]:
-        return await self.get_models(self.keys.status, NodeStatus)
 
     async def put_spec_record(self, record: Mapping[str, Any], *, expect_mod_revision: int | None = None) -> bool:
         """Write the spec record; with `expect_mod_revision`, only if nobody wrote it since."""

@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel
 
-from pdsupervisor.core.etcd_access import endpoint_url
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -54,10 +52,6 @@ def server_version(answer: object, date: str | None) -> ServerVersion:
     return ServerVersion(str(answer.get("etcdserver", "")) if isinstance(answer, dict) else "", when)
 
 
-def parse_endpoint(url: str, *, tls: bool = False) -> str:
-    """`10.0.0.1:2379` -> `http://10.0.0.1:2379` (`https://` with `tls`); a scheme given is
-    kept (`http://10.0.0.1:2379/` -> `http://10.0.0.1:2379`)."""
-    return endpoint_url(url, tls=tls)
 
 
 def prefix_range(prefix: str, **options: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from agent.api.app import build_app, require_token
+from agent.api.app import build_app, require_credential
 from agent.config import AgentConfig, RestConfig
 from agent.daemon import Agent
 from pdsupervisor.api.client import ApiClient, ApiError
@@ -64,7 +64,7 @@ async def test_token_guards_mutating_routes(aiohttp_client, tmp_path):
     async def mutate(request: web.Request) -> web.Response:
         return web.json_response({"done": True})
 
-    @require_token
+    @require_credential
     async def guarded_read(request: web.Request) -> web.Response:
         return web.json_response({"secret": 1})
 

@@ -10,10 +10,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdsupervisor.core.etcd_access import endpoint_url
 from pdsupervisor.core.models import EtcdAccess, NodeFacts, RdmaDevice, RdmaPort, TlsFiles
 from pdsupervisor.core.planner import PlanError, interleaved_decode_endpoints, plan_cluster, port_claims
 from pdsupervisor.core.spec import load_spec, validate_spec
-from pdsupervisor.store.gateway import parse_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "etc/pdsupervisor/cluster.example.yaml"
@@ -139,7 +139,7 @@ def test_builtin_proxy_keeps_an_explicit_etcd_scheme():
     etcd = argv[argv.index("--etcd") + 1]
     assert etcd == "http://127.0.0.1:2379,10.0.0.9:2379,https://10.0.0.8:2379" and "--etcd-ca" in argv
     # what the proxy makes of them (its --etcd-ca given): the store's reading
-    assert [parse_endpoint(e, tls=True) for e in etcd.split(",")] == [
+    assert [endpoint_url(e, tls=True) for e in etcd.split(",")] == [
         "http://127.0.0.1:2379", "https://10.0.0.9:2379", "https://10.0.0.8:2379"]
 
 
