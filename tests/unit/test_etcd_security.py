@@ -53,7 +53,7 @@ def test_endpoint_schemes_and_loopback():
     assert endpoint_url("10.0.0.9:2379", tls=True) == "https://10.0.0.9:2379"
     assert endpoint_url("10.0.0.9:2379", tls=False) == "http://10.0.0.9:2379"
     assert endpoint_url("http://10.0.0.9:2379/", tls=True) == "http://10.0.0.9:2379"  # a scheme given is kept
-    assert endpoint_url("h:1", tls=True) == "https://h:1" and endpoint_url("h:1") == "http://h:1"
+    assert endpoint_url("h:1", tls=True) == "https://h:1" and endpoint_url("h:1", tls=False) == "http://h:1"
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.3", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("10.0.0.9", "0.0.0.0", "g10", "fd00::2"))
     endpoints = ["127.0.0.2:2379", "10.0.0.9:2379", "http://[::1]:2379", "https://10.0.0.8:2379", "http://g10:2379"]
