@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,3 +50,12 @@ def _agent_lifecycle_event(key: str, value: bytes) -> bool:
     """An event the agents write on their own as they come up (leader taken, member joined):
     it may land between two snapshots; a request's own events (spec, assign) still count."""
     return "/events/" in key and json.loads(value).get("kind") in ("leader", "member")
+
+
+def unchanged(c: Any, request: Callable[[], Any]) -> Any:
+    """Run `request()` against cluster `c` (an AgentCluster); assert the cluster's keys in etcd
+    are the same after it; return its answer."""
+    before = asyncio.run(etcd_snapshot(c.etcd, c.cluster))
+    answer = request()
+    assert asyncio.run(etcd_snapshot(c.etcd, c.cluster)) == before
+    return answer

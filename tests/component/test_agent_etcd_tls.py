@@ -22,7 +22,7 @@ from pdsupervisor.host import pki as pki_files
 from pdsupervisor.host.probes import default_ip
 from pdsupervisor.local.ports import free_port
 from pdsupervisor.store.etcd import Store, StoreUnavailable
-from pdsupervisor.store.transport import client_ssl_context
+from pdsupervisor.store.transport import client_ssl_context, tls_context
 from tests.agent_helpers import ROOT, AgentProc, alive, kill_marked
 from tests.conftest import EtcdServer, wait_for
 from tests.pdproc import http
@@ -48,10 +48,6 @@ class Pki:
         return _files(self.root / pki.client_dir("admin"), "client.crt", "client.key")
 
 
-def _ctx(files: TlsFiles):
-    return client_ssl_context(files.ca_file, files.cert_file, files.key_file)
-
-
 def _config(path: Path, doc: dict) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -59,7 +55,7 @@ def _config(path: Path, doc: dict) -> Path:
 
 def _members(endpoint: str, cluster: str, tls: TlsFiles | None) -> set[str]:
     async def read() -> set[str]:
-        async with Store([endpoint], cluster, tls=_ctx(tls) if tls else None, timeout_s=2) as store:
+        async with Store([endpoint], cluster, tls=tls_context(tls) if tls else None, timeout_s=2) as store:
             return set(await store.members())
     try:
         return asyncio.run(read())
@@ -109,7 +105,7 @@ def test_bootstrap_etcd_over_tls_and_agents_with_client_certificates(agents, tmp
     assert argv[argv.index("--cert-file") + 1] == ca.server("n1").cert_file
 
     async def facts() -> NodeFacts:
-        async with Store([endpoint], cluster_name, tls=_ctx(ca.admin)) as store:
+        async with Store([endpoint], cluster_name, tls=tls_context(ca.admin)) as store:
             return (await store.members())["n2"]
     assert asyncio.run(facts()).etcd_access.tls == ca.client("n2")  # for a proxy planned on n2
     assert _members(f"http://{endpoint}", cluster_name, None) == set()  # plaintext gets nothing
@@ -168,7 +164,7 @@ def test_builtin_proxy_reads_membership_from_a_tls_etcd(procs, tmp_path, cluster
         dec, _ = procs.engine("decode")
 
         async def register() -> None:
-            async with Store([server.endpoint], cluster_name, tls=_ctx(ca.admin)) as store:
+            async with Store([server.endpoint], cluster_name, tls=tls_context(ca.admin)) as store:
                 lease = await store.grant_lease(60)
                 await store.register_member(NodeFacts(name="n1", ip="127.0.0.1", registered_at=time.time()), lease)
                 engines = [ProcessStatus(name=f"{r}-0", role=r, state=ProcessState.ready, pid=1, endpoint=e)

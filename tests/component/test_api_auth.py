@@ -3,7 +3,6 @@ certificate) for writes and process logs, no browser cross-site writes, JSON or 
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 import pytest
@@ -13,7 +12,7 @@ from tests.agent_helpers import AgentProc, kill_marked
 from tests.certs import TestCA
 from tests.cluster_helpers import AgentCluster, cluster_spec, private_token, single_agent
 from tests.conftest import wait_for
-from tests.rest_helpers import call, etcd_snapshot
+from tests.rest_helpers import call, unchanged
 
 TOKEN = "auth-t0ken"
 SECRET_LINE = "HF_TOKEN=hf_do_not_show\n"
@@ -50,14 +49,6 @@ def unguarded(etcd_server, tmp_path_factory):
 
 def spec_body(c: AgentCluster) -> bytes:
     return yaml.safe_dump(cluster_spec(c.cluster, c.etcd, decode_nodes=["n2"])).encode()
-
-
-def unchanged(c: AgentCluster, request):
-    """Run `request()`; assert the cluster's keys in etcd are the same after it; return its answer."""
-    before = asyncio.run(etcd_snapshot(c.etcd, c.cluster))
-    answer = request()
-    assert asyncio.run(etcd_snapshot(c.etcd, c.cluster)) == before
-    return answer
 
 
 def bearer(scheme: str = "Bearer", token: str = TOKEN) -> dict[str, str]:

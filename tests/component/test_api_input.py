@@ -3,13 +3,12 @@ nothing changed in etcd (oversized bodies, deep nesting, control characters, bou
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from tests.cluster_helpers import private_token, single_agent
-from tests.rest_helpers import call, etcd_snapshot
+from tests.rest_helpers import call, unchanged
 
 TOKEN = "input-t0ken"
 CLUSTER = "input-test"
@@ -28,14 +27,6 @@ def agent(etcd_server, tmp_path_factory):
 def problem_fields(answer) -> list[str]:
     assert isinstance(answer, dict) and answer["error"], answer
     return [p["field"] for p in answer.get("problems", [])]
-
-
-def unchanged(agent, request):
-    """Run `request()`; assert etcd holds the same cluster keys after it; return its answer."""
-    before = asyncio.run(etcd_snapshot(agent.etcd, CLUSTER))
-    answer = request()
-    assert asyncio.run(etcd_snapshot(agent.etcd, CLUSTER)) == before
-    return answer
 
 
 def test_oversized_body_is_413_json(agent):

@@ -13,7 +13,7 @@ from pdsupervisor.core import pki
 from pdsupervisor.core.models import TlsFiles
 from pdsupervisor.host import pki as pki_files
 from pdsupervisor.store.etcd import Store, StoreUnavailable, TlsRefused
-from pdsupervisor.store.transport import Credentials, client_ssl_context
+from pdsupervisor.store.transport import Credentials, client_ssl_context, tls_context
 from tests.conftest import EtcdServer
 
 
@@ -37,17 +37,13 @@ class Pkis:
 
 
 
-def _ctx(files: TlsFiles):
-    return client_ssl_context(files.ca_file, files.cert_file, files.key_file)
-
-
 async def _absent(server: EtcdServer, pkis: Pkis, cluster: str, key: str) -> bool:
-    async with Store([server.endpoint], cluster, tls=_ctx(pkis.admin)) as store:
+    async with Store([server.endpoint], cluster, tls=tls_context(pkis.admin)) as store:
         return await store.get(key) is None
 
 
 async def test_reads_writes_leases_and_watches_over_tls_with_a_client_certificate(tls_etcd, pkis, cluster_name):
-    async with Store([tls_etcd.endpoint], cluster_name, tls=_ctx(pkis.admin)) as store:
+    async with Store([tls_etcd.endpoint], cluster_name, tls=tls_context(pkis.admin)) as store:
         assert store.endpoints == [f"https://{tls_etcd.endpoint}"]  # no scheme given: https with TLS
         rev = await store.put(store.keys.root + "a", b"1")
         watch = store.watch_prefix(store.keys.root, rev + 1)
@@ -81,12 +77,12 @@ async def test_the_store_refuses_an_etcd_its_ca_did_not_sign(tls_etcd, pkis, clu
 
 
 async def test_version_over_tls_and_a_refused_handshake_says_which_side(tls_etcd, pkis, cluster_name):
-    async with Store([tls_etcd.endpoint], cluster_name, tls=_ctx(pkis.admin)) as store:
+    async with Store([tls_etcd.endpoint], cluster_name, tls=tls_context(pkis.admin)) as store:
         answer = await store.version()
     assert answer.server.startswith("3.") and answer.date is not None and abs(answer.date - time.time()) < 5
     refusals = {
         "etcd refused ours": (client_ssl_context(pkis.admin.ca_file), "it refused this client's certificate"),
-        "we refused etcd's": (_ctx(TlsFiles(ca_file=pkis.stranger.ca_file, cert_file=pkis.admin.cert_file,
+        "we refused etcd's": (tls_context(TlsFiles(ca_file=pkis.stranger.ca_file, cert_file=pkis.admin.cert_file,
                                             key_file=pkis.admin.key_file)), "not one the CA bundle trusts"),
     }
     for ctx, words in refusals.values():
