@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.local.ports import free_port
 from tests.agent_helpers import AgentProc, kill_marked
 from tests.conftest import wait_for
@@ -205,3 +206,10 @@ def single_agent(tmp: Path, etcd: str, cluster: str, *, token_file: Path | None 
         yield c
     finally:
         c.close()
+
+
+def demo_phase() -> str | None:
+    """The running demo's phase (its first agent is on the CLI's default API), None while it
+    does not answer."""
+    status, body = http("GET", f"{DEFAULT_API}/cluster", timeout=3)
+    return json.loads(body)["phase"] if status == 200 else None

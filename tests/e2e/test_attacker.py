@@ -62,6 +62,7 @@ import psutil
 import pytest
 import yaml
 
+from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.core import pki
 from pdsupervisor.core.models import FileSpec, NodeAssignment, Probe, ProcessSpec
 from pdsupervisor.local.cluster import LocalAgent, LocalCluster
@@ -71,7 +72,7 @@ from pdsupervisor.store.gateway import b64
 from pdsupervisor.store.transport import client_ssl_context
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
 from tests.certs import TestCA
-from tests.cluster_helpers import cluster_spec
+from tests.cluster_helpers import cluster_spec, demo_phase
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -745,7 +746,7 @@ def test_plan_refuses_a_bad_spec_naming_the_field_and_writes_nothing(tmp_path, b
 
 # ---- (b) the demo -------------------------------------------------------------------------------
 
-DEMO_API = f"http://127.0.0.1:{LocalCluster.api_base_port}"
+DEMO_API = DEFAULT_API  # the demo's first agent
 
 
 @dataclass
@@ -775,13 +776,6 @@ class Demo:
         return yaml.safe_dump(doc).encode()
 
 
-def _demo_phase() -> str | None:
-    with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
-        answer = call(DEMO_API, "GET", "/cluster", timeout=3)
-        return answer.body.get("phase") if answer.status == 200 else None
-    return None
-
-
 @pytest.fixture(scope="class")
 def demo(tmp_path_factory) -> Iterator[Demo]:
     tmp = tmp_path_factory.mktemp("demo")
@@ -795,7 +789,7 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
     proc = subprocess.Popen([sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)],
                             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_for(lambda: proc.poll() is not None or _demo_phase() == "ready", 120, 0.2, what="the demo ready")
+        wait_for(lambda: proc.poll() is not None or demo_phase() == "ready", 120, 0.2, what="the demo ready")
         assert proc.poll() is None, out_path.read_text(errors="replace")
         admin = state / "run" / "pki" / pki.client_dir(pki.ADMIN)
         yield Demo(proc, state, marker, out_path, EtcdView("127.0.0.1:2379", "demo", tls_files_context(admin)), canaries)
@@ -848,7 +842,7 @@ class TestDemo:
     machine could try is refused, and so is etcd without the demo's certificates."""
 
     def test_the_demo_runs(self, demo):
-        assert _demo_phase() == "ready"
+        assert demo_phase() == "ready"
         assert demo.etcd.fingerprint()["generation"] == 1
 
     @pytest.mark.parametrize("probe", DEMO_PROBES, ids=[p[0] for p in DEMO_PROBES])
@@ -927,6 +921,6 @@ class TestDemo:
 
     def test_nothing_hostile_ever_ran_and_the_demo_is_as_it_was(self, demo):
         assert sorted(os.listdir(demo.canaries)) == []
-        assert _demo_phase() == "ready" and demo.etcd.fingerprint()["generation"] == 1
+        assert demo_phase() == "ready" and demo.etcd.fingerprint()["generation"] == 1
         audits = [e for e in call(DEMO_API, "GET", "/events?limit=1000").body["events"] if e["kind"] == "audit"]
         assert [(e["caller"], e["generation"]) for e in audits] == [("token", 1)]  # the demo's own start only

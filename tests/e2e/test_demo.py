@@ -5,7 +5,6 @@ a planted symlink is refused; a Mooncake master that cannot run here is left out
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import ssl
@@ -21,16 +20,12 @@ from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 from pdsupervisor.store.transport import client_ssl_context
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
+from tests.cluster_helpers import demo_phase
 from tests.conftest import wait_for
 from tests.pdproc import http
 
 pytestmark = pytest.mark.slow
 DEMO_API = DEFAULT_API  # the demo's first agent: where the CLI looks by default
-
-
-def _phase() -> str | None:
-    status, body = http("GET", f"{DEMO_API}/cluster", timeout=2)
-    return json.loads(body)["phase"] if status == 200 else None
 
 
 def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
@@ -42,7 +37,7 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
     demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group, like a terminal's job
     try:
-        wait_for(lambda: _phase() == "ready", 90, 0.2, what="demo ready")
+        wait_for(lambda: demo_phase() == "ready", 90, 0.2, what="demo ready")
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
                  what="the demo's completion")
         _check_etcd_wants_a_client_certificate(state / "run" / "pki")
@@ -53,7 +48,7 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         assert second.returncode == 1
         assert "a demo is already running" in second.stdout + second.stderr
-        assert _phase() == "ready"  # the second attempt touched nothing
+        assert demo_phase() == "ready"  # the second attempt touched nothing
 
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
         assert demo.wait(60) == 0
@@ -72,7 +67,7 @@ def _check_writes_want_the_demo_token(token_file: Path) -> None:
     private state dir, the path printed for the CLI) is what lets one through."""
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     status, _ = http("POST", f"{DEMO_API}/cluster/stop", headers={"Content-Type": "application/json"})
-    assert status == 401 and _phase() == "ready"
+    assert status == 401 and demo_phase() == "ready"
     status, body = http("GET", f"{DEMO_API}/logs/prefill-0", timeout=5)
     assert status == 401, body
     token = token_file.read_text().strip()
