@@ -36,6 +36,7 @@ class Registration:
         self.last_refresh_mono: float | None = None
         self._granted_ttl = lease.ttl  # the TTL of the lease we hold
         self._facts_sent: dict[str, Any] | None = None
+        self.published: NodeFacts | None = None  # the facts in our member key (GET /status shows them)
         self._facts_checked = 0.0
         self._registered_at = 0.0
 
@@ -48,8 +49,9 @@ class Registration:
         return f.model_dump(exclude={"registered_at", "hugepages_free", "lease"})
 
     async def _publish(self, facts: NodeFacts, lease: int) -> None:
-        await self.store.register_member(
-            facts.model_copy(update={"registered_at": self._registered_at, "lease": lease}), lease)
+        member = facts.model_copy(update={"registered_at": self._registered_at, "lease": lease})
+        await self.store.register_member(member, lease)
+        self.published = member
         self._facts_sent = self._comparable(facts)
         self._facts_checked = time.monotonic()
 

@@ -57,7 +57,9 @@ async def status(request: web.Request) -> web.Response:
     a = _agent(request)
     procs = [m.status().model_dump(mode="json") for m in a.reconciler.snapshot_procs()]
     body = {
-        "node": a.facts().model_dump(mode="json"),
+        # what registration last published (re-probed every FACTS_RECHECK_S); the host is
+        # probed here only before the first registration
+        "node": (a.registration.published or a.facts()).model_dump(mode="json"),
         "cluster": a.config.cluster,
         "lease_id": a.lease.lease_id,
         "etcd_reachable": a.registration.healthy,
