@@ -112,6 +112,19 @@ EnvValue = Annotated[
 ]
 
 
+INFLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+class DrainSpec(Strict):
+    """How to empty an engine before a planned stop: it leaves the proxy's rotation (its status
+    says `stopping`), then the agent waits until the engine's in-flight gauges (summed over
+    their labels, read from its Prometheus `path`) are zero, at most `timeout_s`."""
+
+    timeout_s: Duration = 60.0
+    path: str = "/metrics"
+    inflight_metrics: list[str] = Field(default_factory=lambda: list(INFLIGHT_METRICS), max_length=16)
+
+
 class ProcessSpec(Strict):
     """One process an agent must keep running: everything needed to start, probe and stop it."""
 
@@ -133,16 +146,21 @@ class ProcessSpec(Strict):
     # Bumped by the coordinator to restart a process that runs the very same thing, e.g. the
     # engines after their Mooncake master restarted and lost its metadata. Part of the hash.
     restart_epoch: int = 0
+    drain: DrainSpec | None = None  # None: stopped at once (no requests to finish)
 
     def spec_hash(self) -> str:
-        """Stable digest of everything that, when changed, requires a restart."""
-        payload = self.model_dump(mode="json", exclude={"generation"})
+        """Stable digest of everything that, when changed, requires a restart (so neither the
+        generation nor how to drain: changing those never restarts a process)."""
+        payload = self.model_dump(mode="json", exclude=NOT_HASHED)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
     def endpoint(self) -> str | None:
         return f"{self.host}:{self.port}" if self.port is not None else None
+
+
+NOT_HASHED = frozenset({"generation", "drain"})
 
 
 class NodeAssignment(Strict):
@@ -196,6 +214,12 @@ class ProcessStatus(Strict):
     ready_again_after_s: float | None = None
     # how a stop of this run had to end, when SIGKILL did it: `SIGKILL after 30 s (SIGTERM ignored)`
     last_stop: str | None = None
+    # seconds from this run's start to its first ready: what a restart of it costs
+    ready_after_s: float | None = None
+    # The assignment asks for a new spec (this hash) the node refused before stopping anything:
+    # what runs (`spec_hash`, `state`) is the previous spec, still serving; `refused` says why.
+    refused_spec_hash: str | None = None
+    refused: str | None = None
 
     @property
     def crash_looping(self) -> bool:

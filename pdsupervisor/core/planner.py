@@ -19,7 +19,7 @@ from pydantic import Field
 
 from pdsupervisor.core.etcd_access import proxy_etcd_args, proxy_etcd_env
 from pdsupervisor.core.etcd_command import etcd_argv
-from pdsupervisor.core.models import FileSpec, NodeFacts, Probe, ProcessSpec, Strict
+from pdsupervisor.core.models import DrainSpec, FileSpec, NodeFacts, Probe, ProcessSpec, Strict
 from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, metadata_port, metadata_problems, mooncake_config
 from pdsupervisor.core.spec import ClusterSpec, RoleSpec, SpecError, render
 
@@ -195,6 +195,7 @@ def _engine_processes(
             start_timeout_s=role.readiness.start_timeout_s, generation=generation, restart_epoch=restart_epoch,
             dp_rank=rank if role_name == "decode" else None,
             files=[config_file],  # every engine carries it: whichever starts first writes it
+            drain=DrainSpec(timeout_s=role.drain_timeout_s),
         ))
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
@@ -167,6 +167,9 @@ class RoleSpec(SpecModel):
     env: dict[str, EnvValue] = _env()  # over engine_env; {file: PATH} / {credential: NAME}
     readiness: ReadinessSpec = Field(default_factory=ReadinessSpec)
     stop_timeout_s: Duration = 60.0
+    # before a planned stop (rollout, stop, replacement): out of the proxy's rotation, then
+    # up to this long for the requests in flight to finish
+    drain_timeout_s: Duration = 60.0
     cwd: str | None = None  # working directory of the engines (default: the agent's)
 
     @property
@@ -237,6 +240,26 @@ class HostRequirements(SpecModel):
     hard: list[Literal["thp", "hugepages", "rdma", "accelerators"]] = Field(default_factory=list, max_length=4)
 
 
+# An absolute count of engines, or a share of the role's engines (`25%`, rounded down, at least 1).
+MaxUnavailable = Annotated[int, Field(ge=1, le=limits.MAX_NODES * limits.MAX_SLOTS)] | Annotated[
+    str, Field(pattern=r"^(100|[1-9][0-9]?)%$")]
+
+
+class RolloutSpec(SpecModel):
+    """How running engines change (a replacing spec, a restart after the Mooncake master
+    restarted): in waves of at most `max_unavailable` engines of a role not ready at once; the
+    first wave is the canary. A decode DP group (DP size > 1) changes as one unit."""
+
+    prefill: MaxUnavailable = "25%"
+    decode: MaxUnavailable = "25%"
+
+    def max_unavailable(self, role: str, engines: int) -> int:
+        value: int | str = getattr(self, role)
+        if isinstance(value, int):
+            return value
+        return max(1, engines * int(value[:-1]) // 100)
+
+
 class PolicySpec(SpecModel):
     node_loss: Literal["wait", "replace"] = "wait"
     spare_nodes: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # empty with `replace`: any unused member
@@ -244,6 +267,7 @@ class PolicySpec(SpecModel):
     lease_ttl_s: int = Field(10, ge=limits.LEASE_TTL_MIN_S, le=limits.LEASE_TTL_MAX_S)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     start_timeout_s: Duration = 3600.0  # submit -> ready, for the whole cluster
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
 
 class ClusterSpec(SpecModel):
