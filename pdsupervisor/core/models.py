@@ -151,7 +151,7 @@ class ProcessSpec(Strict):
     def spec_hash(self) -> str:
         """Stable digest of everything that, when changed, requires a restart (so neither the
         generation nor how to drain: changing those never restarts a process)."""
-        payload = self.model_dump(mode="json", exclude=NOT_HASHED)
+        payload = self.model_dump(mode="json", exclude=set(NOT_HASHED))
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
