@@ -29,10 +29,11 @@ import structlog
 
 from agent.lease import LeaseState
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import Changes, Desired, Observed, SpecRecord, changes, desired_state, phase_of
+from pdsupervisor.core.cluster_view import Changes, Desired, changes, desired_state, phase_of
 from pdsupervisor.core.documents import Phase
-from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, write_events
+from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment
+from pdsupervisor.core.observed import Observed, SpecRecord
 from pdsupervisor.store.cluster import observe, read_record
 from pdsupervisor.store.etcd import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
 
@@ -86,6 +87,7 @@ class Coordinator:
         self._last_refresh = 0.0
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
+        self._halted: str | None = None  # why the rollout halted, as this leader last told it
         # The `... is the coordinator` event was written for our current hold of the key: taking
         # the key back ourselves (after a failed cycle, or anew under the spec's lease TTL) is
         # no news. Cleared once another agent is seen holding it.
@@ -171,7 +173,11 @@ class Coordinator:
         for event in observed_events(self._previous, obs):
             await self._event(event)
         self._previous = obs
-        desired = desired_state(obs)
+        desired = desired_state(obs, time.time())
+        halted = desired.rollout.halted if desired.rollout else None
+        for event in rollout_halted(self._halted, halted):
+            await self._event(event)
+        self._halted = halted
         phase = phase_of(obs, desired)
         self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments})
         outcome = await self._apply(obs, desired, phase)

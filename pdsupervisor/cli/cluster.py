@@ -23,7 +23,7 @@ from pdsupervisor.core.documents import ClusterDocument, Phase
 from pdsupervisor.local.cluster import DEMO_STATE_DIR
 
 T = TypeVar("T")
-PHASE_STYLE = {"ready": "green", "degraded": "red", "starting": "yellow", "pending": "yellow",
+PHASE_STYLE = {"ready": "green", "degraded": "red", "starting": "yellow", "pending": "yellow", "updating": "yellow",
                "stopping": "yellow", "stopped": "dim"}
 
 
@@ -128,6 +128,10 @@ def status_command(api: str, token_file: str | None, ca_file: str | None, output
         status_table(doc, console())
 
 
+class RolloutHalted(click.ClickException):
+    """`start --wait`: an engine failed with its new spec, so the rollout stopped (exit 1)."""
+
+
 async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
                          progress: Progress | Callable[[str], None], poll_s: float = 0.25) -> ClusterDocument:
     """Poll `GET /cluster` until `want`, showing progress (a `Progress`, or a function given
@@ -141,6 +145,8 @@ async def wait_for_phase(client: ApiClient, want: Phase, timeout_s: float,
             return doc
         if doc.start_timed_out and want == "ready":
             raise TimeoutError(f"start failed: {'; '.join(doc.problems)}")
+        if doc.rollout is not None and doc.rollout.state == "halted" and want == "ready":
+            raise RolloutHalted(f"{doc.rollout.reason}; the engines not yet changed keep running the previous spec")
         if time.monotonic() > deadline:
             raise TimeoutError(f"not {want} after {timeout_s:.0f}s: {shown.last}")
         await asyncio.sleep(poll_s)

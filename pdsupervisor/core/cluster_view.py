@@ -8,46 +8,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from pydantic import Field
 
 from pdsupervisor.core.checks import hard_failures
-from pdsupervisor.core.documents import Action, ClusterDocument, Phase, ProcessRow
-from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
+from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
+from pdsupervisor.core.models import NodeAssignment, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.observed import (
+    Observed,
+    SpecRecord,
+    assigned_processes,
+    assigned_roles,
+    assigned_spec,
+    is_ready,
+    live_statuses,
+    observed_process,
+)
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
+from pdsupervisor.core.rollout import Rollout, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
 STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
-
-
-class SpecRecord(Strict):
-    """`/pdsupervisor/<cluster>/spec`: the submitted spec, what to do with it, and where it landed."""
-
-    generation: int
-    action: Action = "start"
-    spec: dict[str, Any]
-    placement: dict[str, list[str]] = Field(default_factory=dict)
-    submitted_at: float = 0.0
-    # The Mooncake master's pid the engines last started against, and how many times the
-    # engines were restarted because the master restarted (its metadata does not survive).
-    master_pid: int | None = None
-    master_epoch: int = 0
-
-
-@dataclass(frozen=True)
-class Observed:
-    """The cluster's keys as they were at one store revision (one read, like Patroni's
-    `Cluster`): what is decided from it is decided from a state that existed."""
-
-    record: SpecRecord | None
-    members: dict[str, NodeFacts]
-    assignments: dict[str, NodeAssignment]
-    statuses: dict[str, NodeStatus]
-    record_revision: int = 0  # mod revision of the spec record (0: absent), for a CAS on it
-    revision: int = 0  # the store revision every part was read at (0: not read from etcd)
-    leader: str | None = None  # the coordinator holding the leader key at that revision
 
 
 @dataclass
@@ -59,29 +39,7 @@ class Desired:
     plan: Plan | None
     missing: list[str] = field(default_factory=list)
     spec: ClusterSpec | None = None  # the validated spec of a `start` record
-
-
-def live_status(obs: Observed, node: str) -> NodeStatus | None:
-    """The node's status, if its agent is registered and wrote it since registering."""
-    status = obs.statuses.get(node)
-    return status if status is not None and status.current_for(obs.members.get(node)) else None
-
-
-def live_statuses(obs: Observed) -> dict[str, NodeStatus]:
-    return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
-
-
-def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
-    status = live_status(obs, node)
-    if status is None:
-        return None
-    return next((p for p in status.processes if p.name == name), None)
-
-
-def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
-    """Ready, on a live member (see `live_status`), running exactly this spec."""
-    seen = observed_process(obs, node, proc.name)
-    return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
+    rollout: Rollout | None = None  # how running engines change to the plan (a `start` with a plan)
 
 
 def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
@@ -123,21 +81,10 @@ def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
     return record.model_copy(update={"master_pid": seen.pid, "master_epoch": record.master_epoch + int(bump)})
 
 
-def _assigned(obs: Observed) -> set[tuple[str, str]]:
-    return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
-
-
-def _assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
-    assignment = obs.assignments.get(node)
-    return next((p for p in assignment.processes if p.name == name), None) if assignment else None
-
-
-def assigned_roles(obs: Observed) -> set[str]:
-    return {p.role for a in obs.assignments.values() for p in a.processes}
-
-
-def desired_state(obs: Observed) -> Desired:
-    """Start in order (master, engines, proxy), stop in reverse; keep what runs when unsure."""
+def desired_state(obs: Observed, now: float | None = None) -> Desired:
+    """Start in order (master, engines, proxy), stop in reverse; keep what runs when unsure;
+    change running engines in waves (`pdsupervisor.core.rollout`). `now` (wall clock): judge
+    start timeouts too."""
     record = obs.record
     current: dict[str, NodeAssignment | None] = dict(obs.assignments)
     if record is None:
@@ -154,8 +101,10 @@ def desired_state(obs: Observed) -> Desired:
     if plan is None:  # a member is short or lost under `wait`: leave what runs alone
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
     record = restarted or record
+    assert spec is not None
+    rollout = plan_rollout(obs, plan, spec, now)
 
-    assigned = _assigned(obs)
+    assigned = assigned_processes(obs)
     engines = plan.engines()
     masters_ready = all(is_ready(obs, n, p) for n, p in plan.masters())
     engines_released = masters_ready or any((n, p.name) in assigned for n, p in engines)
@@ -170,12 +119,16 @@ def desired_state(obs: Observed) -> Desired:
             # The master is (re)starting, e.g. a replacing spec changed it: an engine keeps
             # what it runs until the master is ready, then restarts once (new epoch and new
             # spec together) instead of once now and once more for the master's new pid.
-            held = _assigned_spec(obs, node, proc.name)
+            held = assigned_spec(obs, node, proc.name)
             if held is not None:
                 wanted.setdefault(node, []).append(held)
             continue
         if proc.role == "proxy" and not proxy_released:
             continue
+        if proc.role in ENGINE_ROLES and (node, proc.name) not in rollout.allowed:
+            held = assigned_spec(obs, node, proc.name)
+            if held is not None and held.spec_hash() != proc.spec_hash():
+                proc = held  # not its wave yet (or the rollout halted): keep what runs
         wanted.setdefault(node, []).append(proc)
     desired: dict[str, NodeAssignment | None] = {
         node: NodeAssignment(node=node, generation=record.generation, processes=procs)
@@ -184,7 +137,7 @@ def desired_state(obs: Observed) -> Desired:
     for node in obs.assignments:
         desired.setdefault(node, None)
     return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
-                   spec=spec)
+                   spec=spec, rollout=rollout)
 
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:
@@ -252,6 +205,11 @@ def phase_of(obs: Observed, desired: Desired) -> Phase:
     lost = [n for n in obs.assignments if n not in obs.members]
     if lost:
         return "degraded"
+    rollout = desired.rollout
+    if rollout is not None and rollout.halted:
+        return "degraded"
+    if rollout is not None and rollout.active:
+        return "updating"
     assigned = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
     all_ready = all(is_ready(obs, n, p) for n, p in assigned)
     proxy_assigned = "proxy" in assigned_roles(obs)
@@ -334,10 +292,13 @@ def _failed(seen: ProcessStatus) -> str:
 
 def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
-    desired = desired_state(obs)  # the same decision the coordinator makes from this view
+    desired = desired_state(obs, now)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
     phase = phase_of(obs, desired)
     problems, timed_out = problems_of(obs, spec, phase, now)
+    rollout = desired.rollout
+    if rollout is not None and rollout.halted:
+        problems.insert(0, rollout.halted)
     processes: list[ProcessRow] = []
     listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
@@ -364,6 +325,17 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
         placement=plan.placement if plan else (obs.record.placement if obs.record else {}),
         proxy_url=proxy_url,
         processes=processes,
+        rollout=_rollout_document(rollout),
+    )
+
+
+def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:
+    if rollout is None or not (rollout.active or rollout.halted):
+        return None
+    return RolloutDocument(
+        state="halted" if rollout.halted else "updating", reason=rollout.halted,
+        roles=[RolloutRole(role=r.role, total=r.total, updated=r.updated, unavailable=r.unavailable,
+                           max_unavailable=r.max_unavailable, group=r.group) for r in rollout.roles],
     )
 
 

@@ -15,7 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pdsupervisor.core.models import NodeFacts, Role
 
 Action = Literal["start", "stop"]
-Phase = Literal["pending", "starting", "ready", "degraded", "stopping", "stopped"]
+Phase = Literal["pending", "starting", "ready", "updating", "degraded", "stopping", "stopped"]
 
 
 class Document(BaseModel):
@@ -45,6 +45,25 @@ class ProcessRow(Document):
     dp_rank: int | None
 
 
+class RolloutRole(Document):
+    """One role's part of a rollout."""
+
+    role: str = Field(examples=["prefill"])
+    total: int = Field(description="engines of the role in the plan")
+    updated: int = Field(description="engines assigned their new spec")
+    unavailable: int = Field(description="engines not ready with what they are assigned")
+    max_unavailable: int = Field(description="policy.rollout: engines of the role that may be not ready at once")
+    group: bool = Field(description="a decode DP group: its ranks change together, in one wave")
+
+
+class RolloutDocument(Document):
+    """Running engines changing to a new spec (or to a new Mooncake master epoch), in waves."""
+
+    state: Literal["updating", "halted"]
+    reason: str | None = Field(None, description="why it halted: the engine that failed with its new spec, and how")
+    roles: list[RolloutRole]
+
+
 class ClusterDocument(Document):
     """`GET /cluster` (and `pdsupervisor status -o json`): phase, what is missing, every process."""
 
@@ -62,6 +81,7 @@ class ClusterDocument(Document):
     placement: dict[str, list[str]] = Field(description="role -> nodes (decode in DP-index order; 'spare')")
     proxy_url: str | None
     processes: list[ProcessRow]
+    rollout: RolloutDocument | None = Field(None, description="engines changing in waves; absent when none are")
 
 
 class NodesDocument(Document):

@@ -16,11 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdsupervisor.core.cluster_view import Desired, Observed, assigned_roles, live_statuses
+from pdsupervisor.core.cluster_view import Desired
 from pdsupervisor.core.exits import spoken_duration
 from pdsupervisor.core.models import NodeStatus, ProcessState, ProcessStatus
+from pdsupervisor.core.observed import Observed, assigned_roles, assigned_spec, live_statuses
+from pdsupervisor.core.planner import ENGINE_ROLES
 
-EventKind = Literal["leader", "member", "process", "assign", "unassign", "replan", "master"]
+EventKind = Literal["leader", "member", "process", "assign", "unassign", "replan", "master", "rollout"]
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,35 @@ def write_events(obs: Observed, desired: Desired) -> list[ClusterEvent]:
     old, new = obs.record, desired.record
     if old is not None and new is not None and new.placement != old.placement and old.placement:
         events.append(ClusterEvent("replan", f"placement now {new.placement}", {"placement": new.placement}))
+    events += _wave(obs, desired)
     if old is not None and new is not None and new.master_epoch != old.master_epoch:
         events.append(ClusterEvent(
             "master", f"mooncake master restarted (pid {old.master_pid} -> {new.master_pid}): "
             "restarting the engines, now that it is ready", {"pid": new.master_pid, "epoch": new.master_epoch}))
     return events
+
+
+def _wave(obs: Observed, desired: Desired) -> list[ClusterEvent]:
+    """Running engines this write changes to a new spec: one rollout wave."""
+    changed: list[str] = []
+    roles: set[str] = set()
+    for node, a in sorted(desired.assignments.items()):
+        for proc in a.processes if a else []:
+            held = assigned_spec(obs, node, proc.name)
+            if proc.role in ENGINE_ROLES and held is not None and held.spec_hash() != proc.spec_hash():
+                changed.append(f"{proc.name} on {node}")
+                roles.add(proc.role)
+    if not changed:
+        return []
+    how = [("the DP group as one unit" if r.group else f"at most {r.max_unavailable} {r.role} not ready at a time")
+           for r in (desired.rollout.roles if desired.rollout else ()) if r.role in roles]
+    return [ClusterEvent("rollout", f"rolling out to {', '.join(changed)} ({'; '.join(how)})", {"processes": changed})]
+
+
+def rollout_halted(before: str | None, now: str | None) -> list[ClusterEvent]:
+    """The rollout halted (an engine failed with its new spec), or went on again."""
+    if now is not None and now != before:
+        return [ClusterEvent("rollout", f"{now}; the engines not yet changed keep the previous spec", {"halted": True})]
+    if now is None and before is not None:
+        return [ClusterEvent("rollout", "rollout no longer halted", {"halted": False})]
+    return []

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdsupervisor.core.cluster_view import Observed, SpecRecord
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
+from pdsupervisor.core.observed import Observed, SpecRecord
 from pdsupervisor.core.spec import ClusterSpec
 from pdsupervisor.store.etcd import Store
 from pdsupervisor.store.gateway import decode_models

@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pdsupervisor.api.openapi import REF, openapi_document
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
 from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
-from pdsupervisor.core.spec import validate_spec
 from tests.openapi_helpers import check_served, schema_errors, unlisted
+from tests.view_helpers import demo_running, demo_spec, engines, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,92 +64,47 @@ def test_the_document_names_the_leader_read_with_it():
     assert cluster_document(_obs(ProcessState.ready, 40.0), now=60.0).leader is None
 
 
-def _demo_spec(master_port: int, decode_slots: int | None = None) -> dict:
-    spec = yaml.safe_load((ROOT / "etc/pdsupervisor/demo.yaml").read_text())
-    spec["mooncake"]["port"] = master_port
-    if decode_slots is not None:
-        spec["decode"]["slots"] = decode_slots
-    return validate_spec(spec).model_dump(mode="json")
-
-
-def _running(obs: Observed, assignments: dict[str, NodeAssignment], pids: dict[str, int]) -> Observed:
-    """`obs` once every agent runs its assignment and reports each process ready."""
-    statuses = {
-        node: NodeStatus(node=node, updated_at=1.0, lease=obs.members[node].lease, processes=[
-            ProcessStatus(name=p.name, role=p.role, state=ProcessState.ready, pid=pids.get(p.name, 1000 + i),
-                          spec_hash=p.spec_hash())
-            for i, p in enumerate(a.processes)
-        ])
-        for node, a in assignments.items() if a is not None
-    }
-    return dataclasses.replace(obs, assignments={n: a for n, a in assignments.items() if a}, statuses=statuses)
-
-
-def _engines(assignments: dict[str, NodeAssignment | None]) -> dict[tuple[str, str], str]:
-    return {(n, p.name): p.spec_hash() for n, a in assignments.items() if a for p in a.processes
-            if p.role in ("prefill", "decode")}
-
-
-def _settle(obs: Observed, pids: dict[str, int]) -> tuple[Observed, list[dict[tuple[str, str], str]]]:
-    """Apply desired states until they stop changing; the engines' spec hashes at each step."""
-    history: list[dict[tuple[str, str], str]] = []
-    for _ in range(10):
-        desired = desired_state(obs)
-        obs = _running(dataclasses.replace(obs, record=desired.record), desired.assignments, pids)
-        history.append(_engines(desired.assignments))
-        if len(history) > 1 and history[-1] == history[-2] and desired.record == obs.record:
-            break
-    return obs, history
-
-
-def _demo_running(master_pid: int) -> Observed:
-    """The demo spec on its three nodes, every process ready, the master with `master_pid`."""
-    members = {f"node{i}": NodeFacts(name=f"node{i}", ip=f"127.0.0.{i}", lease=i, state_dir=f"/tmp/n{i}")
-               for i in (1, 2, 3)}
-    obs = Observed(record=SpecRecord(generation=1, spec=_demo_spec(50001)), members=members,
-                   assignments={}, statuses={})
-    return _settle(obs, {"mooncake-master": master_pid})[0]
-
-
 def test_a_replace_that_restarts_the_master_restarts_each_engine_once():
-    obs = _demo_running(master_pid=500)
+    obs = demo_running(master_pid=500)
     assert obs.record.master_pid == 500 and obs.record.master_epoch == 0
-    before = _engines(obs.assignments)
+    before = engines(obs.assignments)
     assert len(before) == 6
 
     # a replacing spec moves the master's port: the master restarts (new pid), and the
     # engines' Mooncake config changes with it
-    obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": demo_spec(50011)}))
     desired = desired_state(obs)
-    assert _engines(desired.assignments) == before  # held while the master restarts
-    obs, history = _settle(obs, {"mooncake-master": 600})
-    distinct = [h for i, h in enumerate(history) if i == 0 or h != history[i - 1]]
-    assert len(distinct) == 2, "every engine's spec changes exactly once"
-    after = distinct[-1]
+    assert engines(desired.assignments) == before  # held while the master restarts
+    obs, history = settle(obs, {"mooncake-master": 600})
+    for name in before:  # in waves, so at different steps; but each engine once
+        hashes = [h[name] for h in [before, *history]]
+        changed_at = next(i for i, h in enumerate(hashes) if h != hashes[0])
+        assert set(hashes[changed_at:]) == {hashes[-1]}, f"{name} changes exactly once"
+    after = history[-1]
     assert all(after[name] != before[name] for name in before)
     assert obs.record.master_pid == 600 and obs.record.master_epoch == 1
 
 
 def test_a_master_crash_restarts_the_engines_after_it_is_ready_again():
-    obs = _demo_running(master_pid=500)
-    before = _engines(obs.assignments)
-    obs, history = _settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
+    obs = demo_running(master_pid=500)
+    before = engines(obs.assignments)
+    obs, history = settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
     assert obs.record.master_epoch == 1
     assert all(history[-1][name] != before[name] for name in before)
 
 
 def test_a_replacing_spec_is_not_ready_until_the_coordinator_applied_it():
-    obs = _demo_running(master_pid=500)
+    obs = demo_running(master_pid=500)
     assert cluster_document(obs, now=10.0).phase == "ready"
-    replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": _demo_spec(50011)}))
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": demo_spec(50011)}))
     doc = cluster_document(replaced, now=10.0)  # every process still ready, under the old spec
-    assert doc.generation == 2 and doc.phase == "starting"
-    settled, _ = _settle(replaced, {"mooncake-master": 600})
+    assert doc.generation == 2 and doc.phase == "updating"
+    settled, _ = settle(replaced, {"mooncake-master": 600})
     assert cluster_document(settled, now=10.0).phase == "ready"
 
 
 def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
-    obs = _demo_running(master_pid=500)
+    obs = demo_running(master_pid=500)
     lost = dataclasses.replace(obs, members={n: m for n, m in obs.members.items() if n != "node3"})
     doc = cluster_document(lost, now=10.0)
     assert doc.phase == "degraded" and any("node3" in m for m in doc.missing)
@@ -158,30 +112,31 @@ def test_a_node_lost_under_wait_still_shows_where_the_running_proxy_is():
 
 
 def test_record_bookkeeping_alone_does_not_unready_the_cluster():
-    obs = _demo_running(master_pid=500)
+    obs = demo_running(master_pid=500)
     stale = dataclasses.replace(obs, record=obs.record.model_copy(update={"placement": {}}))
     assert desired_state(stale).record != stale.record  # the coordinator would rewrite the record
     assert cluster_document(stale, now=10.0).phase == "ready"
 
 
-def test_a_replacing_spec_that_adds_engines_is_starting_not_degraded():
-    obs = _demo_running(master_pid=500)
+def test_a_replacing_spec_that_adds_engines_is_updating_not_degraded():
+    obs = demo_running(master_pid=500)
     slots = obs.record.spec["decode"]["slots"]
     # more decode engines per node (processes nobody runs yet); the master's spec unchanged
     replaced = dataclasses.replace(obs, record=obs.record.model_copy(
-        update={"generation": 2, "spec": _demo_spec(50001, decode_slots=slots * 2)}))
+        update={"generation": 2, "spec": demo_spec(50001, decode_slots=slots * 2)}))
     before = {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
     planned = {(n, p.name) for n, p in desired_state(replaced).plan.assignable()}
     assert before < planned  # the new spec has engines that are not assigned yet
-    assert cluster_document(replaced, now=10.0).phase == "starting"
-    settled, _ = _settle(replaced, {"mooncake-master": 500})
+    # the DP size changes too, so the running decode engines take a new spec (one group wave)
+    assert cluster_document(replaced, now=10.0).phase == "updating"
+    settled, _ = settle(replaced, {"mooncake-master": 500})
     assert cluster_document(settled, now=10.0).phase == "ready"
 
 
 def test_the_document_is_what_the_openapi_schema_describes():
     openapi = openapi_document()
     for doc in (cluster_document(_obs(ProcessState.backoff, 40.0), now=60.0),
-                cluster_document(_demo_running(master_pid=500), now=10.0)):
+                cluster_document(demo_running(master_pid=500), now=10.0)):
         served = doc.model_dump(mode="json")
         assert served["processes"] and served["placement"] is not None
         check_served(openapi, "ClusterDocument", served)

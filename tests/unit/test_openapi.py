@@ -25,7 +25,8 @@ def test_the_schemas_are_each_models_json_schema_hoisted():
         assert schemas[model.__name__] == own
         assert {name: schemas[name] for name in nested} == nested
     assert set(schemas) == {m.__name__ for m in DOCUMENTS} | {"ProcessRow", "NodeFacts", "RdmaDevice", "RdmaPort",
-                                                             "Event", "FieldProblem", "EtcdAccess", "TlsFiles"}
+                                                             "Event", "FieldProblem", "EtcdAccess", "TlsFiles",
+                                                             "RolloutDocument", "RolloutRole"}
 
 
 def test_every_json_answer_names_a_schema_it_has():

@@ -1,0 +1,81 @@
+"""What the cluster's keys held at one store revision (`Observed`), and the questions every
+reader asks of it: which statuses are current, what a process is doing, what is assigned.
+
+Shared by the cluster view, the rollout, the events and the store (which builds `Observed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from pdsupervisor.core.documents import Action
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, Strict
+
+
+class SpecRecord(Strict):
+    """`/pdsupervisor/<cluster>/spec`: the submitted spec, what to do with it, and where it landed."""
+
+    generation: int
+    action: Action = "start"
+    spec: dict[str, Any]
+    placement: dict[str, list[str]] = Field(default_factory=dict)
+    submitted_at: float = 0.0
+    # The Mooncake master's pid the engines last started against, and how many times the
+    # engines were restarted because the master restarted (its metadata does not survive).
+    master_pid: int | None = None
+    master_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The cluster's keys as they were at one store revision (one read, like Patroni's
+    `Cluster`): what is decided from it is decided from a state that existed."""
+
+    record: SpecRecord | None
+    members: dict[str, NodeFacts]
+    assignments: dict[str, NodeAssignment]
+    statuses: dict[str, NodeStatus]
+    record_revision: int = 0  # mod revision of the spec record (0: absent), for a CAS on it
+    revision: int = 0  # the store revision every part was read at (0: not read from etcd)
+    leader: str | None = None  # the coordinator holding the leader key at that revision
+
+
+def live_status(obs: Observed, node: str) -> NodeStatus | None:
+    """The node's status, if its agent is registered and wrote it since registering."""
+    status = obs.statuses.get(node)
+    return status if status is not None and status.current_for(obs.members.get(node)) else None
+
+
+def live_statuses(obs: Observed) -> dict[str, NodeStatus]:
+    return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+
+
+def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+    status = live_status(obs, node)
+    if status is None:
+        return None
+    return next((p for p in status.processes if p.name == name), None)
+
+
+def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
+    """Ready, on a live member (see `live_status`), running exactly this spec."""
+    seen = observed_process(obs, node, proc.name)
+    return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
+
+
+def assigned_processes(obs: Observed) -> set[tuple[str, str]]:
+    return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+
+
+def assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
+    assignment = obs.assignments.get(node)
+    return next((p for p in assignment.processes if p.name == name), None) if assignment else None
+
+
+def assigned_roles(obs: Observed) -> set[str]:
+    return {p.role for a in obs.assignments.values() for p in a.processes}
+
+

@@ -1,0 +1,151 @@
+"""Rolling, canaried changes, decided from pure observations of the demo cluster (2 prefill
+engines on node1; 4 decode engines on node2 and node3: one DP group)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pdsupervisor.core.cluster_view import cluster_document, desired_state
+from pdsupervisor.core.events import rollout_halted, write_events
+from pdsupervisor.core.models import NodeAssignment, ProcessState
+from pdsupervisor.core.observed import Observed
+from tests.view_helpers import demo_running, demo_spec, engines, running, settle
+
+
+def _replaced(obs: Observed, **role_env: dict[str, str]) -> Observed:
+    """`obs` with a replacing spec (next generation) that sets env vars of roles."""
+    spec = demo_spec(50001)
+    for role, env in role_env.items():
+        spec[role]["env"] = {**spec[role]["env"], **env}
+    return dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": obs.record.generation + 1,
+                                                                         "spec": spec}))
+
+
+def _applied(obs: Observed, assignments: dict[str, NodeAssignment | None], **states: dict) -> Observed:
+    """The agents run `assignments`; processes named in `states` report those status fields."""
+    out = running(obs, assignments, {"mooncake-master": 500})
+    statuses = {}
+    for node, status in out.statuses.items():
+        procs = [p.model_copy(update=states.get(p.name.replace("-", "_"), {})) for p in status.processes]
+        statuses[node] = status.model_copy(update={"processes": procs})
+    return dataclasses.replace(out, statuses=statuses)
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {name for (_, name), h in after.items() if before.get((_, name)) != h}
+
+
+def test_a_prefill_change_rolls_one_engine_at_a_time_and_waits_for_it_to_be_ready():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    before = engines(obs.assignments)
+    first = desired_state(obs)
+    assert _changed(before, engines(first.assignments)) == {"prefill-0"}  # 25% of 2, at least 1
+    assert first.rollout is not None and first.rollout.active and not first.rollout.halted
+    # the canary runs its new spec but is not ready yet: the other engine stays as it is
+    starting = _applied(obs, first.assignments, prefill_0={"state": ProcessState.running})
+    assert engines(desired_state(starting).assignments) == engines(first.assignments)
+    assert cluster_document(starting, now=10.0).phase == "updating"
+    # ready: the next wave
+    ready = _applied(obs, first.assignments)
+    second = desired_state(ready)
+    assert _changed(before, engines(second.assignments)) == {"prefill-0", "prefill-1"}
+    settled, _ = settle(ready, {"mooncake-master": 500})
+    assert cluster_document(settled, now=10.0).phase == "ready"
+    assert cluster_document(settled, now=10.0).rollout is None
+
+
+def test_the_wave_is_an_event_that_says_how_it_rolls():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    events = [e for e in write_events(obs, desired_state(obs)) if e.kind == "rollout"]
+    assert [e.message for e in events] == ["rolling out to prefill-0 on node1 (at most 1 prefill not ready at a time)"]
+
+
+def test_a_decode_dp_group_changes_as_one_unit():
+    obs = _replaced(demo_running(master_pid=500), decode={"X": "1"})
+    before = engines(obs.assignments)
+    changed = _changed(before, engines(desired_state(obs).assignments))
+    assert changed == {"decode-0", "decode-1"} and len([k for k in before if k[1].startswith("decode")]) == 4
+    after = engines(desired_state(obs).assignments)
+    assert all(after[k] != before[k] for k in before if k[1].startswith("decode"))  # both nodes, every rank
+    assert all(after[k] == before[k] for k in before if k[1].startswith("prefill"))
+
+
+def test_a_failing_canary_halts_the_rollout_and_the_old_engines_keep_running():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    before = engines(obs.assignments)
+    first = desired_state(obs)
+    looping = _applied(obs, first.assignments, prefill_0={
+        "state": ProcessState.backoff, "failures_in_a_row": 2, "last_failure": "exit code 1: boom", "pid": None})
+    halted = desired_state(looping, now=10.0)
+    assert engines(halted.assignments) == engines(first.assignments)  # prefill-1 keeps the old spec
+    assert engines(halted.assignments)[("node1", "prefill-1")] == before[("node1", "prefill-1")]
+    assert halted.rollout.halted == ("rollout halted: prefill-0 on node1: crash loop (2 failures in a row), "
+                                     "last: exit code 1: boom")
+    doc = cluster_document(looping, now=10.0)
+    assert doc.phase == "degraded" and doc.rollout.state == "halted"
+    assert doc.problems[0] == halted.rollout.halted
+    assert [e.message for e in rollout_halted(None, halted.rollout.halted)] == [
+        f"{halted.rollout.halted}; the engines not yet changed keep the previous spec"]
+    assert rollout_halted(halted.rollout.halted, halted.rollout.halted) == []
+
+
+def test_a_spawn_failure_halts_at_once():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    first = desired_state(obs)
+    failed = _applied(obs, first.assignments, prefill_0={
+        "state": ProcessState.backoff, "failures_in_a_row": 1, "pid": None,
+        "last_failure": "spawn failed: [Errno 2] No such file or directory: 'vllmx'"})
+    assert "spawn failed" in desired_state(failed).rollout.halted
+
+
+def test_a_change_the_node_refused_halts_the_rollout():
+    """The node checked the new spec before stopping anything: the old process still runs."""
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    before = engines(obs.assignments)
+    first = desired_state(obs)
+    new_hash = engines(first.assignments)[("node1", "prefill-0")]
+    refused = _applied(obs, first.assignments, prefill_0={
+        "spec_hash": before[("node1", "prefill-0")], "refused_spec_hash": new_hash,
+        "refused": "argv[0] 'vllmx' not found on PATH"})
+    decided = desired_state(refused)
+    assert decided.rollout.halted == ("rollout halted: prefill-0 on node1: refused by its node: "
+                                      "argv[0] 'vllmx' not found on PATH")
+    assert engines(decided.assignments)[("node1", "prefill-1")] == before[("node1", "prefill-1")]
+
+
+def test_a_newer_spec_replaces_a_failing_canary_at_once():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    first = desired_state(obs)
+    looping = _applied(obs, first.assignments, prefill_0={
+        "state": ProcessState.backoff, "failures_in_a_row": 3, "last_failure": "exit code 1", "pid": None})
+    fixed = _replaced(looping, prefill={"X": "2"})
+    decided = desired_state(fixed)
+    assert decided.rollout.halted is None
+    after = engines(decided.assignments)
+    # the failing canary is down anyway: it takes the fix at once; the healthy one waits its turn
+    assert after[("node1", "prefill-0")] != engines(first.assignments)[("node1", "prefill-0")]
+    assert after[("node1", "prefill-1")] == engines(looping.assignments)[("node1", "prefill-1")]
+
+
+def test_a_start_timeout_halts_only_when_the_time_is_known():
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    first = desired_state(obs)
+    slow = _applied(obs, first.assignments, prefill_0={"state": ProcessState.running, "started_at": 100.0})
+    timeout = next(p for a in first.assignments.values() if a for p in a.processes if p.name == "prefill-0").start_timeout_s
+    assert desired_state(slow).rollout.halted is None
+    assert desired_state(slow, now=100.0 + timeout / 2).rollout.halted is None
+    assert "not ready" in desired_state(slow, now=101.0 + timeout).rollout.halted
+
+
+def test_a_master_restart_rolls_prefill_one_at_a_time_and_never_empties_it():
+    obs = demo_running(master_pid=500)
+    before = engines(obs.assignments)
+    obs, history = settle(obs, {"mooncake-master": 501})  # same spec, new pid: it crashed
+    assert obs.record.master_epoch == 1
+    steps = [before, *history]
+    for a, b in zip(steps, steps[1:], strict=False):
+        prefill = {n for n in _changed(a, b) if n.startswith("prefill")}
+        assert len(prefill) <= 1, "prefill one at a time"
+        decode = {k for k in b if k[1].startswith("decode") and a.get(k) != b[k]}
+        assert len(decode) in (0, 4), "the decode group as one unit"
+    assert all(history[-1][k] != before[k] for k in before)
