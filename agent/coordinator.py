@@ -22,22 +22,26 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import structlog
 
 from agent.lease import LeaseState
+from agent.process.child import probe_once
 from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.cluster_view import Changes, Desired, changes, desired_state, phase_of
 from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
-from pdsupervisor.core.models import NodeAssignment
+from pdsupervisor.core.models import NodeAssignment, ProcessSpec
 from pdsupervisor.core.observed import Observed, SpecRecord
+from pdsupervisor.core.planner import ENGINE_ROLES
+from pdsupervisor.core.spec import PolicySpec
 from pdsupervisor.store.cluster import observe, read_record
 from pdsupervisor.store.etcd import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
+NODE_LOSS_GRACE_S: float = PolicySpec.model_fields["node_loss_grace_s"].default
 
 OutcomeKind = Literal[
     "follower",  # another agent holds the leader key
@@ -88,6 +92,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
         self._halted: str | None = None  # why the rollout halted, as this leader last told it
+        self._answered_at: dict[str, float] = {}  # node away -> when one of its engines last answered (monotonic)
         # The `... is the coordinator` event was written for our current hold of the key: taking
         # the key back ourselves (after a failed cycle, or anew under the spec's lease TTL) is
         # no news. Cleared once another agent is seen holding it.
@@ -173,6 +178,7 @@ class Coordinator:
         for event in observed_events(self._previous, obs):
             await self._event(event)
         self._previous = obs
+        seen, obs = obs, await self._with_unmanaged(obs)
         desired = desired_state(obs, time.time())
         halted = desired.rollout.halted if desired.rollout else None
         for event in rollout_halted(self._halted, halted):
@@ -180,13 +186,36 @@ class Coordinator:
         self._halted = halted
         phase = phase_of(obs, desired)
         self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments})
-        outcome = await self._apply(obs, desired, phase)
+        outcome = await self._apply(seen, desired, phase)
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False
             await self.store.trim_events(self.events_kept)
         if held == "acquired" and outcome.kind in ("unchanged", "waiting", "wrote"):
             return Outcome("acquired", f"acquired the leader key as {self.name}; {outcome.message}")
         return outcome
+
+    async def _with_unmanaged(self, obs: Observed) -> Observed:
+        """`obs` with the record's `unmanaged` nodes as this leader finds them: assigned, their
+        agent away (no member key), and an engine of theirs answering its readiness probe now,
+        or within `policy.node_loss_grace_s` (counted from when this leader saw the node away).
+        Such a node is not replaced: its engines may still serve, and a replacement would hold
+        the same DP ranks. Probed here (I/O), decided from in the pure core."""
+        record = obs.record
+        away = sorted(n for n in obs.assignments if n not in obs.members)
+        for node in set(self._answered_at) - set(away):
+            del self._answered_at[node]  # back (or unassigned): a later loss starts afresh
+        if record is None or record.action != "start":
+            return obs
+        grace = node_loss_grace(record)
+        now = time.monotonic()
+        answers = await asyncio.gather(*(_answers(obs.assignments[n].processes) for n in away))
+        for node, answered in zip(away, answers, strict=True):
+            if answered or node not in self._answered_at:
+                self._answered_at[node] = now
+        unmanaged = [n for n in away if now - self._answered_at[n] < grace]
+        if unmanaged == record.unmanaged:
+            return obs
+        return replace(obs, record=record.model_copy(update={"unmanaged": unmanaged}))
 
     async def _event(self, event: ClusterEvent) -> None:
         await self.store.append_event(event.kind, event.message, **event.fields)
@@ -279,3 +308,15 @@ def _what_was_written(todo: Changes) -> str:
     if todo.record is not None:
         parts.append(f"wrote the spec record (generation {todo.record.generation}, {todo.record.action})")
     return "; ".join(parts)
+
+
+def node_loss_grace(record: SpecRecord) -> float:
+    """`policy.node_loss_grace_s` of the recorded spec (validated on submit)."""
+    value = (record.spec.get("policy") or {}).get("node_loss_grace_s", NODE_LOSS_GRACE_S)
+    return float(value) if isinstance(value, int | float) else NODE_LOSS_GRACE_S
+
+
+async def _answers(processes: list[ProcessSpec]) -> bool:
+    """Does any engine of these answer its readiness probe (from here, the coordinator's node)?"""
+    probes = [p.readiness for p in processes if p.role in ENGINE_ROLES and p.readiness is not None]
+    return any(await asyncio.gather(*(probe_once(p) for p in probes)))

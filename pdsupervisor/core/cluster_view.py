@@ -54,7 +54,7 @@ def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSp
         return None, None, [f"{p}: {w}" for p, w in exc.problems]
     try:
         plan = plan_cluster(spec, obs.members, previous=record.placement or None,
-                            generation=record.generation, restart_epoch=record.master_epoch)
+                            generation=record.generation, restart_epoch=record.master_epoch, unmanaged=record.unmanaged)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
     refused = hard_failures(spec, obs.members, plan)
@@ -342,7 +342,11 @@ def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:
 def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> ProcessRow:
     seen = observed_process(obs, node, proc.name)
     state = default_state
-    if node not in obs.members:
+    if node not in obs.members and obs.record is not None and node in obs.record.unmanaged:
+        state = "unmanaged"  # what its agent said last, still serving: show its pid
+        last = obs.statuses.get(node)
+        seen = next((p for p in last.processes if p.name == proc.name), None) if last else None
+    elif node not in obs.members:
         state = "lost"
     elif seen is not None:
         state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"

@@ -35,7 +35,8 @@ class ProcessRow(Document):
         examples=["ready"],
         description="starting, running, ready, backoff, stopping, exited, failed (with ' (old spec)' while "
                     "the process still runs a previous spec); pending/waiting before the agent reports; "
-                    "lost when the node's lease expired",
+                    "lost when the node's lease expired; unmanaged while its lease is expired but "
+                    "its engines still answer (they keep serving, the node is not replaced)",
     )
     pid: int | None
     restarts: int

@@ -113,6 +113,13 @@ def write_events(obs: Observed, desired: Desired) -> list[ClusterEvent]:
     if old is not None and new is not None and new.placement != old.placement and old.placement:
         events.append(ClusterEvent("replan", f"placement now {new.placement}", {"placement": new.placement}))
     events += _wave(obs, desired)
+    if old is not None and new is not None:
+        events += [ClusterEvent("member", f"{n} unmanaged: its agent is away, its engines still answer (they keep "
+                                "serving; the node is not replaced while they do)", {"node": n})
+                   for n in sorted(set(new.unmanaged) - set(old.unmanaged))]
+        events += [ClusterEvent("member", f"{n} managed again" if n in obs.members else
+                                f"{n} lost: none of its engines answered for policy.node_loss_grace_s", {"node": n})
+                   for n in sorted(set(old.unmanaged) - set(new.unmanaged))]
     if old is not None and new is not None and new.master_epoch != old.master_epoch:
         events.append(ClusterEvent(
             "master", f"mooncake master restarted (pid {old.master_pid} -> {new.master_pid}): "

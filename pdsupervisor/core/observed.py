@@ -27,6 +27,9 @@ class SpecRecord(Strict):
     # engines were restarted because the master restarted (its metadata does not survive).
     master_pid: int | None = None
     master_epoch: int = 0
+    # Nodes whose agent is away (member key expired) while an engine assigned to them still
+    # answered the coordinator within `policy.node_loss_grace_s`: not lost, not replaced.
+    unmanaged: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)

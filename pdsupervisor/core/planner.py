@@ -12,7 +12,7 @@ config (`role == "etcd"` is never assigned): etcd must exist before any assignme
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -74,10 +74,12 @@ def place(
     spec: ClusterSpec,
     nodes: Mapping[str, NodeFacts],
     previous: Mapping[str, Sequence[str]] | None = None,
+    unmanaged: Collection[str] = (),
 ) -> dict[str, list[str]]:
     """Choose nodes per role, keeping `previous` placement slot by slot (so DP indices stay).
 
-    A slot whose node is gone is refilled from spare nodes only under `replace`.
+    A slot whose node is gone is refilled from spare nodes only under `replace`, and never
+    while the node is `unmanaged` (its agent away, its engines still answering).
     Raises PlanError naming the role that is short.
     """
     previous = previous or {}
@@ -119,7 +121,10 @@ def place(
                 chosen.append(pick)
                 continue
             # the slot's node is not registered (never joined, or lost)
-            if prev and spec.policy.node_loss == "replace":
+            if preferred in unmanaged:
+                problems.append((f"{role_name}.node_names", f"node {preferred} is unmanaged: its agent is away, "
+                                 "its engines still answer"))
+            elif prev and spec.policy.node_loss == "replace":
                 pool = list(spares) or [n for n in sorted(nodes) if n not in reserved]
                 pick = take_free(role, pool)
                 if pick is not None:
@@ -259,12 +264,12 @@ def _proxy_process(
 def plan_cluster(
     spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
     previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
-    check_ports: bool = True,
+    check_ports: bool = True, unmanaged: Collection[str] = (),
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
     Final: `generation` is in every process, `restart_epoch` (the master's) in every engine.
     `check_ports=False`: a plan with two ports equal on a node too (see `port_problems`)."""
-    placement = place(spec, nodes, previous)
+    placement = place(spec, nodes, previous, unmanaged)
     problems: list[tuple[str, str]] = []
     bootstrap = spec.etcd.bootstrap_node
     if spec.etcd.endpoints:

@@ -267,6 +267,9 @@ class PolicySpec(SpecModel):
     lease_ttl_s: int = Field(10, ge=limits.LEASE_TTL_MIN_S, le=limits.LEASE_TTL_MAX_S)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     start_timeout_s: Duration = 3600.0  # submit -> ready, for the whole cluster
+    # `replace`: a node is replaced once its lease expired and none of its engines answered
+    # the coordinator's probes for this long (an engine still serving is never duplicated)
+    node_loss_grace_s: Duration = 10.0
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
 

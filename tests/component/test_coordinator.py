@@ -11,10 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from agent.coordinator import Coordinator, LeaderView, Outcome
 from agent.lease import LeaseState
-from pdsupervisor.core.cluster_view import desired_state
+from pdsupervisor.aio.serve import start_site
+from pdsupervisor.core.cluster_view import cluster_document, desired_state
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.store.cluster import observe, read_record, request_stop, submit_spec
@@ -319,3 +321,55 @@ async def test_the_leader_view_and_writes_for_metrics(cluster):
     assert (await request_stop(cluster.store)).status == 202  # a's next cycle wants to write, and is deposed
     assert (await a.cycle()).kind == "deposed"
     assert a.view is None and not a.is_leader
+
+
+async def test_an_unmanaged_node_is_not_replaced(cluster):
+    """Under `replace`: n2's agent is away (its lease revoked) but its decode engine answers
+    the coordinator's probe, so it is `unmanaged`, not replaced; once nothing answers for
+    `node_loss_grace_s`, the spare n3 takes its place."""
+    a = cluster.coordinator("a")
+    await a.cycle()
+    await cluster.join("n1", "n3")
+    n2_lease = await cluster.store.grant_lease(30)
+    await cluster.store.register_member(NodeFacts(name="n2", ip="127.0.0.2", lease=n2_lease), n2_lease)
+    doc = cluster_spec(cluster.store.cluster, cluster.etcd, decode_nodes=["n2"], spare=["n3"], ttl=TTL)
+    doc["mooncake"]["enabled"] = False
+    doc["policy"]["node_loss_grace_s"] = 0.5
+    assert (await submit_spec(cluster.store, validate_spec(doc))).status == 202
+    for _ in range(3):
+        await a.cycle()
+        for node, lease in (("n1", cluster.member_lease), ("n2", n2_lease)):
+            procs = (await cluster.store.assignments()).get(node)
+            await cluster.store.put_status(NodeStatus(node=node, updated_at=1.0, lease=lease, processes=[
+                ProcessStatus(name=p.name, role=p.role, state=ProcessState.ready, pid=PIDS[p.name],
+                              spec_hash=p.spec_hash()) for p in (procs.processes if procs else [])]))
+    assert "decode-0" in (await cluster.assigned())["n2"]
+    decode = next(p for p in (await cluster.store.assignments())["n2"].processes if p.name == "decode-0")
+    app = web.Application()
+    app.router.add_get("/health", _ok)
+    runner = await start_site(app, decode.host, decode.port)  # decode-0 of n2, alive
+    try:
+        await cluster.store.revoke_lease(n2_lease)  # its agent is gone
+        await a.cycle()
+        assert (await read_record(cluster.store))[0].unmanaged == ["n2"]
+        assert set(await cluster.assigned()) == {"n1", "n2"}  # not replaced
+        obs = await observe(cluster.store)
+        assert any("n2 unmanaged" in m for m in await cluster.events())
+        rows = cluster_document(obs, now=0.0).processes
+        assert {r.state for r in rows if r.node == "n2"} == {"unmanaged"}
+        assert next(r.pid for r in rows if r.node == "n2" and r.name == "decode-0") == PIDS["decode-0"]
+    finally:
+        await runner.cleanup()  # the engine is gone too now
+    record = await read_record(cluster.store)
+    deadline = asyncio.get_running_loop().time() + 10
+    while "n3" not in await cluster.assigned():
+        assert asyncio.get_running_loop().time() < deadline, await cluster.events()
+        await a.cycle()  # probes fail: replaced once the grace has passed since the last answer
+        await asyncio.sleep(0.1)
+    assert "n2" not in await cluster.assigned()
+    assert (await read_record(cluster.store))[0].unmanaged == [] and record[0].unmanaged == ["n2"]
+    assert any("n2 lost: none of its engines answered" in m for m in await cluster.events())
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
