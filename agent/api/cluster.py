@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
-from pdsupervisor.core.cluster_view import cluster_document
+from pdsupervisor.core.cluster_view import change_impact, cluster_document
 from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
 from pdsupervisor.core.spec import SpecError, load_spec
 from pdsupervisor.store.cluster import SubmitResult, observe, observe_nodes, request_stop, submit_spec
@@ -55,7 +56,8 @@ def _bind(store: Store, handler: Handler) -> Callable[[web.Request], Awaitable[w
 
 def _submit_response(result: SubmitResult) -> web.Response:
     if result.status < 400:
-        return document(SubmitAnswer(generation=result.generation, message=result.message), result.status)
+        return document(SubmitAnswer(generation=result.generation, message=result.message, impact=result.impact),
+                        result.status)
     body = ErrorBody(error=result.message, generation=result.generation, message=result.message)
     return web.json_response(body.served(), status=result.status)
 
@@ -69,6 +71,8 @@ async def start_cluster(request: web.Request, store: Store) -> web.Response:
         return invalid_spec([("cluster", f"{spec.cluster!r} but these agents serve cluster {store.cluster!r}")])
     replace = request.query.get("replace", "").lower() in ("1", "true", "yes")
     result = await submit_spec(store, spec, replace=replace)
+    if result.status < 400 and replace and not result.message:
+        result = dataclasses.replace(result, impact=change_impact(await observe(store)))
     if result.status < 400:
         did = (f"generation {result.generation} {result.message}: nothing changed" if result.message
                else f"generation {result.generation} submitted" + (" (replace)" if replace else ""))

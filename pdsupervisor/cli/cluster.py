@@ -183,6 +183,8 @@ def start_command(api: str, token_file: str | None, ca_file: str | None, spec_fi
             raise
         note = f" ({answer.message})" if answer.message else ""
         click.echo(f"accepted: generation {answer.generation}{note}")
+        for line in answer.impact:
+            click.echo(f"  {line}")
         if wait:
             progress = progress_for_stdout(click.echo)
             try:

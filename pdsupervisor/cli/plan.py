@@ -14,7 +14,8 @@ from pdsupervisor.cli.specfile import invalid_spec, read_spec
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.models import NodeFacts, RdmaDevice, RdmaPort
 from pdsupervisor.core.planner import Plan, plan_cluster
-from pdsupervisor.core.spec import SpecError
+from pdsupervisor.core.rollout import how_roles_change
+from pdsupervisor.core.spec import ClusterSpec, SpecError
 
 
 def parse_node(text: str) -> NodeFacts:
@@ -50,7 +51,7 @@ def parse_node(text: str) -> NodeFacts:
     return NodeFacts.model_validate(fields)
 
 
-def plan_table(plan: Plan, out: Console) -> None:
+def plan_table(plan: Plan, spec: ClusterSpec, out: Console) -> None:
     master = f"master {plan.master_address}  " if plan.masters() else ""  # none: Mooncake disabled
     out.print(
         f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  {master}"
@@ -64,6 +65,8 @@ def plan_table(plan: Plan, out: Console) -> None:
             table.add_row(node, np_.ip, p.name, p.role, p.endpoint or "", "" if p.dp_rank is None else str(p.dp_rank),
                           " ".join(p.argv))
     out.print(table)
+    for note in how_roles_change(plan, spec):
+        out.print(f"on change: {note}")
     for node, np_ in plan.nodes.items():
         if np_.mooncake_config:
             out.print(f"{node}: {np_.mooncake_config_path} = {json.dumps(np_.mooncake_config)}")
@@ -89,4 +92,4 @@ def plan_command(spec_file: Path, nodes: tuple[str, ...], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
     else:
-        plan_table(plan, console())
+        plan_table(plan, spec, console())

@@ -23,7 +23,7 @@ from pdsupervisor.core.observed import (
     observed_process,
 )
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
-from pdsupervisor.core.rollout import Rollout, plan_rollout
+from pdsupervisor.core.rollout import Rollout, impact, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
@@ -138,6 +138,14 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
         desired.setdefault(node, None)
     return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
                    spec=spec, rollout=rollout)
+
+
+def change_impact(obs: Observed) -> list[str]:
+    """What the recorded spec's change does to the engines running now (`core.rollout.impact`)."""
+    desired = desired_state(obs)
+    if desired.plan is None or desired.rollout is None:
+        return []
+    return impact(obs, desired.plan, desired.rollout)
 
 
 def _stop_step(obs: Observed) -> dict[str, NodeAssignment | None]:

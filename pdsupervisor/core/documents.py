@@ -113,6 +113,8 @@ class SubmitAnswer(Document):
 
     generation: int
     message: str
+    impact: list[str] = Field(default_factory=list, description="what the change does to serving, said beforehand: "
+                              "how running engines change, and how long a decode DP group is away")
 
 
 class FieldProblem(Document):

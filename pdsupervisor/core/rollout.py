@@ -130,3 +130,40 @@ def _role(obs: Observed, role: str, engines: Sequence[tuple[str, ProcessSpec]], 
         may = set(outdated_down) | set(outdated_up[:room])
     return RoleRollout(role=role, total=len(engines), updated=updated, unavailable=unavailable,
                        max_unavailable=limit, group=group), may
+
+
+def how_roles_change(plan: Plan, spec: ClusterSpec) -> list[str]:
+    """How a change of this plan's engines would roll, per role (what `plan` says beforehand)."""
+    notes = []
+    for role in ENGINE_ROLES:
+        count = sum(1 for _, p in plan.engines() if p.role == role)
+        if not count:
+            continue
+        if role == "decode" and plan.dp_size > 1:
+            timeout = spec.decode.readiness.start_timeout_s
+            notes.append(f"decode: one DP group of {plan.dp_size} ranks: a change restarts it as one unit, with no "
+                         f"decode until every rank is ready again (a start is given up to {timeout:g} s)")
+        else:
+            limit = spec.policy.rollout.max_unavailable(role, count)
+            notes.append(f"{role}: {count} engines change in waves, at most {limit} not ready at a time")
+    return notes
+
+
+def impact(obs: Observed, plan: Plan, rollout: Rollout) -> list[str]:
+    """What changing the running engines to `plan` costs serving, said before it starts: the
+    waves per role, and for a decode DP group the gap its last start suggests."""
+    notes = []
+    for r in rollout.roles:
+        outdated = r.total - r.updated
+        if not outdated:
+            continue
+        if not r.group:
+            notes.append(f"{r.role}: {outdated} running engines change in waves, at most {r.max_unavailable} "
+                         "not ready at a time")
+            continue
+        took = [seen.ready_after_s for node, proc in plan.engines() if proc.role == r.role
+                if (seen := observed_process(obs, node, proc.name)) is not None and seen.ready_after_s is not None]
+        gap = (f"about {max(took):.0f} s, as its slowest rank took to start last time" if took
+               else "as long as its ranks take to start")
+        notes.append(f"{r.role}: the DP group of {r.total} ranks restarts as one unit: no {r.role} for {gap}")
+    return notes

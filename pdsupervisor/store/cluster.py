@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
@@ -63,6 +63,7 @@ class SubmitResult:
     status: int  # HTTP-like: 202 accepted, 409 conflict
     generation: int
     message: str = ""
+    impact: list[str] = field(default_factory=list)  # see `SubmitAnswer.impact`
 
 
 # What to do with the current record: a new record to write (and the event that says so),

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from pdsupervisor.core.cluster_view import cluster_document, desired_state
+from pdsupervisor.core.cluster_view import change_impact, cluster_document, desired_state
 from pdsupervisor.core.events import rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessState
 from pdsupervisor.core.observed import Observed
+from pdsupervisor.core.rollout import how_roles_change
 from tests.view_helpers import demo_running, demo_spec, engines, running, settle
 
 
@@ -149,3 +150,28 @@ def test_a_master_restart_rolls_prefill_one_at_a_time_and_never_empties_it():
         decode = {k for k in b if k[1].startswith("decode") and a.get(k) != b[k]}
         assert len(decode) in (0, 4), "the decode group as one unit"
     assert all(history[-1][k] != before[k] for k in before)
+
+
+def test_a_replace_says_beforehand_how_long_the_decode_group_is_away():
+    obs = demo_running(master_pid=500)
+    statuses = {n: s.model_copy(update={"processes": [
+        p.model_copy(update={"ready_after_s": 7.0 + i}) for i, p in enumerate(s.processes)]})
+        for n, s in obs.statuses.items()}
+    replaced = _replaced(dataclasses.replace(obs, statuses=statuses), prefill={"X": "1"}, decode={"X": "1"})
+    assert change_impact(replaced) == [
+        "prefill: 2 running engines change in waves, at most 1 not ready at a time",
+        "decode: the DP group of 4 ranks restarts as one unit: no decode for about 8 s, as its slowest rank "
+        "took to start last time",
+    ]
+    assert change_impact(_replaced(obs, prefill={"X": "1"})) == [
+        "prefill: 2 running engines change in waves, at most 1 not ready at a time"]
+
+
+def test_plan_says_how_each_role_changes():
+    obs = demo_running(master_pid=500)
+    desired = desired_state(obs)
+    assert how_roles_change(desired.plan, desired.spec) == [
+        "prefill: 2 engines change in waves, at most 1 not ready at a time",
+        "decode: one DP group of 4 ranks: a change restarts it as one unit, with no decode until every rank is "
+        "ready again (a start is given up to 3600 s)",
+    ]
