@@ -24,6 +24,9 @@ from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, meta
 from pdsupervisor.core.spec import ClusterSpec, RoleSpec, SpecError, render
 
 ENGINE_ROLES = ("prefill", "decode")
+# A stopping proxy stops taking requests and lets those in flight finish for up to 60 s
+# (`pdsupervisor.aio.serve.SHUTDOWN_TIMEOUT_S`): its drain. SIGKILL only after that.
+PROXY_STOP_TIMEOUT_S = 65.0
 
 
 class PlanError(SpecError):
@@ -257,7 +260,8 @@ def _proxy_process(
         name="proxy", role="proxy", argv=argv, env=env,
         cwd=px.cwd, host=facts.ip, port=px.port,
         readiness=Probe(kind="http", host=facts.ip, port=px.port, path=px.readiness_path),
-        restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=px.start_timeout_s, generation=generation,
+        restart=spec.policy.restart, stop_timeout_s=PROXY_STOP_TIMEOUT_S, start_timeout_s=px.start_timeout_s,
+        generation=generation,
     )
 
 
