@@ -12,17 +12,21 @@ import click
 
 from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.simengine.config import ConfigError, parse_args
+from pdsupervisor.simengine.dpgroup import DPGroupError
 from pdsupervisor.simengine.kvstore import KVError
 from pdsupervisor.simengine.server import serve
 
 HELP = """Simulated vLLM OpenAI server. Takes vLLM's flags (--model, --host, --port, -tp,
 --kv-transfer-config; others are ignored) plus --sim-load-time S, --sim-ttft-per-token S,
---sim-tpot S, --sim-max-batch N, --sim-natural-len N. Reads VLLM_DP_* / VLLM_EP_SIZE and
-MOONCAKE_CONFIG_PATH. Real KV hand-off through Mooncake Store (needs the mooncake package and
-MOONCAKE_CONFIG_PATH): --sim-kv-transfer mooncake, --sim-kv-bytes-per-token N, --sim-kv-max-bytes N,
---sim-kv-timeout S, and caps on the JSON's sizes --sim-mooncake-segment-cap N,
---sim-mooncake-buffer-cap N (sizes take k/m/g suffixes). Every --sim-* flag may also be given in the
-environment as PDSIM_<NAME> (--sim-max-batch: PDSIM_MAX_BATCH); a flag wins."""
+--sim-tpot S, --sim-max-batch N, --sim-natural-len N. Reads MOONCAKE_CONFIG_PATH. With DP size > 1
+(--data-parallel-size N --data-parallel-rank R --data-parallel-address IP --data-parallel-rpc-port P,
+or else VLLM_DP_SIZE / _RANK / _MASTER_IP / _MASTER_PORT) it is one rank of a DP group: it serves
+only once all ranks met at the master address, and for good not after one left. Real KV hand-off
+through Mooncake Store (needs the mooncake package and MOONCAKE_CONFIG_PATH): --sim-kv-transfer
+mooncake, --sim-kv-bytes-per-token N, --sim-kv-max-bytes N, --sim-kv-timeout S, and caps on the
+JSON's sizes --sim-mooncake-segment-cap N, --sim-mooncake-buffer-cap N (sizes take k/m/g
+suffixes). Every --sim-* flag may also be given in the environment as PDSIM_<NAME>
+(--sim-max-batch: PDSIM_MAX_BATCH); a flag wins."""
 
 
 def run(argv: list[str]) -> None:
@@ -33,7 +37,7 @@ def run(argv: list[str]) -> None:
         raise click.UsageError(str(exc)) from exc
     try:
         serve(cfg)
-    except KVError as exc:  # the store could not be set up: the engine never becomes ready
+    except (KVError, DPGroupError) as exc:  # the store or the DP master could not be set up
         raise click.ClickException(str(exc)) from exc
 
 

@@ -23,10 +23,28 @@ DP_ENV_VARS = (
     "VLLM_DP_MASTER_PORT",
     "VLLM_EP_SIZE",
 )
+# vLLM's defaults for the upstream flags (ParallelConfig.data_parallel_master_ip / _rpc_port).
+DP_DEFAULT_ADDRESS = "127.0.0.1"
+DP_DEFAULT_RPC_PORT = 29550
 
 
 class ConfigError(ValueError):
     """A command line the simulator cannot run with (bad value, unreadable Mooncake JSON)."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """This engine's place in a data-parallel group of more than one rank (see dpgroup.py)."""
+
+    size: int
+    rank: int
+    master_ip: str
+    master_port: int
+    source: str  # "flags" (--data-parallel-*) or "env" (VLLM_DP_*)
+
+    @property
+    def master(self) -> str:
+        return f"{self.master_ip}:{self.master_port}"
 
 
 @dataclass
@@ -44,6 +62,14 @@ class SimConfig:
     max_batch: int = 256
     natural_len: int = 16
     dp_env: dict[str, str] = field(default_factory=dict)
+    # Upstream vLLM's DP flags as given (None: absent); `dp` is what the engine uses.
+    dp_size: int | None = None
+    dp_rank: int | None = None
+    dp_start_rank: int | None = None
+    dp_size_local: int | None = None  # accepted, not used: one simulator process is one rank
+    dp_address: str | None = None
+    dp_rpc_port: int | None = None
+    dp: DPSettings | None = None
     mooncake_config_path: str | None = None
     mooncake_config: dict[str, Any] | None = None
     # Real KV hand-off (off by default): "none" or "mooncake" (see kvstore.py).
@@ -85,6 +111,8 @@ class SimConfig:
             "kv_transfer_config": self.kv_transfer_config,
             "kv_role": self.kv_role,
             "dp_env": self.dp_env,
+            "dp": None if self.dp is None else {
+                "size": self.dp.size, "rank": self.dp.rank, "master": self.dp.master, "source": self.dp.source},
             "mooncake_config_path": self.mooncake_config_path,
             "mooncake_config": self.mooncake_config,
             "ignored_flags": self.ignored,
@@ -134,6 +162,18 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--sim-kv-timeout": ("kv_timeout_s", float),
     "--sim-mooncake-segment-cap": ("mooncake_segment_cap", parse_size),
     "--sim-mooncake-buffer-cap": ("mooncake_buffer_cap", parse_size),
+    "--data-parallel-size": ("dp_size", int),
+    "-dp": ("dp_size", int),
+    "--data-parallel-rank": ("dp_rank", int),
+    "-dpn": ("dp_rank", int),
+    "--data-parallel-start-rank": ("dp_start_rank", int),
+    "-dpr": ("dp_start_rank", int),
+    "--data-parallel-size-local": ("dp_size_local", int),
+    "-dpl": ("dp_size_local", int),
+    "--data-parallel-address": ("dp_address", str),
+    "-dpa": ("dp_address", str),
+    "--data-parallel-rpc-port": ("dp_rpc_port", int),
+    "-dpp": ("dp_rpc_port", int),
 }
 
 KV_TRANSFER_MODES = ("none", "mooncake")
@@ -215,6 +255,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
         raise ConfigError("--sim-kv-bytes-per-token and --sim-kv-max-bytes must be >= 1")
 
     cfg.dp_env = {k: env[k] for k in DP_ENV_VARS if k in env}
+    cfg.dp = _dp_settings(cfg, env)
     path = env.get("MOONCAKE_CONFIG_PATH")
     if path:
         cfg.mooncake_config_path = path
@@ -226,3 +267,32 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
     if cfg.kv_transfer == "mooncake" and not isinstance(cfg.mooncake_config, dict):
         raise ConfigError("--sim-kv-transfer mooncake needs MOONCAKE_CONFIG_PATH (a Mooncake JSON object)")
     return cfg
+
+
+def _dp_settings(cfg: SimConfig, env: Mapping[str, str]) -> DPSettings | None:
+    """The DP group this engine is a rank of; None for DP size 1 (no group).
+
+    As vLLM's ParallelConfig: `--data-parallel-size` > 1 takes every DP setting from the
+    flags (rank: `--data-parallel-rank`, else `--data-parallel-start-rank`, else 0), otherwise
+    they all come from VLLM_DP_* (the Gaudi fork's way): the two are never mixed.
+    """
+    if cfg.dp_size is not None and cfg.dp_size > 1:
+        rank = cfg.dp_rank if cfg.dp_rank is not None else cfg.dp_start_rank or 0
+        port = DP_DEFAULT_RPC_PORT if cfg.dp_rpc_port is None else cfg.dp_rpc_port
+        dp = DPSettings(cfg.dp_size, rank, cfg.dp_address or DP_DEFAULT_ADDRESS, port, "flags")
+        names = ("--data-parallel-rank", "--data-parallel-rpc-port")
+    else:
+        try:
+            size, rank, port = (int(env.get(var) or default) for var, default in (
+                ("VLLM_DP_SIZE", "1"), ("VLLM_DP_RANK", "0"), ("VLLM_DP_MASTER_PORT", "0")))
+        except ValueError as exc:
+            raise ConfigError(f"bad VLLM_DP_* value: {exc}") from exc
+        dp = DPSettings(size, rank, env.get("VLLM_DP_MASTER_IP") or DP_DEFAULT_ADDRESS, port, "env")
+        names = ("VLLM_DP_RANK", "VLLM_DP_MASTER_PORT")
+    if dp.size <= 1:
+        return None
+    if not 0 <= dp.rank < dp.size:
+        raise ConfigError(f"{names[0]}: DP rank {dp.rank} is not in 0..{dp.size - 1}")
+    if not 0 < dp.master_port < 65536:
+        raise ConfigError(f"{names[1]}: DP size {dp.size} needs the DP master port (got {dp.master_port})")
+    return dp

@@ -4,11 +4,16 @@ Timing model: a request waits for one of `max_batch` slots, then pays
 `ttft_per_token * prompt_tokens` (prefill; skipped by a decode engine that receives valid
 `kv_transfer_params`), then `tpot` per output token. With every delay zero no timer is
 armed at all, so the simulator is a cheap baseline for proxy benchmarks.
+
+As a rank of a DP group (DP size > 1, see dpgroup.py) the engine serves only while its
+group is formed: 503 before, and for good once the group broke, which also fails the
+requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -23,10 +28,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pdsupervisor.aio.serve import is_wildcard, run_app
 from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
+from pdsupervisor.simengine.dpgroup import DPGroup, GroupBroken
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
 
 log = logging.getLogger("pdsupervisor.simengine")
-
 
 
 class EngineMetrics:
@@ -70,6 +75,7 @@ class SimEngine:
         self._id_prefix = f"{os.getpid():x}"
         self.metrics = EngineMetrics(self)
         self.kv: MooncakeKV | None = MooncakeKV(cfg) if cfg.kv_transfer == "mooncake" else None
+        self.dp: DPGroup | None = DPGroup(cfg.dp) if cfg.dp is not None else None
         self.endpoint = f"{'127.0.0.1' if is_wildcard(cfg.host) else cfg.host}:{cfg.port}"
         models = {
             "object": "list",
@@ -90,14 +96,22 @@ class SimEngine:
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_get("/debug/config", self.debug_config)
         app.router.add_get("/debug/kv", self.debug_kv)
+        app.router.add_get("/debug/dp", self.debug_dp)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         return app
 
+    def _unready(self) -> str | None:
+        """Why this engine cannot serve now (its DP group is not formed, or broke); None when it can."""
+        return None if self.dp is None or self.dp.ready else self.dp.reason
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response()
+        why = self._unready()
+        return web.Response() if why is None else web.Response(status=503, text=why)
 
     async def models(self, request: web.Request) -> web.Response:
+        if (why := self._unready()) is not None:
+            return _error(why, 503)
         return web.Response(body=self._models_body, content_type="application/json")
 
     async def metrics_route(self, request: web.Request) -> web.Response:
@@ -109,6 +123,9 @@ class SimEngine:
     async def debug_kv(self, request: web.Request) -> web.Response:
         return web.json_response(self.kv.debug_view() if self.kv else {"mode": self.cfg.kv_transfer})
 
+    async def debug_dp(self, request: web.Request) -> web.Response:
+        return web.json_response(self.dp.view() if self.dp else None)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
@@ -119,6 +136,8 @@ class SimEngine:
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         self.metrics.received.inc()
+        if (why := self._unready()) is not None:
+            return _error(why, 503)
         try:
             body = json.loads(await request.read())
         except ValueError as exc:
@@ -173,25 +192,23 @@ class SimEngine:
             self.waiting -= 1
         self.running += 1
         try:
-            if pay_prefill and self.cfg.ttft_per_token_s > 0:
-                await asyncio.sleep(self.cfg.ttft_per_token_s * prompt_tokens)
+            await self._pause(self.cfg.ttft_per_token_s * prompt_tokens if pay_prefill else 0.0)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             if body.get("stream"):
-                resp = await self._stream(request, body, chat, req_id, prompt_tokens, n_out, finish)
-            else:
-                if self.cfg.tpot_s > 0 and n_out > 1:
-                    await asyncio.sleep(self.cfg.tpot_s * (n_out - 1))
-                text = "".join(shapes.token_text(i) for i in range(n_out))
-                self.metrics.generation_tokens.inc(n_out)
-                resp = web.Response(
-                    body=shapes.full_response(
-                        chat=chat, req_id=req_id, model=self.cfg.model_id, text=text, finish=finish,
-                        prompt_tokens=prompt_tokens, completion_tokens=n_out, kv_transfer_params=kv_out,
-                    ),
-                    content_type="application/json",
-                )
+                return await self._stream(request, body, chat, req_id, prompt_tokens, n_out, finish)
+            await self._pause(self.cfg.tpot_s * (n_out - 1))
+            text = "".join(shapes.token_text(i) for i in range(n_out))
+            self.metrics.generation_tokens.inc(n_out)
             self.metrics.requests.inc()
-            return resp
+            return web.Response(
+                body=shapes.full_response(
+                    chat=chat, req_id=req_id, model=self.cfg.model_id, text=text, finish=finish,
+                    prompt_tokens=prompt_tokens, completion_tokens=n_out, kv_transfer_params=kv_out,
+                ),
+                content_type="application/json",
+            )
+        except GroupBroken as exc:
+            return _error(str(exc), 500)
         finally:
             self.running -= 1
             self._slots.release()
@@ -206,20 +223,31 @@ class SimEngine:
         opts = body.get("stream_options") or {}
         lines: list[bytes] = [maker.role()] if chat else []
         tpot = self.cfg.tpot_s
-        for i in range(n_out):
-            if tpot > 0 and i > 0:
-                await resp.write(b"".join(lines))
-                lines.clear()
-                await asyncio.sleep(tpot)
-            lines.append(maker.token(shapes.token_text(i), finish if i == n_out - 1 else None))
-            self.metrics.generation_tokens.inc()
+        try:
+            for i in range(n_out):
+                if tpot > 0 and i > 0:
+                    await resp.write(b"".join(lines))
+                    lines.clear()
+                    await self._pause(tpot)
+                lines.append(maker.token(shapes.token_text(i), finish if i == n_out - 1 else None))
+                self.metrics.generation_tokens.inc()
+        except GroupBroken as exc:
+            await _cut(request, resp, str(exc))
+            return resp
         if isinstance(opts, dict) and opts.get("include_usage"):
             lines.append(maker.usage(prompt_tokens, n_out))
         lines.append(shapes.DONE)
         await resp.write(b"".join(lines))
         await resp.write_eof()
+        self.metrics.requests.inc()
         return resp
 
+    async def _pause(self, seconds: float) -> None:
+        """`seconds` of model time (none armed for 0); in a DP group, GroupBroken once it is broken."""
+        if self.dp is not None:
+            await self.dp.step(seconds)
+        elif seconds > 0:
+            await asyncio.sleep(seconds)
 
     async def _kv_get(self, kv: dict[str, Any]) -> web.Response | None:
         """Read and verify the prefill's KV; an OpenAI-shaped 500 when it fails (never a fallback)."""
@@ -253,6 +281,15 @@ def _valid_kv(kv: Any, prompt_tokens: int) -> TypeGuard[dict[str, Any]]:
     )
 
 
+async def _cut(request: web.Request, resp: web.StreamResponse, message: str) -> None:
+    """End a stream whose engine died under it: an error event saying why (as vLLM sends), then
+    the connection closes with no [DONE], so whoever reads to the end sees a failed answer."""
+    with contextlib.suppress(ConnectionError):
+        await resp.write(b"data: " + shapes.error_body(message, type_="InternalServerError", code=500) + b"\n\n")
+    if request.transport is not None:
+        request.transport.close()
+
+
 def _error(message: str, status: int = 400) -> web.Response:
     type_ = "BadRequestError" if status < 500 else "InternalServerError"
     return web.Response(status=status, body=shapes.error_body(message, type_=type_, code=status),
@@ -264,7 +301,7 @@ def serve(cfg: SimConfig) -> None:
     Runs until SIGTERM/SIGINT."""
     engine = SimEngine(cfg)
     app = engine.app()
-    app.cleanup_ctx.append(_load)
+    app.cleanup_ctx.extend([_dp_group, _load])
     run_app(app, cfg.host, cfg.port, on_listening=lambda: log.info(
         "sim engine %s (kv_role=%s) listening on %s:%d", cfg.model_id, cfg.kv_role, cfg.host, cfg.port))
     if engine.kv is not None:
@@ -289,3 +326,14 @@ async def _load(app: web.Application) -> AsyncIterator[None]:
     if engine.kv is not None:  # part of the "load": the port opens only once the store is up
         await asyncio.to_thread(engine.kv.setup)
     yield
+
+
+async def _dp_group(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup context: join the DP group (rank 0: listen for it) before the model "loads",
+    as vLLM sets up its DP group first; leave it on the way out."""
+    group = app[ENGINE].dp
+    if group is not None:
+        await group.start()
+    yield
+    if group is not None:
+        await group.stop()

@@ -20,21 +20,26 @@ def test_debug_config_shows_flags_env_and_mooncake_json(procs, tmp_path):
     path.write_text(json.dumps(mc))
     env = {"VLLM_DP_SIZE": "4", "VLLM_DP_RANK": "3", "VLLM_DP_RANK_LOCAL": "1", "VLLM_DP_MASTER_IP": "10.0.0.2",
            "VLLM_DP_MASTER_PORT": "25940", "VLLM_EP_SIZE": "8", "MOONCAKE_CONFIG_PATH": str(path)}
-    ep, _ = procs.engine(
+    ep, p = procs.engine(
         "decode", "--max-model-len", "8192", "--gpu-memory-utilization", "0.9", "-tp", "2", "--max-num-seqs", "32",
         "--trust-remote-code", "--max-num-batched-tokens", "8192", "--distributed_executor_backend", "mp", env=env,
+        wait=False,
     )
+    # DP rank 3 of 4 whose master (10.0.0.2) never answers: it listens, but is never ready
+    wait_for(lambda: http("GET", f"http://{ep}/debug/config")[0] == 200 or p.poll() is not None, timeout=15,
+             what="engine to listen")
+    assert p.poll() is None, procs.log(p)
+    assert http("GET", f"http://{ep}/health") == (503, b"DP rank 3/4: waiting for the group at 10.0.0.2:25940")
     status, body = http("GET", f"http://{ep}/debug/config")
     assert status == 200
     cfg = json.loads(body)
     assert cfg["model"] == "sim-model" and cfg["tp"] == 2 and cfg["port"] == int(ep.split(":")[1])
     assert cfg["kv_role"] == "kv_consumer"
     assert cfg["dp_env"] == {k: v for k, v in env.items() if k.startswith("VLLM_")}
+    assert cfg["dp"] == {"size": 4, "rank": 3, "master": "10.0.0.2:25940", "source": "env"}
     assert cfg["mooncake_config"] == mc and cfg["mooncake_config_path"] == str(path)
     assert "--trust-remote-code" in cfg["ignored_flags"] and "--distributed_executor_backend" in cfg["ignored_flags"]
     assert "-tp" in cfg["argv"]
-    status, body = http("GET", f"http://{ep}/v1/models")
-    assert status == 200 and json.loads(body)["data"][0]["id"] == "sim-model"
 
 
 def test_bad_mooncake_path_fails_to_start(procs, tmp_path):
@@ -45,6 +50,8 @@ def test_bad_mooncake_path_fails_to_start(procs, tmp_path):
 def test_completions_chat_stream_usage_and_eos(procs):
     ep, _ = procs.engine(None, "--sim-natural-len", "4")
     base = f"http://{ep}"
+    status, body = http("GET", base + "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "sim-model"
     status, body = http("POST", base + "/v1/completions", {"prompt": "one two three", "max_tokens": 7, "ignore_eos": True})
     out = json.loads(body)
     assert status == 200 and out["usage"] == {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}
