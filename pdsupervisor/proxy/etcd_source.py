@@ -102,15 +102,15 @@ class EtcdSource:
     async def refresh(self) -> int:
         """Read members and statuses in one snapshot; apply them; return its revision (the
         watch from the next one misses nothing written after the read)."""
-        members, statuses, revision = await observe_membership(self.store)
-        engines = engines_from(statuses, members)
+        seen = await observe_membership(self.store)
+        engines = engines_from(seen.statuses, seen.members)
         for role in ROLES:
             before = [i.endpoint for i in self.registry.instances(role)]
             if before != engines[role]:
                 log.info("%s instances: %s", role, " ".join(engines[role]) or "(none)")
                 self.registry.set_endpoints(role, engines[role])
         self._save_cache(engines)
-        return revision
+        return seen.revision
 
     async def _watch(self, revision: int) -> None:
         """Watch, refresh on relevant events (debounced) and every RESYNC_S regardless."""
