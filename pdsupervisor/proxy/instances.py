@@ -37,6 +37,7 @@ class Instance:
     failures: int = 0
     ejected_at: float | None = None  # monotonic
     ejected_reason: str = ""
+    probe_misses: int = 0  # probes in a row that got no answer (timed out, or the connection dropped)
 
     def __post_init__(self) -> None:
         self.base_url = f"http://{self.endpoint}"
@@ -74,6 +75,10 @@ class Registry:
         roles = ROLES if role is None else (role,)
         return [i for r in roles for i in self._by_role[r].values()]
 
+    def holds(self, inst: Instance) -> bool:
+        """`inst` is a member now (not one a membership change dropped)."""
+        return self._by_role[inst.role].get(inst.endpoint) is inst
+
     def healthy(self, role: ProxyRole) -> list[Instance]:
         return [i for i in self._by_role[role].values() if i.ejected_at is None]
 
@@ -101,7 +106,6 @@ class Registry:
     @staticmethod
     def eject(inst: Instance, reason: str) -> bool:
         """Take an instance out of rotation; True if it was in rotation until now."""
-        inst.failures += 1
         if inst.ejected_at is not None:
             return False
         inst.ejected_at = time.monotonic()
@@ -112,6 +116,4 @@ class Registry:
     def restore(inst: Instance) -> None:
         inst.ejected_at = None
         inst.ejected_reason = ""
-
-    def ejected(self) -> list[Instance]:
-        return [i for i in self.instances() if i.ejected_at is not None]
+        inst.probe_misses = 0

@@ -48,6 +48,11 @@ class ProxyMetrics:
         r = self.registry
         self.requests = Counter("pdproxy_requests", "Client requests by route and status.", ["route", "status"], registry=r)
         self.errors = Counter("pdproxy_errors", "Failures by kind.", ["kind"], registry=r)
+        self.ejections = Counter(
+            "pdproxy_ejections", "Instances taken out of rotation, by role and reason (an exchange's outcome: "
+            "conn_error, 5xx, timeout, models; or a probe's: probe_unreachable, probe_status, probe_no_answer).",
+            ["role", "reason"], registry=r,
+        )
         self.upstream = Counter(
             "pdproxy_upstream_requests", "Upstream requests by instance and outcome.", ["role", "instance", "outcome"], registry=r
         )
