@@ -279,10 +279,11 @@ def _proxy_process(
 def plan_cluster(
     spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
     previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
-    check_ports: bool = True, unmanaged: Collection[str] = (),
+    group_epoch: int = 0, check_ports: bool = True, unmanaged: Collection[str] = (),
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
-    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine.
+    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine, plus
+    `group_epoch` (restarts of the decode DP group as a whole) in each decode engine's.
     `check_ports=False`: a plan with two ports equal on a node too (see `port_problems`)."""
     placement = place(spec, nodes, previous, unmanaged)
     problems: list[tuple[str, str]] = []
@@ -335,9 +336,12 @@ def plan_cluster(
             config_file = FileSpec(path=np_.mooncake_config_path,
                                    content=json.dumps(np_.mooncake_config, indent=2) + "\n")
             group_dp, group_ep = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            # one number, so that an engine spec's hash changes with either epoch (a new field
+            # in ProcessSpec would change every running process's hash, restarting them all)
+            epoch = restart_epoch + group_epoch if role_name == "decode" else restart_epoch
             np_.processes += _engine_processes(spec, role_name, facts, node_index=index, dp_master=dp_master,
                                                config_file=config_file, dp_size=group_dp, ep_size=group_ep,
-                                               generation=generation, restart_epoch=restart_epoch)
+                                               generation=generation, restart_epoch=epoch)
 
     px = node_plan(proxy_node)
     px.roles.append("proxy")
