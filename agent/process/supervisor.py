@@ -3,6 +3,9 @@
 Exit codes follow Python's convention: a process killed by signal N is reported as `-N`
 (SIGKILL: -9). An adopted process's exit code cannot be known (it is not our child): it is
 reported as None with a message saying so. The watching itself is `agent.process.child`.
+
+An exit is reported at once (no pid, its exit code and why): a dead engine must not read as
+`ready` while what it left behind (workers ignoring SIGTERM) is being stopped.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class ManagedProcess:
         self._started_mono: float | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
+        # stopping what an exited run left behind, then reaping it: see `_ended`
+        self._cleanup: asyncio.Task[None] | None = None
         self.spec_hash = spec.spec_hash()
         self.log = log.bind(process=spec.name)
         # Adopted here, not in the task: a stop() before the task ever ran still finds the
@@ -143,6 +148,7 @@ class ManagedProcess:
     async def stop(self) -> None:
         """Stop the supervision and the whole process tree; forget the process."""
         await self._cancel_task()
+        await self._leftovers_stopped()
         child, how = self.child, None
         if child is not None:
             self._set(ProcessState.stopping, f"stopping with {self.spec.stop_signal}")
@@ -155,8 +161,16 @@ class ManagedProcess:
         self._set(ProcessState.exited, f"stopped: {how}" if how else "stopped")
 
     async def detach(self) -> None:
-        """Stop supervising, leave the process running (its record stays for adoption)."""
+        """Stop supervising, leave the process running (its record stays for adoption).
+
+        The stop of an exited run's leftovers is given up too: a shutdown does not wait for
+        it (its record stays as well)."""
         await self._cancel_task()
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup
+            self._cleanup = None
         if self.child:
             self.child.detach()
 
@@ -281,7 +295,7 @@ class ManagedProcess:
                     self._note(why)  # after the start header: `logs` shows why, not headers alone
                     self.last_exit_code = None
                     self.failures.failed(why, time.time())
-                    attempt = await self._backoff(attempt, 0.0, why)
+                    attempt = await self._backoff(attempt, why)
                     continue
                 self._set(ProcessState.running)
             child = self.child
@@ -292,27 +306,54 @@ class ManagedProcess:
             finally:
                 prober.cancel()
             ran = time.monotonic() - (self._started_mono or time.monotonic())
-            # leftovers of the dead root (workers) are killed while its pid is still reserved
-            await self._stop_tree(child, min(self.spec.stop_timeout_s, 10))
-            rc = await child.reap()
-            self.child = None
-            self.last_exit_code = rc
-            self.records.remove(self.name)
-            tail = await asyncio.to_thread(logs.tail, self.log_path, TAIL_LINES)
-            why = failure_reason(rc, tail, adopted=child.popen is None)
-            self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1), reason=why)
-            self._note(f"{self.name} exited after {spoken_duration(ran)}: {why}")
+            rc, why = await self._why_exited(child, ran)
             policy = self.spec.restart
             if policy.mode == "never" or (policy.mode == "on-failure" and rc == 0):
                 final = ProcessState.exited if rc in (0, None) else ProcessState.failed
                 if final == ProcessState.failed:
                     self.failures.failed(why, time.time())
+                self._ended(child, rc)
                 self._set(final, f"exited: {why}; restart policy {policy.mode}")
+                await self._leftovers_stopped()
                 await asyncio.Event().wait()  # until stopped or replaced by the reconciler
             if ran >= policy.reset_after_s:
                 attempt = 0
             self.failures.failed(why, time.time())
-            attempt = await self._backoff(attempt, ran, why)
+            self._ended(child, rc)
+            attempt = await self._backoff(attempt, why)  # says `backoff` before its first await
+
+    async def _why_exited(self, child: Child, ran: float) -> tuple[int | None, str]:
+        """The exit code of `child` (not reaped yet) and why it ended, logged and noted."""
+        rc = await child.exit_code()
+        tail = await asyncio.to_thread(logs.tail, self.log_path, TAIL_LINES)
+        why = failure_reason(rc, tail, adopted=child.popen is None)
+        self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1), reason=why)
+        self._note(f"{self.name} exited after {spoken_duration(ran)}: {why}")
+        return rc, why
+
+    def _ended(self, child: Child, rc: int | None) -> None:
+        """The run is over: reported at once (no pid, its exit code). What it left behind
+        (workers) is stopped meanwhile, while its unreaped zombie keeps the pid reserved (so
+        its session and group still name only its own), and then it is reaped. Its record
+        goes last, once nothing of the run is left."""
+        self.child = None
+        self.last_exit_code = rc
+        self._cleanup = asyncio.create_task(self._stop_leftovers(child), name=f"leftovers:{self.name}")
+
+    async def _stop_leftovers(self, child: Child) -> None:
+        try:
+            await self._stop_tree(child, min(self.spec.stop_timeout_s, 10))
+        except Exception:  # never a dead supervision: it goes on to the next run
+            self.log.exception("stopping what the exited process left failed")
+        await child.reap()
+        self.records.remove(self.name)
+
+    async def _leftovers_stopped(self) -> None:
+        """Until the last run's leftovers are stopped: before a new run, and before `stop()`
+        says it is stopped. Shielded: a cancelled waiter does not cancel the stop itself."""
+        if self._cleanup is not None:
+            await asyncio.shield(self._cleanup)
+            self._cleanup = None
 
     async def _watch(self, child: Child) -> None:
         """Until `child` exits; a run that lasts `reset_after_s` ends a row of failures."""
@@ -326,11 +367,13 @@ class ManagedProcess:
             self.on_change()
         await child.wait()
 
-    async def _backoff(self, attempt: int, ran: float, why: str) -> int:
+    async def _backoff(self, attempt: int, why: str) -> int:
         p = self.spec.restart
         delay = backoff_delay(p.initial_backoff_s, p.multiplier, p.max_backoff_s, p.jitter, attempt)
         self._set(ProcessState.backoff, backoff_message(why, delay, attempt + 1))
-        await asyncio.sleep(delay)
+        begun = time.monotonic()
+        await self._leftovers_stopped()  # a new run never beside the last one's leftovers
+        await asyncio.sleep(max(0.0, delay - (time.monotonic() - begun)))
         self.restarts += 1
         return attempt + 1
 

@@ -80,6 +80,59 @@ async def test_killed_child_is_restarted_with_exit_code(tmp_path, cleanup):
     await m.stop()
 
 
+# The first run starts a worker that ignores SIGTERM (it writes its pid to argv[1] once it
+# does), then exits 3 without it; later runs (the file exists) only sleep.
+LEAVES_WORKER = (
+    "import os, subprocess, sys, time\n"
+    "path = sys.argv[1]\n"
+    "if os.path.exists(path):\n"
+    "    time.sleep(600)\n"
+    "subprocess.Popen([sys.executable, '-c', 'import os, signal, sys, time\\n'\n"
+    "                  'signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n'\n"
+    "                  'open(sys.argv[1] + \".tmp\", \"w\").write(str(os.getpid()))\\n'\n"
+    "                  'os.rename(sys.argv[1] + \".tmp\", sys.argv[1])\\n'\n"
+    "                  'time.sleep(600)', path])\n"
+    "while not os.path.exists(path):\n"
+    "    time.sleep(0.02)\n"
+    "sys.exit(3)\n"
+)
+
+
+async def _exits_leaving_a_worker(tmp_path, cleanup) -> tuple[ManagedProcess, psutil.Process]:
+    """A managed process whose first run has just exited (reported `backoff`), its worker
+    (which outlives SIGTERM for the 2 s stop timeout) still alive."""
+    pid_file = tmp_path / "worker.pid"
+    spec = ProcessSpec(name="leaves", role="decode", argv=[sys.executable, "-c", LEAVES_WORKER, str(pid_file)],
+                       restart=FAST, stop_timeout_s=2)
+    m = mp(tmp_path, spec)
+    cleanup[0].append(m)
+    m.start()
+    worker = psutil.Process(int(await until(lambda: pid_file.exists() and pid_file.read_text(), what="worker")))
+    cleanup[1].append(worker)
+    st = await until(lambda: (st := m.status()).state == ProcessState.backoff and st, what="exit reported")
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE  # not waiting for the leftovers
+    assert st.pid is None and st.last_exit_code == 3 and st.last_failure == "exit code 3"
+    assert st.started_at is None
+    return m, worker
+
+
+async def test_an_exit_is_reported_at_once_and_the_leftovers_stopped_before_the_next_run(tmp_path, cleanup):
+    m, worker = await _exits_leaving_a_worker(tmp_path, cleanup)
+    second = await until(lambda: m.pid, what="second run")
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # SIGKILLed before it started
+    assert m.restarts == 1 and m.status().last_stop and "SIGKILL after 2 s" in m.status().last_stop
+    assert second != worker.pid
+    await m.stop()
+
+
+async def test_a_stop_while_the_leftovers_are_stopped_leaves_none(tmp_path, cleanup):
+    m, worker = await _exits_leaving_a_worker(tmp_path, cleanup)
+    await m.stop()
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    assert m.state == ProcessState.exited and m.pid is None
+    assert not (tmp_path / "procs" / "leaves.json").exists()
+
+
 async def test_spawn_failure_backs_off_never_gives_up(tmp_path, cleanup):
     spec = ProcessSpec(name="missing", role="proxy", argv=["/nonexistent/binary"], restart=FAST)
     m = mp(tmp_path, spec)
