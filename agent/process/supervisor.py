@@ -101,6 +101,7 @@ class ManagedProcess:
         self.failures = Failures()
         self.last_stop: str | None = None  # see ProcessStatus.last_stop
         self._started_mono: float | None = None
+        self.ready_after_s: float | None = None  # see ProcessStatus.ready_after_s
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
         # stopping what an exited run left behind, then reaping it: see `_ended`
@@ -130,7 +131,8 @@ class ManagedProcess:
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
-            ready_lost_at=self.ready_lost_at, last_stop=self.last_stop, **self.failures.status_fields(),
+            ready_lost_at=self.ready_lost_at, last_stop=self.last_stop,
+            ready_after_s=self.ready_after_s if self.child else None, **self.failures.status_fields(),
         )
 
     def start(self) -> None:
@@ -190,6 +192,8 @@ class ManagedProcess:
             self.ready_lost_at = None
         if state == ProcessState.ready and self.state != ProcessState.ready:
             self.failures.ready(time.time())
+            if self.ready_after_s is None and self.child is not None and self.child.popen is not None:
+                self.ready_after_s = round(time.monotonic() - (self._started_mono or time.monotonic()), 1)
         self.state, self.message = state, message
         self.on_change()
 
@@ -269,6 +273,7 @@ class ManagedProcess:
         self.child = Child(proc, start, popen)
         self.started_at = time.time()
         self._started_mono = time.monotonic()
+        self.ready_after_s = None
         self._save_record()
         self.log.info("started", pid=popen.pid, argv=self.spec.argv)
 

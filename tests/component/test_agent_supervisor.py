@@ -112,7 +112,7 @@ async def _exits_leaving_a_worker(tmp_path, cleanup) -> tuple[ManagedProcess, ps
     st = await until(lambda: (st := m.status()).state == ProcessState.backoff and st, what="exit reported")
     assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE  # not waiting for the leftovers
     assert st.pid is None and st.last_exit_code == 3 and st.last_failure == "exit code 3"
-    assert st.started_at is None
+    assert st.started_at is None and st.ready_after_s is None
     return m, worker
 
 
@@ -157,7 +157,11 @@ async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
     m = mp(tmp_path, spec)
     cleanup[0].append(m)
     m.start()
+    assert m.status().ready_after_s is None
+    began = time.monotonic()
     await until(lambda: m.state == ProcessState.ready, what="http ready")
+    ready_after = m.status().ready_after_s
+    assert ready_after is not None and 0 <= ready_after <= time.monotonic() - began + 0.1
     assert target.read_text() == '{"a": 1}' and (target.stat().st_mode & 0o777) == 0o600
     await m.stop()
 
