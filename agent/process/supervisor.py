@@ -102,6 +102,9 @@ class ManagedProcess:
         self.last_stop: str | None = None  # see ProcessStatus.last_stop
         self._started_mono: float | None = None
         self.ready_after_s: float | None = None  # see ProcessStatus.ready_after_s
+        # a new spec the assignment asks for and this node refused (see `hold`)
+        self.refused_spec_hash: str | None = None
+        self.refused: str | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
         # stopping what an exited run left behind, then reaping it: see `_ended`
@@ -132,7 +135,8 @@ class ManagedProcess:
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
             ready_lost_at=self.ready_lost_at, last_stop=self.last_stop,
-            ready_after_s=self.ready_after_s if self.child else None, **self.failures.status_fields(),
+            ready_after_s=self.ready_after_s if self.child else None, refused_spec_hash=self.refused_spec_hash,
+            refused=self.refused, **self.failures.status_fields(),
         )
 
     def start(self) -> None:
@@ -146,6 +150,12 @@ class ManagedProcess:
         self.spec = spec
         if self.child:
             self._save_record()
+
+    def hold(self, refused_hash: str | None, why: str | None = None) -> None:
+        """The assignment asks for a new spec (`refused_hash`) this node refused: this one
+        keeps running as it is, its status says what was refused and why. None: the
+        assignment asks for this one (again)."""
+        self.refused_spec_hash, self.refused = refused_hash, why
 
     async def stop(self) -> None:
         """Stop the supervision and the whole process tree; forget the process."""
