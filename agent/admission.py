@@ -126,7 +126,7 @@ class RefusedProcess:
             endpoint=s.endpoint, dp_rank=s.dp_rank, message=refusal_message(self.problems),
         )
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = False) -> None:
         pass
 
     async def detach(self) -> None:

@@ -67,6 +67,9 @@ class Reconciler:
         self.assignment_seen = False  # True once an assignment was read (present or absent)
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._snapshots = 0  # taken by report_status, numbered from 1
+        self._published = 0  # the number of the last one known to be in etcd
+        self._publishing = asyncio.Event()  # set (and replaced) when that number grows
 
     # ---- adoption ----------------------------------------------------------------
 
@@ -80,7 +83,7 @@ class Reconciler:
 
     def _new(self, spec: ProcessSpec, adopt: tuple[ProcRecord, psutil.Process] | None = None) -> ManagedProcess:
         m = ManagedProcess(spec, records=self.records, log_dir=self.log_dir, on_change=self.mark_dirty, adopt=adopt,
-                           on_stop_escalated=self._stop_escalated)
+                           on_stop_escalated=self._stop_escalated, published=self.published)
         self.procs[spec.name] = m
         return m
 
@@ -106,7 +109,8 @@ class Reconciler:
             changed = [n for n in desired if n in self.procs and not kept(n) and not held(n)]
             if stop or changed:
                 log.info("stopping", removed=stop, changed=changed)
-            await asyncio.gather(*(self.procs[n].stop() for n in stop + changed))
+            # planned stops: each drains first (in parallel), while report_status writes `stopping`
+            await asyncio.gather(*(self.procs[n].stop(drain=True) for n in stop + changed))
             for n in changed:  # started anew below; removed ones go with the rebuild at the end
                 self.procs.pop(n)
             for n, spec in desired.items():
@@ -184,6 +188,20 @@ class Reconciler:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
+    async def published(self) -> None:
+        """Until the node's status as it is now is in etcd: a snapshot taken after this call
+        was written (or found the same as the last write). A drain waits for it, so the proxy
+        sees `stopping` before the drain counts the requests left."""
+        want = self._snapshots + 1
+        self.mark_dirty()
+        while self._published < want:
+            await self._publishing.wait()
+
+    def _now_published(self, snapshot: int) -> None:
+        self._published = snapshot
+        self._publishing.set()
+        self._publishing = asyncio.Event()
+
     def _stop_escalated(self, stop: StopEscalation) -> None:
         self.stops_escalated = [*self.stops_escalated, stop][-STOPS_KEPT:]
         self.mark_dirty()
@@ -223,13 +241,17 @@ class Reconciler:
             if not self.assignment_seen and not self.procs:
                 continue
             st = self.snapshot()
+            self._snapshots += 1
+            snapshot = self._snapshots
             cmp = self._comparable(st)
             stale = time.monotonic() - last_write >= self.heartbeat_s
             if cmp == last and not stale:
+                self._now_published(snapshot)
                 continue
             try:
                 await self.store.put_status(st)
                 last, last_write, delay = cmp, time.monotonic(), 0.5
+                self._now_published(snapshot)
             except StoreUnavailable as exc:
                 log.warning("status write failed, will retry", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)

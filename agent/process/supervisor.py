@@ -17,13 +17,13 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
 import structlog
 
-from agent.process import logs, proctree, secrets
+from agent.process import drain, logs, proctree, secrets
 from agent.process.child import Child, probe_once
 from agent.process.failures import Failures, escalation
 from agent.process.statefile import ProcRecord, ProcStore
@@ -73,8 +73,10 @@ class ManagedProcess:
     """Keeps one `ProcessSpec` running on this node; reports a `ProcessStatus`.
 
     `start()` launches the supervision task; `stop()` stops the whole tree and forgets the
-    process (the assignment dropped it); `detach()` stops supervising but leaves the
-    process running (agent shutdown: engines outlive the agent).
+    process (the assignment dropped it), `stop(drain=True)` empties it first; `detach()`
+    stops supervising but leaves the process running (agent shutdown: engines outlive the
+    agent). `published()` returns once the status as it is now is where the proxy reads it
+    (the node's status in etcd, for the reconciler's processes).
     """
 
     def __init__(
@@ -86,12 +88,14 @@ class ManagedProcess:
         on_change: Callable[[], None] = lambda: None,
         adopt: tuple[ProcRecord, psutil.Process] | None = None,
         on_stop_escalated: Callable[[StopEscalation], None] = lambda e: None,
+        published: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0),
     ) -> None:
         self.spec = spec
         self.records = records
         self.log_path = log_dir / f"{spec.name}.log"
         self.on_change = on_change
         self.on_stop_escalated = on_stop_escalated
+        self.published = published
         self.state = ProcessState.starting
         self.message = ""
         self.restarts = 0
@@ -157,8 +161,11 @@ class ManagedProcess:
         assignment asks for this one (again)."""
         self.refused_spec_hash, self.refused = refused_hash, why
 
-    async def stop(self) -> None:
-        """Stop the supervision and the whole process tree; forget the process."""
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop the supervision and the whole process tree; forget the process. With `drain`
+        (a planned stop), a ready process with a `drain` spec is emptied first (`_drain`)."""
+        if drain:
+            await self._drain()
         await self._cancel_task()
         await self._leftovers_stopped()
         child, how = self.child, None
@@ -171,6 +178,23 @@ class ManagedProcess:
             self.child = None
         self.records.remove(self.name)
         self._set(ProcessState.exited, f"stopped: {how}" if how else "stopped")
+
+    async def _drain(self) -> None:
+        """A planned stop of a ready process with a `drain` spec: out of the proxy's rotation
+        (`stopping`), then until its requests in flight are done (`drain.empty`). Only a ready
+        process served anything: no drain otherwise. A drain cut short is noted in its log."""
+        d, child = self.spec.drain, self.child
+        if d is None or child is None or self.state != ProcessState.ready:
+            return
+        url = None if self.spec.port is None else f"http://{self.spec.host}:{self.spec.port}{d.path}"
+        try:
+            how = await drain.empty(d, url, say=lambda n: self._set(ProcessState.stopping, drain.message(n)),
+                                    published=self.published, serving=lambda: self.child is child, log=self.log)
+        except Exception:  # a bug here must not keep the process from stopping
+            self.log.exception("drain failed; stopping now")
+            return
+        if how:
+            self._note(f"{self.name}: {how}")
 
     async def detach(self) -> None:
         """Stop supervising, leave the process running (its record stays for adoption).
@@ -408,6 +432,8 @@ class ManagedProcess:
 
     def _probed(self, failures: int) -> None:
         """One readiness probe's verdict; `failures`: consecutive failed probes (0: it passed)."""
+        if self.state == ProcessState.stopping:  # draining: out of rotation until it stops
+            return
         if failures == 0:
             if self.state != ProcessState.ready:
                 self._set(ProcessState.ready, "")
