@@ -41,13 +41,23 @@ def mp(tmp_path: Path, spec: ProcessSpec) -> ManagedProcess:
     return ManagedProcess(spec, records=ProcStore(tmp_path / "procs"), log_dir=tmp_path / "logs")
 
 
-async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, cleanup):
-    pids_file = tmp_path / "pids"
-    spec = ProcessSpec(name="tree", role="prefill", argv=[sys.executable, "-c", TREE, str(pids_file)],
-                       restart=FAST, stop_timeout_s=2)
+def started(tmp_path: Path, cleanup, spec: ProcessSpec) -> ManagedProcess:
+    """`spec` supervised, its tree killed at teardown."""
     m = mp(tmp_path, spec)
     cleanup[0].append(m)
     m.start()
+    return m
+
+
+def script(name: str, code: str, path: Path) -> ProcessSpec:
+    """A Python `code` told `path` (where it writes pids), stopped with a 2 s timeout."""
+    return ProcessSpec(name=name, role="decode", argv=[sys.executable, "-c", code, str(path)], restart=FAST,
+                       stop_timeout_s=2)
+
+
+async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, cleanup):
+    pids_file = tmp_path / "pids"
+    m = started(tmp_path, cleanup, script("tree", TREE, pids_file))
     await until(lambda: pids_file.exists() and pids_file.read_text().count(" ") == 1, what="grandchildren")
     a, b = map(int, pids_file.read_text().split())
     cleanup[1].extend([psutil.Process(a), psutil.Process(b)])
@@ -65,9 +75,7 @@ async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, clean
 async def test_killed_child_is_restarted_with_exit_code(tmp_path, cleanup):
     spec = ProcessSpec(name="sleeper", role="decode", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
                        restart=FAST, env={"NOTIFY_SOCKET": "/nope"})
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     first = await until(lambda: m.pid, what="first pid")
     await until(lambda: m.state == ProcessState.ready, what="ready")
     assert "NOTIFY_SOCKET" not in psutil.Process(first).environ()
@@ -102,11 +110,7 @@ async def _exits_leaving_a_worker(tmp_path, cleanup) -> tuple[ManagedProcess, ps
     """A managed process whose first run has just exited (reported `backoff`), its worker
     (which outlives SIGTERM for the 2 s stop timeout) still alive."""
     pid_file = tmp_path / "worker.pid"
-    spec = ProcessSpec(name="leaves", role="decode", argv=[sys.executable, "-c", LEAVES_WORKER, str(pid_file)],
-                       restart=FAST, stop_timeout_s=2)
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, script("leaves", LEAVES_WORKER, pid_file))
     worker = psutil.Process(int(await until(lambda: pid_file.exists() and pid_file.read_text(), what="worker")))
     cleanup[1].append(worker)
     st = await until(lambda: (st := m.status()).state == ProcessState.backoff and st, what="exit reported")
@@ -135,9 +139,7 @@ async def test_a_stop_while_the_leftovers_are_stopped_leaves_none(tmp_path, clea
 
 async def test_spawn_failure_backs_off_never_gives_up(tmp_path, cleanup):
     spec = ProcessSpec(name="missing", role="proxy", argv=["/nonexistent/binary"], restart=FAST)
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     await until(lambda: m.restarts >= 2, what="repeated attempts")
     assert m.state in (ProcessState.backoff, ProcessState.starting)
     await m.stop()
@@ -154,9 +156,7 @@ async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
         cwd=str(tmp_path), files=[FileSpec(path=str(target), content='{"a": 1}', mode=0o600)],
         readiness=Probe(kind="http", port=port, path="/", period_s=0.1), restart=FAST,
     )
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     assert m.status().ready_after_s is None
     began = time.monotonic()
     await until(lambda: m.state == ProcessState.ready, what="http ready")
@@ -199,9 +199,7 @@ async def test_a_relative_file_is_written_where_the_child_runs(tmp_path, cleanup
         name="reader", role="decode", files=[FileSpec(path="rel/cfg.json", content="seen")], restart=FAST,
         argv=[sys.executable, "-c", "import time; print(open('rel/cfg.json').read(), flush=True); time.sleep(600)"],
     )
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     await until(lambda: "seen" in m.log_path.read_text() if m.log_path.exists() else False, what="child read it")
     assert (workdir / "rel" / "cfg.json").read_text() == "seen" and m.restarts == 0
     await m.stop()
