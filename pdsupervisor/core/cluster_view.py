@@ -26,6 +26,7 @@ from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluste
 from pdsupervisor.core.rollout import Rollout, impact, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
+CRASH_LOOPING = "crash-looping"  # a row's state: failed `CRASH_LOOP_FAILURES` times in a row, not ready
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
 STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
 
@@ -398,11 +399,16 @@ def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str
     elif node not in obs.members:
         state = "lost"
     elif seen is not None:
-        state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
+        state = seen.state.value
+        if seen.crash_looping and seen.state != ProcessState.ready and not stopped_on_purpose(seen, proc):
+            state = CRASH_LOOPING  # between its failures too: not `running` while it loads to die again
+        if seen.spec_hash and seen.spec_hash != proc.spec_hash():
+            state += " (old spec)"
     return ProcessRow(
         node=node, name=proc.name, role=proc.role, state=state,
         pid=seen.pid if seen else None, restarts=seen.restarts if seen else 0,
         last_exit_code=seen.last_exit_code if seen else None,
         started_at=seen.started_at if seen else None,
         endpoint=proc.endpoint, dp_rank=proc.dp_rank,
+        last_failure=seen.last_failure if seen and seen.failures_in_a_row else None,
     )
