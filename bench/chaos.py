@@ -40,8 +40,11 @@ Scenarios (`--only a,b`; all by default):
   bad-rollout   replace with a decode argv[0] that does not exist; once it shows as tried, hold
                 10 s, record how many of the old decode pids are still alive, then restore the
                 good spec (the action ends there) and wait for ready.
-  engine-kill   kill -9 one decode engine's process tree; also: seconds until the proxy took
-                it out of rotation (ejected or gone from GET /status).
+  engine-kill   kill -9 one prefill engine's process tree (an engine of its own, no DP group);
+                also: seconds until the proxy took it out of rotation (ejected or gone from
+                GET /status).
+  rank-kill     kill -9 one rank of the decode DP group: the group is a gang, so every rank
+                restarts together (`decode.group_restart: group`); the same columns.
   master-kill   kill -9 the mooncake_master process tree (skipped when it cannot run here).
   node-loss     kill -9 a decode node's agent and all its processes, wait TTL + 5 s, restart
                 the agent (its assignment still stands: it starts its engines again).
@@ -89,7 +92,7 @@ from _localbench import (
 )
 
 from pdsupervisor.cli.demo import REPO_DEMO_SPEC, master_cannot_run
-from pdsupervisor.core.documents import ClusterDocument
+from pdsupervisor.core.documents import ClusterDocument, SubmitAnswer
 from pdsupervisor.local.cluster import LocalAgent, LocalCluster
 from pdsupervisor.local.procs import kill_tree, signal_all
 
@@ -280,7 +283,8 @@ class Chaos:
         self.scenarios: dict[str, Callable[[], Awaitable[Action]]] = {
             "agent-ttl": self.agent_ttl, "leader-kill": self.leader_kill, "etcd-pause": self.etcd_pause,
             "roll-prefill": lambda: self.roll_env("prefill"), "roll-decode": lambda: self.roll_env("decode"),
-            "bad-rollout": self.bad_rollout, "engine-kill": self.engine_kill, "master-kill": self.master_kill,
+            "bad-rollout": self.bad_rollout, "engine-kill": lambda: self.engine_kill("prefill"),
+            "rank-kill": lambda: self.engine_kill("decode"), "master-kill": self.master_kill,
             "node-loss": self.node_loss,
         }
 
@@ -311,8 +315,11 @@ class Chaos:
         return (await wait_doc(poller(self.lc, avoid), lambda d: True, 10))[1]
 
     async def submit(self, spec: dict[str, Any]) -> int:
-        answer = await self.lc.client(len(self.lc.agents) - 1).start(yaml.safe_dump(spec, sort_keys=False), replace=True)
-        return answer.generation
+        return (await self.submit_answer(spec)).generation
+
+    async def submit_answer(self, spec: dict[str, Any]) -> SubmitAnswer:
+        """`start --replace`: the answer says beforehand what the change does to serving."""
+        return await self.lc.client(len(self.lc.agents) - 1).start(yaml.safe_dump(spec, sort_keys=False), replace=True)
 
     def agent(self, name: str) -> LocalAgent:
         return next(a for a in self.lc.agents if a.name == name)
@@ -358,9 +365,10 @@ class Chaos:
         spec = copy.deepcopy(self.spec)
         spec[role].setdefault("env", {})["CHAOS_ROLL"] = str(self.roll)
         t0 = time.time()
-        gen = await self.submit(spec)
+        answer = await self.submit_answer(spec)
         self.spec = spec  # the good spec from now on
-        return Action(ended=time.time(), generation=gen, t0=t0)
+        return Action(ended=time.time(), generation=answer.generation, t0=t0,
+                      notes={"announced": " / ".join(answer.impact) or "nothing"})
 
     async def bad_rollout(self) -> Action:
         doc = await self.doc()
@@ -382,9 +390,9 @@ class Chaos:
         gen = await self.submit(self.spec)
         return Action(ended=time.time(), generation=gen, notes=notes, t0=t0)
 
-    async def engine_kill(self) -> Action:
+    async def engine_kill(self, role: str) -> Action:
         doc = await self.doc()
-        victim = [p for p in doc.processes if p.role == "decode" and p.pid][-1]
+        victim = [p for p in doc.processes if p.role == role and p.pid][-1]
         dead = tree_pids(victim.pid)
         t0 = time.time()
         kill_tree(victim.pid)
@@ -508,7 +516,7 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    every = ["agent-ttl", "leader-kill", "etcd-pause", "roll-prefill", "roll-decode", "bad-rollout", "engine-kill",
+    every = ["agent-ttl", "leader-kill", "etcd-pause", "roll-prefill", "roll-decode", "bad-rollout", "engine-kill", "rank-kill",
              "master-kill", "node-loss"]
     names = [n for n in args.only.split(",") if n] or every
     if unknown := [n for n in names if n not in every]:
