@@ -183,7 +183,7 @@ def test_a_bad_rollout_halts_and_the_old_engines_keep_serving(cluster, tmp_path)
     assert started.returncode == 1, started.stdout + started.stderr
     assert "decode: the DP group of 4 ranks restarts as one unit" in started.stdout  # said beforehand
     assert "rollout halted: decode-" in started.stderr and "refused by its node" in started.stderr
-    assert "'/nonexistent/engine'" in started.stderr
+    assert "argv[0] /nonexistent/engine does not exist" in started.stderr
     doc = cluster.doc()
     assert doc["rollout"]["state"] == "halted" and doc["phase"] == "degraded"
     assert {(p["node"], p["name"]): p["pid"] for p in doc["processes"]} == pids  # nothing was stopped
