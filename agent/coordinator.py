@@ -197,7 +197,7 @@ class Coordinator:
     async def _with_unmanaged(self, obs: Observed) -> Observed:
         """`obs` with the record's `unmanaged` nodes as this leader finds them: assigned, their
         agent away (no member key), and an engine of theirs answering its readiness probe now,
-        or within `policy.node_loss_grace_s` (counted from when this leader saw the node away).
+        or within the last `policy.node_loss_grace_s`.
         Such a node is not replaced: its engines may still serve, and a replacement would hold
         the same DP ranks. Probed here (I/O), decided from in the pure core."""
         record = obs.record
@@ -210,9 +210,10 @@ class Coordinator:
         now = time.monotonic()
         answers = await asyncio.gather(*(_answers(obs.assignments[n].processes) for n in away))
         for node, answered in zip(away, answers, strict=True):
-            if answered or node not in self._answered_at:
+            # recorded unmanaged by a previous leader: it answered that leader lately
+            if answered or (node in record.unmanaged and node not in self._answered_at):
                 self._answered_at[node] = now
-        unmanaged = [n for n in away if now - self._answered_at[n] < grace]
+        unmanaged = [n for n in away if n in self._answered_at and now - self._answered_at[n] < grace]
         if unmanaged == record.unmanaged:
             return obs
         return replace(obs, record=record.model_copy(update={"unmanaged": unmanaged}))

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.api.client import ApiClient, ApiError  # noqa: E402
 from pdsupervisor.cli.doctor import port_check  # noqa: E402
-from pdsupervisor.core.documents import ClusterDocument  # noqa: E402
+from pdsupervisor.core.documents import ClusterDocument, ProcessRow  # noqa: E402
 from pdsupervisor.core.spec import load_spec  # noqa: E402
 from pdsupervisor.local.cluster import BootError, LocalCluster  # noqa: E402
 
@@ -69,9 +69,12 @@ def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def new_cluster(name: str, nodes: int, ttl: int) -> LocalCluster:
+def new_cluster(name: str, nodes: int, ttl: int, *, tls: bool = False, token: bool = False) -> LocalCluster:
+    """With `tls` and `token` as the demo: etcd over TLS with client certificates, the agents'
+    writes behind a bearer token (`lc.client(i)` carries it)."""
     root = Path(tempfile.mkdtemp(prefix=f"pdbench-{name}-"))
-    return LocalCluster(cluster=name, root=root, nodes=nodes, etcd_port=ETCD_PORT, api_base_port=API_BASE_PORT, ttl=ttl)
+    return LocalCluster(cluster=name, root=root, nodes=nodes, etcd_port=ETCD_PORT, api_base_port=API_BASE_PORT, ttl=ttl,
+                        tls=tls, token=token)
 
 
 async def boot(lc: LocalCluster, spec_text: str, timeout: float = 180.0) -> float:
@@ -110,6 +113,48 @@ async def wait_doc(client: ApiClient, pred, timeout: float, interval: float = 0.
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met in {timeout}s; last phase {doc and doc.phase}")
         await asyncio.sleep(interval)
+
+
+def row(doc: ClusterDocument, node: str, name: str) -> ProcessRow | None:
+    return next((p for p in doc.processes if p.node == node and p.name == name), None)
+
+
+def poller(lc: LocalCluster, avoid: set[str] = frozenset()) -> ApiClient:
+    """A client of the last agent not in `avoid` (a victim's API is away), with the token if any."""
+    index = max(i for i, a in enumerate(lc.agents) if a.name not in avoid)
+    return lc.client(index, timeout_s=3)
+
+
+async def back_to_ready(lc: LocalCluster, timeout: float = 90, avoid: set[str] = frozenset(),
+                        dead_pids: set[int] = frozenset(), generation: int = 0,
+                        settle: float = 0.0) -> tuple[float, bool]:
+    """Ready with every member back, at `generation` or later, and no row still showing a pid we killed.
+
+    With `settle`, ready must then hold that long (answers that fail do not break it): the time
+    returned is the start of the stretch that held. Returns (time, stale): stale is True if
+    GET /cluster said `ready` on the way while a killed pid was still listed (status left over
+    from a dead agent)."""
+    stale = False
+
+    def pred(d: ClusterDocument) -> bool:
+        nonlocal stale
+        if d.phase != "ready" or len(d.members) != len(lc.agents) or d.generation < generation:
+            return False
+        if any(p.pid in dead_pids for p in d.processes):
+            stale = True
+            return False
+        return True
+
+    client = poller(lc, set(avoid))
+    deadline = time.monotonic() + timeout
+    while True:
+        t, _ = await wait_doc(client, pred, deadline - time.monotonic(), interval=0.1)
+        if settle <= 0:
+            return t, stale
+        try:
+            await wait_doc(client, lambda d: not pred(d), settle, interval=0.1)
+        except TimeoutError:
+            return t, stale  # held for `settle`
 
 
 # pdsupervisor.host.logsetup's lines: "<iso local time> [info     ] <message> [<logger>]"

@@ -38,47 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _localbench import (
     ApiClient,
+    back_to_ready,
     boot,
     create_time,
     finish,
     machine,
     make_spec,
     new_cluster,
+    poller,
+    row,
     wait_doc,
 )
 
-from pdsupervisor.core.documents import ClusterDocument, ProcessRow
 from pdsupervisor.local.procs import kill_tree
-
-
-def row(doc: ClusterDocument, node: str, name: str) -> ProcessRow | None:
-    return next((p for p in doc.processes if p.node == node and p.name == name), None)
-
-
-def poller(lc, avoid: set[str]) -> ApiClient:
-    agent = next(a for a in reversed(lc.agents) if a.name not in avoid)
-    return ApiClient(agent.api_url, timeout_s=3)
-
-
-async def back_to_ready(lc, timeout: float = 90, avoid: set[str] = frozenset(),
-                        dead_pids: set[int] = frozenset()) -> tuple[float, bool]:
-    """Ready with every member back and no row still showing a pid we killed.
-
-    Returns (time, stale): stale is True if GET /cluster said `ready` on the way while a
-    killed pid was still listed (status left over from the dead agent)."""
-    stale = False
-
-    def pred(d: ClusterDocument) -> bool:
-        nonlocal stale
-        if d.phase != "ready" or len(d.members) != len(lc.agents):
-            return False
-        if any(p.pid in dead_pids for p in d.processes):
-            stale = True
-            return False
-        return True
-
-    t, _ = await wait_doc(poller(lc, set(avoid)), pred, timeout, interval=0.1)
-    return t, stale
 
 
 async def engine_crash(lc, ttl: int) -> dict[str, float]:

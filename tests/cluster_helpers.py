@@ -58,6 +58,7 @@ def cluster_spec(cluster: str, etcd: str, *, decode_nodes: list[str], spare: lis
                    "argv": sim_argv("kv_consumer", mooncake_kv), "readiness": readiness, "stop_timeout_s": 5},
         "proxy": {"kind": "builtin", "port": free_port()},
         "policy": {"node_loss": "replace" if spare else "wait", "spare_nodes": spare or [], "lease_ttl_s": ttl,
+                   "node_loss_grace_s": 1,
                    "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 2}},
         "host_requirements": {"thp_mode": None},
     }

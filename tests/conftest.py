@@ -108,8 +108,22 @@ class EtcdServer:
         return self.etcdctl("endpoint", "health").returncode == 0
 
     def pause(self) -> None:
+        """SIGSTOP, then wait until every thread of etcd is stopped: kill() returns before a
+        thread running on another CPU has stopped, and a request sent at once could be served."""
         assert self.proc
         os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_for(self._stopped, timeout=10, what="etcd's threads to stop after SIGSTOP")
+
+    def _stopped(self) -> bool:
+        assert self.proc
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+        return bool(states) and all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:
         """SIGCONT, then wait until etcd answers again: the next step of a test must not race

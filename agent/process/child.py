@@ -84,6 +84,23 @@ class Child:
     async def wait(self) -> None:
         await self._exited.wait()
 
+    async def exit_code(self) -> int | None:
+        """The exit code of our exited child, read without reaping it (`WNOWAIT`): its zombie
+        keeps the pid reserved, so what still names it (its session, its group) is its own
+        while the leftovers are stopped. None for an adopted process (not ours to wait for).
+        """
+        if self.popen is None:
+            return None
+        for _ in range(100):  # the pidfd may say it exited a moment before waitid sees it
+            try:
+                res = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # reaped already (Popen did): it kept the code
+                return self.popen.returncode
+            if res is not None:
+                return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+            await asyncio.sleep(0.02)
+        return None
+
     async def reap(self) -> int | None:
         """Collect the exit code (our child) or None (adopted: not ours to wait for)."""
         if self.popen is None:

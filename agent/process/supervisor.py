@@ -3,6 +3,9 @@
 Exit codes follow Python's convention: a process killed by signal N is reported as `-N`
 (SIGKILL: -9). An adopted process's exit code cannot be known (it is not our child): it is
 reported as None with a message saying so. The watching itself is `agent.process.child`.
+
+An exit is reported at once (no pid, its exit code and why): a dead engine must not read as
+`ready` while what it left behind (workers ignoring SIGTERM) is being stopped.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
 import structlog
 
-from agent.process import logs, proctree, secrets
+from agent.process import drain, logs, proctree, secrets
 from agent.process.child import Child, probe_once
 from agent.process.failures import Failures, escalation
 from agent.process.statefile import ProcRecord, ProcStore
@@ -70,8 +73,10 @@ class ManagedProcess:
     """Keeps one `ProcessSpec` running on this node; reports a `ProcessStatus`.
 
     `start()` launches the supervision task; `stop()` stops the whole tree and forgets the
-    process (the assignment dropped it); `detach()` stops supervising but leaves the
-    process running (agent shutdown: engines outlive the agent).
+    process (the assignment dropped it), `stop(drain=True)` empties it first; `detach()`
+    stops supervising but leaves the process running (agent shutdown: engines outlive the
+    agent). `published()` returns once the status as it is now is where the proxy reads it
+    (the node's status in etcd, for the reconciler's processes).
     """
 
     def __init__(
@@ -83,12 +88,14 @@ class ManagedProcess:
         on_change: Callable[[], None] = lambda: None,
         adopt: tuple[ProcRecord, psutil.Process] | None = None,
         on_stop_escalated: Callable[[StopEscalation], None] = lambda e: None,
+        published: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0),
     ) -> None:
         self.spec = spec
         self.records = records
         self.log_path = log_dir / f"{spec.name}.log"
         self.on_change = on_change
         self.on_stop_escalated = on_stop_escalated
+        self.published = published
         self.state = ProcessState.starting
         self.message = ""
         self.restarts = 0
@@ -98,8 +105,14 @@ class ManagedProcess:
         self.failures = Failures()
         self.last_stop: str | None = None  # see ProcessStatus.last_stop
         self._started_mono: float | None = None
+        self.ready_after_s: float | None = None  # see ProcessStatus.ready_after_s
+        # a new spec the assignment asks for and this node refused (see `hold`)
+        self.refused_spec_hash: str | None = None
+        self.refused: str | None = None
         self.child: Child | None = None
         self._task: asyncio.Task[None] | None = None
+        # stopping what an exited run left behind, then reaping it: see `_ended`
+        self._cleanup: asyncio.Task[None] | None = None
         self.spec_hash = spec.spec_hash()
         self.log = log.bind(process=spec.name)
         # Adopted here, not in the task: a stop() before the task ever ran still finds the
@@ -125,7 +138,9 @@ class ManagedProcess:
             last_exit_code=self.last_exit_code, started_at=self.started_at if self.child else None,
             uptime_s=round(up, 1) if up is not None else None, spec_hash=self.spec_hash,
             generation=s.generation, endpoint=s.endpoint, dp_rank=s.dp_rank, message=self.message,
-            ready_lost_at=self.ready_lost_at, last_stop=self.last_stop, **self.failures.status_fields(),
+            ready_lost_at=self.ready_lost_at, last_stop=self.last_stop,
+            ready_after_s=self.ready_after_s if self.child else None, refused_spec_hash=self.refused_spec_hash,
+            refused=self.refused, **self.failures.status_fields(),
         )
 
     def start(self) -> None:
@@ -140,9 +155,19 @@ class ManagedProcess:
         if self.child:
             self._save_record()
 
-    async def stop(self) -> None:
-        """Stop the supervision and the whole process tree; forget the process."""
+    def hold(self, refused_hash: str | None, why: str | None = None) -> None:
+        """The assignment asks for a new spec (`refused_hash`) this node refused: this one
+        keeps running as it is, its status says what was refused and why. None: the
+        assignment asks for this one (again)."""
+        self.refused_spec_hash, self.refused = refused_hash, why
+
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop the supervision and the whole process tree; forget the process. With `drain`
+        (a planned stop), a ready process with a `drain` spec is emptied first (`_drain`)."""
+        if drain:
+            await self._drain()
         await self._cancel_task()
+        await self._leftovers_stopped()
         child, how = self.child, None
         if child is not None:
             self._set(ProcessState.stopping, f"stopping with {self.spec.stop_signal}")
@@ -154,9 +179,34 @@ class ManagedProcess:
         self.records.remove(self.name)
         self._set(ProcessState.exited, f"stopped: {how}" if how else "stopped")
 
+    async def _drain(self) -> None:
+        """A planned stop of a ready process with a `drain` spec: out of the proxy's rotation
+        (`stopping`), then until its requests in flight are done (`drain.empty`). Only a ready
+        process served anything: no drain otherwise. A drain cut short is noted in its log."""
+        d, child = self.spec.drain, self.child
+        if d is None or child is None or self.state != ProcessState.ready:
+            return
+        url = None if self.spec.port is None else f"http://{self.spec.host}:{self.spec.port}{d.path}"
+        try:
+            how = await drain.empty(d, url, say=lambda n: self._set(ProcessState.stopping, drain.message(n)),
+                                    published=self.published, serving=lambda: self.child is child, log=self.log)
+        except Exception:  # a bug here must not keep the process from stopping
+            self.log.exception("drain failed; stopping now")
+            return
+        if how:
+            self._note(f"{self.name}: {how}")
+
     async def detach(self) -> None:
-        """Stop supervising, leave the process running (its record stays for adoption)."""
+        """Stop supervising, leave the process running (its record stays for adoption).
+
+        The stop of an exited run's leftovers is given up too: a shutdown does not wait for
+        it (its record stays as well)."""
         await self._cancel_task()
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup
+            self._cleanup = None
         if self.child:
             self.child.detach()
 
@@ -176,6 +226,8 @@ class ManagedProcess:
             self.ready_lost_at = None
         if state == ProcessState.ready and self.state != ProcessState.ready:
             self.failures.ready(time.time())
+            if self.ready_after_s is None and self.child is not None and self.child.popen is not None:
+                self.ready_after_s = round(time.monotonic() - (self._started_mono or time.monotonic()), 1)
         self.state, self.message = state, message
         self.on_change()
 
@@ -255,6 +307,7 @@ class ManagedProcess:
         self.child = Child(proc, start, popen)
         self.started_at = time.time()
         self._started_mono = time.monotonic()
+        self.ready_after_s = None
         self._save_record()
         self.log.info("started", pid=popen.pid, argv=self.spec.argv)
 
@@ -281,7 +334,7 @@ class ManagedProcess:
                     self._note(why)  # after the start header: `logs` shows why, not headers alone
                     self.last_exit_code = None
                     self.failures.failed(why, time.time())
-                    attempt = await self._backoff(attempt, 0.0, why)
+                    attempt = await self._backoff(attempt, why)
                     continue
                 self._set(ProcessState.running)
             child = self.child
@@ -292,27 +345,54 @@ class ManagedProcess:
             finally:
                 prober.cancel()
             ran = time.monotonic() - (self._started_mono or time.monotonic())
-            # leftovers of the dead root (workers) are killed while its pid is still reserved
-            await self._stop_tree(child, min(self.spec.stop_timeout_s, 10))
-            rc = await child.reap()
-            self.child = None
-            self.last_exit_code = rc
-            self.records.remove(self.name)
-            tail = await asyncio.to_thread(logs.tail, self.log_path, TAIL_LINES)
-            why = failure_reason(rc, tail, adopted=child.popen is None)
-            self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1), reason=why)
-            self._note(f"{self.name} exited after {spoken_duration(ran)}: {why}")
+            rc, why = await self._why_exited(child, ran)
             policy = self.spec.restart
             if policy.mode == "never" or (policy.mode == "on-failure" and rc == 0):
                 final = ProcessState.exited if rc in (0, None) else ProcessState.failed
                 if final == ProcessState.failed:
                     self.failures.failed(why, time.time())
+                self._ended(child, rc)
                 self._set(final, f"exited: {why}; restart policy {policy.mode}")
+                await self._leftovers_stopped()
                 await asyncio.Event().wait()  # until stopped or replaced by the reconciler
             if ran >= policy.reset_after_s:
                 attempt = 0
             self.failures.failed(why, time.time())
-            attempt = await self._backoff(attempt, ran, why)
+            self._ended(child, rc)
+            attempt = await self._backoff(attempt, why)  # says `backoff` before its first await
+
+    async def _why_exited(self, child: Child, ran: float) -> tuple[int | None, str]:
+        """The exit code of `child` (not reaped yet) and why it ended, logged and noted."""
+        rc = await child.exit_code()
+        tail = await asyncio.to_thread(logs.tail, self.log_path, TAIL_LINES)
+        why = failure_reason(rc, tail, adopted=child.popen is None)
+        self.log.warning("exited", pid=child.pid, exit_code=rc, ran_s=round(ran, 1), reason=why)
+        self._note(f"{self.name} exited after {spoken_duration(ran)}: {why}")
+        return rc, why
+
+    def _ended(self, child: Child, rc: int | None) -> None:
+        """The run is over: reported at once (no pid, its exit code). What it left behind
+        (workers) is stopped meanwhile, while its unreaped zombie keeps the pid reserved (so
+        its session and group still name only its own), and then it is reaped. Its record
+        goes last, once nothing of the run is left."""
+        self.child = None
+        self.last_exit_code = rc
+        self._cleanup = asyncio.create_task(self._stop_leftovers(child), name=f"leftovers:{self.name}")
+
+    async def _stop_leftovers(self, child: Child) -> None:
+        try:
+            await self._stop_tree(child, min(self.spec.stop_timeout_s, 10))
+        except Exception:  # never a dead supervision: it goes on to the next run
+            self.log.exception("stopping what the exited process left failed")
+        await child.reap()
+        self.records.remove(self.name)
+
+    async def _leftovers_stopped(self) -> None:
+        """Until the last run's leftovers are stopped: before a new run, and before `stop()`
+        says it is stopped. Shielded: a cancelled waiter does not cancel the stop itself."""
+        if self._cleanup is not None:
+            await asyncio.shield(self._cleanup)
+            self._cleanup = None
 
     async def _watch(self, child: Child) -> None:
         """Until `child` exits; a run that lasts `reset_after_s` ends a row of failures."""
@@ -326,11 +406,13 @@ class ManagedProcess:
             self.on_change()
         await child.wait()
 
-    async def _backoff(self, attempt: int, ran: float, why: str) -> int:
+    async def _backoff(self, attempt: int, why: str) -> int:
         p = self.spec.restart
         delay = backoff_delay(p.initial_backoff_s, p.multiplier, p.max_backoff_s, p.jitter, attempt)
         self._set(ProcessState.backoff, backoff_message(why, delay, attempt + 1))
-        await asyncio.sleep(delay)
+        begun = time.monotonic()
+        await self._leftovers_stopped()  # a new run never beside the last one's leftovers
+        await asyncio.sleep(max(0.0, delay - (time.monotonic() - begun)))
         self.restarts += 1
         return attempt + 1
 
@@ -350,6 +432,8 @@ class ManagedProcess:
 
     def _probed(self, failures: int) -> None:
         """One readiness probe's verdict; `failures`: consecutive failed probes (0: it passed)."""
+        if self.state == ProcessState.stopping:  # draining: out of rotation until it stops
+            return
         if failures == 0:
             if self.state != ProcessState.ready:
                 self._set(ProcessState.ready, "")

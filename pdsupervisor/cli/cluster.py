@@ -106,7 +106,8 @@ def status_table(doc: ClusterDocument, console: Console) -> None:
         table.add_column(col)
     for p in doc.processes:
         state = p.state
-        style = "green" if state == "ready" else ("red" if state in ("failed", "lost", "backoff", "exited") else "")
+        style = "green" if state == "ready" else ("red" if state in ("failed", "lost", "backoff", "exited", "crash-looping")
+                                                  else "")
         table.add_row(
             p.node, p.role, p.name, p.endpoint or "",
             f"[{style}]{state}[/]" if style else state,
@@ -114,6 +115,9 @@ def status_table(doc: ClusterDocument, console: Console) -> None:
             str(p.pid or ""), str(p.restarts), _uptime(p.started_at, state),
         )
     console.print(table)
+    for p in doc.processes:
+        if p.state.startswith("crash-looping") and p.last_failure:
+            console.print(f"  [red]crash loop[/] {p.name} on {p.node}: restarts {p.restarts}, last: {escape(p.last_failure)}")
 
 
 @click.command("status")

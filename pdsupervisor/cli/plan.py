@@ -55,21 +55,30 @@ def plan_table(plan: Plan, spec: ClusterSpec, out: Console) -> None:
     master = f"master {plan.master_address}  " if plan.masters() else ""  # none: Mooncake disabled
     out.print(
         f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  {master}"
-        f"DP size {plan.dp_size} (master {plan.dp_master})  EP {plan.ep_size}  proxy {plan.proxy_url}"
+        f"{_dp(plan, spec)}  EP {plan.ep_size}  proxy {plan.proxy_url}"
     )
     table = Table(show_lines=False)
-    for col in ("node", "ip", "process", "role", "endpoint", "dp rank", "argv"):
+    for col in ("node", "ip", "process", "role", "endpoint", "dp", "argv"):
         table.add_column(col, overflow="fold")
     for node, np_ in plan.nodes.items():
         for p in np_.processes:
-            table.add_row(node, np_.ip, p.name, p.role, p.endpoint or "", "" if p.dp_rank is None else str(p.dp_rank),
-                          " ".join(p.argv))
+            rank = "" if p.dp_rank is None else f"{p.dp_rank}/{plan.dp_size}"
+            table.add_row(node, np_.ip, p.name, p.role, p.endpoint or "", rank, " ".join(p.argv))
     out.print(table)
     for note in how_roles_change(plan, spec):
         out.print(f"on change: {note}")
     for node, np_ in plan.nodes.items():
         if np_.mooncake_config:
             out.print(f"{node}: {np_.mooncake_config_path} = {json.dumps(np_.mooncake_config)}")
+
+
+def _dp(plan: Plan, spec: ClusterSpec) -> str:
+    """The decode DP layout, and how the engines are told it (their profile)."""
+    if spec.decode.dp_mode == "independent":
+        return f"decode: independent engines (no DP group; engine profile {spec.engine})"
+    how = {"vllm": "--data-parallel-* flags", "vllm-gaudi": "VLLM_DP_* env", "custom": "placeholders only"}[spec.engine]
+    master = f", master {plan.dp_master}:{spec.decode.dp_master_port}" if plan.dp_master else ""
+    return f"DP size {plan.dp_size}{master} ({spec.engine}: {how})"
 
 
 @click.command("plan")

@@ -51,11 +51,16 @@ def show(value: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
-def refusal_message(problems: Sequence[str]) -> str:
-    """The status message of a refused process: the first problems, and how many more."""
+def problems_text(problems: Sequence[str]) -> str:
+    """The first problems, and how many more: what a status says of a refusal."""
     shown = "; ".join(problems[:SHOWN_PROBLEMS])
     more = len(problems) - SHOWN_PROBLEMS
-    return f"refused: {shown}" + (f"; and {more} more" if more > 0 else "")
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def refusal_message(problems: Sequence[str]) -> str:
+    """The status message of a refused process."""
+    return f"refused: {problems_text(problems)}"
 
 
 def name_problems(name: str) -> list[str]:

@@ -26,6 +26,7 @@ from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluste
 from pdsupervisor.core.rollout import Rollout, impact, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
+CRASH_LOOPING = "crash-looping"  # a row's state: failed `CRASH_LOOP_FAILURES` times in a row, not ready
 # Stop order: proxy first, then engines, then the master. Start order is the reverse.
 STOP_STAGES: tuple[tuple[str, ...], ...] = (("proxy",), ENGINE_ROLES, ("mooncake-master",))
 
@@ -54,7 +55,8 @@ def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSp
         return None, None, [f"{p}: {w}" for p, w in exc.problems]
     try:
         plan = plan_cluster(spec, obs.members, previous=record.placement or None,
-                            generation=record.generation, restart_epoch=record.master_epoch, unmanaged=record.unmanaged)
+                            generation=record.generation, restart_epoch=record.master_epoch,
+                            group_epoch=record.group_epoch, unmanaged=record.unmanaged)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
     refused = hard_failures(spec, obs.members, plan)
@@ -102,6 +104,12 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
         return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
     record = restarted or record
     assert spec is not None
+    regrouped = group_restart(obs, plan, spec, record, now)
+    if regrouped is not None and regrouped.group_epoch != record.group_epoch:
+        spec, plan, missing = try_plan(obs, regrouped)  # every rank's spec changes: they restart together
+        if plan is None or spec is None:
+            return Desired(assignments=current, record=record, plan=None, missing=missing, spec=spec)
+    record = regrouped or record
     rollout = plan_rollout(obs, plan, spec, now)
 
     assigned = assigned_processes(obs)
@@ -138,6 +146,40 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
         desired.setdefault(node, None)
     return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
                    spec=spec, rollout=rollout)
+
+
+def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecRecord, now: float | None) -> SpecRecord | None:
+    """The record restarting the decode DP group as a whole, or with its restart count reset.
+
+    A rank running the group's current spec that failed since it started (an agent keeps a
+    process's failures until its spec changes), or a rank re-placed on another node, breaks
+    the group: its peers cannot go on without it, and it cannot rejoin them alone. Group
+    restarts back off like a process's (`policy.restart`), counted until the group is ready.
+    Only with `now`: the backoff needs the clock.
+    """
+    d = spec.decode
+    if d.dp_mode != "group" or d.group_restart != "group" or plan.dp_size <= 1:
+        return None
+    ranks = [(n, p) for n, p in plan.engines() if p.role == "decode"]
+    if all(is_ready(obs, n, p) for n, p in ranks):
+        return record.model_copy(update={"group_restarts": 0}) if record.group_restarts else None
+    reason = None
+    before = record.placement.get("decode")
+    if before and before != plan.placement["decode"]:
+        moved = [f"{a} -> {b}" for a, b in zip(before, plan.placement["decode"], strict=False) if a != b]
+        reason = f"decode node replaced ({', '.join(moved)})"
+    for node, proc in ranks:
+        seen = observed_process(obs, node, proc.name)
+        if reason is None and seen is not None and seen.spec_hash == proc.spec_hash() and seen.last_failure:
+            reason = f"{proc.name} on {node} (rank {proc.dp_rank}) failed: {seen.last_failure}"
+    if reason is None or now is None:
+        return None
+    policy = spec.policy.restart
+    wait = min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier ** record.group_restarts)
+    if now - record.group_since < wait:
+        return None
+    return record.model_copy(update={"group_epoch": record.group_epoch + 1, "group_since": now,
+                                     "group_restarts": record.group_restarts + 1, "group_reason": reason})
 
 
 def change_impact(obs: Observed) -> list[str]:
@@ -357,11 +399,16 @@ def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str
     elif node not in obs.members:
         state = "lost"
     elif seen is not None:
-        state = seen.state.value if seen.spec_hash == proc.spec_hash() or not seen.spec_hash else f"{seen.state.value} (old spec)"
+        state = seen.state.value
+        if seen.crash_looping and seen.state != ProcessState.ready and not stopped_on_purpose(seen, proc):
+            state = CRASH_LOOPING  # between its failures too: not `running` while it loads to die again
+        if seen.spec_hash and seen.spec_hash != proc.spec_hash():
+            state += " (old spec)"
     return ProcessRow(
         node=node, name=proc.name, role=proc.role, state=state,
         pid=seen.pid if seen else None, restarts=seen.restarts if seen else 0,
         last_exit_code=seen.last_exit_code if seen else None,
         started_at=seen.started_at if seen else None,
         endpoint=proc.endpoint, dp_rank=proc.dp_rank,
+        last_failure=seen.last_failure if seen and seen.failures_in_a_row else None,
     )

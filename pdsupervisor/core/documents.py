@@ -35,6 +35,7 @@ class ProcessRow(Document):
         examples=["ready"],
         description="starting, running, ready, backoff, stopping, exited, failed (with ' (old spec)' while "
                     "the process still runs a previous spec); pending/waiting before the agent reports; "
+                    "crash-looping while it failed twice or more in a row and is not ready (`last_failure` says why); "
                     "lost when the node's lease expired; unmanaged while its lease is expired but "
                     "its engines still answer (they keep serving, the node is not replaced)",
     )
@@ -44,6 +45,8 @@ class ProcessRow(Document):
     started_at: float | None = Field(description="wall clock, seconds since the epoch")
     endpoint: str | None = Field(examples=["10.0.0.2:8200"])
     dp_rank: int | None
+    last_failure: str | None = Field(None, description="why it last failed, while it fails in a row "
+                                     "(`exit code 1: RuntimeError: ...`, `spawn failed: ...`)")
 
 
 class RolloutRole(Document):

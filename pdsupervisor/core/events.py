@@ -112,6 +112,9 @@ def write_events(obs: Observed, desired: Desired) -> list[ClusterEvent]:
     old, new = obs.record, desired.record
     if old is not None and new is not None and new.placement != old.placement and old.placement:
         events.append(ClusterEvent("replan", f"placement now {new.placement}", {"placement": new.placement}))
+    if old is not None and new is not None and new.group_epoch != old.group_epoch:
+        events.append(ClusterEvent("process", f"decode DP group restarted as a whole: {new.group_reason}",
+                                   {"reason": new.group_reason, "group_epoch": new.group_epoch}))
     events += _wave(obs, desired)
     if old is not None and new is not None:
         events += [ClusterEvent("member", f"{n} unmanaged: its agent is away, its engines still answer (they keep "

@@ -30,6 +30,13 @@ class SpecRecord(Strict):
     # Nodes whose agent is away (member key expired) while an engine assigned to them still
     # answered the coordinator within `policy.node_loss_grace_s`: not lost, not replaced.
     unmanaged: list[str] = Field(default_factory=list)
+    # The decode DP group restarted as a whole (`decode.group_restart: group`): how many times
+    # (in every rank's spec), when last (coordinator's wall clock), how many times in a row
+    # without the group getting ready (the backoff), and why.
+    group_epoch: int = 0
+    group_since: float = 0.0
+    group_restarts: int = 0
+    group_reason: str | None = None
 
 
 @dataclass(frozen=True)

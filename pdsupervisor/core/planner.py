@@ -24,6 +24,11 @@ from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, meta
 from pdsupervisor.core.spec import ClusterSpec, RoleSpec, SpecError, render
 
 ENGINE_ROLES = ("prefill", "decode")
+# The `vllm` profile's DP group flags (upstream vLLM, one API server per rank), appended to
+# the decode argv of a DP group unless its template already has DP_FLAG.
+DP_FLAG = "--data-parallel-size"
+VLLM_DP_ARGS = (DP_FLAG, "{dp_size}", "--data-parallel-rank", "{dp_rank}",
+                "--data-parallel-address", "{dp_master_ip}", "--data-parallel-rpc-port", "{dp_master_port}")
 # A stopping proxy stops taking requests and lets those in flight finish for up to 60 s
 # (`pdsupervisor.aio.serve.SHUTDOWN_TIMEOUT_S`): its drain. SIGKILL only after that.
 PROXY_STOP_TIMEOUT_S = 65.0
@@ -172,10 +177,13 @@ def _engine_processes(
     for local in range(per_node):
         port = role.base_port + local
         rank = node_index * per_node + local
+        in_group = role_name == "decode" and dp_size > 1
         values: dict[str, object] = {
             "model": spec.model, "port": port, "tp": role.tp, "node_ip": facts.ip, "node": facts.name,
-            "dp_rank": rank if role_name == "decode" else 0, "dp_rank_local": local,
+            "dp_rank": rank if in_group else 0, "dp_rank_local": local if in_group else 0,
             "dp_size": dp_size, "ep_size": ep_size, "python": facts.python,
+            "dp_master_ip": dp_master.ip if in_group and dp_master else facts.ip,
+            "dp_master_port": decode.dp_master_port,
             "mooncake_config": config_path, "cluster": spec.cluster, "state_dir": facts.state_dir,
             "index": rank,
         }
@@ -183,7 +191,10 @@ def _engine_processes(
         # a {file:} or {credential:} value passes untouched: the agent reads it on the node
         env = {k: render(v, values) if isinstance(v, str) else v for k, v in {**spec.engine_env, **role.env}.items()}
         env["MOONCAKE_CONFIG_PATH"] = config_path
-        if role_name == "decode" and dp_size > 1:
+        argv = [render(item, values) for item in role.argv]
+        if in_group and spec.engine == "vllm" and DP_FLAG not in argv:  # unless the argv templates them
+            argv += [render(item, values) for item in VLLM_DP_ARGS]
+        if in_group and spec.engine == "vllm-gaudi":
             assert dp_master is not None
             names = decode.dp_env
             env.update({
@@ -195,13 +206,13 @@ def _engine_processes(
             env.update(spec.benchmark.engine_env)
         out.append(ProcessSpec(
             name=f"{role_name}-{local}", role=role_name,
-            argv=[render(item, values) for item in role.argv], env=env,
+            argv=argv, env=env,
             cwd=role.cwd, host=facts.ip, port=port,
             readiness=Probe(kind="http", host=facts.ip, port=port, path=role.readiness.path,
                             period_s=role.readiness.period_s, timeout_s=role.readiness.timeout_s),
             restart=spec.policy.restart, stop_timeout_s=role.stop_timeout_s,
             start_timeout_s=role.readiness.start_timeout_s, generation=generation, restart_epoch=restart_epoch,
-            dp_rank=rank if role_name == "decode" else None,
+            dp_rank=rank if role_name == "decode" and decode.dp_mode == "group" else None,
             files=[config_file],  # every engine carries it: whichever starts first writes it
             drain=DrainSpec(timeout_s=role.drain_timeout_s),
         ))
@@ -238,7 +249,7 @@ def _proxy_process(
         env |= proxy_etcd_env(facts.etcd_access)
         argv = [render(item, values) for item in (
             "{python}", "-m", "pdsupervisor.proxy", "--host", "{host}", "--port", "{port}",
-            "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}", "--model", "{model}",
+            "--cluster", "{cluster}", "--etcd", "{etcd_endpoints}",
             "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
         )]
         argv += proxy_etcd_args(facts.etcd_access)  # the proxy node's own credential files (paths, not templates)
@@ -268,10 +279,11 @@ def _proxy_process(
 def plan_cluster(
     spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
     previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
-    check_ports: bool = True, unmanaged: Collection[str] = (),
+    group_epoch: int = 0, check_ports: bool = True, unmanaged: Collection[str] = (),
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
-    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine.
+    Final: `generation` is in every process, `restart_epoch` (the master's) in every engine, plus
+    `group_epoch` (restarts of the decode DP group as a whole) in each decode engine's.
     `check_ports=False`: a plan with two ports equal on a node too (see `port_problems`)."""
     placement = place(spec, nodes, previous, unmanaged)
     problems: list[tuple[str, str]] = []
@@ -294,9 +306,10 @@ def plan_cluster(
     master_facts = nodes[master_node]
     master_address = f"{master_facts.ip}:{spec.mooncake.port}"
     decode_nodes = placement["decode"]
-    dp_size = len(decode_nodes) * spec.decode.engines_per_node
+    grouped = spec.decode.dp_mode == "group"
+    dp_size = len(decode_nodes) * spec.decode.engines_per_node if grouped else 1
     ep_size = spec.decode.ep_size or dp_size * spec.decode.tp
-    dp_master = nodes[decode_nodes[0]] if decode_nodes else None
+    dp_master = nodes[decode_nodes[0]] if decode_nodes and dp_size > 1 else None
     plans: dict[str, NodePlan] = {}
 
     def node_plan(name: str) -> NodePlan:
@@ -323,9 +336,12 @@ def plan_cluster(
             config_file = FileSpec(path=np_.mooncake_config_path,
                                    content=json.dumps(np_.mooncake_config, indent=2) + "\n")
             group_dp, group_ep = (dp_size, ep_size) if role_name == "decode" else (1, 1)
+            # one number, so that an engine spec's hash changes with either epoch (a new field
+            # in ProcessSpec would change every running process's hash, restarting them all)
+            epoch = restart_epoch + group_epoch if role_name == "decode" else restart_epoch
             np_.processes += _engine_processes(spec, role_name, facts, node_index=index, dp_master=dp_master,
                                                config_file=config_file, dp_size=group_dp, ep_size=group_ep,
-                                               generation=generation, restart_epoch=restart_epoch)
+                                               generation=generation, restart_epoch=epoch)
 
     px = node_plan(proxy_node)
     px.roles.append("proxy")

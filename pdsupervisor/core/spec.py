@@ -25,7 +25,7 @@ from pdsupervisor.core.suggest import unknown_field
 # Placeholders an engine argv item or env value may contain, e.g. "--port={port}".
 ENGINE_PLACEHOLDERS = frozenset(
     {"model", "port", "tp", "node_ip", "node", "host", "dp_rank", "dp_rank_local", "dp_size",
-     "ep_size", "python", "mooncake_config", "cluster", "state_dir", "index"}
+     "dp_master_ip", "dp_master_port", "ep_size", "python", "mooncake_config", "cluster", "state_dir", "index"}
 )
 # Placeholders of the proxy argv. The `*_endpoints` and `*_args` ones must be whole items:
 # they expand to several argv items.
@@ -193,7 +193,15 @@ class DecodeSpec(RoleSpec):
     tp: int = Field(1, ge=1, le=limits.MAX_SLOTS)
     ep_size: int | None = Field(None, ge=1, le=limits.MAX_NODES * limits.MAX_SLOTS)  # default: nodes x slots
     dp_master_port: Port = 25940
-    dp_env: DpEnvNames = Field(default_factory=DpEnvNames)
+    dp_env: DpEnvNames = Field(default_factory=DpEnvNames)  # the `vllm-gaudi` profile's env names
+    # `group`: the decode engines form one DP group (DP size = every engine); `independent`:
+    # each engine is its own DP size 1, with no DP flags or env at all (upstream vLLM refuses
+    # data parallelism for dense models)
+    dp_mode: Literal["group", "independent"] = "group"
+    # A DP group's ranks run collectives every step: when one dies (or its node is lost) the
+    # others hang or fail, and a rank restarted alone cannot rejoin. `group` (the default)
+    # restarts every rank together; `rank` only the one that died.
+    group_restart: Literal["group", "rank"] = "group"
 
 
 class ProxySpec(SpecModel):
@@ -278,6 +286,11 @@ class ClusterSpec(SpecModel):
 
     cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     model: str
+    # What the engines are, so the planner passes DP settings the way they read them:
+    # `vllm-gaudi` (the seed's fork: `VLLM_DP_*` env, names in `decode.dp_env`), `vllm`
+    # (upstream: `--data-parallel-*` flags appended to the decode argv, no DP env), `custom`
+    # (argv and env exactly as given; the DP placeholders are there to use)
+    engine: Literal["vllm-gaudi", "vllm", "custom"] = "vllm-gaudi"
     # values, or {file: PATH} / {credential: NAME}: a secret the agent reads on the node at each start
     engine_env: dict[str, EnvValue] = _env()
     etcd: EtcdSpec = Field(default_factory=EtcdSpec)

@@ -86,7 +86,10 @@ def _split(values: tuple[str, ...]) -> list[str]:
               help="Seconds to connect upstream; a timeout ejects the instance and retries elsewhere.")
 @click.option("--read-timeout", default=1200.0, show_default=True, type=float)
 @click.option("--total-timeout", default=6 * 3600.0, show_default=True, type=float)
-@click.option("--probe-interval", default=1.0, show_default=True, type=float, help="Seconds between probes of ejected instances.")
+@click.option("--probe-interval", default=0.5, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds between health probes of every instance (GET /health).")
+@click.option("--probe-timeout", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds a probe waits for its answer; two unanswered in a row eject the instance.")
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy(**opts: Any) -> None:
     """Prefill/decode proxy: OpenAI-compatible, live membership, ejection and retry."""
@@ -107,7 +110,7 @@ def proxy(**opts: Any) -> None:
         host=opts["host"], port=opts["port"], generator_on_p=opts["generator_on_p"],
         benchmark_mode=opts["benchmark_mode"], repeat_d_times=opts["repeat_d_times"], api_keys=keys,
         connect_timeout_s=opts["connect_timeout"], read_timeout_s=opts["read_timeout"],
-        total_timeout_s=opts["total_timeout"], probe_interval_s=opts["probe_interval"],
+        total_timeout_s=opts["total_timeout"], probe_interval_s=opts["probe_interval"], probe_timeout_s=opts["probe_timeout"],
         max_body_bytes=opts["max_body_bytes"],
     )
     registry = Registry(policy="round-robin" if opts["round_robin"] else opts["policy"])

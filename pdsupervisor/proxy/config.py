@@ -18,6 +18,7 @@ class ProxyConfig:
     connect_timeout_s: float = 10.0  # the seed used 60 s: a black-holed node then hangs requests
     read_timeout_s: float = 1200.0
     total_timeout_s: float = 6 * 3600.0
-    probe_interval_s: float = 1.0
+    probe_interval_s: float = 0.5  # every instance's /health, in rotation or not
+    probe_timeout_s: float = 1.0  # a probe unanswered this long is a miss (2 in a row eject)
     pool_size: int = 4096
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body is refused (413)

@@ -1,10 +1,13 @@
 """Live membership from etcd: engines joining or leaving change routing without a restart.
 
-Engines are the `ready` prefill/decode `ProcessStatus` entries of nodes whose member key
-exists (a member key gone = node lost = no traffic). Read both in one snapshot, then watch
-the cluster prefix from the revision after it and re-read (debounced) on any relevant
-change. When etcd is away the last known routing stays in force and the source keeps
-reconnecting.
+Membership from etcd is discovery; whether an engine answers is the proxy's own business (its
+probes and its requests' outcomes, `server` and `exchange`): serving never waits on the
+control plane. So an engine stays in rotation while its node's agent is away (killed,
+restarting, its lease lapsed in an etcd outage) and leaves it when its current agent says it is
+not ready or no longer runs it, or when the coordinator plans it away (see `engines_from`).
+Members, statuses and assignments are read in one snapshot, then the cluster prefix is watched
+from the revision after it and re-read (debounced) on any relevant change. When etcd is away
+the last known routing stays in force and the source keeps reconnecting.
 
 In the proxy the source is app state (`MEMBERSHIP`) run by the `membership` cleanup context.
 """
@@ -22,9 +25,9 @@ from aiohttp import web
 
 from pdsupervisor.aio.serve import is_wildcard, stop_tasks
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.host.files import atomic_write
-from pdsupervisor.proxy.instances import ROLES, Registry
+from pdsupervisor.proxy.instances import ROLES, Registry, Source
 from pdsupervisor.store.cluster import observe_membership
 from pdsupervisor.store.etcd import Store, StoreUnavailable, WatchLost
 
@@ -34,20 +37,54 @@ DEBOUNCE_S = 0.05
 RESYNC_S = 30.0  # re-read even without events: a watch can miss or lose them
 
 
-def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts]) -> dict[str, list[str]]:
-    """Endpoints per role, from what agents observe, restricted to live members."""
-    out: dict[str, list[str]] = {r: [] for r in ROLES}
+Routing = dict[str, dict[str, Source]]  # role -> endpoint -> why it is routed, in node order
+
+
+def engines_from(statuses: dict[str, NodeStatus], members: dict[str, NodeFacts],
+                 assignments: dict[str, NodeAssignment]) -> Routing:
+    """The engines to route to, per role, each with its source.
+
+    - A node whose status is current (written under the member lease its agent holds now):
+      the engines it reports `ready` (source `agent`). Not ready, stopping, or gone from the
+      status: out.
+    - A node whose status is not current (member key gone, or the status written under
+      another lease: the agent died, lapsed, or restarted and has not reported yet): the
+      engines its last status said were `ready` that its assignment still holds, same name and
+      endpoint (source `last-known`). No assignment at all (the cluster stopped, the node
+      planned away): none.
+
+    A wildcard bind is reached through the node's registered address; without a member key
+    that address is unknown, and such an engine is left out.
+    """
+    out: Routing = {r: {} for r in ROLES}
     for node in sorted(statuses):
-        facts = members.get(node)
-        if facts is None or not statuses[node].current_for(facts):
-            continue
-        for proc in statuses[node].processes:
-            if proc.role in out and proc.state == ProcessState.ready and proc.endpoint:
-                host, _, port = proc.endpoint.rpartition(":")
-                if is_wildcard(host):
-                    host = facts.ip  # a wildcard bind is reached through the node's address
-                out[proc.role].append(f"{host}:{port}")
+        status, facts = statuses[node], members.get(node)
+        source: Source = "agent"
+        planned: set[tuple[str, str | None]] | None = None  # None: whatever the agent reports
+        if not status.current_for(facts):
+            if (assignment := assignments.get(node)) is None:
+                continue
+            source, planned = "last-known", {(p.name, p.endpoint) for p in assignment.processes}
+        for proc in status.processes:
+            if proc.role not in out or proc.state != ProcessState.ready or not proc.endpoint:
+                continue
+            if planned is not None and (proc.name, proc.endpoint) not in planned:
+                continue
+            host, _, port = proc.endpoint.rpartition(":")
+            if is_wildcard(host):
+                if facts is None:
+                    continue
+                host = facts.ip
+            out[proc.role].setdefault(f"{host}:{port}", source)
     return out
+
+
+def _describe(engines: dict[str, Source]) -> str:
+    """`a b c (last-known: b)` for the log."""
+    if not engines:
+        return "(none)"
+    away = [ep for ep, source in engines.items() if source == "last-known"]
+    return " ".join(engines) + (f" (last-known: {' '.join(away)})" if away else "")
 
 
 class EtcdSource:
@@ -58,7 +95,7 @@ class EtcdSource:
         self.store = store
         self.registry = registry
         self.cache = cache
-        self._relevant = (store.keys.members, store.keys.status)
+        self._relevant = (store.keys.members, store.keys.status, store.keys.assignments)
         self._cached: dict[str, list[str]] | None = None
 
     def load_cache(self) -> None:
@@ -71,7 +108,7 @@ class EtcdSource:
         except (OSError, ValueError, AttributeError):
             return
         for role in ROLES:
-            self.registry.set_endpoints(role, routing[role])
+            self.registry.set_endpoints(role, dict.fromkeys(routing[role], "cached"))
         self._cached = routing
         log.info("serving the cached routing until etcd answers: %s", routing)
 
@@ -100,17 +137,17 @@ class EtcdSource:
             backoff = min(backoff * 2, 5.0)
 
     async def refresh(self) -> int:
-        """Read members and statuses in one snapshot; apply them; return its revision (the
-        watch from the next one misses nothing written after the read)."""
-        members, statuses, revision = await observe_membership(self.store)
-        engines = engines_from(statuses, members)
+        """Read members, statuses and assignments in one snapshot; apply them; return its
+        revision (the watch from the next one misses nothing written after the read)."""
+        seen = await observe_membership(self.store)
+        routing = engines_from(seen.statuses, seen.members, seen.assignments)
         for role in ROLES:
-            before = [i.endpoint for i in self.registry.instances(role)]
-            if before != engines[role]:
-                log.info("%s instances: %s", role, " ".join(engines[role]) or "(none)")
-                self.registry.set_endpoints(role, engines[role])
-        self._save_cache(engines)
-        return revision
+            before = [(i.endpoint, i.source) for i in self.registry.instances(role)]
+            if before != list(routing[role].items()):
+                log.info("%s instances: %s", role, _describe(routing[role]))
+                self.registry.set_endpoints(role, routing[role])
+        self._save_cache({role: list(routing[role]) for role in ROLES})
+        return seen.revision
 
     async def _watch(self, revision: int) -> None:
         """Watch, refresh on relevant events (debounced) and every RESYNC_S regardless."""

@@ -5,7 +5,7 @@ prefill instance; its `kv_transfer_params` are added to the original request, wh
 to a decode instance whose answer is passed to the client chunk by chunk.
 
 Failure rules: an instance that refuses the connection, drops it or answers 5xx is
-ejected at once (the prober brings it back when `/health` answers 200), and the step is
+ejected at once (the prober, `server`, brings it back when `/health` answers 200), and the step is
 retried on another instance as long as no byte has been sent to the client. The client's
 disconnect cancels the handler (`handler_cancellation=True`), which closes the upstream
 connection, so the engine stops working for nobody.
@@ -100,10 +100,17 @@ class Flow:
             return None
         return error_response(401, "invalid or missing API key", "AuthenticationError")
 
-    def eject(self, inst: Instance, reason: str) -> None:
+    def eject(self, inst: Instance, kind: str, reason: str) -> None:
+        """Take `inst` out of rotation (logged and counted by `kind` if it was in rotation)."""
         if self.registry.eject(inst, reason):
             log.warning("ejecting %s instance %s: %s", inst.role, inst.endpoint, reason)
+            self.metrics.child(self.metrics.ejections, inst.role, kind).inc()
+
+    def exchange_failed(self, inst: Instance, kind: str, reason: str) -> None:
+        """An exchange with `inst` failed: count it and eject the instance until its probe answers again."""
+        inst.failures += 1
         self.metrics.child(self.metrics.errors, "upstream_" + inst.role).inc()
+        self.eject(inst, kind, reason)
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -281,9 +288,8 @@ class Flow:
         return None
 
     def _failed(self, inst: Instance, t0: float, outcome: str, reason: str) -> None:
-        """Count the failed exchange and eject the instance until its probe answers again."""
         self._outcome(inst, outcome, t0)
-        self.eject(inst, reason)
+        self.exchange_failed(inst, outcome, reason)
 
     def _pick(self, role: ProxyRole, tried: set[Instance]) -> Instance:
         inst = self.registry.pick(role, tried)

@@ -4,24 +4,31 @@ Scheduling follows the seed's proxy: prefill goes to the instance with the fewes
 tokens in flight, decode to the one with the fewest requests in flight (ties by tokens).
 Round-robin is available instead. An ejected instance gets no traffic until the prober
 sees its `/health` answer 200 again.
+
+Each instance says where its membership comes from (`source`): `static` (the command line),
+`cached` (the routing cache, until etcd answers), `agent` (its node's agent reports it ready)
+or `last-known` (its agent is away: routed on the agent's last status while its assignment
+still holds it, kept alive or dropped by the proxy's own probes).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 ProxyRole = Literal["prefill", "decode"]
 ROLES: tuple[ProxyRole, ProxyRole] = ("prefill", "decode")
+Source = Literal["static", "cached", "agent", "last-known"]
 
 
 @dataclass(eq=False)
 class Instance:
     endpoint: str  # host:port
     role: ProxyRole
+    source: Source = "static"
     base_url: str = field(init=False)
     inflight: int = 0
     tokens: int = 0  # prompt tokens of the requests in flight
@@ -30,6 +37,7 @@ class Instance:
     failures: int = 0
     ejected_at: float | None = None  # monotonic
     ejected_reason: str = ""
+    probe_misses: int = 0  # probes in a row that got no answer (timed out, or the connection dropped)
 
     def __post_init__(self) -> None:
         self.base_url = f"http://{self.endpoint}"
@@ -40,7 +48,7 @@ class Instance:
 
     def view(self) -> dict[str, object]:
         return {
-            "endpoint": self.endpoint, "role": self.role, "inflight": self.inflight, "tokens": self.tokens,
+            "endpoint": self.endpoint, "role": self.role, "source": self.source, "inflight": self.inflight, "tokens": self.tokens,
             "served": self.served, "failures": self.failures, "ejected": self.ejected,
             "ejected_for_s": round(time.monotonic() - self.ejected_at, 3) if self.ejected_at is not None else None,
             "ejected_reason": self.ejected_reason,
@@ -53,15 +61,23 @@ class Registry:
     _by_role: dict[str, dict[str, Instance]] = field(default_factory=lambda: {r: {} for r in ROLES})
     _rr: dict[str, itertools.count[int]] = field(default_factory=lambda: {r: itertools.count() for r in ROLES})
 
-    def set_endpoints(self, role: ProxyRole, endpoints: Iterable[str]) -> None:
-        """Replace a role's membership; instances that stay keep their load and ejection."""
+    def set_endpoints(self, role: ProxyRole, endpoints: Mapping[str, Source] | Iterable[str]) -> None:
+        """Replace a role's membership (endpoints, with their source when a mapping, else
+        `static`); instances that stay keep their load and ejection. An instance dropped is
+        only forgotten: requests in flight to it run to their end."""
         current = self._by_role[role]
-        wanted = list(dict.fromkeys(endpoints))
+        wanted: dict[str, Source] = dict(endpoints) if isinstance(endpoints, Mapping) else dict.fromkeys(endpoints, "static")
         self._by_role[role] = {ep: current.get(ep) or Instance(endpoint=ep, role=role) for ep in wanted}
+        for ep, inst in self._by_role[role].items():
+            inst.source = wanted[ep]
 
     def instances(self, role: ProxyRole | None = None) -> list[Instance]:
         roles = ROLES if role is None else (role,)
         return [i for r in roles for i in self._by_role[r].values()]
+
+    def holds(self, inst: Instance) -> bool:
+        """`inst` is a member now (not one a membership change dropped)."""
+        return self._by_role[inst.role].get(inst.endpoint) is inst
 
     def healthy(self, role: ProxyRole) -> list[Instance]:
         return [i for i in self._by_role[role].values() if i.ejected_at is None]
@@ -90,7 +106,6 @@ class Registry:
     @staticmethod
     def eject(inst: Instance, reason: str) -> bool:
         """Take an instance out of rotation; True if it was in rotation until now."""
-        inst.failures += 1
         if inst.ejected_at is not None:
             return False
         inst.ejected_at = time.monotonic()
@@ -101,6 +116,4 @@ class Registry:
     def restore(inst: Instance) -> None:
         inst.ejected_at = None
         inst.ejected_reason = ""
-
-    def ejected(self) -> list[Instance]:
-        return [i for i in self.instances() if i.ejected_at is not None]
+        inst.probe_misses = 0

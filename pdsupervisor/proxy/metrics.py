@@ -16,8 +16,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 class _InstanceCollector(Collector):
     """In-flight and ejection per instance, and instances in rotation per role (0 too: an
-    alert on a role left without instances needs the sample), read from the registry at
-    scrape time."""
+    alert on a role left without instances needs the sample) and how many of those are routed
+    on the last status of an agent that is away, read from the registry at scrape time."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
@@ -27,14 +27,19 @@ class _InstanceCollector(Collector):
         ejected = GaugeMetricFamily("pdproxy_instance_ejected", "1 if the instance is ejected.", labels=["role", "instance"])
         available = GaugeMetricFamily("pdproxy_available_instances", "Instances of the role in rotation "
                                       "(not ejected).", labels=["role"])
+        last_known = GaugeMetricFamily("pdproxy_last_known_instances", "Instances of the role in rotation whose "
+                                       "node's agent is away (routed on its last status).", labels=["role"])
         for inst in self._registry.instances():
             inflight.add_metric([inst.role, inst.endpoint], inst.inflight)
             ejected.add_metric([inst.role, inst.endpoint], 1 if inst.ejected else 0)
         for role in ROLES:
-            available.add_metric([role], len(self._registry.healthy(role)))
+            healthy = self._registry.healthy(role)
+            available.add_metric([role], len(healthy))
+            last_known.add_metric([role], sum(1 for i in healthy if i.source == "last-known"))
         yield inflight
         yield ejected
         yield available
+        yield last_known
 
 
 class ProxyMetrics:
@@ -43,6 +48,11 @@ class ProxyMetrics:
         r = self.registry
         self.requests = Counter("pdproxy_requests", "Client requests by route and status.", ["route", "status"], registry=r)
         self.errors = Counter("pdproxy_errors", "Failures by kind.", ["kind"], registry=r)
+        self.ejections = Counter(
+            "pdproxy_ejections", "Instances taken out of rotation, by role and reason (an exchange's outcome: "
+            "conn_error, 5xx, timeout, models; or a probe's: probe_unreachable, probe_status, probe_no_answer).",
+            ["role", "reason"], registry=r,
+        )
         self.upstream = Counter(
             "pdproxy_upstream_requests", "Upstream requests by instance and outcome.", ["role", "instance", "outcome"], registry=r
         )

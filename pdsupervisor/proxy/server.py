@@ -2,9 +2,15 @@
 
 Each resource lives as long as the app does, one `cleanup_ctx` each, entered before the
 port opens and left, in reverse order, after it closed: the upstream session
-(`UPSTREAM`), the prober of ejected instances, and the benchmark-mode duplicate requests
-(`DUPLICATES`). The completion routes, prefill then decode with retry and ejection, are
-`exchange.Flow`.
+(`UPSTREAM`), the prober, and the benchmark-mode duplicate requests (`DUPLICATES`). The
+completion routes, prefill then decode with retry and ejection, are `exchange.Flow`.
+
+Liveness is the proxy's own, whatever etcd says: every `probe_interval_s` each instance, in
+rotation or ejected, gets a `GET /health` (all at once, each bounded by `probe_timeout_s`, on
+connections of their own so a probe never waits behind requests). A refused connection or an
+answer other than 200 ejects at once: nothing listens, or the engine says it is unwell. No
+answer (a timeout, a connection dropped) may be an engine that is only busy: PROBE_MISSES in a
+row eject it. An ejected instance answering 200 is back in rotation.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from pdsupervisor.proxy.metrics import ProxyMetrics
 __all__ = ["DUPLICATES", "PROXY", "UPSTREAM", "PDProxy", "ProxyConfig"]
 
 log = logging.getLogger("pdsupervisor.proxy")
+
+PROBE_MISSES = 2  # probes in a row without an answer that eject an instance
 
 
 class PDProxy:
@@ -55,22 +63,36 @@ class PDProxy:
     # ---- health probing ----------------------------------------------------------------
 
     async def probe_loop(self, session: aiohttp.ClientSession) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         while True:
             await asyncio.sleep(self.cfg.probe_interval_s)
-            ejected = self.registry.ejected()
-            if ejected:
-                await asyncio.gather(*(self._probe(session, i) for i in ejected), return_exceptions=True)
+            instances = self.registry.instances()
+            if instances:
+                await asyncio.gather(*(self._probe(session, i, timeout) for i in instances), return_exceptions=True)
 
-    async def _probe(self, session: aiohttp.ClientSession, inst: Instance) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(0.2, min(2.0, self.cfg.probe_interval_s)))
+    async def _probe(self, session: aiohttp.ClientSession, inst: Instance, timeout: aiohttp.ClientTimeout) -> None:
         try:
             async with session.get(inst.base_url + "/health", timeout=timeout) as resp:
-                ok = resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            ok = False
-        if ok and inst.ejected:
+                status = resp.status
+        except aiohttp.ClientConnectorError as exc:  # refused, no route: nothing serves there
+            self._probe_failed(inst, "probe_unreachable", f"probe: {exc}")
+            return
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:  # no answer: perhaps only busy
+            inst.probe_misses += 1
+            if inst.probe_misses >= PROBE_MISSES:
+                self._probe_failed(inst, "probe_no_answer", f"probe: no answer {inst.probe_misses} times in a row ({exc!r})")
+            return
+        if status != 200:
+            self._probe_failed(inst, "probe_status", f"probe: /health answered {status}")
+            return
+        inst.probe_misses = 0
+        if inst.ejected and self.registry.holds(inst):
             self.registry.restore(inst)
             log.info("instance %s (%s) is healthy again, back in rotation", inst.endpoint, inst.role)
+
+    def _probe_failed(self, inst: Instance, kind: str, reason: str) -> None:
+        if self.registry.holds(inst):  # not one the membership dropped while it was probed
+            self.flow.eject(inst, kind, reason)
 
     # ---- plain routes ---------------------------------------------------------------------
 
@@ -105,7 +127,7 @@ class PDProxy:
                     if resp.status == 200:
                         return web.Response(body=body, headers=JSON_HEADERS)
             except (TimeoutError, aiohttp.ClientError) as exc:
-                self.flow.eject(inst, f"/v1/models: {exc!r}")
+                self.flow.exchange_failed(inst, "models", f"/v1/models: {exc!r}")
         return error_response(503, "no engine instance is available", "ServiceUnavailable")
 
 
@@ -126,10 +148,12 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def prober(app: web.Application) -> AsyncIterator[None]:
-    """Probes ejected instances and puts them back in rotation once `/health` answers 200."""
-    task = asyncio.create_task(app[PROXY].probe_loop(app[UPSTREAM]))
-    yield
-    await stop_tasks([task], "the prober", log)
+    """Probes every instance's `/health` (see the module's docstring), on connections closed
+    after each probe: a probe always connects, so a dead engine is a refused connection."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
+        task = asyncio.create_task(app[PROXY].probe_loop(session))
+        yield
+        await stop_tasks([task], "the prober", log)
 
 
 async def duplicates(app: web.Application) -> AsyncIterator[None]:

@@ -41,13 +41,25 @@ async def observe(store: Store) -> Observed:
     )
 
 
-async def observe_membership(store: Store) -> tuple[dict[str, NodeFacts], dict[str, NodeStatus], int]:
-    """Members and node statuses (what routing needs) in one transaction, and its revision
-    (watch from the next one to miss nothing)."""
+@dataclass(frozen=True)
+class Membership:
+    """What routing needs, read at one revision: who is registered, what each node's agent last
+    said, and what the coordinator plans on each node."""
+
+    members: dict[str, NodeFacts]
+    statuses: dict[str, NodeStatus]
+    assignments: dict[str, NodeAssignment]
+    revision: int  # watch from the next one to miss nothing
+
+
+async def observe_membership(store: Store) -> Membership:
+    """Members, node statuses and assignments in one transaction."""
     keys = store.keys
-    read, revision = await store.snapshot(prefixes=(keys.members, keys.status))
-    return (decode_models(read[keys.members], keys.members, NodeFacts),
-            decode_models(read[keys.status], keys.status, NodeStatus), revision)
+    read, revision = await store.snapshot(prefixes=(keys.members, keys.status, keys.assignments))
+    return Membership(members=decode_models(read[keys.members], keys.members, NodeFacts),
+                      statuses=decode_models(read[keys.status], keys.status, NodeStatus),
+                      assignments=decode_models(read[keys.assignments], keys.assignments, NodeAssignment),
+                      revision=revision)
 
 
 async def observe_nodes(store: Store) -> tuple[dict[str, NodeFacts], str | None]:

@@ -1,5 +1,6 @@
 """A real pd-agent and etcd: hostile processes written straight into the assignment key are
-refused, with why, in the node's status and the events; the rest of the assignment runs."""
+refused, with why, in the node's status and the events; the rest of the assignment runs. A
+refused new spec for a running process stops nothing: the running one keeps serving."""
 
 from __future__ import annotations
 
@@ -71,16 +72,44 @@ def test_hostile_processes_are_refused_and_the_good_one_runs(env, tmp_path):
     # the agent's own view says the same
     assert a.local_procs()["shell"]["message"] == messages["shell"]
 
-    # a running process whose spec turns hostile is stopped, not kept; a fixed one starts
-    good_pid = view.status("n1")["good"]["pid"]
+    # a running process whose spec turns hostile keeps running as it was (nothing of the new
+    # spec runs), its status says what was refused; a fixed one starts
+    good = view.status("n1")["good"]
     turned = spec("good", SLEEP, files=[FileSpec(path=str(outside / "turned"), content="")])
     fixed = spec("shell", SLEEP + ["fixed"])
     view.assign("n1", turned, fixed)
-    wait_for(lambda: refused(view, "n1", "good"), timeout=15, what="good refused")
-    wait_for(lambda: not alive(good_pid), what="the turned process stopped")
     wait_for(lambda: view.status("n1").get("shell", {}).get("state") == "ready", timeout=15, what="fixed one runs")
+    now = wait_for(lambda: (g := view.status("n1")["good"])["refused_spec_hash"] == turned.spec_hash() and g,
+                   what="the turned spec refused")
+    assert (now["pid"], now["spec_hash"], now["state"]) == (good["pid"], good["spec_hash"], "ready") and alive(good["pid"])
+    assert now["refused"] == f"files[0].path {outside / 'turned'} is outside the state dir {state}"
     assert sorted(os.listdir(outside)) == []
     assert set(view.status("n1")) == {"good", "shell"}
+
+
+def test_a_refused_new_spec_stops_nothing_and_a_good_one_replaces_it(env):
+    view, agent = env
+    agent()
+    view.assign("n1", spec("eng", SLEEP))
+    first = wait_for(lambda: (p := view.status("n1").get("eng", {})).get("state") == "ready" and p,
+                     timeout=15, what="eng ready")
+    bad = spec("eng", ["/nonexistent/bin", "serve"])
+    view.assign("n1", bad)
+    now = wait_for(lambda: (p := view.status("n1")["eng"])["refused_spec_hash"] == bad.spec_hash() and p,
+                   what="the new spec refused")
+    assert now["refused"] == "argv[0] /nonexistent/bin does not exist"
+    assert (now["pid"], now["spec_hash"], now["state"]) == (first["pid"], first["spec_hash"], "ready")
+    assert alive(first["pid"])
+    event = wait_for(lambda: [e for e in run(view._do(lambda s: s.events(100)))
+                              if e["kind"] == "refused" and e["process"] == "eng"], what="a refused event")
+    assert event[0]["message"] == (f"eng on n1 refused: argv[0] /nonexistent/bin does not exist; "
+                                   f"the running one (spec {first['spec_hash']}) keeps running")
+    good = spec("eng", SLEEP + ["v2"])
+    view.assign("n1", good)
+    now = wait_for(lambda: (p := view.status("n1")["eng"])["spec_hash"] == good.spec_hash()
+                   and p["state"] == "ready" and p, timeout=15, what="the good spec runs")
+    assert now["pid"] != first["pid"] and not alive(first["pid"])
+    assert now["refused_spec_hash"] is None and now["refused"] is None
 
 
 def test_the_agent_resolves_real_symlinks(tmp_path):

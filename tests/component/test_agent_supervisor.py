@@ -41,13 +41,23 @@ def mp(tmp_path: Path, spec: ProcessSpec) -> ManagedProcess:
     return ManagedProcess(spec, records=ProcStore(tmp_path / "procs"), log_dir=tmp_path / "logs")
 
 
-async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, cleanup):
-    pids_file = tmp_path / "pids"
-    spec = ProcessSpec(name="tree", role="prefill", argv=[sys.executable, "-c", TREE, str(pids_file)],
-                       restart=FAST, stop_timeout_s=2)
+def started(tmp_path: Path, cleanup, spec: ProcessSpec) -> ManagedProcess:
+    """`spec` supervised, its tree killed at teardown."""
     m = mp(tmp_path, spec)
     cleanup[0].append(m)
     m.start()
+    return m
+
+
+def script(name: str, code: str, path: Path) -> ProcessSpec:
+    """A Python `code` told `path` (where it writes pids), stopped with a 2 s timeout."""
+    return ProcessSpec(name=name, role="decode", argv=[sys.executable, "-c", code, str(path)], restart=FAST,
+                       stop_timeout_s=2)
+
+
+async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, cleanup):
+    pids_file = tmp_path / "pids"
+    m = started(tmp_path, cleanup, script("tree", TREE, pids_file))
     await until(lambda: pids_file.exists() and pids_file.read_text().count(" ") == 1, what="grandchildren")
     a, b = map(int, pids_file.read_text().split())
     cleanup[1].extend([psutil.Process(a), psutil.Process(b)])
@@ -65,9 +75,7 @@ async def test_stop_kills_whole_tree_including_setsid_grandchild(tmp_path, clean
 async def test_killed_child_is_restarted_with_exit_code(tmp_path, cleanup):
     spec = ProcessSpec(name="sleeper", role="decode", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
                        restart=FAST, env={"NOTIFY_SOCKET": "/nope"})
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     first = await until(lambda: m.pid, what="first pid")
     await until(lambda: m.state == ProcessState.ready, what="ready")
     assert "NOTIFY_SOCKET" not in psutil.Process(first).environ()
@@ -80,11 +88,58 @@ async def test_killed_child_is_restarted_with_exit_code(tmp_path, cleanup):
     await m.stop()
 
 
+# The first run starts a worker that ignores SIGTERM (it writes its pid to argv[1] once it
+# does), then exits 3 without it; later runs (the file exists) only sleep.
+LEAVES_WORKER = (
+    "import os, subprocess, sys, time\n"
+    "path = sys.argv[1]\n"
+    "if os.path.exists(path):\n"
+    "    time.sleep(600)\n"
+    "subprocess.Popen([sys.executable, '-c', 'import os, signal, sys, time\\n'\n"
+    "                  'signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n'\n"
+    "                  'open(sys.argv[1] + \".tmp\", \"w\").write(str(os.getpid()))\\n'\n"
+    "                  'os.rename(sys.argv[1] + \".tmp\", sys.argv[1])\\n'\n"
+    "                  'time.sleep(600)', path])\n"
+    "while not os.path.exists(path):\n"
+    "    time.sleep(0.02)\n"
+    "sys.exit(3)\n"
+)
+
+
+async def _exits_leaving_a_worker(tmp_path, cleanup) -> tuple[ManagedProcess, psutil.Process]:
+    """A managed process whose first run has just exited (reported `backoff`), its worker
+    (which outlives SIGTERM for the 2 s stop timeout) still alive."""
+    pid_file = tmp_path / "worker.pid"
+    m = started(tmp_path, cleanup, script("leaves", LEAVES_WORKER, pid_file))
+    worker = psutil.Process(int(await until(lambda: pid_file.exists() and pid_file.read_text(), what="worker")))
+    cleanup[1].append(worker)
+    st = await until(lambda: (st := m.status()).state == ProcessState.backoff and st, what="exit reported")
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE  # not waiting for the leftovers
+    assert st.pid is None and st.last_exit_code == 3 and st.last_failure == "exit code 3"
+    assert st.started_at is None and st.ready_after_s is None
+    return m, worker
+
+
+async def test_an_exit_is_reported_at_once_and_the_leftovers_stopped_before_the_next_run(tmp_path, cleanup):
+    m, worker = await _exits_leaving_a_worker(tmp_path, cleanup)
+    second = await until(lambda: m.pid, what="second run")
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE  # SIGKILLed before it started
+    assert m.restarts == 1 and m.status().last_stop and "SIGKILL after 2 s" in m.status().last_stop
+    assert second != worker.pid
+    await m.stop()
+
+
+async def test_a_stop_while_the_leftovers_are_stopped_leaves_none(tmp_path, cleanup):
+    m, worker = await _exits_leaving_a_worker(tmp_path, cleanup)
+    await m.stop()
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    assert m.state == ProcessState.exited and m.pid is None
+    assert not (tmp_path / "procs" / "leaves.json").exists()
+
+
 async def test_spawn_failure_backs_off_never_gives_up(tmp_path, cleanup):
     spec = ProcessSpec(name="missing", role="proxy", argv=["/nonexistent/binary"], restart=FAST)
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     await until(lambda: m.restarts >= 2, what="repeated attempts")
     assert m.state in (ProcessState.backoff, ProcessState.starting)
     await m.stop()
@@ -101,10 +156,12 @@ async def test_readiness_http_probe_and_files_written(tmp_path, cleanup):
         cwd=str(tmp_path), files=[FileSpec(path=str(target), content='{"a": 1}', mode=0o600)],
         readiness=Probe(kind="http", port=port, path="/", period_s=0.1), restart=FAST,
     )
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
+    assert m.status().ready_after_s is None
+    began = time.monotonic()
     await until(lambda: m.state == ProcessState.ready, what="http ready")
+    ready_after = m.status().ready_after_s
+    assert ready_after is not None and 0 <= ready_after <= time.monotonic() - began + 0.1
     assert target.read_text() == '{"a": 1}' and (target.stat().st_mode & 0o777) == 0o600
     await m.stop()
 
@@ -142,9 +199,7 @@ async def test_a_relative_file_is_written_where_the_child_runs(tmp_path, cleanup
         name="reader", role="decode", files=[FileSpec(path="rel/cfg.json", content="seen")], restart=FAST,
         argv=[sys.executable, "-c", "import time; print(open('rel/cfg.json').read(), flush=True); time.sleep(600)"],
     )
-    m = mp(tmp_path, spec)
-    cleanup[0].append(m)
-    m.start()
+    m = started(tmp_path, cleanup, spec)
     await until(lambda: "seen" in m.log_path.read_text() if m.log_path.exists() else False, what="child read it")
     assert (workdir / "rel" / "cfg.json").read_text() == "seen" and m.restarts == 0
     await m.stop()

@@ -63,7 +63,7 @@ def test_errors_are_openai_shaped(procs, tmp_path):
 
     dead = f"127.0.0.1:{free_port()}"
     dec, _ = procs.engine("decode")
-    base, _ = procs.proxy("--prefill", dead, "--decode", dec)
+    base, _ = procs.proxy("--prefill", dead, "--decode", dec, "--probe-interval", "3600")  # requests find it dead
     status, body = http("POST", base + "/v1/completions", b"{oops")
     assert status == 400 and json.loads(body)["error"]["type"] == "BadRequestError"
     status, body = http("POST", base + "/v1/completions", {"prompt": "x"})
@@ -83,7 +83,8 @@ def test_ejected_instance_is_probed_back(procs):
     pre, _ = procs.engine("prefill")
     port = free_port()
     base, _ = procs.proxy("--prefill", pre, "--decode", f"127.0.0.1:{port}")
-    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 502
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] in (502, 503)  # found dead by it, or by a probe
+    wait_for(lambda: json.loads(http("GET", base + "/status")[1])["ejected"], timeout=10, what="the decode ejected")
     procs.engine("decode", port=port)
     wait_for(lambda: not json.loads(http("GET", base + "/status")[1])["ejected"], timeout=10, what="probe back in")
     assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
@@ -205,6 +206,9 @@ def test_an_empty_200_is_one_failed_exchange_retried_elsewhere(role):
     async def decode(request: web.Request) -> web.Response:
         return web.json_response({"choices": [{"text": " t0 t1"}]})
 
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response()
+
     def samples(text: str, name: str, **labels: str) -> list[float]:
         return [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
@@ -215,6 +219,8 @@ def test_an_empty_200_is_one_failed_exchange_retried_elsewhere(role):
         for name, handler in (("pre", prefill), ("bad", empty), ("dec", decode)):
             app = web.Application()
             app.router.add_post("/v1/completions", handler)
+            if name != "bad":  # the prober keeps those in rotation, and "bad" out of it
+                app.router.add_get("/health", healthy)
             port = free_port()
             runners.append(await start_site(app, "127.0.0.1", port))
             eps[name] = f"127.0.0.1:{port}"
@@ -259,3 +265,70 @@ def test_sigterm_stops_the_proxy_at_once(procs):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=5) == 0, procs.log(p)
     assert "Traceback" not in procs.log(p), procs.log(p)
+
+
+def test_probes_eject_the_dead_at_once_and_the_silent_after_two_misses():
+    """Every instance in rotation is probed: refused or not 200 ejects at once; no answer only
+    twice in a row (a busy engine may miss one); an ejected one answering 200 is back."""
+    from aiohttp import web
+
+    from pdsupervisor.aio.serve import start_site
+    from pdsupervisor.local.ports import free_port
+    from pdsupervisor.proxy.instances import Registry
+    from pdsupervisor.proxy.server import PDProxy, ProxyConfig
+
+    busy = {"calls": 0, "hang": 0}  # "hang": how many of its next probes it leaves unanswered
+
+    async def busy_health(request: web.Request) -> web.Response:
+        busy["calls"] += 1
+        if busy["hang"] > 0:
+            busy["hang"] -= 1
+            await asyncio.sleep(60)  # the probe gives up first (the handler is cancelled then)
+        return web.Response()
+
+    async def sick_health(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    async def well_health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def go() -> None:
+        runners, eps = [], {"refused": f"127.0.0.1:{free_port()}"}
+        for name, handler in (("busy", busy_health), ("sick", sick_health), ("well", well_health)):
+            app = web.Application()
+            app.router.add_get("/health", handler)
+            port = free_port()
+            runners.append(await start_site(app, "127.0.0.1", port))
+            eps[name] = f"127.0.0.1:{port}"
+        registry = Registry()
+        registry.set_endpoints("decode", eps.values())
+        inst = {i.endpoint: i for i in registry.instances()}
+        busy_inst = inst[eps["busy"]]
+        proxy = PDProxy(ProxyConfig(probe_interval_s=0.05, probe_timeout_s=0.5), registry)
+        port = free_port()
+        runners.append(await start_site(proxy.app(), "127.0.0.1", port))
+        try:
+            await until(lambda: inst[eps["refused"]].ejected and inst[eps["sick"]].ejected, 10, what="refused, sick out")
+            assert inst[eps["refused"]].ejected_reason.startswith("probe: Cannot connect")
+            assert inst[eps["sick"]].ejected_reason == "probe: /health answered 503"
+
+            busy["hang"] = 1
+            calls = busy["calls"]
+            await until(lambda: busy["calls"] >= calls + 3, 10, what="a miss, then answers")
+            assert not busy_inst.ejected and busy_inst.probe_misses == 0
+
+            busy["hang"] = 10**6
+            await until(lambda: busy_inst.ejected, 10, what="busy out after two misses")
+            assert busy_inst.ejected_reason.startswith("probe: no answer 2 times in a row")
+            busy["hang"] = 0
+            await until(lambda: not busy_inst.ejected, 10, what="busy back in rotation")
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+        assert not inst[eps["well"]].ejected and inst[eps["well"]].failures == 0
+        for reason in ("probe_unreachable", "probe_status", "probe_no_answer"):
+            assert f'pdproxy_ejections_total{{reason="{reason}",role="decode"}} 1.0' in text, reason
+
+    asyncio.run(go())

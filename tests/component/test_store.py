@@ -265,8 +265,9 @@ async def test_a_watch_from_after_the_snapshot_sees_the_next_write(quiet_etcd, c
     async with Store([quiet_etcd.endpoint], cluster_name) as store:
         keys = store.keys
         await store.put(keys.member("n1"), NodeFacts(name="n1", ip="127.0.0.2").model_dump_json().encode())
-        members, statuses, revision = await observe_membership(store)
-        assert list(members) == ["n1"] and statuses == {}
+        seen = await observe_membership(store)
+        assert list(seen.members) == ["n1"] and seen.statuses == {} and seen.assignments == {}
+        revision = seen.revision
         # written after the read, before any watch: the watch from revision + 1 must still see it
         written = await store.put(keys.node_status("n1"), NodeStatus(node="n1", updated_at=1.0).model_dump_json().encode())
         events = store.watch_prefix(keys.root, revision + 1)

@@ -6,11 +6,15 @@ start, lose the coordinator, lose a decode node, stop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
+import subprocess
+import sys
 
 import psutil
 import pytest
+import yaml
 
 from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.etcd import Store
@@ -158,6 +162,42 @@ def test_coordinator_loss_changes_nothing(cluster):
     assert doc["phase"] == "ready" and ready_pids(doc) == before, doc
     cluster.restart("n4")  # back as the spare for the next test
     wait_for(lambda: "n4" in cluster.doc()["members"], 15, what="n4 back")
+
+
+def _cli(cluster: AgentCluster, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdsupervisor", *args, "--api", cluster.api("n2")],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_bad_rollout_halts_and_the_old_engines_keep_serving(cluster, tmp_path):
+    """A decode argv[0] that does not exist: each decode node refuses the new spec before
+    stopping anything; the rollout halts; `start --wait` exits 1 naming it; restoring the
+    previous spec restarts nothing."""
+    doc = cluster.doc()
+    pids = {(p["node"], p["name"]): p["pid"] for p in doc["processes"]}
+    bad = copy.deepcopy(cluster.spec)
+    bad["decode"]["argv"] = ["/nonexistent/engine", *bad["decode"]["argv"][1:]]
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text(yaml.safe_dump(bad))
+    started = _cli(cluster, "start", "--replace", "--wait", "--timeout", "60", "-f", str(spec_file), timeout=90)
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert "decode: the DP group of 4 ranks restarts as one unit" in started.stdout  # said beforehand
+    assert "rollout halted: decode-" in started.stderr and "refused by its node" in started.stderr
+    assert "argv[0] /nonexistent/engine does not exist" in started.stderr
+    doc = cluster.doc()
+    assert doc["rollout"]["state"] == "halted" and doc["phase"] == "degraded"
+    assert {(p["node"], p["name"]): p["pid"] for p in doc["processes"]} == pids  # nothing was stopped
+    answer = post_json(doc["proxy_url"] + "/v1/completions", {"model": "sim-model", "prompt": "still", "max_tokens": 2})
+    assert answer["usage"]["completion_tokens"] == 2
+    messages = [e["message"] for e in run(_events(cluster))]
+    assert any(m.startswith("rollout halted: decode-") for m in messages)
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cluster.spec))
+    restored = _cli(cluster, "start", "--replace", "--wait", "--timeout", "60", "-f", str(good), timeout=90)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    doc = cluster.doc()
+    assert doc["rollout"] is None and {(p["node"], p["name"]): p["pid"] for p in doc["processes"]} == pids
 
 
 def test_decode_node_loss_is_replaced_with_same_dp_ranks(cluster):

@@ -193,3 +193,14 @@ def test_an_old_agents_status_without_the_new_field_still_reads():
     old = _obs(ProcessState.ready, 40.0).statuses["n1"].model_dump(mode="json")
     del old["processes"][0]["ready_lost_at"]
     assert NodeStatus.model_validate(old).processes[0].ready_lost_at is None
+
+
+def test_a_crash_loop_reads_crash_looping_between_its_failures_too():
+    for state in (ProcessState.running, ProcessState.starting, ProcessState.backoff):
+        obs = _seen(_obs(state, 40.0), failures_in_a_row=3, last_failure="exit code 1: RuntimeError: boom")
+        row = cluster_document(obs, now=60.0).processes[0]
+        assert row.state == "crash-looping" and row.last_failure == "exit code 1: RuntimeError: boom"
+    once = cluster_document(_seen(_obs(ProcessState.running, 40.0), failures_in_a_row=1, last_failure="x"), now=60.0)
+    assert once.processes[0].state == "running"
+    ready = cluster_document(_seen(_obs(ProcessState.ready, 40.0), failures_in_a_row=3, last_failure="x"), now=60.0)
+    assert ready.processes[0].state == "ready"

@@ -369,3 +369,73 @@ def test_explicit_metadata_url_is_passed_through_unless_it_is_the_control_plane_
             plan_cluster(validate_spec(doc), seed_nodes())
         assert [p for p, _ in err.value.problems] == ["mooncake.metadata"]
         assert "10.239.129.9:2379 is the control-plane etcd" in err.value.problems[0][1]
+
+
+# ---- engine profiles: how the engines read their DP settings ---------------------------------
+
+DP_FLAGS = ["--data-parallel-size", "--data-parallel-rank", "--data-parallel-address", "--data-parallel-rpc-port"]
+
+
+def _decode(doc: dict) -> list:
+    return [p for _, p in plan_cluster(validate_spec(doc), seed_nodes()).engines() if p.role == "decode"]
+
+
+def test_the_gaudi_profile_sets_the_dp_env_as_the_scripts_do():
+    decode = _decode(example_doc())
+    assert example_doc().get("engine", "vllm-gaudi") == "vllm-gaudi"
+    assert [p.env["VLLM_DP_RANK"] for p in decode] == [str(i) for i in range(16)]
+    assert all(flag not in p.argv for p in decode for flag in DP_FLAGS)
+
+
+def test_the_vllm_profile_passes_the_dp_group_as_flags_and_no_env():
+    doc = {**example_doc(), "engine": "vllm"}
+    decode = _decode(doc)
+    assert all(not k.startswith("VLLM_DP_") and k != "VLLM_EP_SIZE" for p in decode for k in p.env)
+    rank5 = next(p for p in decode if p.dp_rank == 5)
+    tail = rank5.argv[-8:]
+    assert tail == ["--data-parallel-size", "16", "--data-parallel-rank", "5", "--data-parallel-address",
+                    SEED_IPS["g13"], "--data-parallel-rpc-port", "25940"]
+
+
+def test_dp_flags_templated_in_argv_are_not_added_twice():
+    doc = {**example_doc(), "engine": "vllm"}
+    doc["decode"]["argv"] = ["vllm", "serve", "{model}", "--data-parallel-size", "{dp_size}",
+                             "--data-parallel-rank", "{dp_rank}", "--data-parallel-size-local", "8",
+                             "--data-parallel-address", "{dp_master_ip}", "--data-parallel-rpc-port", "{dp_master_port}"]
+    argv = next(p for p in _decode(doc) if p.dp_rank == 9).argv
+    assert argv.count("--data-parallel-size") == 1
+    assert argv[argv.index("--data-parallel-rank") + 1] == "9"
+    assert argv[argv.index("--data-parallel-address") + 1] == SEED_IPS["g13"]
+
+
+def test_the_custom_profile_runs_argv_and_env_as_given():
+    doc = {**example_doc(), "engine": "custom"}
+    doc["decode"]["env"] = {"MY_RANK": "{dp_rank}/{dp_size}@{dp_master_ip}:{dp_master_port}"}
+    decode = _decode(doc)
+    assert all(flag not in p.argv for p in decode for flag in DP_FLAGS)
+    assert all("VLLM_DP_RANK" not in p.env for p in decode)
+    assert next(p for p in decode if p.dp_rank == 3).env["MY_RANK"] == f"3/16@{SEED_IPS['g13']}:25940"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "vllm-gaudi", "custom"])
+def test_independent_decode_engines_get_no_dp_settings_at_all(engine):
+    doc = {**example_doc(), "engine": engine}
+    doc["decode"]["dp_mode"] = "independent"
+    doc["decode"]["env"] = {"SEEN": "{dp_rank} {dp_size} {dp_rank_local}"}
+    plan = plan_cluster(validate_spec(doc), seed_nodes())
+    decode = [p for _, p in plan.engines() if p.role == "decode"]
+    assert plan.dp_size == 1 and plan.dp_master is None and len(decode) == 16
+    assert all(p.dp_rank is None and p.env["SEEN"] == "0 1 0" for p in decode)
+    assert all(flag not in p.argv for p in decode for flag in DP_FLAGS)
+    assert all(not k.startswith("VLLM_DP_") for p in decode for k in p.env)
+    assert all(c.holder != "decode DP master" for n in plan.nodes for c in port_claims(validate_spec(doc), plan, n))
+
+
+def test_a_model_change_does_not_restart_the_builtin_proxy():
+    doc = example_doc()
+    doc["proxy"] = {"kind": "builtin"}
+    before = plan_cluster(validate_spec(doc), seed_nodes())
+    after = plan_cluster(validate_spec({**doc, "model": "/models/other"}), seed_nodes())
+    proxy = [next(p for np_ in plan.nodes.values() for p in np_.processes if p.role == "proxy") for plan in (before, after)]
+    assert proxy[0].spec_hash() == proxy[1].spec_hash()
+    assert "--model" not in proxy[0].argv

@@ -175,3 +175,48 @@ def test_plan_says_how_each_role_changes():
         "decode: one DP group of 4 ranks: a change restarts it as one unit, with no decode until every rank is "
         "ready again (a start is given up to 3600 s)",
     ]
+
+
+# ---- the decode DP group is a gang ------------------------------------------------------------
+
+def _only_node3(obs: Observed, **fields) -> Observed:
+    statuses = dict(obs.statuses)
+    statuses["node3"] = statuses["node3"].model_copy(update={"processes": [
+        p.model_copy(update=fields) if p.name == "decode-1" else p for p in statuses["node3"].processes]})
+    return dataclasses.replace(obs, statuses=statuses)
+
+
+def test_a_rank_that_dies_restarts_the_whole_group_with_an_event():
+    obs = demo_running(master_pid=500)
+    before = engines(obs.assignments)
+    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="killed by SIGKILL (9)")
+    desired = desired_state(broken, now=1000.0)
+    after = engines(desired.assignments)
+    assert {k for k in before if after[k] != before[k]} == {k for k in before if k[1].startswith("decode")}
+    assert desired.record.group_epoch == 1 and desired.record.group_since == 1000.0
+    assert desired.record.group_reason == "decode-1 on node3 (rank 3) failed: killed by SIGKILL (9)"
+    messages = [e.message for e in write_events(broken, desired)]
+    assert "decode DP group restarted as a whole: decode-1 on node3 (rank 3) failed: killed by SIGKILL (9)" in messages
+    assert desired_state(broken).record.group_epoch == 0  # without the clock: no decision that needs it
+
+
+def test_group_restarts_back_off_and_reset_once_the_group_is_ready():
+    obs = demo_running(master_pid=500)
+    record = obs.record.model_copy(update={"group_epoch": 1, "group_since": 1000.0, "group_restarts": 3})
+    settled, _ = settle(dataclasses.replace(obs, record=record), {"mooncake-master": 500})
+    # the group came up under epoch 1 and is ready: the count is reset
+    assert settled.record.group_restarts == 0 and settled.record.group_epoch == 1
+    again = dataclasses.replace(settled, record=settled.record.model_copy(update={"group_restarts": 3}))
+    broken = _only_node3(again, state=ProcessState.backoff, pid=None, last_failure="exit code 1")
+    wait = 1.0 * 2 ** 3  # policy.restart: initial 1 s, multiplier 2, 3 restarts in a row
+    assert desired_state(broken, now=1000.0 + wait - 0.5).record.group_epoch == 1
+    assert desired_state(broken, now=1000.0 + wait + 0.5).record.group_epoch == 2
+
+
+def test_group_restart_rank_restarts_only_the_rank():
+    obs = demo_running(master_pid=500)
+    spec = {**obs.record.spec, "decode": {**obs.record.spec["decode"], "group_restart": "rank"}}
+    obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"spec": spec}))
+    obs, _ = settle(obs, {"mooncake-master": 500})
+    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="exit code 1")
+    assert engines(desired_state(broken, now=1e6).assignments) == engines(obs.assignments)
