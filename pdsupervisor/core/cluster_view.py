@@ -6,6 +6,7 @@ any agent can answer a read and the leader decides from the very same view.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -151,18 +152,23 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
 def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecRecord, now: float | None) -> SpecRecord | None:
     """The record restarting the decode DP group as a whole, or with its restart count reset.
 
-    A rank running the group's current spec that failed since it started (an agent keeps a
-    process's failures until its spec changes), or a rank re-placed on another node, breaks
-    the group: its peers cannot go on without it, and it cannot rejoin them alone. Group
-    restarts back off like a process's (`policy.restart`), counted until the group is ready.
-    Only with `now`: the backoff needs the clock.
+    Once the group formed (every rank ready with these specs), a rank running the group's
+    spec that failed since it was ready, or a rank re-placed on another node, breaks the
+    group: its peers cannot go on without it, and it cannot rejoin them alone. Before it
+    formed, a rank that fails (e.g. one that came up while the previous group's rank 0 still
+    ran, and was refused) joins on its own restart: the others are still waiting for it.
+    Group restarts back off like a process's (`policy.restart`), counted until the group is
+    ready. Only with `now`: the backoff needs the clock.
     """
     d = spec.decode
     if d.dp_mode != "group" or d.group_restart != "group" or plan.dp_size <= 1:
         return None
     ranks = [(n, p) for n, p in plan.engines() if p.role == "decode"]
+    formed = hashlib.sha256(" ".join(sorted(p.spec_hash() for _, p in ranks)).encode()).hexdigest()[:16]
     if all(is_ready(obs, n, p) for n, p in ranks):
-        return record.model_copy(update={"group_restarts": 0}) if record.group_restarts else None
+        if record.group_restarts or record.group_ready != formed:
+            return record.model_copy(update={"group_restarts": 0, "group_ready": formed})
+        return None
     reason = None
     before = record.placement.get("decode")
     if before and before != plan.placement["decode"]:
@@ -170,7 +176,8 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         reason = f"decode node replaced ({', '.join(moved)})"
     for node, proc in ranks:
         seen = observed_process(obs, node, proc.name)
-        if reason is None and seen is not None and seen.spec_hash == proc.spec_hash() and seen.last_failure:
+        if reason is None and record.group_ready == formed and seen is not None \
+                and seen.spec_hash == proc.spec_hash() and _failed_since_ready(seen):
             reason = f"{proc.name} on {node} (rank {proc.dp_rank}) failed: {seen.last_failure}"
     if reason is None or now is None:
         return None
@@ -180,6 +187,13 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         return None
     return record.model_copy(update={"group_epoch": record.group_epoch + 1, "group_since": now,
                                      "group_restarts": record.group_restarts + 1, "group_reason": reason})
+
+
+def _failed_since_ready(seen: ProcessStatus) -> bool:
+    """It failed after it was last ready (not a start-up failure it has since got over)."""
+    if seen.last_failure is None or seen.last_failure_at is None:
+        return False
+    return seen.ready_again_at is None or seen.last_failure_at > seen.ready_again_at
 
 
 def change_impact(obs: Observed) -> list[str]:

@@ -37,6 +37,9 @@ class SpecRecord(Strict):
     group_since: float = 0.0
     group_restarts: int = 0
     group_reason: str | None = None
+    # the ranks' spec hashes (a digest) with which every rank was last ready: the group formed.
+    # A rank's failure restarts the group only once it formed (see `cluster_view.group_restart`).
+    group_ready: str = ""
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,14 @@ one TCP connection per member to rank 0, newline-delimited JSON.
   requests in flight and never recovers by itself: like a real rank it must be restarted,
   with its whole group. (A real API server also exits ~5 s after its engine died unless
   VLLM_KEEP_ALIVE_ON_ENGINE_DEATH is set; the simulator stays up, so the reason can be read.)
-- A rank that reaches a rank 0 whose group already formed (a rank restarted alone) is
-  refused and never becomes ready (`DP group already formed (generation X); restart the
-  whole group`); rank 0's group is left as it is. That is vLLM's outcome: the newcomer
-  hangs in its rendezvous while the survivors keep the process group that formed (in
-  practice already broken by the death that called for the restart), and neither heals.
+- A rank that reaches a rank 0 whose group already formed (a rank restarted alone, or a
+  new rank of a restarting group that came up before the old rank 0 was stopped) is
+  refused, and its process exits with status 1 (`DP group already formed (generation X);
+  restart the whole group`); rank 0's group is left as it is. That is vLLM's outcome: the
+  newcomer's rendezvous with a group that already formed fails, and the engine dies in
+  start-up; the survivors keep the process group that formed (in practice already broken
+  by the death that called for the restart), and neither heals. Its supervisor starts it
+  again: once the old rank 0 is gone and a new one listens, it joins the new group.
   Rank 0 does not break over it: a stray process must not take down a group that serves.
   A rank whose DP size differs from rank 0's, or one already there, is refused alike.
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -45,6 +49,7 @@ from pdsupervisor.simengine.config import DPSettings
 
 log = logging.getLogger("pdsupervisor.simengine")
 
+REFUSED_EXIT = 1  # the exit status of a rank refused by rank 0
 HEARTBEAT_S = 0.5
 HEARTBEAT_TIMEOUT_S = 2.0
 RETRY_S = 0.25  # between a member's attempts to reach rank 0
@@ -231,9 +236,10 @@ class DPGroup:
                         return
                     elif op == "refuse":
                         self.state, self.reason = REFUSED, str(msg.get("reason"))
-                        log.error("DP rank %d/%d refused by rank 0 at %s: %s", self.dp.rank, self.dp.size,
-                                  self.dp.master, self.reason)
-                        return
+                        log.error("DP rank %d/%d refused by rank 0 at %s: %s; exiting, as a real rank whose "
+                                  "rendezvous failed", self.dp.rank, self.dp.size, self.dp.master, self.reason)
+                        logging.shutdown()
+                        os._exit(REFUSED_EXIT)
             finally:
                 link.close()
             if self.state == FORMED:

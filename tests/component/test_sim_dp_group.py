@@ -16,7 +16,7 @@ from http.client import HTTPConnection, IncompleteRead
 import pytest
 
 from pdsupervisor.simengine.config import ConfigError, parse_args
-from pdsupervisor.simengine.dpgroup import HEARTBEAT_TIMEOUT_S
+from pdsupervisor.simengine.dpgroup import HEARTBEAT_TIMEOUT_S, REFUSED_EXIT
 from tests.pdproc import Procs, free_port, http, wait_for
 
 START_S = 20  # a sim engine's start, on a busy 2-core machine
@@ -140,11 +140,11 @@ def test_a_rank_killed_breaks_the_others_and_their_streams_for_good(procs):
         assert group.complete(rank)[0] == 503
         assert "DP group broken: rank 1 left" in group.log(rank)
 
-    # rank 1 restarted alone is refused: it never serves, and the others stay broken
-    group.start(1, "--sim-tpot", "0.1")
-    group.wait_health(1, 503, f"DP group already formed (generation {generation}); restart the whole group")
-    assert group.dp(1)["state"] == "refused"
-    assert "restart the whole group" in group.log(1)
+    # rank 1 restarted alone is refused: it exits (as a real rank whose rendezvous failed), and
+    # the others stay broken
+    lone = group.start(1, "--sim-tpot", "0.1")
+    assert lone.wait(START_S) == REFUSED_EXIT
+    assert f"DP group already formed (generation {generation}); restart the whole group" in group.log(1)
     for rank in (0, 2):
         assert group.health(rank) == (503, "DP group broken: rank 1 left")
 
@@ -177,10 +177,10 @@ def test_upstream_flags_win_over_the_env_and_a_size_mismatch_is_refused(procs):
     group = Group(procs, 2, flags=True, env={"VLLM_DP_SIZE": "4", "VLLM_DP_RANK": "3",
                                              "VLLM_DP_MASTER_IP": "127.0.0.9", "VLLM_DP_MASTER_PORT": "1"})
     group.start(0)
-    group.start(1, size=3)
-    group.wait_health(1, 503, "DP size mismatch: rank 0 has DP size 2, rank 1 has 3")
+    mismatched = group.start(1, size=3)
+    assert mismatched.wait(START_S) == REFUSED_EXIT
+    assert "DP size mismatch: rank 0 has DP size 2, rank 1 has 3" in group.log(1)
     group.wait_health(0, 503, "(1/2 ranks)")  # rank 0's group is unaffected: still waiting
-    group.kill(1)
     group.start(1)
     group.wait_formed()
     view = group.dp(1)

@@ -189,7 +189,9 @@ def _only_node3(obs: Observed, **fields) -> Observed:
 def test_a_rank_that_dies_restarts_the_whole_group_with_an_event():
     obs = demo_running(master_pid=500)
     before = engines(obs.assignments)
-    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="killed by SIGKILL (9)")
+    assert obs.record.group_ready  # every rank was ready: the group formed
+    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="killed by SIGKILL (9)",
+                         last_failure_at=5.0)
     desired = desired_state(broken, now=1000.0)
     after = engines(desired.assignments)
     assert {k for k in before if after[k] != before[k]} == {k for k in before if k[1].startswith("decode")}
@@ -207,7 +209,7 @@ def test_group_restarts_back_off_and_reset_once_the_group_is_ready():
     # the group came up under epoch 1 and is ready: the count is reset
     assert settled.record.group_restarts == 0 and settled.record.group_epoch == 1
     again = dataclasses.replace(settled, record=settled.record.model_copy(update={"group_restarts": 3}))
-    broken = _only_node3(again, state=ProcessState.backoff, pid=None, last_failure="exit code 1")
+    broken = _only_node3(again, state=ProcessState.backoff, pid=None, last_failure="exit code 1", last_failure_at=5.0)
     wait = 1.0 * 2 ** 3  # policy.restart: initial 1 s, multiplier 2, 3 restarts in a row
     assert desired_state(broken, now=1000.0 + wait - 0.5).record.group_epoch == 1
     assert desired_state(broken, now=1000.0 + wait + 0.5).record.group_epoch == 2
@@ -218,5 +220,19 @@ def test_group_restart_rank_restarts_only_the_rank():
     spec = {**obs.record.spec, "decode": {**obs.record.spec["decode"], "group_restart": "rank"}}
     obs = dataclasses.replace(obs, record=obs.record.model_copy(update={"spec": spec}))
     obs, _ = settle(obs, {"mooncake-master": 500})
-    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="exit code 1")
+    broken = _only_node3(obs, state=ProcessState.backoff, pid=None, last_failure="exit code 1", last_failure_at=5.0)
     assert engines(desired_state(broken, now=1e6).assignments) == engines(obs.assignments)
+
+
+def test_a_rank_failing_before_the_group_formed_rejoins_on_its_own():
+    """A new rank that came up while the previous group's rank 0 still ran was refused and
+    exited: its agent restarts it; the group is not restarted for that."""
+    obs = demo_running(master_pid=500)
+    forming = dataclasses.replace(obs, record=obs.record.model_copy(update={"group_ready": ""}))
+    refused = _only_node3(forming, state=ProcessState.backoff, pid=None, last_failure="exit code 1: refused",
+                          last_failure_at=5.0)
+    assert desired_state(refused, now=1e6).record.group_epoch == 0
+    # and once formed, a failure it got over before (ready again since) is no reason either
+    over = _only_node3(obs, state=ProcessState.running, last_failure="exit code 1", last_failure_at=5.0,
+                       ready_again_at=6.0)
+    assert desired_state(over, now=1e6).record.group_epoch == 0
