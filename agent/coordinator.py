@@ -68,11 +68,15 @@ class Outcome:
 
 @dataclass(frozen=True)
 class LeaderView:
-    """What the leader saw in its last cycle: the phase, and each node with an assignment
-    and whether it holds its member key (False: lost)."""
+    """What the leader saw in its last cycle: the phase, each node with an assignment and
+    whether it holds its member key (False: lost or unmanaged), the unmanaged ones, and the
+    rollout (engines of each role still to change; why it halted)."""
 
     phase: Phase
     registered: dict[str, bool]
+    unmanaged: tuple[str, ...] = ()
+    outdated: tuple[tuple[str, int], ...] = ()  # (role, engines not yet assigned their planned spec)
+    halted: str | None = None
 
 
 class Coordinator:
@@ -185,7 +189,10 @@ class Coordinator:
             await self._event(event)
         self._halted = halted
         phase = phase_of(obs, desired)
-        self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments})
+        rollout = desired.rollout.roles if desired.rollout else ()
+        self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments},
+                               unmanaged=tuple(obs.record.unmanaged if obs.record else ()),
+                               outdated=tuple((r.role, r.total - r.updated) for r in rollout), halted=halted)
         outcome = await self._apply(seen, desired, phase)
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False

@@ -114,13 +114,28 @@ class _StateCollector(Collector):
         node_registered = GaugeMetricFamily(
             "pdsupervisor_cluster_node_registered", "For each node with an assignment: 1 while it is registered, "
             "0 when lost, as the leader saw it last (exported by the leader only).", labels=["cluster", "node"])
+        unmanaged = GaugeMetricFamily(
+            "pdsupervisor_cluster_node_unmanaged", "For each node with an assignment: 1 while its agent is away but "
+            "an engine of it still answers (it serves, it is not replaced), as the leader saw it last (exported by "
+            "the leader only).", labels=["cluster", "node"])
+        outdated = GaugeMetricFamily(
+            "pdsupervisor_rollout_engines_outdated", "Engines of the role still to change to the current spec (or "
+            "Mooncake master epoch) in a rollout, as the leader saw it last (exported by the leader only).",
+            labels=["cluster", "role"])
+        halted = GaugeMetricFamily("pdsupervisor_rollout_halted", "1 while a rollout is halted: an engine failed with "
+                                   "its new spec (`pdsupervisor status` says which and why); exported by the leader only.",
+                                   labels=["cluster"])
         view = c.view if c.is_leader else None
         if view is not None:
             for ph in get_args(Phase):
                 phase.add_metric([cluster, ph], 1 if view.phase == ph else 0)
             for node, up in sorted(view.registered.items()):
                 node_registered.add_metric([cluster, node], 1 if up else 0)
-        yield from (leader, writes, phase, node_registered)
+                unmanaged.add_metric([cluster, node], 1 if node in view.unmanaged else 0)
+            for role, count in view.outdated:
+                outdated.add_metric([cluster, role], count)
+            halted.add_metric([cluster], 1 if view.halted else 0)
+        yield from (leader, writes, phase, node_registered, unmanaged, outdated, halted)
 
 
 class AgentMetrics:

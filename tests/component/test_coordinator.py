@@ -124,7 +124,9 @@ async def test_writes_each_start_stage_once_the_last_is_ready(cluster):
     assert (await read_record(cluster.store))[0].master_pid == PIDS["mooncake-master"]
     assert (await a.cycle()).kind == "unchanged"
     await cluster.report()
-    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1")
+    # the proxy, and the record: the decode DP group formed (every rank ready)
+    assert await a.cycle() == Outcome("wrote", "wrote the assignments of n1; wrote the spec record (generation 1, start)")
+    assert (await read_record(cluster.store))[0].group_ready
     assert (await cluster.assigned())["n1"] == ["mooncake-master", "prefill-0", "proxy"]
     await cluster.report()
     assert await a.cycle() == Outcome("unchanged", "no action: cluster ready")
@@ -308,14 +310,14 @@ async def test_the_leader_view_and_writes_for_metrics(cluster):
     await a.cycle()
     assert a.view == LeaderView("stopped", {}) and a.assignment_writes == 0
     await _started(cluster, a)
-    assert a.view == LeaderView("ready", {"n1": True, "n2": True})
+    assert a.view == LeaderView("ready", {"n1": True, "n2": True}, outdated=(("prefill", 0), ("decode", 0)))
     assert a.assignment_writes == 4  # n1 (master), n1 and n2 (engines), n1 (proxy)
     follower = cluster.coordinator("b")
     assert (await follower.cycle()).kind == "follower" and follower.view is None
     await cluster.store.revoke_lease(cluster.member_lease)  # both nodes lost
     cluster.member_lease = 0
     await a.cycle()
-    assert a.view == LeaderView("degraded", {"n1": False, "n2": False})
+    assert a.view == LeaderView("degraded", {"n1": False, "n2": False})  # no plan: no rollout
     await cluster.store.delete(cluster.store.keys.leader)  # by hand: a's next write is fenced
     assert (await follower.cycle()).kind == "acquired"
     assert (await request_stop(cluster.store)).status == 202  # a's next cycle wants to write, and is deposed
