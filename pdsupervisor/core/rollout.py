@@ -161,9 +161,13 @@ def impact(obs: Observed, plan: Plan, rollout: Rollout) -> list[str]:
             notes.append(f"{r.role}: {outdated} running engines change in waves, at most {r.max_unavailable} "
                          "not ready at a time")
             continue
-        took = [seen.ready_after_s for node, proc in plan.engines() if proc.role == r.role
+        ranks = [(node, proc) for node, proc in plan.engines() if proc.role == r.role]
+        took = [seen.ready_after_s for node, proc in ranks
                 if (seen := observed_process(obs, node, proc.name)) is not None and seen.ready_after_s is not None]
-        gap = (f"about {max(took):.0f} s, as its slowest rank took to start last time" if took
-               else "as long as its ranks take to start")
-        notes.append(f"{r.role}: the DP group of {r.total} ranks restarts as one unit: no {r.role} for {gap}")
+        start = (f"start again (about {max(took):.0f} s, as its slowest rank took last time)" if took
+                 else "start again")
+        drain = max((proc.drain.timeout_s for _, proc in ranks if proc.drain), default=0.0)
+        drained = f"drain (at most {drain:g} s) and " if drain else ""
+        notes.append(f"{r.role}: the DP group of {r.total} ranks restarts as one unit: no {r.role} while its ranks "
+                     f"{drained}{start}")
     return notes

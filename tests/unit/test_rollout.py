@@ -160,8 +160,8 @@ def test_a_replace_says_beforehand_how_long_the_decode_group_is_away():
     replaced = _replaced(dataclasses.replace(obs, statuses=statuses), prefill={"X": "1"}, decode={"X": "1"})
     assert change_impact(replaced) == [
         "prefill: 2 running engines change in waves, at most 1 not ready at a time",
-        "decode: the DP group of 4 ranks restarts as one unit: no decode for about 8 s, as its slowest rank "
-        "took to start last time",
+        "decode: the DP group of 4 ranks restarts as one unit: no decode while its ranks drain (at most 60 s) and "
+        "start again (about 8 s, as its slowest rank took last time)",
     ]
     assert change_impact(_replaced(obs, prefill={"X": "1"})) == [
         "prefill: 2 running engines change in waves, at most 1 not ready at a time"]
