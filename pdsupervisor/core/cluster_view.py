@@ -153,10 +153,11 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
     """The record restarting the decode DP group as a whole, or with its restart count reset.
 
     Once the group formed (every rank ready with these specs), a rank running the group's
-    spec that failed since it was ready, or a rank re-placed on another node, breaks the
-    group: its peers cannot go on without it, and it cannot rejoin them alone. Before it
-    formed, a rank that fails (e.g. one that came up while the previous group's rank 0 still
-    ran, and was refused) joins on its own restart: the others are still waiting for it.
+    spec that failed since it was ready, or that stopped passing its readiness probe (alive
+    but broken: its peer died), or a rank re-placed on another node, breaks the group: its
+    peers cannot go on without it, and it cannot rejoin them alone. Before it formed, a rank
+    that fails (e.g. one that came up while the previous group's rank 0 still ran, and was
+    refused) joins on its own restart: the others are still waiting for it.
     Group restarts back off like a process's (`policy.restart`), counted until the group is
     ready. Only with `now`: the backoff needs the clock.
     """
@@ -176,9 +177,13 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         reason = f"decode node replaced ({', '.join(moved)})"
     for node, proc in ranks:
         seen = observed_process(obs, node, proc.name)
-        if reason is None and record.group_ready == formed and seen is not None \
-                and seen.spec_hash == proc.spec_hash() and _failed_since_ready(seen):
+        if reason is not None or record.group_ready != formed or seen is None or seen.spec_hash != proc.spec_hash():
+            continue
+        if _failed_since_ready(seen):
             reason = f"{proc.name} on {node} (rank {proc.dp_rank}) failed: {seen.last_failure}"
+        elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
+            # alive but no longer ready: a rank whose peer died (a real API server may stay up)
+            reason = f"{proc.name} on {node} (rank {proc.dp_rank}) no longer ready: {seen.message or 'readiness lost'}"
     if reason is None or now is None:
         return None
     policy = spec.policy.restart

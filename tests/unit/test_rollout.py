@@ -236,3 +236,13 @@ def test_a_rank_failing_before_the_group_formed_rejoins_on_its_own():
     over = _only_node3(obs, state=ProcessState.running, last_failure="exit code 1", last_failure_at=5.0,
                        ready_again_at=6.0)
     assert desired_state(over, now=1e6).record.group_epoch == 0
+
+
+def test_a_rank_alive_but_no_longer_ready_restarts_the_group():
+    """Its peers died and came back fresh (their node was lost, then its agent returned): the
+    survivors still run, broken, and would never rejoin; the whole group restarts."""
+    obs = demo_running(master_pid=500)
+    broken = _only_node3(obs, state=ProcessState.running, ready_lost_at=7.0, message="readiness probe failing (3x)")
+    desired = desired_state(broken, now=1e6)
+    assert desired.record.group_epoch == 1
+    assert desired.record.group_reason == ("decode-1 on node3 (rank 3) no longer ready: readiness probe failing (3x)")
