@@ -59,7 +59,7 @@ from failover import row  # noqa: E402
 from pdsupervisor.api.client import ApiClient, ApiError  # noqa: E402
 from pdsupervisor.cli.cluster import wait_for_phase  # noqa: E402
 from pdsupervisor.core.documents import ClusterDocument  # noqa: E402
-from pdsupervisor.core.spec import SpecError, load_spec  # noqa: E402
+from pdsupervisor.core.spec import load_spec  # noqa: E402
 from pdsupervisor.local.cluster import LocalCluster  # noqa: E402
 from pdsupervisor.local.procs import kill_tree  # noqa: E402
 
@@ -127,29 +127,11 @@ def spec_doc(model: Path, vllm_python: str, shared: Path, start_timeout_s: float
     }
 
 
-# Until the core knows `engine` and `decode.dp_mode`: the decode engines, one DP group of 2 to
-# the planner, would get VLLM_DP_SIZE=2 and the other VLLM_DP_* variables, which vLLM reads when
-# no --data-parallel-* flag is given, and refuses for a dense model ("Offline data parallel mode
-# is not supported/useful for dense models"); renamed, nobody reads them: each engine is its own
-# DP size 1.
-UNUSED_DP_ENV = {k: f"PDS_UNUSED_DP_{k.upper()}" for k in ("size", "rank", "rank_local", "master_ip", "master_port",
-                                                            "ep_size")}
-
-
-def spec_text(doc: dict[str, Any]) -> tuple[str, str]:
-    """The spec to submit, and how the decode engines avoid vLLM's DP environment."""
-    text = yaml.safe_dump(doc, sort_keys=False)
-    try:
-        load_spec(text)
-        return text, "engine: vllm, decode.dp_mode: independent"
-    except SpecError as exc:
-        if not {path for path, _ in exc.problems} & {"engine", "decode.dp_mode"}:
-            raise
-    doc = {k: v for k, v in doc.items() if k != "engine"}
-    doc["decode"] = {k: v for k, v in doc["decode"].items() if k != "dp_mode"} | {"dp_env": UNUSED_DP_ENV}
+def spec_text(doc: dict[str, Any]) -> str:
+    """The spec to submit, checked as the agents will check it."""
     text = yaml.safe_dump(doc, sort_keys=False)
     load_spec(text)
-    return text, "workaround: this core has no `engine`/`decode.dp_mode`; decode.dp_env renamed to PDS_UNUSED_DP_*"
+    return text
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
@@ -361,9 +343,9 @@ async def run(args: argparse.Namespace, lc: LocalCluster, report: Report, benche
     lc.make_token()
     shared = lc.root / "kv-shared"
     shared.mkdir(parents=True)
-    text, how = spec_text(spec_doc(model, args.vllm_python, shared, args.start_timeout))
+    text = spec_text(spec_doc(model, args.vllm_python, shared, args.start_timeout))
     (lc.root / "spec.yaml").write_text(text)
-    print(f"spec: {lc.root / 'spec.yaml'} ({how})", flush=True)
+    print(f"spec: {lc.root / 'spec.yaml'} (engine: vllm, decode.dp_mode: independent)", flush=True)
     client = lc.client(timeout_s=10)
 
     boot_s = await boot(lc, text)
