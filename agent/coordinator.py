@@ -41,6 +41,7 @@ from pdsupervisor.store.cluster import observe, read_record
 from pdsupervisor.store.etcd import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
+ANSWER_TIMEOUT_S = 2.0  # a probe of a node away never holds a cycle longer, whatever the spec's probe says
 NODE_LOSS_GRACE_S: float = PolicySpec.model_fields["node_loss_grace_s"].default
 
 OutcomeKind = Literal[
@@ -97,6 +98,7 @@ class Coordinator:
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
         self._halted: str | None = None  # why the rollout halted, as this leader last told it
         self._answered_at: dict[str, float] = {}  # node away -> when one of its engines last answered (monotonic)
+        self._away_since: dict[str, float] = {}  # node away -> when this leader first saw it away (monotonic)
         # The `... is the coordinator` event was written for our current hold of the key: taking
         # the key back ourselves (after a failed cycle, or anew under the spec's lease TTL) is
         # no news. Cleared once another agent is seen holding it.
@@ -151,6 +153,8 @@ class Coordinator:
                 await asyncio.sleep(1.0)
 
     def _step_down(self) -> None:
+        self._answered_at.clear()  # what a leader saw of nodes away: the next one sees afresh
+        self._away_since.clear()
         self.is_leader = False
         self.view = None
         self._previous = None
@@ -202,28 +206,32 @@ class Coordinator:
         return outcome
 
     async def _with_unmanaged(self, obs: Observed) -> Observed:
-        """`obs` with the record's `unmanaged` nodes as this leader finds them: assigned, their
-        agent away (no member key), and an engine of theirs answering its readiness probe now,
-        or within the last `policy.node_loss_grace_s`.
-        Such a node is not replaced: its engines may still serve, and a replacement would hold
-        the same DP ranks. Probed here (I/O), decided from in the pure core."""
+        """`obs` with the record's `unmanaged` and `recently_lost` nodes as this leader finds
+        them. Of the assigned nodes whose agent is away (no member key): unmanaged while an
+        engine of theirs answered its readiness probe within the last `policy.node_loss_grace_s`
+        (it may still serve); recently lost while none answered but this leader saw the node
+        away for less than that. Neither is replaced: a replacement would hold the same DP
+        ranks. Probed here (I/O), decided from in the pure core."""
         record = obs.record
         away = sorted(n for n in obs.assignments if n not in obs.members)
-        for node in set(self._answered_at) - set(away):
-            del self._answered_at[node]  # back (or unassigned): a later loss starts afresh
+        for seen in (self._answered_at, self._away_since):
+            for node in set(seen) - set(away):
+                del seen[node]  # back (or unassigned): a later loss starts afresh
         if record is None or record.action != "start":
             return obs
         grace = node_loss_grace(record)
         now = time.monotonic()
         answers = await asyncio.gather(*(_answers(obs.assignments[n].processes) for n in away))
         for node, answered in zip(away, answers, strict=True):
+            self._away_since.setdefault(node, now)
             # recorded unmanaged by a previous leader: it answered that leader lately
             if answered or (node in record.unmanaged and node not in self._answered_at):
                 self._answered_at[node] = now
         unmanaged = [n for n in away if n in self._answered_at and now - self._answered_at[n] < grace]
-        if unmanaged == record.unmanaged:
+        recently = [n for n in away if n not in unmanaged and now - self._away_since[n] < grace]
+        if unmanaged == record.unmanaged and recently == record.recently_lost:
             return obs
-        return replace(obs, record=record.model_copy(update={"unmanaged": unmanaged}))
+        return replace(obs, record=record.model_copy(update={"unmanaged": unmanaged, "recently_lost": recently}))
 
     async def _event(self, event: ClusterEvent) -> None:
         await self.store.append_event(event.kind, event.message, **event.fields)
@@ -326,5 +334,6 @@ def node_loss_grace(record: SpecRecord) -> float:
 
 async def _answers(processes: list[ProcessSpec]) -> bool:
     """Does any engine of these answer its readiness probe (from here, the coordinator's node)?"""
-    probes = [p.readiness for p in processes if p.role in ENGINE_ROLES and p.readiness is not None]
+    probes = [p.readiness.model_copy(update={"timeout_s": min(p.readiness.timeout_s, ANSWER_TIMEOUT_S)})
+              for p in processes if p.role in ENGINE_ROLES and p.readiness is not None]
     return any(await asyncio.gather(*(probe_once(p) for p in probes)))

@@ -57,7 +57,8 @@ def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSp
     try:
         plan = plan_cluster(spec, obs.members, previous=record.placement or None,
                             generation=record.generation, restart_epoch=record.master_epoch,
-                            group_epoch=record.group_epoch, unmanaged=record.unmanaged)
+                            group_epoch=record.group_epoch, unmanaged=record.unmanaged,
+                            recently_lost=record.recently_lost)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
     refused = hard_failures(spec, obs.members, plan)
@@ -166,14 +167,18 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         return None
     ranks = [(n, p) for n, p in plan.engines() if p.role == "decode"]
     formed = hashlib.sha256(" ".join(sorted(p.spec_hash() for _, p in ranks)).encode()).hexdigest()[:16]
+    policy = spec.policy.restart
     if all(is_ready(obs, n, p) for n, p in ranks):
-        if record.group_restarts or record.group_ready != formed:
-            return record.model_copy(update={"group_restarts": 0, "group_ready": formed})
+        if record.group_ready != formed:  # it formed (now: counted from here when known)
+            return record.model_copy(update={"group_ready": formed, "group_formed_at": now or 0.0})
+        if record.group_restarts and now is not None and now - record.group_formed_at >= policy.reset_after_s:
+            return record.model_copy(update={"group_restarts": 0})  # stable as long as a process must be
         return None
     reason = None
     before = record.placement.get("decode")
-    if before and before != plan.placement["decode"]:
-        moved = [f"{a} -> {b}" for a, b in zip(before, plan.placement["decode"], strict=False) if a != b]
+    replaced = bool(before) and before != plan.placement["decode"]
+    if replaced:
+        moved = [f"{a} -> {b}" for a, b in zip(before or [], plan.placement["decode"], strict=False) if a != b]
         reason = f"decode node replaced ({', '.join(moved)})"
     for node, proc in ranks:
         seen = observed_process(obs, node, proc.name)
@@ -181,14 +186,15 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
             continue
         if _failed_since_ready(seen):
             reason = f"{proc.name} on {node} (rank {proc.dp_rank}) failed: {seen.last_failure}"
-        elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
-            # alive but no longer ready: a rank whose peer died (a real API server may stay up)
+        elif seen.state != ProcessState.ready and seen.ready_lost_at is not None and now is not None \
+                and now - seen.ready_lost_at >= spec.policy.node_loss_grace_s:
+            # alive but not ready for a while (not merely busy): a rank whose peer died (a real
+            # API server may stay up)
             reason = f"{proc.name} on {node} (rank {proc.dp_rank}) no longer ready: {seen.message or 'readiness lost'}"
     if reason is None or now is None:
         return None
-    policy = spec.policy.restart
     wait = min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier ** record.group_restarts)
-    if now - record.group_since < wait:
+    if now - record.group_since < wait and not replaced:  # a replacement is news once: never held back
         return None
     return record.model_copy(update={"group_epoch": record.group_epoch + 1, "group_since": now,
                                      "group_restarts": record.group_restarts + 1, "group_reason": reason})

@@ -30,6 +30,9 @@ class SpecRecord(Strict):
     # Nodes whose agent is away (member key expired) while an engine assigned to them still
     # answered the coordinator within `policy.node_loss_grace_s`: not lost, not replaced.
     unmanaged: list[str] = Field(default_factory=list)
+    # Nodes whose agent is away and none of whose engines answers, lost less than
+    # `policy.node_loss_grace_s` ago: not replaced yet either (a busy engine may answer again).
+    recently_lost: list[str] = Field(default_factory=list)
     # The decode DP group restarted as a whole (`decode.group_restart: group`): how many times
     # (in every rank's spec), when last (coordinator's wall clock), how many times in a row
     # without the group getting ready (the backoff), and why.
@@ -40,6 +43,7 @@ class SpecRecord(Strict):
     # the ranks' spec hashes (a digest) with which every rank was last ready: the group formed.
     # A rank's failure restarts the group only once it formed (see `cluster_view.group_restart`).
     group_ready: str = ""
+    group_formed_at: float = 0.0  # coordinator's wall clock: when it formed (restart count reset after reset_after_s)
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,13 @@ def place(
     nodes: Mapping[str, NodeFacts],
     previous: Mapping[str, Sequence[str]] | None = None,
     unmanaged: Collection[str] = (),
+    recently_lost: Collection[str] = (),
 ) -> dict[str, list[str]]:
     """Choose nodes per role, keeping `previous` placement slot by slot (so DP indices stay).
 
     A slot whose node is gone is refilled from spare nodes only under `replace`, and never
-    while the node is `unmanaged` (its agent away, its engines still answering).
+    while the node is `unmanaged` (its agent away, its engines still answering) or
+    `recently_lost` (within `policy.node_loss_grace_s`).
     Raises PlanError naming the role that is short.
     """
     previous = previous or {}
@@ -132,6 +134,9 @@ def place(
             if preferred in unmanaged:
                 problems.append((f"{role_name}.node_names", f"node {preferred} is unmanaged: its agent is away, "
                                  "its engines still answer"))
+            elif preferred in recently_lost:
+                problems.append((f"{role_name}.node_names", f"node {preferred} is not registered: none of its "
+                                 "engines answers; replaced after policy.node_loss_grace_s"))
             elif prev and spec.policy.node_loss == "replace":
                 pool = list(spares) or [n for n in sorted(nodes) if n not in reserved]
                 pick = take_free(role, pool)
@@ -280,12 +285,13 @@ def plan_cluster(
     spec: ClusterSpec, nodes: Mapping[str, NodeFacts], *,
     previous: Mapping[str, Sequence[str]] | None = None, generation: int = 0, restart_epoch: int = 0,
     group_epoch: int = 0, check_ports: bool = True, unmanaged: Collection[str] = (),
+    recently_lost: Collection[str] = (),
 ) -> Plan:
     """(spec, registered nodes[, previous placement]) -> Plan, or PlanError naming what is short.
     Final: `generation` is in every process, `restart_epoch` (the master's) in every engine, plus
     `group_epoch` (restarts of the decode DP group as a whole) in each decode engine's.
     `check_ports=False`: a plan with two ports equal on a node too (see `port_problems`)."""
-    placement = place(spec, nodes, previous, unmanaged)
+    placement = place(spec, nodes, previous, unmanaged, recently_lost)
     problems: list[tuple[str, str]] = []
     bootstrap = spec.etcd.bootstrap_node
     if spec.etcd.endpoints:

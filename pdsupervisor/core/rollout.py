@@ -59,7 +59,8 @@ class Rollout:
 
 
 def failure(obs: Observed, node: str, planned: ProcessSpec, now: float | None) -> str | None:
-    """Why an engine assigned `planned` failed to take it, or None (fine, or not known yet)."""
+    """Why an engine assigned `planned` failed to take it, or None (fine, or not known yet).
+    Stable words (no counts, no ages): the halt event is told once, not at every change."""
     seen = observed_process(obs, node, planned.name)
     if seen is None:
         return None
@@ -77,10 +78,11 @@ def failure(obs: Observed, node: str, planned: ProcessSpec, now: float | None) -
     if seen.failures_in_a_row and last.startswith("spawn failed"):
         return f"{where}: {last}"
     if seen.crash_looping:
-        return f"{where}: crash loop ({seen.failures_in_a_row} failures in a row), last: {last}"
+        return f"{where}: crash loop, last: {last}"
     timeout = planned.start_timeout_s
-    if now is not None and timeout and seen.started_at and now - seen.started_at > timeout:
-        return f"{where}: not ready {now - seen.started_at:.0f} s after starting (start_timeout_s {timeout:g})"
+    never_ready = seen.ready_after_s is None  # in this run: one that served and then lost readiness did start
+    if now is not None and timeout and never_ready and seen.started_at and now - seen.started_at > timeout:
+        return f"{where}: not ready within its start_timeout_s ({timeout:g} s)"
     return None
 
 
@@ -89,17 +91,25 @@ def plan_rollout(obs: Observed, plan: Plan, spec: ClusterSpec, now: float | None
     by_role: dict[str, list[tuple[str, ProcessSpec]]] = {r: [] for r in ENGINE_ROLES}
     for node, proc in plan.engines():
         by_role[proc.role].append((node, proc))
-    halted = next((f"rollout halted: {why}" for node, proc in plan.engines()
-                   if _holds(obs, node, proc) and (why := failure(obs, node, proc, now))), None)
     roles: list[RoleRollout] = []
     allowed: set[tuple[str, str]] = set()
+    waves: set[tuple[str, str]] = set()  # what waves of single engines would change
     for role, engines in by_role.items():
         group = role == "decode" and plan.dp_size > 1
         limit = spec.policy.rollout.max_unavailable(role, len(engines))
         role_rollout, may = _role(obs, role, engines, limit, group=group)
         roles.append(role_rollout)
-        if halted is None:
-            allowed |= may
+        # a DP group is one wave, no canary before it: a halt does not hold it (its own failure
+        # or refusal keeps the old ranks where a node refused, and a group restart must pass)
+        (allowed if group else waves).update(may)
+    # A halt is judged while a rollout goes on (engines still to change) or a node refused a
+    # new spec (its old process runs on): a crash loop at rest is a problem, not a halt.
+    active = any(r.updated < r.total for r in roles)
+    halted = next((f"rollout halted: {why}" for node, proc in plan.engines()
+                   if _holds(obs, node, proc) and (why := failure(obs, node, proc, now))
+                   and (active or "refused by its node" in why)), None)
+    if halted is None:
+        allowed |= waves
     return Rollout(roles=tuple(roles), allowed=frozenset(allowed), halted=halted)
 
 

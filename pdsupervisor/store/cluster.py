@@ -70,6 +70,10 @@ async def observe_nodes(store: Store) -> tuple[dict[str, NodeFacts], str | None]
     return decode_models(read[keys.members], keys.members, NodeFacts), leader[0].value.decode() if leader else None
 
 
+# What a replacing spec's record keeps from the running one (see `SpecRecord`).
+CARRIED = ("group_epoch", "group_since", "group_restarts", "group_reason", "unmanaged", "recently_lost")
+
+
 @dataclass
 class SubmitResult:
     status: int  # HTTP-like: 202 accepted, 409 conflict
@@ -117,9 +121,12 @@ async def submit_spec(store: Store, spec: ClusterSpec, *, replace: bool = False)
             generation=(current.generation if current else 0) + 1, action="start", spec=spec_doc,
             placement=running.placement if running is not None and keep_placement else {},
             submitted_at=time.time(),
-            # a replacing spec keeps the master's identity: engines restart only if their spec changed
+            # a replacing spec keeps the master's identity and the DP group's epoch (both in
+            # the engines' specs): engines restart only if their spec changed; and what the
+            # coordinator knows of nodes away
             master_pid=running.master_pid if running is not None else None,
             master_epoch=current.master_epoch if current else 0,
+            **({k: getattr(running, k) for k in CARRIED} if running is not None else {}),
         )
         return record, f"generation {record.generation} submitted"
 
