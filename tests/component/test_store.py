@@ -11,9 +11,11 @@ import pytest
 
 from pdsupervisor.core.cluster_view import SpecRecord
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
+from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.local.ports import free_port
-from pdsupervisor.store.cluster import observe, observe_membership
+from pdsupervisor.store.cluster import observe, observe_membership, read_record, submit_spec
 from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
+from tests.cluster_helpers import cluster_spec
 from tests.conftest import EtcdServer, running_etcd, until, wait_for
 
 
@@ -302,3 +304,19 @@ async def test_the_store_tells_its_observer_of_each_request(etcd_server, cluster
         with pytest.raises(StoreUnavailable):
             await away.get("x")
     assert seen == [("/v3/kv/range", False)]
+
+
+async def test_a_replace_keeps_the_group_epoch(etcd_server, cluster_name):
+    """Both are in the engines' specs (or decide about them): a replace of the very same spec
+    must not restart the decode group nor forget a node the coordinator holds back."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        spec = validate_spec(cluster_spec(cluster_name, etcd_server.endpoint, decode_nodes=["n2"]))
+        assert (await submit_spec(store, spec)).status == 202
+        record, _ = await read_record(store)
+        carried = {"group_epoch": 3, "group_since": 5.0, "group_restarts": 2, "group_reason": "rank 1 failed",
+                   "unmanaged": ["n2"], "recently_lost": ["n3"]}
+        await store.put(store.keys.spec, record.model_copy(update=carried).model_dump_json().encode())
+        assert (await submit_spec(store, spec, replace=True)).status == 202
+        replaced, _ = await read_record(store)
+        assert replaced.generation == record.generation + 1
+        assert {k: getattr(replaced, k) for k in carried} == carried
