@@ -154,8 +154,10 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
     """The record restarting the decode DP group as a whole, or with its restart count reset.
 
     Once the group formed (every rank ready with these specs), a rank running the group's
-    spec that failed since it was ready, or that stopped passing its readiness probe (alive
-    but broken: its peer died), or a rank re-placed on another node, breaks the group: its
+    spec that failed since it was ready, that is another process than the one that formed the
+    group (its node was lost and came back, its agent restarted it), that stopped passing its
+    readiness probe for `node_loss_grace_s` (alive but broken: its peer died), or a rank
+    re-placed on another node, breaks the group: its
     peers cannot go on without it, and it cannot rejoin them alone. Before it formed, a rank
     that fails (e.g. one that came up while the previous group's rank 0 still ran, and was
     refused) joins on its own restart: the others are still waiting for it.
@@ -169,8 +171,12 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
     formed = hashlib.sha256(" ".join(sorted(p.spec_hash() for _, p in ranks)).encode()).hexdigest()[:16]
     policy = spec.policy.restart
     if all(is_ready(obs, n, p) for n, p in ranks):
-        if record.group_ready != formed:  # it formed (now: counted from here when known)
-            return record.model_copy(update={"group_ready": formed, "group_formed_at": now or 0.0})
+        pids = {f"{n}/{p.name}": seen.pid for n, p in ranks
+                if (seen := observed_process(obs, n, p.name)) is not None and seen.pid is not None}
+        if record.group_ready != formed or record.group_pids != pids:  # it formed (now: counted from here)
+            return record.model_copy(update={"group_ready": formed, "group_pids": pids,
+                                             "group_formed_at": (now or 0.0) if record.group_ready != formed
+                                             else record.group_formed_at})
         if record.group_restarts and now is not None and now - record.group_formed_at >= policy.reset_after_s:
             return record.model_copy(update={"group_restarts": 0})  # stable as long as a process must be
         return None
@@ -184,8 +190,12 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         seen = observed_process(obs, node, proc.name)
         if reason is not None or record.group_ready != formed or seen is None or seen.spec_hash != proc.spec_hash():
             continue
+        formed_pid = record.group_pids.get(f"{node}/{proc.name}")
         if _failed_since_ready(seen):
             reason = f"{proc.name} on {node} (rank {proc.dp_rank}) failed: {seen.last_failure}"
+        elif formed_pid is not None and seen.pid is not None and seen.pid != formed_pid:
+            reason = (f"{proc.name} on {node} (rank {proc.dp_rank}) is a new process (pid {formed_pid} -> {seen.pid}): "
+                      "it cannot rejoin the group that formed")
         elif seen.state != ProcessState.ready and seen.ready_lost_at is not None and now is not None \
                 and now - seen.ready_lost_at >= spec.policy.node_loss_grace_s:
             # alive but not ready for a while (not merely busy): a rank whose peer died (a real

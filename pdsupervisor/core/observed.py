@@ -43,6 +43,7 @@ class SpecRecord(Strict):
     # the ranks' spec hashes (a digest) with which every rank was last ready: the group formed.
     # A rank's failure restarts the group only once it formed (see `cluster_view.group_restart`).
     group_ready: str = ""
+    group_pids: dict[str, int] = Field(default_factory=dict)  # `node/process` -> pid of each rank that formed it
     group_formed_at: float = 0.0  # coordinator's wall clock: when it formed (restart count reset after reset_after_s)
 
 

@@ -271,3 +271,16 @@ def test_an_engine_that_served_then_lost_readiness_is_not_a_start_timeout():
     served = _applied(obs, first.assignments, prefill_0={"state": ProcessState.running, "started_at": 100.0,
                                                          "ready_after_s": 3.0, "ready_lost_at": 7000.0})
     assert desired_state(served, now=100.0 + 7200).rollout.halted is None
+
+
+def test_a_rank_that_is_a_new_process_since_the_group_formed_restarts_the_group():
+    """Its node was lost and came back: the new agent started fresh ranks there; the ranks
+    elsewhere still belong to the group that formed. No failure is reported, only new pids."""
+    obs = demo_running(master_pid=500)
+    assert obs.record.group_pids  # which processes formed it
+    old = obs.record.group_pids["node3/decode-1"]
+    fresh = _only_node3(obs, state=ProcessState.running, pid=old + 1)
+    desired = desired_state(fresh, now=1e6)
+    assert desired.record.group_epoch == 1
+    assert desired.record.group_reason == (f"decode-1 on node3 (rank 3) is a new process (pid {old} -> {old + 1}): "
+                                           "it cannot rejoin the group that formed")
