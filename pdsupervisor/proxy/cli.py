@@ -19,7 +19,7 @@ from pdsupervisor.aio.serve import run_app
 from pdsupervisor.core.models import EtcdAccess, TlsFiles
 from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.proxy.config import DEFAULT_MAX_BODY_BYTES
-from pdsupervisor.proxy.instances import Registry
+from pdsupervisor.proxy.instances import POLICIES, Registry
 from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
 from pdsupervisor.store.transport import Credentials, CredentialsError, credentials
 
@@ -71,7 +71,10 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--etcd-password-file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--routing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --cluster: keep the last routing here; used at start while etcd is away.")
-@click.option("--policy", type=click.Choice(["load", "round-robin"]), default="load", show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default="load", show_default=True,
+              help="load: prefill by prompt tokens in flight, decode by requests in flight; round-robin: in turn; "
+                   "prefix: prefill to the instance that last got the prompt's longest prefix unless it is too busy "
+                   "(then by load), decode by load.")
 @click.option("--round-robin", "round_robin", is_flag=True, help="Same as --policy round-robin.")
 @click.option("--generator-on-p-node", "generator_on_p", is_flag=True, help="First token comes from the prefill node.")
 @click.option("--benchmark-mode", is_flag=True, help="Fan each prompt out to extra decode requests.")

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,19 +163,20 @@ class Flow:
         req.pop("stream_options", None)
         req["kv_transfer_params"] = PREFILL_KV_REQUEST
         payload = json.dumps(req, separators=(",", ":")).encode()
-        data = await self._call(ex, "prefill", payload)
+        data = await self._call(ex, "prefill", payload, self.registry.prompt_keys(ex.body, ex.chat))
         try:
             out = json.loads(data)
         except ValueError:
             raise ProxyError(502, "prefill answered with invalid JSON", "BadGateway") from None
         return out if isinstance(out, dict) else {}
 
-    async def _call(self, ex: Exchange, role: ProxyRole, payload: bytes) -> bytes:
-        """One non-streamed upstream request, retried on other instances of the role; its body."""
+    async def _call(self, ex: Exchange, role: ProxyRole, payload: bytes, keys: Sequence[int] = ()) -> bytes:
+        """One non-streamed upstream request, retried on other instances of the role; its body.
+        `keys`: the prompt's, for `--policy prefix` (see Registry.prompt_keys)."""
         tried: set[Instance] = set()
         tokens = ex.tokens
         while True:
-            inst = self._pick(role, tried)
+            inst = self._pick(role, tried, keys)
             tried.add(inst)
             self.registry.acquire(inst, tokens)
             t0 = time.perf_counter()
@@ -291,8 +293,8 @@ class Flow:
         self._outcome(inst, outcome, t0)
         self.exchange_failed(inst, outcome, reason)
 
-    def _pick(self, role: ProxyRole, tried: set[Instance]) -> Instance:
-        inst = self.registry.pick(role, tried)
+    def _pick(self, role: ProxyRole, tried: set[Instance], keys: Sequence[int] = ()) -> Instance:
+        inst = self.registry.pick(role, tried, keys)
         if inst is not None:
             return inst
         if tried:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pdsupervisor.proxy.instances import ROLES, Registry
@@ -17,12 +17,13 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class _InstanceCollector(Collector):
     """In-flight and ejection per instance, and instances in rotation per role (0 too: an
     alert on a role left without instances needs the sample) and how many of those are routed
-    on the last status of an agent that is away, read from the registry at scrape time."""
+    on the last status of an agent that is away, read from the registry at scrape time; under
+    `--policy prefix`, how prefills were routed."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         inflight = GaugeMetricFamily("pdproxy_instance_inflight", "Requests in flight per instance.", labels=["role", "instance"])
         ejected = GaugeMetricFamily("pdproxy_instance_ejected", "1 if the instance is ejected.", labels=["role", "instance"])
         available = GaugeMetricFamily("pdproxy_available_instances", "Instances of the role in rotation "
@@ -40,6 +41,13 @@ class _InstanceCollector(Collector):
         yield ejected
         yield available
         yield last_known
+        if self._registry.policy == "prefix":
+            routed = CounterMetricFamily("pdproxy_prefix_routed", "Prefills routed by --policy prefix: to the instance "
+                                         "holding the longest prefix (hit), by load as it was too busy (busy) or as "
+                                         "none held one (miss).", labels=["outcome"])
+            for outcome, n in self._registry.prefix_routed.items():
+                routed.add_metric([outcome], n)
+            yield routed
 
 
 class ProxyMetrics:

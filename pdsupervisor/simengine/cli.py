@@ -18,7 +18,8 @@ from pdsupervisor.simengine.server import serve
 
 HELP = """Simulated vLLM OpenAI server. Takes vLLM's flags (--model, --host, --port, -tp,
 --kv-transfer-config; others are ignored) plus --sim-load-time S, --sim-ttft-per-token S,
---sim-tpot S, --sim-max-batch N, --sim-natural-len N. Reads MOONCAKE_CONFIG_PATH. With DP size > 1
+--sim-tpot S, --sim-max-batch N, --sim-natural-len N, --sim-prefix-cache-blocks N (blocks of 16
+tokens; 0: no prefix cache). Reads MOONCAKE_CONFIG_PATH. With DP size > 1
 (--data-parallel-size N --data-parallel-rank R --data-parallel-address IP --data-parallel-rpc-port P,
 or else VLLM_DP_SIZE / _RANK / _MASTER_IP / _MASTER_PORT) it is one rank of a DP group: it serves
 only once all ranks met at the master address, and for good not after one left. Real KV hand-off

@@ -61,6 +61,7 @@ class SimConfig:
     tpot_s: float = 0.0
     max_batch: int = 256
     natural_len: int = 16
+    prefix_cache_blocks: int = 4096  # blocks of prefixcache.BLOCK_TOKENS tokens; 0: no prefix cache
     dp_env: dict[str, str] = field(default_factory=dict)
     # Upstream vLLM's DP flags as given (None: absent); `dp` is what the engine uses.
     dp_size: int | None = None
@@ -122,6 +123,7 @@ class SimConfig:
                 "tpot_s": self.tpot_s,
                 "max_batch": self.max_batch,
                 "natural_len": self.natural_len,
+                "prefix_cache_blocks": self.prefix_cache_blocks,
                 "kv_transfer": self.kv_transfer,
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_max_bytes": self.kv_max_bytes,
@@ -156,6 +158,7 @@ _VALUE_FLAGS: dict[str, tuple[str, Any]] = {
     "--sim-tpot": ("tpot_s", float),
     "--sim-max-batch": ("max_batch", int),
     "--sim-natural-len": ("natural_len", int),
+    "--sim-prefix-cache-blocks": ("prefix_cache_blocks", int),
     "--sim-kv-transfer": ("kv_transfer", str),
     "--sim-kv-bytes-per-token": ("kv_bytes_per_token", parse_size),
     "--sim-kv-max-bytes": ("kv_max_bytes", parse_size),
@@ -247,6 +250,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Sim
         raise ConfigError("--kv-transfer-config must be a JSON object")
     if cfg.max_batch < 1:
         raise ConfigError("--sim-max-batch must be >= 1")
+    if cfg.prefix_cache_blocks < 0:
+        raise ConfigError("--sim-prefix-cache-blocks must be >= 0 (0: no prefix cache)")
     if cfg.kv_transfer not in KV_TRANSFER_MODES:
         raise ConfigError(f"--sim-kv-transfer must be one of {', '.join(KV_TRANSFER_MODES)}")
     if cfg.kv_timeout_s <= 0:

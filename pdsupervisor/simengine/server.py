@@ -1,9 +1,11 @@
 """The simulated engine's HTTP server: vLLM's OpenAI routes, timing model and metrics.
 
 Timing model: a request waits for one of `max_batch` slots, then pays
-`ttft_per_token * prompt_tokens` (prefill; skipped by a decode engine that receives valid
-`kv_transfer_params`), then `tpot` per output token. With every delay zero no timer is
-armed at all, so the simulator is a cheap baseline for proxy benchmarks.
+`ttft_per_token * computed tokens` (prefill; skipped by a decode engine that receives valid
+`kv_transfer_params`), then `tpot` per output token. The computed tokens are the prompt's
+less those its prefix cache holds (prefixcache.py; `--sim-prefix-cache-blocks 0`: all of them).
+With every delay zero no timer is armed at all, so the simulator is a cheap baseline for proxy
+benchmarks.
 
 As a rank of a DP group (DP size > 1, see dpgroup.py) the engine serves only while its
 group is formed: 503 before, and for good once the group broke, which also fails the
@@ -30,6 +32,7 @@ from pdsupervisor.simengine import shapes
 from pdsupervisor.simengine.config import SimConfig
 from pdsupervisor.simengine.dpgroup import DPGroup, GroupBroken
 from pdsupervisor.simengine.kvstore import KVError, MooncakeKV
+from pdsupervisor.simengine.prefixcache import PrefixCache
 
 log = logging.getLogger("pdsupervisor.simengine")
 
@@ -49,6 +52,12 @@ class EngineMetrics:
             return Counter(name, doc, ["model_name"], registry=self.registry).labels(**labels)
 
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        # vLLM v1's prefix cache counters, in tokens: those looked up, and those found cached.
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prefix cache queries, in prompt tokens queried.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached.")
+        self.prefill_computed = counter(
+            "vllm:sim_prefill_computed_tokens", "Prompt tokens this engine prefilled (not cached, not transferred)."
+        )
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
         self.requests = counter("vllm:request_success", "Requests finished.")
         self.received = counter("vllm:sim_requests_received", "Completion requests received, bad ones too.")
@@ -74,6 +83,7 @@ class SimEngine:
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}"
         self.metrics = EngineMetrics(self)
+        self.prefix_cache = PrefixCache(cfg.prefix_cache_blocks) if cfg.prefix_cache_blocks > 0 else None
         self.kv: MooncakeKV | None = MooncakeKV(cfg) if cfg.kv_transfer == "mooncake" else None
         self.dp: DPGroup | None = DPGroup(cfg.dp) if cfg.dp is not None else None
         self.endpoint = f"{'127.0.0.1' if is_wildcard(cfg.host) else cfg.host}:{cfg.port}"
@@ -144,7 +154,8 @@ class SimEngine:
             return _error(f"invalid JSON: {exc}")
         if not isinstance(body, dict):
             return _error("request body must be a JSON object")
-        prompt_tokens = shapes.count_prompt_tokens(body, chat)
+        tokens = shapes.prompt_tokens(body, chat)
+        prompt_tokens = max(1, len(tokens))
         max_tokens = body.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
@@ -192,7 +203,10 @@ class SimEngine:
             self.waiting -= 1
         self.running += 1
         try:
-            await self._pause(self.cfg.ttft_per_token_s * prompt_tokens if pay_prefill else 0.0)
+            if pay_prefill:
+                await self._prefill(tokens, prompt_tokens)
+            else:
+                await self._pause(0.0)  # a DP rank whose group broke fails here
             self.metrics.prompt_tokens.inc(prompt_tokens)
             if body.get("stream"):
                 return await self._stream(request, body, chat, req_id, prompt_tokens, n_out, finish)
@@ -241,6 +255,20 @@ class SimEngine:
         await resp.write_eof()
         self.metrics.requests.inc()
         return resp
+
+    async def _prefill(self, tokens: list[str] | list[int], prompt_tokens: int) -> None:
+        """Prefill what the prefix cache does not hold, then cache the prompt's blocks."""
+        cache = self.prefix_cache
+        computed = prompt_tokens
+        if cache is not None:
+            cached = cache.cached_tokens(tokens)
+            computed -= cached
+            self.metrics.prefix_queries.inc(prompt_tokens)
+            self.metrics.prefix_hits.inc(cached)
+        await self._pause(self.cfg.ttft_per_token_s * computed)
+        self.metrics.prefill_computed.inc(computed)
+        if cache is not None:
+            cache.store(tokens)
 
     async def _pause(self, seconds: float) -> None:
         """`seconds` of model time (none armed for 0); in a DP group, GroupBroken once it is broken."""

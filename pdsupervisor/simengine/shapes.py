@@ -1,4 +1,4 @@
-"""OpenAI/vLLM response shapes: prompt token counting and response/chunk builders."""
+"""OpenAI/vLLM response shapes: the prompt's tokens and response/chunk builders."""
 
 from __future__ import annotations
 
@@ -7,23 +7,27 @@ import time
 from typing import Any
 
 
-def count_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
-    """A deterministic stand-in for a tokenizer: one token per whitespace-separated word."""
+def prompt_tokens(body: dict[str, Any], chat: bool) -> list[str] | list[int]:
+    """A deterministic stand-in for a tokenizer: the whitespace-separated words of the prompt
+    (of every message's text, for chat), or the prompt itself when it is a list of token ids.
+    The engine reports at least 1 prompt token, even for an empty prompt."""
     if chat:
-        n = 0
+        words: list[str] = []
         for msg in body.get("messages") or []:
             content = msg.get("content") if isinstance(msg, dict) else None
             if isinstance(content, str):
-                n += len(content.split())
+                words += content.split()
             elif isinstance(content, list):  # [{"type": "text", "text": ...}]
-                n += sum(len(str(p.get("text", "")).split()) for p in content if isinstance(p, dict))
-        return max(1, n)
+                for p in content:
+                    if isinstance(p, dict):
+                        words += str(p.get("text", "")).split()
+        return words
     prompt = body.get("prompt", "")
     if isinstance(prompt, list):
         if prompt and all(isinstance(t, int) for t in prompt):
-            return max(1, len(prompt))
+            return prompt
         prompt = " ".join(str(p) for p in prompt)
-    return max(1, len(str(prompt).split()))
+    return str(prompt).split()
 
 
 def token_text(i: int) -> str:

@@ -133,6 +133,32 @@ def test_generator_on_p_node(procs):
     assert events[0]["id"] != events[1]["id"]  # first token from the prefill engine, the rest from decode
 
 
+def test_prefix_policy_sends_a_shared_prefix_to_the_prefill_that_has_it(procs):
+    base, pres, _ = _pd(procs, 3, 1, proxy_args=("--policy", "prefix"))
+    system = " ".join(f"rule{i}" for i in range(300))  # 300 tokens for the engines, 2,000 characters for the proxy
+
+    def served() -> list[float]:
+        return [metric(f"http://{p}", "vllm:request_success_total") for p in pres]
+
+    for question in ("what is a?", "and b?"):
+        status, _ = http("POST", base + "/v1/completions", {"prompt": f"{system} {question}", "max_tokens": 2})
+        assert status == 200
+    counts = served()
+    assert sorted(counts) == [0, 0, 2], counts  # under `load` the idle ones would have had one each
+    holder = pres[counts.index(2)]
+    assert metric(f"http://{holder}", "vllm:prefix_cache_hits_total") == 288  # 18 of the 19 blocks of 16 tokens
+    # a chat with a long system message: its own holder, chosen by load, then kept
+    chat = [{"role": "system", "content": system.upper()}]
+    for question in ("hi", "hello again"):
+        body = {"messages": [*chat, {"role": "user", "content": question}], "max_tokens": 2, "stream": True}
+        assert http("POST", base + "/v1/chat/completions", body)[0] == 200
+    after = [n - c for n, c in zip(served(), counts, strict=True)]
+    assert sorted(after) == [0, 0, 2] and after != counts, after
+    text = http("GET", base + "/metrics")[1].decode()
+    assert 'pdproxy_prefix_routed_total{outcome="hit"} 2.0' in text
+    assert 'pdproxy_prefix_routed_total{outcome="miss"} 2.0' in text
+
+
 def test_client_disconnect_cancels_upstream(procs):
     base, _, decs = _pd(procs, 1, 1, "--sim-tpot", "0.05")
 

@@ -120,6 +120,34 @@ def test_prefill_and_decode_roles(procs):
     assert metric(f"http://{dec}", "vllm:prompt_tokens_total") == 20
 
 
+def test_the_prefix_cache_prefills_only_what_it_does_not_hold(procs):
+    ep, _ = procs.engine("prefill", "--sim-ttft-per-token", "0.01")
+    base = f"http://{ep}"
+    prompt = " ".join(f"w{i}" for i in range(100))  # 6 full blocks of 16 tokens, and 4 more
+
+    def timed(body: dict) -> float:
+        t0 = time.monotonic()
+        assert http("POST", base + "/v1/completions", {**body, "max_tokens": 1})[0] == 200
+        return time.monotonic() - t0
+
+    first, again = timed({"prompt": prompt}), timed({"prompt": prompt})
+    assert first >= 1.0 > 0.5 > again  # 100 tokens prefilled at 10 ms each, then only the last 4
+    assert metric(base, "vllm:prefix_cache_queries_total") == 200
+    assert metric(base, "vllm:prefix_cache_hits_total") == 96
+    assert metric(base, "vllm:sim_prefill_computed_tokens_total") == 104
+    assert metric(base, "vllm:prompt_tokens_total") == 200  # every prompt token, cached or not
+    # another ending after the same 40 words: the 2 full blocks they fill are cached
+    timed({"prompt": " ".join(prompt.split()[:40] + ["x"] * 10)})
+    assert metric(base, "vllm:prefix_cache_hits_total") == 96 + 32
+    assert metric(base, "vllm:sim_prefill_computed_tokens_total") == 104 + 18
+
+    off, _ = procs.engine("prefill", "--sim-prefix-cache-blocks", "0")
+    for _ in range(2):
+        http("POST", f"http://{off}/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert metric(f"http://{off}", "vllm:sim_prefill_computed_tokens_total") == 200
+    assert metric(f"http://{off}", "vllm:prefix_cache_queries_total") == 0
+
+
 def test_batch_slots_make_requests_wait(procs):
     ep, _ = procs.engine(None, "--sim-max-batch", "1", "--sim-tpot", "0.2")
     base = f"http://{ep}"
@@ -141,7 +169,7 @@ def test_every_sim_flag_reads_its_env_var_and_a_flag_wins():
     # the names the README, the tests' cluster env and deployments use: renaming one breaks them
     documented = {"PDSIM_KV_BYTES_PER_TOKEN", "PDSIM_KV_MAX_BYTES", "PDSIM_KV_TIMEOUT", "PDSIM_KV_TRANSFER",
                   "PDSIM_LOAD_TIME", "PDSIM_MAX_BATCH", "PDSIM_MOONCAKE_BUFFER_CAP", "PDSIM_MOONCAKE_SEGMENT_CAP",
-                  "PDSIM_NATURAL_LEN", "PDSIM_TPOT", "PDSIM_TTFT_PER_TOKEN"}
+                  "PDSIM_NATURAL_LEN", "PDSIM_PREFIX_CACHE_BLOCKS", "PDSIM_TPOT", "PDSIM_TTFT_PER_TOKEN"}
     assert set(_SIM_ENV) == documented
     cfg = parse_args([], env={"PDSIM_NATURAL_LEN": "5", "PDSIM_MAX_BATCH": "3", "PDSIM_KV_MAX_BYTES": "64k"})
     assert (cfg.natural_len, cfg.max_batch, cfg.kv_max_bytes) == (5, 3, 64 << 10)
