@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,16 @@ PREFILL_KV_REQUEST = {
     "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
     "remote_block_ids": None, "remote_host": None, "remote_port": None,
 }
+
+
+class ClientGone(Exception):
+    """The client's connection closed while its stream was written: not the instance's fault
+    (aiohttp's write error is a ClientConnectionError, like an upstream's), so it is kept
+    apart from the upstream failures that eject."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client gone")
+        self.response = response
 
 
 class Passthrough(Exception):
@@ -139,6 +150,9 @@ class Flow:
         except Passthrough as p:
             status = p.response.status
             return p.response
+        except ClientGone as gone:
+            status = 499  # client went away mid-stream
+            return gone.response
         except ProxyError as e:
             status = e.status
             self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
@@ -243,13 +257,13 @@ class Flow:
                                 continue
                         if resp is None:
                             resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-                            await resp.prepare(ex.request)
+                            await _to_client(resp.prepare(ex.request), resp)
                             self.metrics.child(self.metrics.ttft, ex.path).observe(time.perf_counter() - ex.start)
-                        await resp.write(chunk)
+                        await _to_client(resp.write(chunk), resp)
                     if resp is None:
                         raise aiohttp.ClientPayloadError("decode closed the stream without sending anything")
                     self._outcome(inst, "ok", t0)
-                    await resp.write_eof()
+                    await _to_client(resp.write_eof(), resp)
                     return resp
             except UPSTREAM_FAILURES as exc:
                 give_up = self._attempt_failed(inst, t0, exc)
@@ -306,6 +320,14 @@ class Flow:
         m = self.metrics
         m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
         m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
+
+
+async def _to_client(write: Awaitable[Any], resp: web.StreamResponse) -> None:
+    """A write to the streaming client; its connection closing is `ClientGone`."""
+    try:
+        await write
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+        raise ClientGone(resp) from None
 
 
 async def _abort_stream(resp: web.StreamResponse, message: str) -> web.StreamResponse:
