@@ -115,12 +115,12 @@ class Flow:
         """Take `inst` out of rotation (logged and counted by `kind` if it was in rotation)."""
         if self.registry.eject(inst, reason):
             log.warning("ejecting %s instance %s: %s", inst.role, inst.endpoint, reason)
-            self.metrics.child(self.metrics.ejections, inst.role, kind).inc()
+            self.metrics.ejections.inc(inst.role, kind)
 
     def exchange_failed(self, inst: Instance, kind: str, reason: str) -> None:
         """An exchange with `inst` failed: count it and eject the instance until its probe answers again."""
         inst.failures += 1
-        self.metrics.child(self.metrics.errors, "upstream_" + inst.role).inc()
+        self.metrics.errors.inc("upstream_" + inst.role)
         self.eject(inst, kind, reason)
 
     # ---- routes ---------------------------------------------------------------------------
@@ -155,15 +155,15 @@ class Flow:
             return gone.response
         except ProxyError as e:
             status = e.status
-            self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
+            self.metrics.errors.inc(f"http_{e.status}")
             return error_response(e.status, e.message, e.type_, e.param)
         except asyncio.CancelledError:
             status = 499  # client went away
             raise
         finally:
             m = self.metrics
-            m.child(m.requests, path, str(status)).inc()
-            m.child(m.latency, path).observe(time.perf_counter() - start)
+            m.requests.inc(path, str(status))
+            m.latency.observe(time.perf_counter() - start, path)
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class Flow:
         try:
             await self._call(ex, "decode", ex.payload)
         except (ProxyError, Passthrough):
-            self.metrics.child(self.metrics.errors, "benchmark_duplicate").inc()
+            self.metrics.errors.inc("benchmark_duplicate")
 
     async def _decode(self, ex: Exchange) -> web.StreamResponse:
         tried: set[Instance] = set()
@@ -251,7 +251,7 @@ class Flow:
                     data = await self._body(inst, up, t0)
                     if data is None:
                         continue
-                    self.metrics.child(self.metrics.ttft, ex.path).observe(time.perf_counter() - ex.start)
+                    self.metrics.ttft.observe(time.perf_counter() - ex.start, ex.path)
                     return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
                 relay = _FirstTokenSwap(ex.prefill or {}, ex.chat) if self.cfg.generator_on_p else None
                 async for chunk in up.chunks():
@@ -262,7 +262,7 @@ class Flow:
                     if resp is None:
                         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
                         await _to_client(resp.prepare(ex.request), resp)
-                        self.metrics.child(self.metrics.ttft, ex.path).observe(time.perf_counter() - ex.start)
+                        self.metrics.ttft.observe(time.perf_counter() - ex.start, ex.path)
                     await _to_client(resp.write(chunk), resp)
                 if resp is None:
                     raise UpstreamError("decode closed the stream without sending anything")
@@ -274,7 +274,7 @@ class Flow:
                 if resp is not None:  # bytes already sent: no retry possible, tell the client in-band
                     if give_up is not None:
                         return await _abort_stream(resp, "decode instance timed out")
-                    self.metrics.child(self.metrics.errors, "stream_broken").inc()
+                    self.metrics.errors.inc("stream_broken")
                     return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
                 if give_up is not None:
                     raise give_up from None
@@ -324,8 +324,8 @@ class Flow:
         if outcome == "ok":
             inst.served += 1
         m = self.metrics
-        m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
-        m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
+        m.upstream.inc(inst.role, inst.endpoint, outcome)
+        m.instance_latency.observe(time.perf_counter() - t0, inst.role, inst.endpoint)
 
 
 async def _to_client(write: Awaitable[Any], resp: web.StreamResponse) -> None:
