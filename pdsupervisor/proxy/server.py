@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -107,6 +108,7 @@ class PDProxy:
         insts = self.registry.instances()
         return web.json_response({
             "source": self.source,
+            "pid": os.getpid(),  # which worker answered, with --workers
             "instances": [i.view() for i in insts],
             "inflight": sum(i.inflight for i in insts if i.role == "decode"),
             "ejected": [i.endpoint for i in insts if i.ejected],
