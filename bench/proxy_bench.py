@@ -249,6 +249,9 @@ def contender_argv(name: str, port: int, pre: int, dec: int, workers: int = 1) -
     if name == "ours":
         return [py, "-m", "pdsupervisor.proxy", "--host", "127.0.0.1", "--port", str(port),
                 "--prefill", f"127.0.0.1:{pre}", "--decode", f"127.0.0.1:{dec}", "--log-level", "WARNING",
+                # the simulated engine, one Python process writing 64 streams of 512 tokens on a shared
+                # core, can leave /health unanswered for over a second: not a dead engine to eject
+                "--probe-timeout", "5",
                 *(["--workers", str(workers)] if workers > 1 else [])]
     if name == "toy":
         spec = importlib.util.find_spec("mooncake")
