@@ -16,6 +16,8 @@ req/s on a shared machine.
 
     python bench/proxy_bench.py --concurrency 1 16 64 256 --duration 5 --modes plain stream64 stream512
     python bench/proxy_bench.py --contenders ours --workers 1 2   # ours with 1, then 2 worker processes
+    git archive main | tar -x -C /tmp/main && \
+    python bench/proxy_bench.py --contenders ours router --before /tmp/main --rounds 3   # main vs this tree
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ class Procs:
         self.logdir = logdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """`cwd`: where `python -m` finds the package first (the `before` tree)."""
         log = open(self.logdir / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         self.procs.append(p)
         return p
 
@@ -182,13 +185,18 @@ def run_aiohttp(url: str, body: dict[str, object], conc: int, duration: float) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per (contender, mode, concurrency)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per (contender, mode, concurrency, round)")
     ap.add_argument("--contenders", nargs="+", default=["direct", "ours", "toy", "router"])
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--workers", type=int, nargs="+", default=[1],
                     help="ours is run once per count given (--workers N); other contenders once")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="also run ours from this source tree (e.g. a `git archive` of main), as contender `before`")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="cells per (contender, mode, concurrency), the contenders taking turns; the median is reported")
     ap.add_argument("--loadgen", choices=["auto", "wrk", "aiohttp"], default="auto")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # SIGTERM too stops what it started
     loadgen = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     procs = Procs(tmp)
@@ -203,10 +211,14 @@ def main() -> None:
         for port in (pre_port, dec_port):
             if not wait_http(f"http://127.0.0.1:{port}/health"):
                 sys.exit(f"engine on {port} did not start; logs in {tmp}")
-        results: dict[str, dict[tuple[str, int], Result]] = {}
         notes: dict[str, str] = {}
         runs = [(f"ours x{w}" if w > 1 else name, name, w) if name == "ours" else (name, name, 1)
                 for name in args.contenders for w in (args.workers if name == "ours" else [1])]
+        if args.before is not None:
+            runs.insert(0, ("before", "ours", 1))
+        # All contenders run at once (on the same engines) and take turns at each cell: on a shared
+        # machine, load that comes and goes then falls on all of them alike.
+        live: dict[str, tuple[str, int]] = {}  # label -> (url, pid measured)
         for label, name, workers in runs:
             port = free_port()
             argv = contender_argv(name, port, pre_port, dec_port, workers)
@@ -214,7 +226,8 @@ def main() -> None:
                 notes[label] = argv
                 print(f"# skipping {label}: {argv}", flush=True)
                 continue
-            proc = procs.start(name, argv) if argv else None
+            cwd = args.before.resolve() if label == "before" and args.before else None
+            proc = procs.start(label.replace(" ", ""), argv, cwd) if argv else None
             url = f"http://127.0.0.1:{port if argv else dec_port}/v1/completions"
             if not wait_http(url, timeout=60):
                 notes[label] = "did not answer"
@@ -222,24 +235,34 @@ def main() -> None:
                 if proc:
                     procs.stop(proc)
                 continue
-            results[label] = {}
-            measured = (proc or engines["decode"]).pid
-            for mode in args.modes:
-                for conc in args.concurrency:
-                    cpu0 = cpu_seconds(measured)
-                    body = MODES[mode]
-                    r = (run_wrk(url, body, conc, args.duration, tmp) if loadgen == "wrk"
-                         else run_aiohttp(url, body, conc, args.duration))
-                    if r.requests:
-                        r.cpu_us = (cpu_seconds(measured) - cpu0) / r.requests * 1e6
-                    results[label][mode, conc] = r
-                    print(f"{label:8s} {mode:9s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  "
-                          f"p99 {r.p99_ms:8.2f} ms  CPU {_us(r.cpu_us)} us/req  errors {r.errors}", flush=True)
-            if proc:
-                procs.stop(proc)
-        print_table(results, notes, args.modes, args.concurrency, loadgen)
+            live[label] = (url, (proc or engines["decode"]).pid)
+        cells: dict[str, dict[tuple[str, int], list[Result]]] = {label: {} for label in live}
+        for mode in args.modes:
+            for conc in args.concurrency:
+                for _ in range(args.rounds):
+                    for label, (url, measured) in live.items():
+                        cpu0 = cpu_seconds(measured)
+                        body = MODES[mode]
+                        r = (run_wrk(url, body, conc, args.duration, tmp) if loadgen == "wrk"
+                             else run_aiohttp(url, body, conc, args.duration))
+                        if r.requests:
+                            r.cpu_us = (cpu_seconds(measured) - cpu0) / r.requests * 1e6
+                        cells[label].setdefault((mode, conc), []).append(r)
+                        print(f"{label:8s} {mode:9s} c={conc:<4d} {r.rps:9.0f} req/s  p50 {r.p50_ms:8.2f} ms  "
+                              f"p99 {r.p99_ms:8.2f} ms  CPU {_us(r.cpu_us)} us/req  errors {r.errors}", flush=True)
+        results = {label: {cell: _median(rs) for cell, rs in by_cell.items()} for label, by_cell in cells.items()}
+        print_table(results, notes, args.modes, args.concurrency, loadgen, args.rounds)
     finally:
         procs.stop_all()
+
+
+def _median(rs: list[Result]) -> Result:
+    """Each figure's median over the rounds (errors: their sum)."""
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+    cpu = [r.cpu_us for r in rs if r.cpu_us is not None]
+    return Result(med([r.rps for r in rs]), med([r.p50_ms for r in rs]), med([r.p99_ms for r in rs]),
+                  sum(r.errors for r in rs), sum(r.requests for r in rs), med(cpu) if cpu else None)
 
 
 def contender_argv(name: str, port: int, pre: int, dec: int, workers: int = 1) -> list[str] | str:
@@ -268,7 +291,8 @@ def contender_argv(name: str, port: int, pre: int, dec: int, workers: int = 1) -
         if exe is None:
             return "not installed (pip install vllm-router)"
         return [exe, "--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation",
-                "--prefill", f"http://127.0.0.1:{pre}", "--decode", f"http://127.0.0.1:{dec}", "--log-level", "warning"]
+                "--prefill", f"http://127.0.0.1:{pre}", "--decode", f"http://127.0.0.1:{dec}", "--log-level", "warning",
+                "--prometheus-port", str(free_port())]  # its default, 29000, clashes with any other router
     return f"unknown contender {name}"
 
 
@@ -277,8 +301,8 @@ def _us(value: float | None) -> str:
 
 
 def print_table(results: dict[str, dict[tuple[str, int], Result]], notes: dict[str, str], modes: list[str],
-                concs: list[int], loadgen: str) -> None:
-    print(f"\n## load generator: {loadgen}; {machine()}\n")
+                concs: list[int], loadgen: str, rounds: int) -> None:
+    print(f"\n## load generator: {loadgen}; {machine()}; median of {rounds} round(s), contenders taking turns\n")
     print("| contender | mode | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU us/req | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = results.get("direct", {})
