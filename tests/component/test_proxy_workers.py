@@ -3,6 +3,7 @@ supervises them (pdsupervisor/proxy/workers.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -80,3 +81,26 @@ def test_a_dead_worker_is_replaced_and_a_dead_parent_takes_the_workers_along(pro
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=5)
     wait_for(lambda: all(_gone(w) for w in now), timeout=10, what="the workers to stop without their parent")
+
+
+def test_each_worker_follows_etcd_on_its_own(procs, etcd_server, cluster_name):
+    """Every worker has its own etcd watch: an engine joining reaches each worker's routing."""
+    from tests.component.test_proxy_etcd import _register, engines_in_etcd
+
+    etcd = etcd_server.endpoint
+    _, dec1, dec2 = engines_in_etcd(procs, etcd, cluster_name)
+    base, p = procs.proxy("--cluster", cluster_name, "--etcd", etcd, "--workers", "2")
+    workers = wait_for(lambda: _two_workers(p), timeout=15, what="two workers")
+
+    def decodes_by_worker() -> dict[int, list[str]]:
+        seen: dict[int, list[str]] = {}
+        for _ in range(30):
+            st = json.loads(http("GET", base + "/status")[1] or b"{}")
+            if "pid" in st:
+                seen[st["pid"]] = sorted(i["endpoint"] for i in st["instances"] if i["role"] == "decode")
+        return seen
+
+    wait_for(lambda: decodes_by_worker() == {w: [dec1] for w in workers}, timeout=15, what="both workers route dec1")
+    asyncio.run(_register(etcd, cluster_name, "node-c", "decode", dec2))
+    wait_for(lambda: decodes_by_worker() == {w: sorted([dec1, dec2]) for w in workers}, timeout=15,
+             what="dec2 in both workers' routing")
