@@ -40,11 +40,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_app(app: web.Application, host: str, port: int, *, on_listening: Callable[[], None]) -> None:
-    """Serve `app` until SIGTERM/SIGINT; `on_listening()` once the port is open."""
+def run_app(app: web.Application, host: str, port: int, *, on_listening: Callable[[], None],
+            reuse_port: bool = False) -> None:
+    """Serve `app` until SIGTERM/SIGINT; `on_listening()` once the port is open. `reuse_port`:
+    SO_REUSEPORT, for several processes serving one port (the proxy's workers)."""
     web.run_app(
         app, host=host, port=port, loop=new_event_loop(), print=lambda _banner: on_listening(),
-        access_log=None, handler_cancellation=True, backlog=4096, reuse_address=True,
+        access_log=None, handler_cancellation=True, backlog=4096, reuse_address=True, reuse_port=reuse_port or None,
         keepalive_timeout=KEEPALIVE_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
 

@@ -258,7 +258,7 @@ def _proxy_process(
             "--routing-cache", "{state_dir}/proxy/{cluster}.routing.json",
         )]
         argv += proxy_etcd_args(facts.etcd_access)  # the proxy node's own credential files (paths, not templates)
-        template = []
+        template = ["--workers", str(px.workers)] if px.workers > 1 else []
         if px.first_token_from == "prefill":
             template.append("--generator-on-p-node")
         if spec.benchmark.enabled:

@@ -220,6 +220,8 @@ class ProxySpec(SpecModel):
     env: dict[str, str] = _env()
     cwd: str | None = None  # e.g. where the seed's disagg_proxy_demo.py lives
     extra_args: list[str] = _args()  # appended to the built-in proxy's argv
+    # built-in proxy processes on the port (`--workers`, rendered only when > 1: a spec without it plans as before)
+    workers: int = Field(1, ge=1, le=64)
     readiness_path: str = "/health"
     start_timeout_s: Duration = 120.0
 

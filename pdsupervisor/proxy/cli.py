@@ -21,6 +21,7 @@ from pdsupervisor.host.logsetup import configure_logging
 from pdsupervisor.proxy.config import DEFAULT_MAX_BODY_BYTES
 from pdsupervisor.proxy.instances import POLICIES, Registry
 from pdsupervisor.proxy.server import PROXY, PDProxy, ProxyConfig
+from pdsupervisor.proxy.workers import WORKER, Worker, supervise, worker_duties
 from pdsupervisor.store.transport import Credentials, CredentialsError, credentials
 
 log = logging.getLogger("pdsupervisor.proxy")
@@ -47,6 +48,7 @@ class _SeedArgs(click.Command):
             else:
                 out.append(tok)
                 first = False
+        ctx.meta["proxy_args"] = list(out)  # (click consumes `out`) what `--workers` starts each worker with
         return super().parse_args(ctx, out)
 
 
@@ -93,6 +95,12 @@ def _split(values: tuple[str, ...]) -> list[str]:
               help="Seconds between health probes of every instance (GET /health).")
 @click.option("--probe-timeout", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds a probe waits for its answer; two unanswered in a row eject the instance.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Proxy processes serving the port (SO_REUSEPORT), each with its own membership, probes and "
+                   "balancing; this process supervises them (see pdsupervisor/proxy/workers.py).")
+@click.option("--worker-index", type=click.IntRange(min=0), default=None, hidden=True)
+@click.option("--worker-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
+@click.option("--worker-parent", type=int, default=None, hidden=True)
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy(**opts: Any) -> None:
     """Prefill/decode proxy: OpenAI-compatible, live membership, ejection and retry."""
@@ -125,10 +133,18 @@ def proxy(**opts: Any) -> None:
         tls, auth = credentials(access)
     except CredentialsError as exc:
         raise click.UsageError(str(exc)) from None
+    index = opts["worker_index"]
+    if opts["workers"] > 1 and index is None:
+        sys.exit(supervise(click.get_current_context().meta["proxy_args"], opts["workers"]))
     app = build_app(cfg, registry, cluster=opts["cluster"], etcd=etcd, routing_cache=opts["routing_cache"],
                     etcd_tls=tls, etcd_auth=auth)
-    source = app[PROXY].source
-    run_app(app, cfg.host, cfg.port, on_listening=lambda: log.info("proxy listening on %s:%d (%s)", cfg.host, cfg.port, source))
+    proxy_ = app[PROXY]
+    if index is not None and opts["worker_dir"] is not None and opts["worker_parent"] is not None:
+        app[WORKER] = Worker(index, opts["worker_dir"], opts["worker_parent"], proxy_.metrics)
+        app.cleanup_ctx.append(worker_duties)
+    who = f"proxy worker {index}" if index is not None else "proxy"
+    run_app(app, cfg.host, cfg.port, reuse_port=index is not None,
+            on_listening=lambda: log.info("%s listening on %s:%d (%s)", who, cfg.host, cfg.port, proxy_.source))
 
 
 def _etcd_access(opts: dict[str, Any]) -> EtcdAccess | None:

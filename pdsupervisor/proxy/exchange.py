@@ -23,11 +23,10 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from pdsupervisor.proxy.config import ProxyConfig
@@ -35,6 +34,7 @@ from pdsupervisor.proxy.errors import JSON_HEADERS, ProxyError, error_response
 from pdsupervisor.proxy.instances import Instance, ProxyRole, Registry
 from pdsupervisor.proxy.limits import parse_body, read_body
 from pdsupervisor.proxy.metrics import ProxyMetrics
+from pdsupervisor.proxy.upstream import Conn, UpstreamError, Upstreams
 
 log = logging.getLogger("pdsupervisor.proxy")
 
@@ -46,6 +46,15 @@ PREFILL_KV_REQUEST = {
 }
 
 
+class ClientGone(Exception):
+    """The client's connection closed while its stream was written: not the instance's fault
+    (not an upstream failure: nothing is ejected)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client gone")
+        self.response = response
+
+
 class Passthrough(Exception):
     """An upstream 4xx: the client's fault, handed back as it is."""
 
@@ -55,12 +64,13 @@ class Passthrough(Exception):
 
 
 # What an attempt on one instance can fail with and still be counted and handled by the proxy
-# (timeouts included: aiohttp's are TimeoutErrors); any other error is a bug, answered 500.
-UPSTREAM_FAILURES = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+# (a TimeoutError waiting for the answer; not connecting, or the exchange broken, `UpstreamError`);
+# any other error is a bug, answered 500.
+UPSTREAM_FAILURES = (TimeoutError, UpstreamError)
 
 # App state (set by the server's cleanup contexts): the connection pool to the engines, and
 # the benchmark-mode duplicate requests under way.
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", Upstreams)
 DUPLICATES = web.AppKey("duplicates", set[asyncio.Task[None]])
 
 
@@ -69,7 +79,7 @@ class Exchange:
     """One client request on its way through prefill and decode: what its steps share."""
 
     request: web.Request
-    session: aiohttp.ClientSession  # the upstream connection pool
+    upstreams: Upstreams  # the connection pool to the engines
     path: str  # the route, and the upstream path
     chat: bool  # /v1/chat/completions
     start: float  # perf_counter() at arrival: time to first token, latency
@@ -105,12 +115,12 @@ class Flow:
         """Take `inst` out of rotation (logged and counted by `kind` if it was in rotation)."""
         if self.registry.eject(inst, reason):
             log.warning("ejecting %s instance %s: %s", inst.role, inst.endpoint, reason)
-            self.metrics.child(self.metrics.ejections, inst.role, kind).inc()
+            self.metrics.ejections.inc(inst.role, kind)
 
     def exchange_failed(self, inst: Instance, kind: str, reason: str) -> None:
         """An exchange with `inst` failed: count it and eject the instance until its probe answers again."""
         inst.failures += 1
-        self.metrics.child(self.metrics.errors, "upstream_" + inst.role).inc()
+        self.metrics.errors.inc("upstream_" + inst.role)
         self.eject(inst, kind, reason)
 
     # ---- routes ---------------------------------------------------------------------------
@@ -130,7 +140,7 @@ class Flow:
                 return denied
             raw = await read_body(request, self.cfg.max_body_bytes)
             body = parse_body(raw)
-            ex = Exchange(request=request, session=request.app[UPSTREAM], path=path, chat=chat, start=start, raw=raw, body=body,
+            ex = Exchange(request=request, upstreams=request.app[UPSTREAM], path=path, chat=chat, start=start, raw=raw, body=body,
                           tokens=len(raw) // 4 + 1, stream=bool(body.get("stream")))
             ex.prefill = prefill = await self._prefill(ex)
             ex.payload = _with_kv(raw, prefill.get("kv_transfer_params"))
@@ -140,17 +150,20 @@ class Flow:
         except Passthrough as p:
             status = p.response.status
             return p.response
+        except ClientGone as gone:
+            status = 499  # client went away mid-stream
+            return gone.response
         except ProxyError as e:
             status = e.status
-            self.metrics.child(self.metrics.errors, f"http_{e.status}").inc()
+            self.metrics.errors.inc(f"http_{e.status}")
             return error_response(e.status, e.message, e.type_, e.param)
         except asyncio.CancelledError:
             status = 499  # client went away
             raise
         finally:
             m = self.metrics
-            m.child(m.requests, path, str(status)).inc()
-            m.child(m.latency, path).observe(time.perf_counter() - start)
+            m.requests.inc(path, str(status))
+            m.latency.observe(time.perf_counter() - start, path)
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -180,18 +193,21 @@ class Flow:
             tried.add(inst)
             self.registry.acquire(inst, tokens)
             t0 = time.perf_counter()
+            up: Conn | None = None
             try:
-                async with ex.session.post(inst.base_url + ex.path, data=payload, headers=JSON_HEADERS) as up:
-                    data = await self._body(inst, up, t0)
-                    if data is None:
-                        continue
-                    if up.status >= 400:
-                        raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
-                    return data
+                up = await ex.upstreams.send(inst.endpoint, "POST", ex.path, payload)
+                data = await self._body(inst, up, t0)
+                if data is None:
+                    continue
+                if up.status >= 400:
+                    raise Passthrough(web.Response(status=up.status, body=data, headers=JSON_HEADERS))
+                return data
             except UPSTREAM_FAILURES as exc:
                 if (give_up := self._attempt_failed(inst, t0, exc)) is not None:
                     raise give_up from None
             finally:
+                if up is not None:
+                    ex.upstreams.release(up)
                 self.registry.release(inst, tokens)
 
     async def _decode_with_fanout(self, ex: Exchange) -> web.StreamResponse:
@@ -217,7 +233,7 @@ class Flow:
         try:
             await self._call(ex, "decode", ex.payload)
         except (ProxyError, Passthrough):
-            self.metrics.child(self.metrics.errors, "benchmark_duplicate").inc()
+            self.metrics.errors.inc("benchmark_duplicate")
 
     async def _decode(self, ex: Exchange) -> web.StreamResponse:
         tried: set[Instance] = set()
@@ -228,46 +244,49 @@ class Flow:
             self.registry.acquire(inst, tokens)
             t0 = time.perf_counter()
             resp: web.StreamResponse | None = None
+            up: Conn | None = None
             try:
-                async with ex.session.post(inst.base_url + ex.path, data=ex.payload, headers=JSON_HEADERS) as up:
-                    ctype = up.headers.get("Content-Type", "application/json")
-                    if not (ex.stream and up.status == 200 and ctype.startswith("text/event-stream")):
-                        data = await self._body(inst, up, t0)
-                        if data is None:
+                up = await ex.upstreams.send(inst.endpoint, "POST", ex.path, ex.payload)
+                ctype = up.content_type or "application/json"
+                if not (ex.stream and up.status == 200 and ctype.startswith("text/event-stream")):
+                    data = await self._body(inst, up, t0)
+                    if data is None:
+                        continue
+                    self.metrics.ttft.observe(time.perf_counter() - ex.start, ex.path)
+                    return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
+                relay = _FirstTokenSwap(ex.prefill or {}, ex.chat) if self.cfg.generator_on_p else None
+                async for chunk in up.chunks():
+                    if relay is not None:
+                        chunk = relay.feed(chunk)
+                        if not chunk:
                             continue
-                        self.metrics.child(self.metrics.ttft, ex.path).observe(time.perf_counter() - ex.start)
-                        return web.Response(status=up.status, body=data, headers={"Content-Type": ctype})
-                    relay = _FirstTokenSwap(ex.prefill or {}, ex.chat) if self.cfg.generator_on_p else None
-                    async for chunk in up.content.iter_any():
-                        if relay is not None:
-                            chunk = relay.feed(chunk)
-                            if not chunk:
-                                continue
-                        if resp is None:
-                            resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-                            await resp.prepare(ex.request)
-                            self.metrics.child(self.metrics.ttft, ex.path).observe(time.perf_counter() - ex.start)
-                        await resp.write(chunk)
                     if resp is None:
-                        raise aiohttp.ClientPayloadError("decode closed the stream without sending anything")
-                    self._outcome(inst, "ok", t0)
-                    await resp.write_eof()
-                    return resp
+                        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                        await _to_client(resp.prepare(ex.request), resp)
+                        self.metrics.ttft.observe(time.perf_counter() - ex.start, ex.path)
+                    await _to_client(resp.write(chunk), resp)
+                if resp is None:
+                    raise UpstreamError("decode closed the stream without sending anything")
+                self._outcome(inst, "ok", t0)
+                await _to_client(resp.write_eof(), resp)
+                return resp
             except UPSTREAM_FAILURES as exc:
                 give_up = self._attempt_failed(inst, t0, exc)
                 if resp is not None:  # bytes already sent: no retry possible, tell the client in-band
                     if give_up is not None:
                         return await _abort_stream(resp, "decode instance timed out")
-                    self.metrics.child(self.metrics.errors, "stream_broken").inc()
+                    self.metrics.errors.inc("stream_broken")
                     return await _abort_stream(resp, f"decode instance failed mid-stream: {exc!r}")
                 if give_up is not None:
                     raise give_up from None
             finally:
+                if up is not None:
+                    ex.upstreams.release(up)
                 self.registry.release(inst, tokens)
 
     # ---- one attempt's outcome ------------------------------------------------------------
 
-    async def _body(self, inst: Instance, up: aiohttp.ClientResponse, t0: float) -> bytes | None:
+    async def _body(self, inst: Instance, up: Conn, t0: float) -> bytes | None:
         """A whole (non-streamed) answer, counted once: None after a 5xx (the instance is
         ejected: try another); an empty 200 is a broken exchange, raised as one."""
         data = await up.read()
@@ -275,15 +294,15 @@ class Flow:
             self._failed(inst, t0, "5xx", f"HTTP {up.status}")
             return None
         if up.status == 200 and not data:  # counted once, as a failure, by _attempt_failed
-            raise aiohttp.ClientPayloadError(f"empty 200 from {inst.role}")
+            raise UpstreamError(f"empty 200 from {inst.role}")
         self._outcome(inst, "ok" if up.status < 400 else "4xx", t0)
         return data
 
     def _attempt_failed(self, inst: Instance, t0: float, exc: BaseException) -> ProxyError | None:
         """Count a failed attempt and eject the instance; the error that ends the request, or
         None to try another instance. A timeout ends it (a hung engine must not take the next
-        request too) unless nothing was sent yet (connecting timed out)."""
-        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+        request too); connecting that timed out is a `ConnectError`, tried elsewhere."""
+        if isinstance(exc, TimeoutError):
             self._failed(inst, t0, "timeout", "timed out")
             return ProxyError(504, f"{inst.role} instance {inst.endpoint} timed out", "GatewayTimeout")
         self._failed(inst, t0, "conn_error", repr(exc))
@@ -306,8 +325,16 @@ class Flow:
         if outcome == "ok":
             inst.served += 1
         m = self.metrics
-        m.child(m.upstream, inst.role, inst.endpoint, outcome).inc()
-        m.child(m.instance_latency, inst.role, inst.endpoint).observe(time.perf_counter() - t0)
+        m.upstream.inc(inst.role, inst.endpoint, outcome)
+        m.instance_latency.observe(time.perf_counter() - t0, inst.role, inst.endpoint)
+
+
+async def _to_client(write: Awaitable[Any], resp: web.StreamResponse) -> None:
+    """A write to the streaming client; its connection closing is `ClientGone`."""
+    try:
+        await write
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+        raise ClientGone(resp) from None
 
 
 async def _abort_stream(resp: web.StreamResponse, message: str) -> web.StreamResponse:

@@ -1,9 +1,10 @@
 """The proxy's application: its routes, and its resources as aiohttp cleanup contexts.
 
 Each resource lives as long as the app does, one `cleanup_ctx` each, entered before the
-port opens and left, in reverse order, after it closed: the upstream session
-(`UPSTREAM`), the prober, and the benchmark-mode duplicate requests (`DUPLICATES`). The
-completion routes, prefill then decode with retry and ejection, are `exchange.Flow`.
+port opens and left, in reverse order, after it closed: the connection pool to the engines
+(`UPSTREAM`, `upstream.Upstreams`), the prober (on aiohttp's client), and the benchmark-mode
+duplicate requests (`DUPLICATES`). The completion routes, prefill then decode with retry and
+ejection, are `exchange.Flow`.
 
 Liveness is the proxy's own, whatever etcd says: every `probe_interval_s` each instance, in
 rotation or ejected, gets a `GET /health` (all at once, each bounded by `probe_timeout_s`, on
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -27,10 +29,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pdsupervisor.aio.serve import stop_tasks
 from pdsupervisor.proxy.config import ProxyConfig
 from pdsupervisor.proxy.errors import JSON_HEADERS, error_response
-from pdsupervisor.proxy.exchange import DUPLICATES, UPSTREAM, Flow
+from pdsupervisor.proxy.exchange import DUPLICATES, UPSTREAM, UPSTREAM_FAILURES, Flow
 from pdsupervisor.proxy.instances import Instance, Registry
 from pdsupervisor.proxy.limits import no_route
 from pdsupervisor.proxy.metrics import ProxyMetrics
+from pdsupervisor.proxy.upstream import Conn, Upstreams
 
 __all__ = ["DUPLICATES", "PROXY", "UPSTREAM", "PDProxy", "ProxyConfig"]
 
@@ -105,6 +108,7 @@ class PDProxy:
         insts = self.registry.instances()
         return web.json_response({
             "source": self.source,
+            "pid": os.getpid(),  # which worker answered, with --workers
             "instances": [i.view() for i in insts],
             "inflight": sum(i.inflight for i in insts if i.role == "decode"),
             "ejected": [i.endpoint for i in insts if i.ejected],
@@ -119,15 +123,19 @@ class PDProxy:
     async def models(self, request: web.Request) -> web.Response:
         if (denied := self.flow.denied(request)) is not None:
             return denied
-        session = request.app[UPSTREAM]
+        upstreams = request.app[UPSTREAM]
         for inst in self.registry.healthy("decode") + self.registry.healthy("prefill"):
+            up: Conn | None = None
             try:
-                async with session.get(inst.base_url + "/v1/models") as resp:
-                    body = await resp.read()
-                    if resp.status == 200:
-                        return web.Response(body=body, headers=JSON_HEADERS)
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                up = await upstreams.send(inst.endpoint, "GET", "/v1/models")
+                body = await up.read()
+                if up.status == 200:
+                    return web.Response(body=body, headers=JSON_HEADERS)
+            except UPSTREAM_FAILURES as exc:
                 self.flow.exchange_failed(inst, "models", f"/v1/models: {exc!r}")
+            finally:
+                if up is not None:
+                    upstreams.release(up)
         return error_response(503, "no engine instance is available", "ServiceUnavailable")
 
 
@@ -140,11 +148,13 @@ PROXY = web.AppKey("proxy", PDProxy)
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
     """The connection pool to the engines."""
     cfg = app[PROXY].cfg
-    connector = aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(total=cfg.total_timeout_s, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
-        app[UPSTREAM] = session
+    upstreams = Upstreams(connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
+                          total_timeout=cfg.total_timeout_s, limit=cfg.pool_size)
+    app[UPSTREAM] = upstreams
+    try:
         yield
+    finally:
+        await upstreams.close()
 
 
 async def prober(app: web.Application) -> AsyncIterator[None]:

@@ -174,6 +174,29 @@ def test_client_disconnect_cancels_upstream(procs):
     assert metric(f"http://{decs[0]}", "vllm:generation_tokens_total") < 500
 
 
+def test_clients_gone_mid_stream_eject_nothing(procs):
+    """Clients hanging up while their long streams are written: the write fails on their
+    closed connection, which is nobody's fault upstream (no failure counted, nothing ejected)."""
+    base, _, decs = _pd(procs, 1, 1)
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(base.rsplit(":", 1)[1]))
+        body = json.dumps({"prompt": "x", "max_tokens": 512, "ignore_eos": True, "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await reader.read(100)
+        writer.close()
+
+    async def go() -> None:
+        for _ in range(3):
+            await asyncio.gather(*(one() for _ in range(32)))
+
+    asyncio.run(go())
+    assert http("POST", base + "/v1/completions", {"prompt": "x"})[0] == 200
+    status = json.loads(http("GET", base + "/status")[1])
+    assert [(i["failures"], i["ejected"]) for i in status["instances"]] == [(0, False), (0, False)]
+
+
 def test_decode_killed_under_load_loses_nothing_unstarted(procs):
     pre, _ = procs.engine("prefill")
     dec1, p1 = procs.engine("decode", "--sim-tpot", "0.01")

@@ -73,13 +73,19 @@ def _sources(base: str) -> dict[str, str]:
     return {ep: i["source"] for ep, i in _instances(base).items()}
 
 
-def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
-    etcd = etcd_server.endpoint
+def engines_in_etcd(procs, etcd: str, cluster: str) -> tuple[str, str, str]:
+    """A prefill (node-a) and a decode (node-b) registered ready, and a second decode not yet."""
     pre, _ = procs.engine("prefill")
     dec1, _ = procs.engine("decode")
     dec2, _ = procs.engine("decode")
-    asyncio.run(_register(etcd, cluster_name, "node-a", "prefill", pre))
-    asyncio.run(_register(etcd, cluster_name, "node-b", "decode", dec1))
+    asyncio.run(_register(etcd, cluster, "node-a", "prefill", pre))
+    asyncio.run(_register(etcd, cluster, "node-b", "decode", dec1))
+    return pre, dec1, dec2
+
+
+def test_engines_join_and_leave_live(procs, etcd_server, cluster_name):
+    etcd = etcd_server.endpoint
+    _, dec1, dec2 = engines_in_etcd(procs, etcd, cluster_name)
     # a decode not ready yet must get no traffic
     asyncio.run(_register(etcd, cluster_name, "node-c", "decode", dec2, state=ProcessState.starting))
     base, _ = procs.proxy("--cluster", cluster_name, "--etcd", etcd)

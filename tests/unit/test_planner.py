@@ -126,6 +126,21 @@ def test_builtin_proxy_follows_etcd():
     assert argv[-2:] == ["--api-key-file", "/etc/pd/keys"]
 
 
+def test_proxy_workers_are_rendered_only_past_one():
+    """`proxy.workers: 1` (the default) leaves the argv, so the spec hash, as it was."""
+    doc = example_doc()
+    plans = {}
+    for workers in (None, 1, 3):
+        doc["proxy"] = {"kind": "builtin", **({"workers": workers} if workers else {})}
+        plans[workers] = next(p for p in plan_cluster(validate_spec(doc), seed_nodes()).nodes["g10"].processes
+                              if p.role == "proxy")
+    assert plans[None].argv == plans[1].argv and "--workers" not in plans[1].argv
+    assert plans[None].spec_hash() == plans[1].spec_hash() != plans[3].spec_hash()
+    assert plans[3].argv[plans[3].argv.index("--workers") + 1] == "3"
+    with pytest.raises(ValueError, match="workers"):
+        validate_spec({**doc, "proxy": {"kind": "builtin", "workers": 0}})
+
+
 def test_builtin_proxy_keeps_an_explicit_etcd_scheme():
     """A scheme written in `etcd.endpoints` reaches the proxy's `--etcd` as written: a loopback
     `http://` stays plaintext on a node with etcd TLS; only a bare host:port becomes https there."""
