@@ -101,6 +101,11 @@ def status_table(doc: ClusterDocument, console: Console) -> None:
         console.print(f"  [yellow]missing[/] {escape(item)}")
     for item in doc.problems:
         console.print(f"  [red]problem[/] {escape(item)}")
+    if doc.rollout is not None:
+        console.print(f"  [yellow]rollout[/] {doc.rollout.state}: " + "; ".join(
+            f"{r.role} {r.updated}/{r.total} changed, {r.unavailable} not ready "
+            + ("(a DP group: one wave)" if r.group else f"(at most {r.max_unavailable} at a time)")
+            for r in doc.rollout.roles))
     table = Table(box=None, pad_edge=False)
     for col in ("Node", "Role", "Process", "Endpoint", "State", "DP", "Pid", "Restarts", "Uptime"):
         table.add_column(col)

@@ -38,3 +38,23 @@ def test_what_a_process_printed_is_shown_as_is_never_as_markup():
     text = _shown(state=ProcessState.running, pid=42, restarts=2, last_exit_code=1, last_failure=why,
                   last_failure_at=1.0, failures_in_a_row=2)
     assert f"problem decode-0 on n2: running again in a crash loop (2 failures in a row), last: {why}" in text
+    assert f"crash loop decode-0 on n2: restarts 2, last: {why}" in text  # and its row reads crash-looping
+
+
+def test_a_rollout_is_shown_with_its_progress_per_role():
+    import dataclasses
+
+    from pdsupervisor.core.cluster_view import desired_state
+    from tests.view_helpers import demo_running, demo_spec
+
+    obs = demo_running(master_pid=500)
+    spec = demo_spec(50001)
+    spec["prefill"]["env"] = {**spec["prefill"]["env"], "X": "1"}
+    replaced = dataclasses.replace(obs, record=obs.record.model_copy(update={"generation": 2, "spec": spec}))
+    assert desired_state(replaced).rollout.active
+    out = io.StringIO()
+    status_table(cluster_document(replaced, now=2.0), Console(file=out, width=300))
+    text = out.getvalue()
+    assert "phase: updating" in text
+    assert ("rollout updating: prefill 0/2 changed, 0 not ready (at most 1 at a time); "
+            "decode 4/4 changed, 0 not ready (a DP group: one wave)") in text
