@@ -134,7 +134,7 @@ def place(
             if preferred in unmanaged:
                 problems.append((f"{role_name}.node_names", f"node {preferred} is unmanaged: its agent is away, "
                                  "its engines still answer"))
-            elif preferred in recently_lost:
+            elif prev and spec.policy.node_loss == "replace" and preferred in recently_lost:
                 problems.append((f"{role_name}.node_names", f"node {preferred} is not registered: none of its "
                                  "engines answers; replaced after policy.node_loss_grace_s"))
             elif prev and spec.policy.node_loss == "replace":

@@ -454,3 +454,19 @@ def test_a_model_change_does_not_restart_the_builtin_proxy():
     proxy = [next(p for np_ in plan.nodes.values() for p in np_.processes if p.role == "proxy") for plan in (before, after)]
     assert proxy[0].spec_hash() == proxy[1].spec_hash()
     assert "--model" not in proxy[0].argv
+
+
+def test_a_node_lost_within_the_grace_is_held_under_replace_only():
+    doc = example_doc()
+    doc["policy"] = {**doc.get("policy", {}), "node_loss": "replace", "spare_nodes": ["g15"]}
+    nodes = {**seed_nodes(), "g15": facts("g15", "10.239.129.200")}
+    previous = plan_cluster(validate_spec(doc), nodes).placement
+    lost = {n: f for n, f in nodes.items() if n != "g14"}
+    with pytest.raises(PlanError) as held:
+        plan_cluster(validate_spec(doc), lost, previous=previous, recently_lost=["g14"])
+    assert any("replaced after policy.node_loss_grace_s" in why for _, why in held.value.problems)
+    assert plan_cluster(validate_spec(doc), lost, previous=previous).placement["decode"][-1] == "g15"
+    doc["policy"]["node_loss"] = "wait"
+    with pytest.raises(PlanError) as waiting:
+        plan_cluster(validate_spec(doc), lost, previous=previous, recently_lost=["g14"])
+    assert waiting.value.problems == [("decode.node_names", "node g14 is not registered")]
