@@ -25,6 +25,7 @@ import contextlib
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ from pdsupervisor.store.embedded import etcd_binary  # noqa: E402
 from pdsupervisor.store.etcd import Store, StoreUnavailable  # noqa: E402
 
 TTL = 30  # member and leader leases; refreshes every 10 s
-ENGINES = 8  # per node
+ENGINES = 8  # per node (--engines)
 
 
 def spec_doc(cluster: str, endpoint: str, nodes: list[str]) -> dict[str, Any]:
@@ -156,6 +157,7 @@ class CoordinatorThread:
         self.errors: list[str] = []
         self.last: Outcome | None = None
         self.cycles = 0
+        self.failing_since = 0.0  # monotonic: since when every cycle raised or found etcd failing
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.task = self._call(self._start())
@@ -181,6 +183,8 @@ class CoordinatorThread:
         def seen(outcome: Outcome | None, _s: float) -> None:
             self.cycles += 1
             self.last = outcome or self.last
+            failed = outcome is None or outcome.kind in ("unavailable", "deposed")
+            self.failing_since = (self.failing_since or time.monotonic()) if failed else 0.0
 
         coord.cycle = recorded  # type: ignore[method-assign]
         coord.on_cycle = seen
@@ -276,6 +280,9 @@ async def run_one(n: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"not ready in {args.timeout} s: phase {phase}; coordinator's last outcome: "
                                    f"{coord.last and coord.last.message[:200]}; errors: {coord.errors[-1:]}")
+            if coord.failing_since and time.monotonic() - coord.failing_since > args.give_up:
+                raise RuntimeError(f"the coordinator failed every cycle for {args.give_up:.0f} s: "
+                                   f"{coord.last and coord.last.message[:300]}")
             await asyncio.sleep(args.poll)
             doc = cluster_document(await observe(view_store), time.time())
             phase = f"{doc.phase} {doc.problems[:2]}" if doc.phase != "ready" else "ready"
@@ -337,11 +344,20 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--load-time", type=float, default=2.0, help="simulated engine load time (s)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="per N, submit to ready (s)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="per N, submit to ready (s)")
+    ap.add_argument("--engines", type=int, default=ENGINES, help="engines per node (slots, tp 1)")
+    ap.add_argument("--give-up", type=float, default=30.0,
+                    help="stop waiting once every coordinator cycle failed this long (s)")
     ap.add_argument("--calls", type=int, default=20, help="GET /cluster and refresh calls timed per N")
     ap.add_argument("--poll", type=float, default=0.2, help="phase polling interval (s)")
     args = ap.parse_args()
+    global ENGINES
+    ENGINES = args.engines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))  # the coordinator's logs: quiet
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # etcd is stopped and removed in the finally below
+        asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     rows = []
     for n in args.nodes:
         tmp = Path(tempfile.mkdtemp(prefix=f"pdscale{n}-"))
