@@ -345,7 +345,7 @@ async def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--load-time", type=float, default=2.0, help="simulated engine load time (s)")
     ap.add_argument("--timeout", type=float, default=180.0, help="per N, submit to ready (s)")
-    ap.add_argument("--engines", type=int, default=ENGINES, help="engines per node (slots, tp 1)")
+    ap.add_argument("--engines", type=int, default=8, help="engines per node (slots, tp 1)")
     ap.add_argument("--give-up", type=float, default=30.0,
                     help="stop waiting once every coordinator cycle failed this long (s)")
     ap.add_argument("--calls", type=int, default=20, help="GET /cluster and refresh calls timed per N")
