@@ -86,20 +86,27 @@ class SimAgent:
         self._dirty = asyncio.Event()
 
     async def run(self) -> None:
-        self.lease = await self.store.grant_lease(TTL)
-        facts = NodeFacts(name=self.name, ip="127.0.0.1", hostname=self.name, cpu_count=64, accelerators=ENGINES,
-                          agent_version="bench", registered_at=time.time(), lease=self.lease)
-        await self.store.register_member(facts, self.lease)
+        await self._register()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._refresh())
             tg.create_task(self._watch())
             tg.create_task(self._reporter())
 
+    async def _register(self) -> None:
+        self.lease = await self.store.grant_lease(TTL)
+        facts = NodeFacts(name=self.name, ip="127.0.0.1", hostname=self.name, cpu_count=64, accelerators=ENGINES,
+                          agent_version="bench", registered_at=time.time(), lease=self.lease)
+        await self.store.register_member(facts, self.lease)
+
     async def _refresh(self) -> None:
+        """As agent/registration.py: a lease found gone is replaced, the status written again."""
         while True:
             await asyncio.sleep(TTL / 3)
             with contextlib.suppress(StoreUnavailable):
-                await self.store.refresh_lease(self.lease)
+                if await self.store.refresh_lease(self.lease) <= 0:
+                    self.stats["reregistered"] = self.stats.get("reregistered", 0) + 1
+                    await self._register()
+                    self._dirty.set()
 
     async def _watch(self) -> None:
         key = self.store.keys.assignment(self.name)
@@ -308,6 +315,7 @@ async def run_one(n: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
         row["error"] = f"{type(exc).__name__}: {exc}"[:400]
     finally:
         row["coord_errors"] = coord.errors
+        row["reregistered"] = stats.get("reregistered", 0)
         coord.stop()
         for task in tasks:
             task.cancel()
@@ -335,6 +343,8 @@ def show(row: dict[str, Any]) -> None:
         print(f"  assignments total {row['doc_kib']:.0f} KiB (the coordinator writes them in one txn)")
     if "error" in row:
         print(f"  FAILED: {row['error']}")
+    if row["reregistered"]:
+        print(f"  leases lost and registered again (event loop or etcd too slow): {row['reregistered']}")
     for err in row["coord_errors"]:
         print(f"  coordinator cycle raised: {err[:300]}")
     print(f"  peak RSS of this process so far: {row['peak_rss_mib']:.0f} MiB", flush=True)
