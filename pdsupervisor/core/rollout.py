@@ -41,10 +41,6 @@ class RoleRollout:
     max_unavailable: int
     group: bool  # a DP group: changes as one unit
 
-    @property
-    def done(self) -> bool:
-        return self.updated == self.total and self.unavailable == 0
-
 
 @dataclass(frozen=True)
 class Rollout:

@@ -121,14 +121,16 @@ def _assert_kv_handed_over(doc: dict) -> None:
     assert put and [g for g in gets if g and g["key"] == put["key"] and g["sha256_ok"]], (put, gets)
 
 
+def _cli(cluster: AgentCluster, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdsupervisor", *args, "--api", cluster.api("n2")],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_cli_status_events_and_logs(cluster):
     import json
-    import subprocess
-    import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pdsupervisor", *args, "--api", cluster.api("n2")],
-                              capture_output=True, text=True, timeout=30)
+        return _cli(cluster, *args)
 
     table = cli("status")
     assert table.returncode == 0, table.stderr
@@ -162,11 +164,6 @@ def test_coordinator_loss_changes_nothing(cluster):
     assert doc["phase"] == "ready" and ready_pids(doc) == before, doc
     cluster.restart("n4")  # back as the spare for the next test
     wait_for(lambda: "n4" in cluster.doc()["members"], 15, what="n4 back")
-
-
-def _cli(cluster: AgentCluster, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdsupervisor", *args, "--api", cluster.api("n2")],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_bad_rollout_halts_and_the_old_engines_keep_serving(cluster, tmp_path):

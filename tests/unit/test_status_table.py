@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 from rich.console import Console
 
 from agent.process.supervisor import backoff_message
 from pdsupervisor.cli.cluster import status_table
-from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document
+from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
+from tests.view_helpers import demo_running, demo_spec
 
 DECODE = ProcessSpec(name="decode-0", role="decode", argv=["vllm"], port=8200)
 
@@ -42,11 +44,6 @@ def test_what_a_process_printed_is_shown_as_is_never_as_markup():
 
 
 def test_a_rollout_is_shown_with_its_progress_per_role():
-    import dataclasses
-
-    from pdsupervisor.core.cluster_view import desired_state
-    from tests.view_helpers import demo_running, demo_spec
-
     obs = demo_running(master_pid=500)
     spec = demo_spec(50001)
     spec["prefill"]["env"] = {**spec["prefill"]["env"], "X": "1"}
