@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,7 @@ import yaml
 
 from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.local.ports import free_port
-from tests.agent_helpers import AgentProc, kill_marked
+from tests.agent_helpers import TEST_MARKER_ENV, AgentProc, kill_marked, marked
 from tests.conftest import wait_for
 from tests.pdproc import http
 
@@ -214,3 +219,35 @@ def demo_phase() -> str | None:
     does not answer."""
     status, body = http("GET", f"{DEFAULT_API}/cluster", timeout=3)
     return json.loads(body)["phase"] if status == 200 else None
+
+
+@dataclass
+class DemoRun:
+    """A `pdsupervisor demo` under test: its process, the marker all its processes inherit,
+    the env it runs with (a second demo gets the same), and where its output goes."""
+
+    proc: subprocess.Popen[bytes]
+    marker: str
+    env: dict[str, str]
+    out_path: Path
+
+
+@contextlib.contextmanager
+def running_demo(state: Path, out_path: Path) -> Iterator[DemoRun]:
+    """Start the demo in its own process group (a terminal's job), its output in `out_path`;
+    after the block, Ctrl-C it and check it exits 0 leaving nothing marked; whatever happens,
+    kill what is left."""
+    marker = uuid.uuid4().hex  # inherited by everything the demo starts: found whatever happens
+    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker}
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            yield DemoRun(proc, marker, env, out_path)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
+            assert proc.wait(60) == 0, out_path.read_text(errors="replace")[-3000:]
+            assert marked(marker) == []
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            kill_marked(marker)

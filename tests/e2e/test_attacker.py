@@ -42,7 +42,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import ssl
 import stat
@@ -70,9 +69,9 @@ from pdsupervisor.local.ports import free_port
 from pdsupervisor.store.etcd import Store
 from pdsupervisor.store.gateway import b64
 from pdsupervisor.store.transport import client_ssl_context
-from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
+from tests.agent_helpers import marked
 from tests.certs import TestCA
-from tests.cluster_helpers import cluster_spec, demo_phase
+from tests.cluster_helpers import cluster_spec, demo_phase, running_demo
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -782,25 +781,13 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
     state = tmp / "state"
     canaries = tmp / "canaries"
     canaries.mkdir()
-    marker = uuid.uuid4().hex
-    out_path = tmp / "demo.out"
-    out = open(out_path, "wb")
-    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker}
-    proc = subprocess.Popen([sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
+    with running_demo(state, tmp / "demo.out") as run:
+        proc = run.proc
         wait_for(lambda: proc.poll() is not None or demo_phase() == "ready", 120, 0.2, what="the demo ready")
-        assert proc.poll() is None, out_path.read_text(errors="replace")
+        assert proc.poll() is None, run.out_path.read_text(errors="replace")
         admin = state / "run" / "pki" / pki.client_dir(pki.ADMIN)
-        yield Demo(proc, state, marker, out_path, EtcdView("127.0.0.1:2379", "demo", tls_files_context(admin)), canaries)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        assert proc.wait(60) == 0, out_path.read_text(errors="replace")[-3000:]
-        assert marked(marker) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        kill_marked(marker)
-        out.close()
+        yield Demo(proc, state, run.marker, run.out_path, EtcdView("127.0.0.1:2379", "demo", tls_files_context(admin)),
+                   canaries)
 
 
 NO_TOKEN = {"Authorization": None}  # the probe goes without the demo's token

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import ssl
 import stat
 import subprocess
@@ -20,7 +19,7 @@ from pdsupervisor.api.client import DEFAULT_API
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 from pdsupervisor.store.transport import client_ssl_context
 from tests.agent_helpers import TEST_MARKER_ENV, kill_marked, marked
-from tests.cluster_helpers import demo_phase
+from tests.cluster_helpers import demo_phase, running_demo
 from tests.conftest import wait_for
 from tests.pdproc import http
 
@@ -31,12 +30,7 @@ DEMO_API = DEFAULT_API  # the demo's first agent: where the CLI looks by default
 def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
     state = tmp_path / "demo"
     argv = [sys.executable, "-m", "pdsupervisor", "demo", "--state-dir", str(state)]
-    out = open(tmp_path / "demo.out", "wb")
-    marker = uuid.uuid4().hex  # inherited by everything the demo starts: found whatever happens
-    env = {**os.environ, "COLUMNS": "200", TEST_MARKER_ENV: marker}
-    demo = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # its own process group, like a terminal's job
-    try:
+    with running_demo(state, tmp_path / "demo.out") as demo:
         wait_for(lambda: demo_phase() == "ready", 90, 0.2, what="demo ready")
         wait_for(lambda: b"one completion through the proxy" in (tmp_path / "demo.out").read_bytes(), 20,
                  what="the demo's completion")
@@ -45,21 +39,12 @@ def test_demo_runs_refuses_a_second_and_stops_clean(tmp_path):
         wait_for(lambda: b"--cert" in (tmp_path / "demo.out").read_bytes(), 20, what="how to reach etcd, printed")
         _check_the_cli_reaches_it_as_printed(state / "run" / "token", (tmp_path / "demo.out").read_text())
         # the same marker: anything a second demo wrongly started is found (and killed) too
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=demo.env)
         assert second.returncode == 1
         assert "a demo is already running" in second.stdout + second.stderr
         assert demo_phase() == "ready"  # the second attempt touched nothing
-
-        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
-        assert demo.wait(60) == 0
-        text = (tmp_path / "demo.out").read_text()
-        assert "stopped: members 3" in text
-        assert marked(marker) == []
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-        kill_marked(marker)
-        out.close()
+    # stopped by Ctrl-C: exit 0 and nothing left (running_demo checks both)
+    assert "stopped: members 3" in (tmp_path / "demo.out").read_text()
 
 
 def _check_writes_want_the_demo_token(token_file: Path) -> None:
