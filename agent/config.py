@@ -7,9 +7,10 @@ so a typo in the YAML file fails the start instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -27,9 +28,16 @@ class _Strict(BaseModel):
 
 
 class EtcdBootstrap(_Strict):
-    """This node starts a one-member etcd itself, before it registers."""
+    """The etcd this node's agent runs itself: a one-member etcd, or with `members` one member
+    of a several-member cluster (one member per named node: losing one changes nothing)."""
 
-    enabled: bool = False
+    enabled: bool = False  # with `members` it defaults to: this node is one of them
+    # member (node) name -> its host (IP) for peers and clients, ports below: every member's the same.
+    # The same list on every node, members or not; empty: a one-member etcd on this node.
+    members: dict[str, str] = Field(default_factory=dict)
+    # `new`: the members form a cluster together; `existing`: this member was added to a running
+    # cluster (`pdsupervisor etcd replace-member`). Only read while the data dir is empty.
+    initial_cluster_state: Literal["new", "existing"] = "new"
     data_dir: str | None = None  # default: <state_dir>/etcd
     client_host: str | None = None  # default: the advertise IP
     client_port: int = Field(2379, gt=0, lt=65536)
@@ -38,6 +46,31 @@ class EtcdBootstrap(_Strict):
     # the node's etcd server certificate and key (`pki` nodes/<name>/server.*), with etcd_tls
     cert_file: str | None = None
     key_file: str | None = None
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, host in v.items():
+            if not MEMBER_NAME_RE.fullmatch(name):
+                raise ValueError(f"member name {name!r}: letters, digits, '.', '_' and '-' only")
+            if not host or any(c in host for c in ":/,= "):
+                raise ValueError(f"member {name}: {host!r} is not a host name or IPv4 address (ports are "
+                                 "bootstrap_etcd.client_port and peer_port)")
+        if len(set(v.values())) != len(v):
+            raise ValueError("two members on one host: each member needs its own address")
+        return v
+
+    @model_validator(mode="after")
+    def _state(self) -> EtcdBootstrap:
+        if self.initial_cluster_state == "existing" and not self.members:
+            raise ValueError("initial_cluster_state existing needs members: the whole member list, this node's new "
+                             "member included")
+        if self.client_port == self.peer_port:
+            raise ValueError("client_port and peer_port are the same")
+        return self
+
+
+MEMBER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class EtcdAuth(_Strict):
@@ -157,6 +190,33 @@ class AgentConfig(_Strict):
         if not v:
             raise ValueError("at least one etcd endpoint is needed")
         return v
+
+    @model_validator(mode="after")
+    def _etcd_members(self) -> AgentConfig:
+        """With `bootstrap_etcd.members`: a member runs here when this node is named (unless
+        `enabled` says otherwise), and the endpoints default to every member's client URL."""
+        b = self.bootstrap_etcd
+        if not b.members:
+            return self
+        if "enabled" not in b.model_fields_set:
+            b.enabled = self.name in b.members
+        if b.enabled and self.name not in b.members:
+            raise ValueError(f"bootstrap_etcd.members: this node ({self.name}) runs an etcd member "
+                             f"(bootstrap_etcd.enabled) but is not in the list ({', '.join(b.members)})")
+        if b.enabled and b.client_host is not None and b.client_host != b.members[self.name]:
+            raise ValueError(f"bootstrap_etcd.client_host: {b.client_host} but members names {b.members[self.name]} "
+                             f"for {self.name}; leave client_host unset")
+        if "etcd" not in self.model_fields_set:
+            self.etcd = [f"{host}:{b.client_port}" for host in b.members.values()]
+        return self
+
+    def etcd_member_warnings(self) -> list[str]:
+        """What the agent says at start about its etcd member list (one log line each)."""
+        n = len(self.bootstrap_etcd.members)
+        if n and n % 2 == 0:
+            return [f"bootstrap_etcd.members: {n} members survive no more failures than {n - 1} "
+                    f"({(n - 1) // 2}) and need more for a quorum; use 3 or 5"]
+        return []
 
     @property
     def api_host(self) -> str:

@@ -40,7 +40,7 @@ from agent.registration import Registration
 from pdsupervisor import __version__
 from pdsupervisor.aio.wait import cancel_and_wait
 from pdsupervisor.core.etcd_access import TLS_FINGERPRINT_ENV
-from pdsupervisor.core.etcd_command import etcd_argv
+from pdsupervisor.core.etcd_command import cluster_token, etcd_argv
 from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec, ProcessState, RestartPolicy
 from pdsupervisor.host import probes
 from pdsupervisor.store.embedded import etcd_binary
@@ -137,12 +137,13 @@ class Agent:
 
     def _etcd_spec(self) -> ProcessSpec:
         b = self.config.bootstrap_etcd
-        host = b.client_host or self.config.ip or "127.0.0.1"
+        host = b.members.get(self.name) or b.client_host or self.config.ip or "127.0.0.1"
         tls = server_tls(self.config)
         argv = etcd_argv(
             name=self.name, data_dir=b.data_dir or str(self.state_dir / "etcd"), client_host=host,
             client_port=b.client_port, peer_port=b.peer_port, extra=b.extra_args, binary=etcd_binary(),
-            tls=tls,
+            tls=tls, members=b.members or None, state=b.initial_cluster_state,
+            token=cluster_token(self.config.cluster),
         )
         # replaced certificate files (rotation) change the spec, so the next agent start restarts etcd
         env = {TLS_FINGERPRINT_ENV: files_fingerprint(tls.ca_file, tls.cert_file) or "unreadable"} if tls else {}
@@ -154,6 +155,10 @@ class Agent:
         )
 
     async def _start_bootstrap_etcd(self) -> None:
+        """Start (or adopt) the embedded etcd member. A one-member etcd is waited for: nothing
+        else can answer. A member of several is not: it serves clients only once a quorum of
+        members is up, and the other members' agents may be waiting for theirs just the same;
+        the agent goes on with every member as an endpoint (the store skips a refusing one)."""
         spec = self._etcd_spec()
         records = ProcStore(self.state_dir / "bootstrap")
         adopt = None
@@ -165,6 +170,10 @@ class Agent:
         changed = asyncio.Event()  # not the reconciler's: etcd is not in the node's status
         self.bootstrap = ManagedProcess(spec, records=records, log_dir=self.log_dir, on_change=changed.set, adopt=adopt)
         self.bootstrap.start()
+        if len(self.config.bootstrap_etcd.members) > 1:
+            log.info("embedded etcd member started; not waiting for a quorum", endpoint=spec.endpoint,
+                     adopted=adopt is not None, members=list(self.config.bootstrap_etcd.members))
+            return
         self.notifier.status("waiting for the embedded etcd")
         while self.bootstrap.state != ProcessState.ready:
             await changed.wait()
@@ -233,7 +242,7 @@ class Agent:
         await site.start()
         log.info("rest api listening", url=self.api_url, host=rc.bind_host,
                  credentials=[c for c, on in (("token", rc.token), ("client-certificate", rc.tls_client_ca)) if on])
-        for warning in rc.security_warnings():
+        for warning in rc.security_warnings() + self.config.etcd_member_warnings():
             log.warning(warning)
         if self.config.bootstrap_etcd.enabled:
             await self._start_bootstrap_etcd()

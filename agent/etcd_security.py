@@ -32,7 +32,7 @@ def plaintext_etcd(config: AgentConfig) -> list[tuple[str, str]]:
     found = [("etcd", f"endpoint {url} is plaintext and not loopback")
              for url in plaintext_remote(config.etcd, tls=config.etcd_tls is not None)]
     b = config.bootstrap_etcd
-    host = b.client_host or config.ip  # None: the probed first non-loopback address
+    host = b.members.get(config.name) or b.client_host or config.ip  # None: the probed first non-loopback address
     if b.enabled and server_tls(config) is None and not (host and is_loopback(host)):
         found.append(("bootstrap_etcd", f"the embedded etcd would serve plaintext on {host or 'the advertise IP'}"))
     return found
