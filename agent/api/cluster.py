@@ -12,16 +12,18 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import change_impact, cluster_document
 from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
+from pdsupervisor.core.etcd_members import ReplaceRequest
 from pdsupervisor.core.spec import SpecError, load_spec
 from pdsupervisor.store.cluster import SubmitResult, observe, observe_nodes, request_stop, submit_spec
 from pdsupervisor.store.etcd import Store, StoreUnavailable
+from pdsupervisor.store.etcd_health import ReplaceRefused, etcd_health, replace_member
 
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 __all__ = ["cluster_routes", "openapi_document"]
@@ -103,6 +105,26 @@ async def get_events(request: web.Request, store: Store) -> web.Response:
     return document(EventsDocument(events=events))
 
 
+async def get_etcd(request: web.Request, store: Store) -> web.Response:
+    # the member list and each member's own status: answered without a quorum too
+    return document(await etcd_health(store))
+
+
+async def replace_etcd_member(request: web.Request, store: Store) -> web.Response:
+    try:
+        req = ReplaceRequest.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return error(400, "invalid request", [FieldProblem(field=".".join(map(str, e["loc"])) or "body",
+                                                           message=e["msg"]) for e in exc.errors()])
+    try:
+        done = await replace_member(store, req)
+    except ReplaceRefused as exc:
+        return error(409, str(exc))
+    await audit(request, store, f"etcd member {req.name} replaced by {done.name} at {done.peer_url}",
+                removed=done.removed_id, added=done.added_id)
+    return document(done)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=openapi_yaml(), content_type="application/yaml")
 
@@ -114,5 +136,7 @@ def cluster_routes(store: Store) -> list[web.RouteDef]:
         web.get("/cluster", _bind(store, get_cluster)),
         web.get("/nodes", _bind(store, get_nodes)),
         web.get("/events", _bind(store, get_events)),
+        web.get("/etcd", _bind(store, get_etcd)),
+        web.post("/etcd/replace-member", _bind(store, replace_etcd_member)),
         web.get("/openapi.yaml", openapi),
     ]

@@ -23,11 +23,12 @@ from pydantic import ValidationError
 
 from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.documents import ClusterDocument, ErrorBody, Event, EventsDocument, NodesDocument, SubmitAnswer
+from pdsupervisor.core.etcd_members import EtcdDocument, MemberReplaced, ReplaceRequest
 
 DEFAULT_API_PORT = 8470  # an agent's REST port unless configured
 DEFAULT_API = f"http://127.0.0.1:{DEFAULT_API_PORT}"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-D = TypeVar("D", ClusterDocument, EventsDocument, NodesDocument, SubmitAnswer)
+D = TypeVar("D", ClusterDocument, EventsDocument, NodesDocument, SubmitAnswer, EtcdDocument, MemberReplaced)
 
 
 class ApiError(Exception):
@@ -143,6 +144,14 @@ class ApiClient:
 
     async def nodes(self) -> NodesDocument:
         return await self.document(NodesDocument, "GET", "/nodes")
+
+    async def etcd(self) -> EtcdDocument:
+        return await self.document(EtcdDocument, "GET", "/etcd")
+
+    async def replace_etcd_member(self, req: ReplaceRequest) -> MemberReplaced:
+        return await self.document(MemberReplaced, "POST", "/etcd/replace-member",
+                                   data=req.model_dump_json(exclude_none=True).encode(),
+                                   headers={"Content-Type": "application/json"})
 
     async def health(self) -> dict[str, Any]:
         """`GET /healthz` of this agent: `{ok, name, registered, etcd_reachable, ready}`."""

@@ -80,6 +80,28 @@ PATHS: dict[str, Any] = {
             "503": _ETCD_AWAY,
         },
     }},
+    "/etcd": {"get": {
+        "summary": "etcd's own members: each one up or not, the raft leader, database size, raft term and index. "
+                   "Answered without a quorum too (each member's status is its own).",
+        "responses": {"200": _json("EtcdDocument", "members"), "503": _ETCD_AWAY},
+    }},
+    "/etcd/replace-member": {"post": {
+        "summary": "Remove a dead etcd member and add a new one in its place (README: Replacing a dead etcd member). "
+                   "Refused unless the member is down and the members up keep a quorum through the change.",
+        "security": _CREDENTIAL,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": REF.format(model="ReplaceRequest")}}}},
+        "responses": {
+            "200": _json("MemberReplaced", "done (recorded as an `audit` event): start the new member's agent "
+                                           "with this member list and initial_cluster_state existing"),
+            "400": _error("invalid request; nothing changed"),
+            "401": _UNAUTHORIZED,
+            "403": _FORBIDDEN,
+            "409": _error("not safe now (the member is up, no leader, or the quorum would be lost); nothing changed"),
+            "415": _error("body not JSON"),
+            "503": _ETCD_AWAY,
+        },
+    }},
     "/healthz": {"get": {"summary": "The agent is alive (liveness): {ok, name, registered, etcd_reachable, ready}, "
                                     "200 registered or not.", "responses": {"200": {"description": "alive"}}}},
     "/readyz": {"get": {"summary": "The agent is a member of the cluster (readiness): registered under a lease "

@@ -129,12 +129,28 @@ def status_table(doc: ClusterDocument, console: Console) -> None:
 @api_options
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def status_command(api: str, token_file: str | None, ca_file: str | None, output: str) -> None:
-    """Cluster phase and every process, like `patronictl list`."""
-    doc = run(make_client(api, token_file, ca_file).cluster())
+    """Cluster phase and every process, like `patronictl list`, and etcd's members."""
+    client = make_client(api, token_file, ca_file)
     if output == "json":
+        doc = run(client.cluster())
         click.echo(json.dumps(doc.model_dump(mode="json"), indent=2))
-    else:
-        status_table(doc, console())
+        return
+    out = console()
+    line = run(etcd_line(client))  # first: without a quorum GET /cluster fails, and this says why
+    try:
+        status_table(run(client.cluster()), out)
+    finally:
+        out.print(line)
+
+
+async def etcd_line(client: ApiClient) -> str:
+    """`etcd: 3/3 members up, leader node1, db 1.2 MiB` (and which member is down), or why not known."""
+    try:
+        doc = await client.etcd()
+    except (ApiError, OSError, TimeoutError) as exc:
+        return escape(f"etcd: members unknown ({exc})")
+    style = "green" if doc.has_quorum and doc.up == len(doc.members) else ("yellow" if doc.has_quorum else "red")
+    return f"[{style}]{escape(doc.summary())}[/]"
 
 
 class RolloutHalted(click.ClickException):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
+from pdsupervisor.core.etcd_members import EtcdDocument, MemberReplaced, ReplaceRequest
 from pdsupervisor.core.models import NodeFacts, Role
 
 Action = Literal["start", "stop"]
@@ -143,9 +144,10 @@ class ErrorBody(Document):
         return self.model_dump(mode="json", exclude_none=True)
 
 
-# Every document above, as the OpenAPI description lists them.
+# Every document above (and etcd's, from etcd_members), as the OpenAPI description lists them.
 DOCUMENTS: tuple[type[BaseModel], ...] = (
-    ClusterDocument, NodesDocument, EventsDocument, SubmitAnswer, ErrorBody,
+    ClusterDocument, NodesDocument, EventsDocument, SubmitAnswer, ErrorBody, EtcdDocument, MemberReplaced,
+    ReplaceRequest,  # a request body
 )
 
 

@@ -309,6 +309,46 @@ class Store:
     async def current_revision(self) -> int:
         return header_revision(await self._call("/v3/kv/range", {"key": b64(self.keys.root), "count_only": True}))
 
+    # ---- etcd's own members ------------------------------------------------------------
+
+    async def member_list(self) -> list[dict[str, Any]]:
+        """etcd's member list, as the gateway spells it (`ID`, `name`, `peerURLs`, `clientURLs`,
+        `isLearner`); served by whichever member answers, with or without a quorum."""
+        return list((await self._call("/v3/cluster/member/list", {})).get("members") or [])
+
+    async def member_status(self, url: str, timeout_s: float = 1.0) -> dict[str, Any]:
+        """`/v3/maintenance/status` of the member at client URL `url` itself (not the first
+        endpoint that answers): its leader, raft term and index, database size, alarms.
+        StoreUnavailable when it does not answer within `timeout_s`."""
+        await self.connect()
+        assert self._session is not None
+        headers = await self._auth.header(self._authenticate) if self._auth else None
+        try:
+            async with self._session.post(url.rstrip("/") + "/v3/maintenance/status", json={}, headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                body = await resp.read()
+        except _TRANSPORT_ERRORS as exc:
+            if refusal := tls_refusal(exc):
+                raise TlsRefused(f"etcd at {url}: {refusal}") from exc
+            raise StoreUnavailable(f"etcd at {url}: {exc or type(exc).__name__}") from exc
+        if resp.status != 200:
+            raise EtcdError(error_text(body, resp.status))
+        try:
+            out: dict[str, Any] = json.loads(body)
+        except ValueError as exc:
+            raise EtcdError(f"{url} answered something else than JSON: {exc}") from exc
+        return out
+
+    async def member_remove(self, member_id: int) -> None:
+        """Remove a member from the cluster (it needs a quorum)."""
+        await self._call("/v3/cluster/member/remove", {"ID": str(member_id)})
+
+    async def member_add(self, peer_urls: list[str]) -> dict[str, Any]:
+        """Add a member at `peer_urls` (it must then start with initial-cluster-state existing);
+        the new member as the gateway spells it."""
+        out = await self._call("/v3/cluster/member/add", {"peerURLs": peer_urls})
+        return dict(out.get("member") or {})
+
     # ---- leases --------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import yaml
@@ -103,8 +104,12 @@ def test_served_documents_are_what_the_served_openapi_describes(one_agent):
     try:
         answers.append(("/cluster/start", "post", 409, one_agent.submit(other, token=TOKEN)))
         one_agent.wait_phase("pending", 10)
-        for path in ("/cluster", "/nodes", "/events?limit=100"):
+        for path in ("/cluster", "/nodes", "/events?limit=100", "/etcd"):
             answers.append((path.split("?")[0], "get", 200, one_agent.request("GET", path)))
+        for want, replace in ((409, {"name": "test", "peer_url": "http://127.0.0.9:2380"}),
+                              (400, {"name": "test", "peer_url": "127.0.0.9"})):
+            answers.append(("/etcd/replace-member", "post", want, one_agent.request(
+                "POST", "/etcd/replace-member", json.dumps(replace).encode(), token=TOKEN)))
     finally:
         answers.append(("/cluster/stop", "post", 202, one_agent.request("POST", "/cluster/stop", b"", token=TOKEN)))
         one_agent.wait_phase("stopped", 10)
@@ -120,6 +125,11 @@ def test_served_documents_are_what_the_served_openapi_describes(one_agent):
     assert [n["name"] for n in by["/nodes", 200]["nodes"]] == ["n1"]
     assert any(set(e) - {"ts", "kind", "message"} for e in by["/events", 200]["events"])  # an event's own fields
     assert by["/cluster/start", 400]["problems"]
+    etcd = by["/etcd", 200]  # the fixture's one-member etcd, named "test"
+    assert (etcd["up"], etcd["leader"], etcd["members"][0]["name"]) == (1, "test", "test")
+    assert etcd["members"][0]["db_size"] > 0 and etcd["members"][0]["raft_term"] >= 1
+    assert "member test is up" in by["/etcd/replace-member", 409]["error"]
+    assert by["/etcd/replace-member", 400]["problems"][0]["field"] == "peer_url"
     assert by["/cluster/start", 409]["generation"] == by["/cluster", 200]["generation"]
 
 

@@ -26,7 +26,7 @@ def test_the_schemas_are_each_models_json_schema_hoisted():
         assert {name: schemas[name] for name in nested} == nested
     assert set(schemas) == {m.__name__ for m in DOCUMENTS} | {"ProcessRow", "NodeFacts", "RdmaDevice", "RdmaPort",
                                                              "Event", "FieldProblem", "EtcdAccess", "TlsFiles",
-                                                             "RolloutDocument", "RolloutRole"}
+                                                             "RolloutDocument", "RolloutRole", "EtcdMember"}
 
 
 def test_every_json_answer_names_a_schema_it_has():
@@ -34,7 +34,8 @@ def test_every_json_answer_names_a_schema_it_has():
     named = {response_schema(openapi, path, method, int(status))
              for path, ops in openapi["paths"].items() for method, op in ops.items()
              for status, answer in op["responses"].items() if "application/json" in answer.get("content", {})}
-    assert named == {"ClusterDocument", "NodesDocument", "EventsDocument", "SubmitAnswer", "ErrorBody"}
+    assert named == {"ClusterDocument", "NodesDocument", "EventsDocument", "SubmitAnswer", "ErrorBody", "EtcdDocument",
+                     "MemberReplaced"}
     assert named <= set(openapi["components"]["schemas"])
 
 

@@ -1,0 +1,47 @@
+"""etcd member health as shown (`GET /etcd`, `pdsupervisor status`), and when a replacement is safe."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdsupervisor.core.etcd_members import EtcdMember, member_document, quorum, replacement_problem
+
+
+def _member(name: str, up: bool = True, leader: bool = False) -> EtcdMember:
+    n = name[-1]
+    return EtcdMember(name=name, id=f"a{n}", peer_urls=[f"http://127.0.0.{n}:2380"],
+                      client_urls=[f"http://127.0.0.{n}:2379"], up=up, is_leader=leader,
+                      db_size=3 * 2**20 // 2 if up else None, errors=[] if up else ["connection refused"])
+
+
+def test_summary_names_the_leader_and_who_is_down():
+    doc = member_document([_member("node3", up=False), _member("node1", leader=True), _member("node2")])
+    assert [m.name for m in doc.members] == ["node1", "node2", "node3"]
+    assert (doc.up, doc.quorum, doc.leader, doc.has_quorum) == (2, 2, "node1", True)
+    assert doc.summary() == ("etcd: 2/3 members up, leader node1, db 1.5 MiB; down: node3 (connection refused)")
+
+
+def test_no_leader_is_said_loudly():
+    doc = member_document([_member("node1"), _member("node2", up=False), _member("node3", up=False)])
+    assert not doc.has_quorum and "NO LEADER" in doc.summary()
+
+
+@pytest.mark.parametrize(("down", "name", "url", "words"), [
+    ({"node3"}, "node4", "http://127.0.0.4:2380", "no etcd member is named 'node4'"),
+    ({"node3"}, "node2", "http://127.0.0.4:2380", "member node2 is up"),
+    ({"node3"}, "node3", "http://127.0.0.2:2380", "already the peer URL of member node2"),
+    ({"node2", "node3"}, "node3", "http://127.0.0.4:2380", "etcd has no quorum (1 of 3"),
+])
+def test_unsafe_replacements_are_refused(down, name, url, words):
+    members = [_member(f"node{i}", up=f"node{i}" not in down, leader=i == 1) for i in (1, 2, 3)]
+    assert words in replacement_problem(member_document(members), name, url)
+
+
+def test_a_dead_member_of_three_can_be_replaced_but_two_of_five_down_needs_care():
+    three = member_document([_member("node1", leader=True), _member("node2"), _member("node3", up=False)])
+    assert replacement_problem(three, "node3", "http://127.0.0.4:2380") is None
+    five = member_document([_member(f"node{i}", up=i <= 3, leader=i == 1) for i in range(1, 6)])
+    assert replacement_problem(five, "node5", "http://127.0.0.6:2380") is None  # 3 up of 4, then of 5: quorum 3
+    four_of_four = member_document([_member(f"node{i}", up=i <= 2, leader=i == 1) for i in range(1, 5)])
+    assert "no quorum (2 of 4" in replacement_problem(four_of_four, "node4", "http://127.0.0.7:2380")
+    assert [quorum(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
