@@ -29,7 +29,7 @@ from rich.markup import escape
 
 from pdsupervisor.api.client import DEFAULT_API, ApiError
 from pdsupervisor.cli.cluster import console as make_console
-from pdsupervisor.cli.cluster import status_table, wait_for_phase
+from pdsupervisor.cli.cluster import etcd_line, status_table, wait_for_phase
 from pdsupervisor.cli.doctor import port_check
 from pdsupervisor.cli.specfile import read_spec
 from pdsupervisor.core.spec import ClusterSpec, load_spec
@@ -103,16 +103,21 @@ def master_cannot_run(binary: str, timeout_s: float = 15.0) -> str | None:
     return None  # it ran (gflags' --help exits 1 after printing the flags)
 
 
-def _demo_spec(spec_path: Path, console: Console) -> tuple[ClusterSpec, str]:
+def _demo_spec(spec_path: Path, console: Console, etcd_members: int) -> tuple[ClusterSpec, str]:
     """The validated spec and the text to submit: the file's, or without a Mooncake master
-    when it cannot run here (not installed, or a shared library missing), saying why."""
+    when it cannot run here (not installed, or a shared library missing), saying why; with
+    several etcd members, every member as the engines' and proxy's etcd endpoints."""
     spec = read_spec(spec_path)  # invalid: exit 2, as plan, doctor and start
     reason = master_cannot_run(spec.mooncake.binary) if spec.mooncake.enabled else None
-    if reason is None:
+    if reason is None and etcd_members == 1:
         return spec, spec_path.read_text()
-    console.print(f"[yellow]running without a Mooncake master: {escape(reason)}[/]", soft_wrap=True)
     doc = yaml.safe_load(spec_path.read_text())
-    doc.setdefault("mooncake", {})["enabled"] = False
+    if reason is not None:
+        console.print(f"[yellow]running without a Mooncake master: {escape(reason)}[/]", soft_wrap=True)
+        doc.setdefault("mooncake", {})["enabled"] = False
+    if etcd_members > 1 and not spec.etcd.endpoints:
+        doc.setdefault("etcd", {})["endpoints"] = [f"127.0.0.{i + 1}:{spec.etcd.client_port}"
+                                                   for i in range(etcd_members)]
     text = yaml.safe_dump(doc, sort_keys=False)
     return load_spec(text), text
 
@@ -140,7 +145,8 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
                     exit_when_ready: bool) -> None:
     client = lc.client()
     started = time.monotonic()
-    console.print(f"starting etcd and {len(lc.agents)} agents (logs in {lc.root}) ...")
+    etcd = "etcd" if lc.etcd_members == 1 else f"an etcd of {lc.etcd_members} members"
+    console.print(f"starting {etcd} and {len(lc.agents)} agents (logs in {lc.root}) ...")
     try:
         await lc.boot(timeout)
     except BootError as exc:
@@ -154,6 +160,7 @@ async def _run_demo(lc: LocalCluster, spec_text: str, model: str, timeout: float
     text = await _one_completion(doc.proxy_url, model)
     console.print(f"one completion through the proxy: [bold]{text!r}[/]\n")
     status_table(await client.cluster(), console)
+    console.print(await etcd_line(client))
     api = lc.agents[0].api_url
     # node1 is on the CLI's default API; another one (a changed LocalCluster) is said
     export_api = "" if api == DEFAULT_API else f"PDSUPERVISOR_API={api} "
@@ -167,7 +174,7 @@ The cluster is yours until Ctrl-C:
   pdsupervisor logs node2 decode-0
   logs: {lc.root}/<node>/logs/  (agents: {lc.root}/<node>/agent.log)
 etcd speaks TLS and wants a client certificate of the demo's CA ({lc.pki_dir}); e.g. the admin one:
-  {etcd_binary("etcdctl")} --endpoints {lc.etcd_endpoint} --cacert {admin.ca_file} \\
+  {etcd_binary("etcdctl")} --endpoints {",".join(lc.etcd_endpoints)} --cacert {admin.ca_file} \\
        --cert {admin.cert_file} --key {admin.key_file} get --prefix /pdsupervisor/{lc.cluster}/members/ --keys-only
 """, soft_wrap=True)
     if not exit_when_ready:
@@ -191,16 +198,18 @@ async def _shutdown(lc: LocalCluster, console: Console) -> None:
               default=DEMO_STATE_DIR, show_default=True)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for ready.")
 @click.option("--exit-when-ready", is_flag=True, help="Stop everything once a completion went through (CI).")
-def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool) -> None:
+@click.option("--etcd-members", type=click.Choice(["1", "3"]), default="1", show_default=True,
+              help="3: an etcd member on each node (kill one: nothing changes), else node1's one-member etcd.")
+def demo_command(spec_path: Path, state_dir: Path, timeout: float, exit_when_ready: bool, etcd_members: str) -> None:
     """Run a local 3-node PD cluster until Ctrl-C."""
     console = make_console()
     if not spec_path.exists():
         raise click.ClickException(f"{spec_path}: no such spec (run from a checkout, or pass --spec)")
     lock = _take_lock(state_dir)
-    spec, spec_text = _demo_spec(spec_path, console)
-    # node1's agent starts etcd where the spec (and so the plan) has it
+    spec, spec_text = _demo_spec(spec_path, console, int(etcd_members))
+    # node1's agent starts etcd where the spec (and so the plan) has it; with 3 members every agent one
     lc = LocalCluster(cluster=spec.cluster, root=state_dir / "run", etcd_port=spec.etcd.client_port,
-                      etcd_peer_port=spec.etcd.peer_port, tls=True, token=True)
+                      etcd_peer_port=spec.etcd.peer_port, tls=True, token=True, etcd_members=int(etcd_members))
     _refuse_taken_ports(spec, lc)
     if lc.root.exists():
         shutil.rmtree(lc.root)  # a fresh etcd, CA and process records each run

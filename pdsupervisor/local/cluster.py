@@ -60,7 +60,8 @@ class LocalAgent:
 
 @dataclass
 class LocalCluster:
-    """`nodes` agents named node1..nodeN on 127.0.0.1..N; node1 bootstraps etcd."""
+    """`nodes` agents named node1..nodeN on 127.0.0.1..N; node1 bootstraps etcd, or with
+    `etcd_members` N > 1 node1..nodeN each run one member of one etcd cluster."""
 
     cluster: str
     root: Path
@@ -71,15 +72,18 @@ class LocalCluster:
     ttl: int = 5
     tls: bool = False  # etcd over TLS with client certificates, from a PKI made in <root>/pki
     token: bool = False  # the agents' REST API wants the bearer token in <root>/token for writes and logs
+    etcd_members: int = 1  # agents node1..nodeN each running an etcd member (1: node1's one-member etcd)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     agents: list[LocalAgent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.etcd_peer_port = self.etcd_peer_port or self.etcd_port + 1
+        if not 1 <= self.etcd_members <= self.nodes:
+            raise ValueError(f"etcd_members: {self.etcd_members}, but the cluster has {self.nodes} nodes")
         self.agents = [
             LocalAgent(
                 name=f"node{i + 1}", ip=f"127.0.0.{i + 1}", api_port=self.api_base_port + i,
-                state_dir=self.root / f"node{i + 1}", bootstrap_etcd=(i == 0),
+                state_dir=self.root / f"node{i + 1}", bootstrap_etcd=(i < self.etcd_members),
             )
             for i in range(self.nodes)
         ]
@@ -93,7 +97,18 @@ class LocalCluster:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.etcd_port}"
+        return self.etcd_endpoints[0]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Every etcd member's client URL (node1's first)."""
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://{a.ip}:{self.etcd_port}" for a in self.agents if a.bootstrap_etcd]
+
+    @property
+    def etcd_member_hosts(self) -> dict[str, str]:
+        """member name -> host, as `bootstrap_etcd.members` says it (empty: a one-member etcd)."""
+        return {a.name: a.ip for a in self.agents if a.bootstrap_etcd} if self.etcd_members > 1 else {}
 
     @property
     def pki_dir(self) -> Path:
@@ -127,25 +142,31 @@ class LocalCluster:
     def config(self, agent: LocalAgent) -> dict[str, object]:
         """The agent's configuration file: its etcd TLS files (with `tls`), its token (with `token`)."""
         doc: dict[str, object] = {}
+        boot: dict[str, object] = {}
         if self.token:
             doc["rest"] = {"token_file": str(self.token_file)}
-        if not self.tls:
-            return doc
-        d = self.pki_dir / pki.node_dir(agent.name)
-        doc["etcd_tls"] = {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
-                           "key_file": str(d / pki.CLIENT_KEY)}
-        if agent.bootstrap_etcd:
-            doc["bootstrap_etcd"] = {"cert_file": str(d / pki.SERVER_CERT), "key_file": str(d / pki.SERVER_KEY)}
+        if self.etcd_members > 1:  # every agent lists every member (and so every endpoint)
+            boot.update(members=self.etcd_member_hosts, client_port=self.etcd_port, peer_port=self.etcd_peer_port)
+        if self.tls:
+            d = self.pki_dir / pki.node_dir(agent.name)
+            doc["etcd_tls"] = {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
+                               "key_file": str(d / pki.CLIENT_KEY)}
+            if agent.bootstrap_etcd:
+                boot.update(cert_file=str(d / pki.SERVER_CERT), key_file=str(d / pki.SERVER_KEY))
+        if boot:
+            doc["bootstrap_etcd"] = boot
         return doc
 
     def argv(self, agent: LocalAgent) -> list[str]:
         argv = [
             sys.executable, "-m", "agent.main", "--config", str(agent.state_dir / "agent.yaml"),
-            "--name", agent.name, "--ip", agent.ip, "--cluster", self.cluster, "--etcd", self.etcd_endpoint,
+            "--name", agent.name, "--ip", agent.ip, "--cluster", self.cluster,
             "--listen", f"{agent.ip}:{agent.api_port}", "--state-dir", str(agent.state_dir),
             "--ttl", str(self.ttl), "--accelerators", "8",
         ]
-        if agent.bootstrap_etcd:
+        if self.etcd_members == 1:  # else the member list in the configuration file says it all
+            argv += ["--etcd", self.etcd_endpoint]
+        if agent.bootstrap_etcd and self.etcd_members == 1:
             argv += ["--bootstrap-etcd", "--etcd-client-port", str(self.etcd_port),
                      "--etcd-peer-port", str(self.etcd_peer_port)]
         return argv
