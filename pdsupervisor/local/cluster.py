@@ -47,6 +47,7 @@ class LocalAgent:
     api_port: int
     state_dir: Path
     bootstrap_etcd: bool = False
+    etcd_state: str = "new"  # `existing`: its member was added to the running cluster (a replacement)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,7 +147,8 @@ class LocalCluster:
         if self.token:
             doc["rest"] = {"token_file": str(self.token_file)}
         if self.etcd_members > 1:  # every agent lists every member (and so every endpoint)
-            boot.update(members=self.etcd_member_hosts, client_port=self.etcd_port, peer_port=self.etcd_peer_port)
+            boot.update(members=self.etcd_member_hosts, client_port=self.etcd_port, peer_port=self.etcd_peer_port,
+                        initial_cluster_state=agent.etcd_state)
         if self.tls:
             d = self.pki_dir / pki.node_dir(agent.name)
             doc["etcd_tls"] = {"ca_file": str(d / pki.CA_CERT), "cert_file": str(d / pki.CLIENT_CERT),
