@@ -152,7 +152,8 @@ class Store:
         An endpoint that refuses, or does not accept within the connect timeout (a dead
         host drops SYNs), is skipped for the next: nothing was sent to it. A request
         (`idle_s` None) has `timeout_s` in all; a stream fails after `idle_s` of silence.
-        A failed TLS handshake is TlsRefused, saying which side refused.
+        A failed TLS handshake is TlsRefused, saying which side refused. An endpoint that took
+        the request but did not answer in time fails it, and the next request starts at the next.
         """
         await self.connect()
         assert self._session is not None
@@ -171,6 +172,10 @@ class Store:
             except _TRANSPORT_ERRORS as exc:
                 if refusal := tls_refusal(exc):
                     raise TlsRefused(f"etcd at {self.endpoints[i]}: {refusal}") from exc
+                # Taken but not answered (a member cut off from the quorum, a hung process): the
+                # request may have been applied, so it is not sent again; the next one goes on
+                # to the next endpoint instead of waiting on this one for ever.
+                self._current = (i + 1) % len(self.endpoints)
                 raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {exc or type(exc).__name__}") from exc
             self._current = i
             if resp.status != 200:
@@ -311,20 +316,24 @@ class Store:
 
     # ---- etcd's own members ------------------------------------------------------------
 
-    async def member_list(self) -> list[dict[str, Any]]:
-        """etcd's member list, as the gateway spells it (`ID`, `name`, `peerURLs`, `clientURLs`,
-        `isLearner`); served by whichever member answers, with or without a quorum."""
-        return list((await self._call("/v3/cluster/member/list", {})).get("members") or [])
+    async def member_list(self, url: str, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+        """etcd's member list (`ID`, `name`, `peerURLs`, `clientURLs`, `isLearner`, as the gateway
+        spells them) from the member at client URL `url`: its own view, with or without a quorum."""
+        return list((await self._post_at(url, "/v3/cluster/member/list", timeout_s)).get("members") or [])
 
     async def member_status(self, url: str, timeout_s: float = 1.0) -> dict[str, Any]:
-        """`/v3/maintenance/status` of the member at client URL `url` itself (not the first
-        endpoint that answers): its leader, raft term and index, database size, alarms.
-        StoreUnavailable when it does not answer within `timeout_s`."""
+        """`/v3/maintenance/status` of the member at client URL `url`: its leader, raft term and
+        index, database size, alarms."""
+        return await self._post_at(url, "/v3/maintenance/status", timeout_s)
+
+    async def _post_at(self, url: str, path: str, timeout_s: float) -> dict[str, Any]:
+        """An empty POST to `path` of the member at `url` itself (not the first endpoint that
+        answers). StoreUnavailable when it does not answer within `timeout_s`."""
         await self.connect()
         assert self._session is not None
         headers = await self._auth.header(self._authenticate) if self._auth else None
         try:
-            async with self._session.post(url.rstrip("/") + "/v3/maintenance/status", json={}, headers=headers,
+            async with self._session.post(url.rstrip("/") + path, json={}, headers=headers,
                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 body = await resp.read()
         except _TRANSPORT_ERRORS as exc:

@@ -43,8 +43,18 @@ async def _member(store: Store, raw: dict[str, Any], timeout_s: float) -> EtcdMe
 
 
 async def etcd_health(store: Store, timeout_s: float = STATUS_TIMEOUT_S) -> EtcdDocument:
-    """Every member and whether it answers; StoreUnavailable when no endpoint gives the list."""
-    raw = await store.member_list()
+    """Every member and whether it answers; StoreUnavailable when no endpoint gives the list.
+    The list comes from the first endpoint that answers within `timeout_s`: a hung member (or
+    one cut off from the others) costs that much, not the store's whole timeout."""
+    errors = []
+    for url in store.endpoints:
+        try:
+            raw = await store.member_list(url, timeout_s)
+            break
+        except StoreUnavailable as exc:
+            errors.append(str(exc))
+    else:
+        raise StoreUnavailable(f"no etcd endpoint gave its member list: {'; '.join(errors)}")
     return member_document(list(await asyncio.gather(*(_member(store, m, timeout_s) for m in raw))))
 
 

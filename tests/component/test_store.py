@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 from collections.abc import Iterator
 
@@ -145,6 +146,23 @@ async def test_an_endpoint_that_drops_connections_is_skipped_after_the_connect_t
     async with Store([silent, etcd_server.endpoint], cluster_name, timeout_s=3) as store:
         await store.put(store.keys.spec, b"{}")
         assert (await store.get(store.keys.spec)).value == b"{}"
+
+
+async def test_an_endpoint_that_takes_requests_but_never_answers_is_left_for_the_next(etcd_server, cluster_name):
+    """A member without a quorum (or hung) accepts connections and answers nothing: that request
+    fails (it may have been applied: it is not sent twice), the next goes to the next endpoint."""
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(16)  # the kernel completes handshakes; nobody ever reads
+    try:
+        async with Store([f"http://127.0.0.1:{mute.getsockname()[1]}", etcd_server.endpoint], cluster_name,
+                         timeout_s=0.5) as store:
+            with pytest.raises(StoreUnavailable, match="127.0.0.1"):
+                await store.put(store.keys.spec, b"{}")
+            await store.put(store.keys.spec, b'{"v": 2}')
+            assert (await store.get(store.keys.spec)).value == b'{"v": 2}'
+    finally:
+        mute.close()
 
 
 def _watch_streams_started(endpoint: str) -> float:
