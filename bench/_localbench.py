@@ -51,8 +51,9 @@ def engine_argv(role: str, load_time: float) -> list[str]:
 
 
 def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *, slots: int, load_time: float,
-              period_s: float, ttl: int) -> str:
-    """The demo's spec, with our ports, no Mooncake master, and any number of nodes."""
+              period_s: float, ttl: int, etcd_members: int = 1) -> str:
+    """The demo's spec, with our ports, no Mooncake master, and any number of nodes; with
+    `etcd_members` > 1 every member (node1..N) as the engines' and proxy's etcd endpoints."""
     def role(nodes: list[str], name: str, port: int) -> dict[str, Any]:
         return {"node_names": nodes, "tp": 1, "slots": slots, "base_port": port, "argv": engine_argv(name, load_time),
                 "readiness": {"path": "/health", "period_s": period_s}, "stop_timeout_s": 5}
@@ -66,15 +67,18 @@ def make_spec(cluster: str, prefill_nodes: list[str], decode_nodes: list[str], *
         "policy": {"node_loss": "wait", "lease_ttl_s": max(ttl, 2)},
         "host_requirements": {"thp_mode": None, "hard": []},
     }
+    if etcd_members > 1:
+        doc["etcd"]["endpoints"] = [f"127.0.0.{i + 1}:{ETCD_PORT}" for i in range(etcd_members)]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def new_cluster(name: str, nodes: int, ttl: int, *, tls: bool = False, token: bool = False) -> LocalCluster:
+def new_cluster(name: str, nodes: int, ttl: int, *, tls: bool = False, token: bool = False,
+                etcd_members: int = 1) -> LocalCluster:
     """With `tls` and `token` as the demo: etcd over TLS with client certificates, the agents'
-    writes behind a bearer token (`lc.client(i)` carries it)."""
+    writes behind a bearer token (`lc.client(i)` carries it); `etcd_members`: node1..N each run one."""
     root = Path(tempfile.mkdtemp(prefix=f"pdbench-{name}-"))
     return LocalCluster(cluster=name, root=root, nodes=nodes, etcd_port=ETCD_PORT, api_base_port=API_BASE_PORT, ttl=ttl,
-                        tls=tls, token=token)
+                        tls=tls, token=token, etcd_members=etcd_members)
 
 
 async def boot(lc: LocalCluster, spec_text: str, timeout: float = 180.0) -> float:
