@@ -12,6 +12,7 @@ from agent.lease import store_timeout
 from pdsupervisor.core.addresses import is_loopback
 from pdsupervisor.core.etcd_access import plaintext_remote
 from pdsupervisor.core.models import EtcdAccess, TlsFiles
+from pdsupervisor.host.pki import certificate_names
 from pdsupervisor.store.etcd import Store
 from pdsupervisor.store.transport import Credentials, CredentialsError, files_fingerprint, read_password, tls_context
 
@@ -51,6 +52,12 @@ def check_etcd_security(config: AgentConfig, source: str) -> list[str]:
     if b.enabled and config.etcd_tls is not None and not b.cert_file:
         raise refuse("bootstrap_etcd.cert_file: with etcd_tls the embedded etcd needs the node's server certificate "
                      "and key (bootstrap_etcd.cert_file, key_file)")
+    host = b.members.get(config.name)
+    names = certificate_names(b.cert_file) if b.enabled and host and b.cert_file else None
+    if names is not None and host not in names:
+        raise refuse(f"bootstrap_etcd.cert_file: {b.cert_file} is not valid for {host}, this member's address in "
+                     f"bootstrap_etcd.members (it names {', '.join(names) or 'nothing'}): the other members and "
+                     f"clients would refuse it; issue one: pdsupervisor pki add-node DIR {config.name}={host} --replace")
     lines = [f"{field}: {what}" for field, what in plaintext_etcd(config)]
     if lines and not config.allow_plaintext_etcd:
         raise refuse(*lines, f"fix: {PLAINTEXT_FIX}")

@@ -205,3 +205,14 @@ def _private(root: str | Path) -> Path:
         raise PkiError(str(exc)) from None
     except OSError as exc:
         raise PkiError(f"cannot use {root}: {exc}") from None
+
+
+def certificate_names(path: str | Path) -> list[str] | None:
+    """The DNS names and IP addresses a PEM certificate is valid for (its SANs); None when the
+    file cannot be read as one (the caller's other checks say why)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    return [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]

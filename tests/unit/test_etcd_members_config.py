@@ -75,3 +75,22 @@ def test_member_argv_names_the_whole_cluster():
 
 def test_member_argv_with_tls_uses_https_peers():
     assert initial_cluster({"a": "10.0.0.1"}, 2380, tls=True) == "a=https://10.0.0.1:2380"
+
+
+def test_a_member_certificate_must_name_the_members_address(tmp_path):
+    from pdsupervisor.core.pki import CA_CERT, SERVER_CERT, SERVER_KEY, NodeId, node_dir
+    from pdsupervisor.host import pki as pki_files
+
+    pki_files.init(tmp_path, [NodeId("node1", "127.0.0.1"), NodeId("node2", "127.0.0.7")])
+
+    def config(name: str):
+        d = tmp_path / node_dir(name)
+        return {"name": name, "etcd_tls": {"ca_file": str(d / CA_CERT), "cert_file": str(d / SERVER_CERT),
+                                           "key_file": str(d / SERVER_KEY)},
+                "bootstrap_etcd": {"members": MEMBERS, "cert_file": str(d / SERVER_CERT), "key_file": str(d / SERVER_KEY)}}
+
+    assert load_config(None, config("node1")).bootstrap_etcd.enabled
+    with pytest.raises(ConfigError) as e:
+        load_config(None, config("node2"))  # issued for 127.0.0.7, a member at 127.0.0.2
+    assert "bootstrap_etcd.cert_file" in str(e.value) and "not valid for 127.0.0.2" in str(e.value)
+    assert "pki add-node DIR node2=127.0.0.2 --replace" in str(e.value)
