@@ -45,3 +45,30 @@ def test_a_dead_member_of_three_can_be_replaced_but_two_of_five_down_needs_care(
     four_of_four = member_document([_member(f"node{i}", up=i <= 2, leader=i == 1) for i in range(1, 5)])
     assert "no quorum (2 of 4" in replacement_problem(four_of_four, "node4", "http://127.0.0.7:2380")
     assert [quorum(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+
+
+def test_a_replace_request_names_its_bad_field():
+    from pydantic import ValidationError
+
+    from pdsupervisor.core.etcd_members import ReplaceRequest
+
+    for bad, field in (({"name": "", "peer_url": "http://h:1"}, "name"),
+                       ({"name": "n", "peer_url": "h:2380"}, "peer_url"),
+                       ({"name": "n", "peer_url": "http://h:2380,http://x:1"}, "peer_url"),
+                       ({"name": "n", "peer_url": "http://h:2380", "new_name": "a=b"}, "new_name"),
+                       ({"name": "n", "peer_url": "http://h:2380", "extra": 1}, "extra")):
+        with pytest.raises(ValidationError) as e:
+            ReplaceRequest.model_validate(bad)
+        assert e.value.errors()[0]["loc"] == (field,)
+
+
+def test_the_new_members_configuration_is_printed_with_hosts():
+    import yaml
+
+    from pdsupervisor.cli.etcd import new_member_config
+    from pdsupervisor.core.etcd_members import MemberReplaced
+
+    done = MemberReplaced(removed_id="a3", added_id="b4", name="node4", peer_url="https://10.0.0.4:2380",
+                          members={"node1": "https://10.0.0.1:2380", "node4": "https://10.0.0.4:2380"})
+    assert yaml.safe_load(new_member_config(done)) == {"bootstrap_etcd": {
+        "members": {"node1": "10.0.0.1", "node4": "10.0.0.4"}, "initial_cluster_state": "existing"}}
