@@ -118,7 +118,8 @@ def test_token_only_on_requests_that_need_it(recorders, token_file):
     for command in ("status", "events", "stop"):
         out = cli(command, "--api", api.url, "--token-file", str(token_file))
         assert out.returncode == 0, out.stderr
-    assert api.seen == [("GET", "/cluster", None), ("GET", "/events", None), ("POST", "/cluster/stop", BEARER)]
+    assert api.seen == [("GET", "/etcd", None), ("GET", "/cluster", None), ("GET", "/events", None),
+                        ("POST", "/cluster/stop", BEARER)]
 
 
 def test_logs_from_a_loopback_api_url_get_the_token(recorders, token_file):
