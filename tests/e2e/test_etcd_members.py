@@ -1,7 +1,7 @@
 """An etcd of three members, one per agent (127.0.0.1-3), with TLS for clients and peers, as
 `pdsupervisor demo --etcd-members 3` runs it. The tests run in order on one cluster: it forms
 from the agents' configurations; losing a node (agent, etcd member) changes nothing; a majority
-lost stops changes but no engine; a dead member is replaced.
+lost stops changes but no engine; a node back rejoins with its member; a dead member is replaced.
 """
 
 from __future__ import annotations
@@ -173,9 +173,22 @@ def test_a_majority_lost_changes_nothing_and_kills_nothing(members):
     assert {r["name"]: r["pid"] for r in members.cluster()["processes"] if r["pid"]} == engines
 
 
+def test_a_node_back_rejoins_with_its_member(members):
+    """node3's agent started again: its member comes back from its data dir, the same member."""
+    old_id = next(x["id"] for x in members.etcd()["members"] if x["name"] == "node3")
+    members.lc.start_agent(members.lc.agents[2])
+    doc = wait_for(lambda: (d := members.etcd()) and len(_up(d)) == 3 and d["leader"] and d, 60,
+                   what="3 members up again")
+    assert next(x["id"] for x in doc["members"] if x["name"] == "node3") == old_id
+
+
 def test_a_dead_member_is_replaced(members):
     """`pdsupervisor etcd replace-member`, then node3's agent with an empty data dir and
     initial_cluster_state existing: three members up again, node3's a new one."""
+    node3 = members.lc.agents[2]
+    kill_tree(node3.proc.pid)  # its disk lost, say: the member will not come back
+    node3.proc.wait(5)
+    wait_for(lambda: _up(members.etcd()) == {"node1", "node2"}, 30, what="node3's member down")
     old_id = next(x["id"] for x in members.etcd()["members"] if x["name"] == "node3")
     out = members.cli("etcd", "replace-member", "node3",
                       "--peer-url", f"https://127.0.0.3:{members.lc.etcd_peer_port}")
@@ -183,7 +196,6 @@ def test_a_dead_member_is_replaced(members):
     printed = yaml.safe_load(out.stdout[out.stdout.index("bootstrap_etcd:"):])
     assert printed["bootstrap_etcd"] == {"members": members.lc.etcd_member_hosts,
                                          "initial_cluster_state": "existing"}
-    node3 = members.lc.agents[2]
     shutil.rmtree(node3.state_dir / "etcd")
     node3.etcd_state = "existing"
     members.lc.start_agent(node3)
