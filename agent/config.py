@@ -214,8 +214,8 @@ class AgentConfig(_Strict):
         """What the agent says at start about its etcd member list (one log line each)."""
         n = len(self.bootstrap_etcd.members)
         if n and n % 2 == 0:
-            return [f"bootstrap_etcd.members: {n} members survive no more failures than {n - 1} "
-                    f"({(n - 1) // 2}) and need more for a quorum; use 3 or 5"]
+            return [f"bootstrap_etcd.members: {n} members survive {(n - 1) // 2} lost, as {n - 1} do, and need "
+                    f"{n // 2 + 1} for a quorum; use {n - 1} or {n + 1}"]
         return []
 
     @property
