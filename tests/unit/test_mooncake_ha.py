@@ -7,7 +7,9 @@ import json
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from pdsupervisor.cli.main import main
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, desired_state
 from pdsupervisor.core.models import NodeFacts
 from pdsupervisor.core.planner import PlanError, plan_cluster, port_claims
@@ -117,6 +119,15 @@ def test_the_ha_etcd_must_not_be_the_control_plane_etcd():
 def test_bad_ha_input_names_the_field(mooncake, field, says):
     found = problems(ha_doc(**mooncake))
     assert any(f == field and says in why for f, why in found), found
+
+
+def test_the_plan_command_shows_the_ha_set(tmp_path):
+    path = tmp_path / "ha.yaml"
+    path.write_text(yaml.safe_dump(ha_doc()))
+    nodes = ["--node", "g10=10.0.0.9", "--node", "g13=10.0.0.81", "--node", "g14=10.0.0.165"]
+    out = CliRunner().invoke(main, ["plan", "-f", str(path), *nodes], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    assert "master etcd://10.239.129.50:2479;10.239.129.51:2479 (HA: g10, g13)" in out.output
 
 
 def test_one_replica_keeps_extra_args_as_they_are():
