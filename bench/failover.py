@@ -20,7 +20,7 @@ an agent that is not the victim. All times wall-clock from the SIGKILL.
 
   mooncake-master  (needs the real mooncake_master and mooncake package) its own cluster: the
            sim engines hand KV over through the real Mooncake Store (1 prefill + 2 decode
-           nodes, one engine each), a steady load through the proxy (4 clients); kill -9 the
+           nodes, one engine each, decode DP independent), a steady load through the proxy (4 clients); kill -9 the
            leader master. Modes: ha-oplog (`mooncake.replicas` 2, masters on node1 and node2
            electing in an etcd of Mooncake's own on 127.0.0.1:12479, `ha_oplog`), ha (the same
            without the OpLog), single (the one master, for comparison).
@@ -139,6 +139,7 @@ def _mooncake_spec(cluster: str, ttl: int, replicas: int, oplog: bool) -> str:
     doc["etcd"].update(client_port=MC_CP_ETCD, peer_port=MC_CP_ETCD + 1)
     doc["prefill"]["base_port"], doc["decode"]["base_port"] = MC_PREFILL, MC_DECODE
     doc["decode"]["dp_master_port"], doc["proxy"]["port"] = MC_DP, MC_PROXY
+    doc["decode"]["dp_mode"] = "independent"  # the DP gang is not what is measured here
     doc["engine_env"] = {"PDSIM_MOONCAKE_SEGMENT_CAP": "32MiB", "PDSIM_MOONCAKE_BUFFER_CAP": "2MiB",
                          "PDSIM_KV_TIMEOUT": "2", "MC_TCP_BIND_ADDRESS": "{node_ip}"}
     doc["mooncake"] = {"protocol": "tcp", "gc_args": [], "port": MC_PORT, "max_threads": 4,

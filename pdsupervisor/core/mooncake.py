@@ -17,8 +17,8 @@ own (refused when it is a control-plane endpoint, for the reason above); only th
 its RPC port, so a master is ready when its admin server's `/health` answers (a standby too).
 Engines' `master_server_address` is `etcd://<ha_etcd>` and `MC_STORE_CLUSTER_ID` their
 environment: the store client follows the leader there. Checked against 0.3.13 (README, "Mooncake
-master HA"): after the leader is killed, hand-offs resume in the same engines (~18 s) and, with
-the OpLog (`ha_oplog`), KV put before the kill is still found.
+master HA"): after the leader is killed, hand-offs resume in the same engines (~10-20 s); KV put
+before the kill is lost unless `ha_oplog` (off by default, see the spec).
 """
 
 from __future__ import annotations

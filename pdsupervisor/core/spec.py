@@ -132,7 +132,10 @@ class MooncakeSpec(SpecModel):
     replicas: int = Field(1, ge=1, le=limits.MAX_MASTERS)
     master_nodes: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # where, in preference order
     ha_etcd: list[str] = Field(default_factory=list, max_length=limits.MAX_MASTERS)  # host:port of Mooncake's etcd
-    ha_oplog: bool = True  # replicate the master's metadata (OpLog in ha_etcd): KV put before a failover survives
+    # Replicate the leader's metadata (OpLog in ha_etcd) so KV put before a failover can be read
+    # after it. Off by default: measured, hand-offs resumed later and less surely with it
+    # (docs/benchmarks.md), it writes every put to ha_etcd, and a PD hand-off reads its KV at once.
+    ha_oplog: bool = False
     metrics_port: Port = 9003  # HA: each master's admin server; its /health is the readiness probe
 
     @field_validator("metadata")

@@ -53,7 +53,7 @@ def test_two_replicas_run_masters_on_distinct_nodes_electing_through_their_own_e
     g13 = masters["g13"]
     tail = g13.argv[g13.argv.index("-enable_ha=true"):]
     assert tail == ["-enable_ha=true", "-ha_backend_type", "etcd", "-etcd_endpoints", ";".join(HA_ETCD),
-                    "-cluster_id", "deepseek-r1", "-enable_oplog=true", "-rpc_address", "10.239.129.81",
+                    "-cluster_id", "deepseek-r1", "-enable_oplog=false", "-rpc_address", "10.239.129.81",
                     "-metrics_host", "10.239.129.81", "-metrics_port", "9003"]
     # only the leader opens its RPC port: readiness is the admin server's /health, standby too
     assert (g13.readiness.kind, g13.readiness.host, g13.readiness.port, g13.readiness.path) == (
@@ -72,9 +72,9 @@ def test_master_nodes_are_taken_in_order_skipping_unregistered_ones():
     doc = ha_doc(master_nodes=["g14", "gone", "g10"])
     plan = plan_cluster(validate_spec(doc), seed_nodes())
     assert plan.master_nodes == ["g14", "g10"] and plan.master_node == "g14"
-    doc["mooncake"]["ha_oplog"] = False
+    doc["mooncake"]["ha_oplog"] = True
     (g14,) = [p for n, p in plan_cluster(validate_spec(doc), seed_nodes()).masters() if n == "g14"]
-    assert "-enable_oplog=false" in g14.argv
+    assert "-enable_oplog=true" in g14.argv
 
 
 def test_too_few_nodes_is_a_plan_error_naming_replicas():
