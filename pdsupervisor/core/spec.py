@@ -133,8 +133,8 @@ class MooncakeSpec(SpecModel):
     master_nodes: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # where, in preference order
     ha_etcd: list[str] = Field(default_factory=list, max_length=limits.MAX_MASTERS)  # host:port of Mooncake's etcd
     # Replicate the leader's metadata (OpLog in ha_etcd) so KV put before a failover can be read
-    # after it. Off by default: measured, hand-offs resumed later and less surely with it
-    # (docs/benchmarks.md), it writes every put to ha_etcd, and a PD hand-off reads its KV at once.
+    # after it. Off by default: a PD hand-off reads its KV moments after the put, the OpLog writes
+    # the leader's changes to ha_etcd, and restored objects held full segments (docs/benchmarks.md).
     ha_oplog: bool = False
     metrics_port: Port = 9003  # HA: each master's admin server; its /health is the readiness probe
 
