@@ -52,7 +52,9 @@ def parse_node(text: str) -> NodeFacts:
 
 
 def plan_table(plan: Plan, spec: ClusterSpec, out: Console) -> None:
-    master = f"master {plan.master_address}  " if plan.masters() else ""  # none: Mooncake disabled
+    masters = plan.masters()  # none: Mooncake disabled; several: HA, the leader found through etcd
+    ha = f" (HA: {', '.join(n for n, _ in masters)})" if len(masters) > 1 else ""
+    master = f"master {plan.master_address}{ha}  " if masters else ""
     out.print(
         f"[bold]{plan.cluster}[/]  etcd {', '.join(plan.etcd_endpoints)}  {master}"
         f"{_dp(plan, spec)}  EP {plan.ep_size}  proxy {plan.proxy_url}"

@@ -72,10 +72,12 @@ def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
 
     The master is tracked once ready; a different ready pid later means it restarted and
     lost Mooncake's metadata, so every engine is restarted, after the master is ready again.
+    Several masters (`mooncake.replicas`, HA): never; the engines' store clients follow the
+    newly elected leader, and the agent restarts the dead master as any process.
     """
     record = obs.record
     masters = plan.masters()
-    if record is None or not masters or not is_ready(obs, *masters[0]):
+    if record is None or len(masters) != 1 or not is_ready(obs, *masters[0]):
         return None
     seen = observed_process(obs, masters[0][0], masters[0][1].name)
     if seen is None or seen.pid is None or seen.pid == record.master_pid:

@@ -15,6 +15,7 @@ MAX_SLOTS = 256  # accelerators per node; so at most 256 engines per node, and T
 MAX_ARGS = 512  # items of an argv template or argument list
 MAX_ENV = 256  # variables of one env mapping
 MAX_LABELS = 64
+MAX_MASTERS = 9  # Mooncake masters (replicas), and endpoints of their etcd
 MAX_ENDPOINTS = 16
 MAX_STRING = 16 * 1024  # characters of any string of the spec (an inline chat template fits)
 MAX_PATH = 4096  # characters of a path (PATH_MAX)

@@ -10,11 +10,20 @@ tests/e2e/test_mooncake_kv.py):
 - `master-http`: the master's built-in HTTP metadata server on `metadata_port` (0.3.6+);
 - a URL: a metadata server run elsewhere (an http server, a second etcd holding nothing an
   agent acts on). One naming a control-plane etcd endpoint is refused.
+
+High availability (`mooncake.replicas` >= 2, mooncake_master's `--enable_ha` with its etcd
+backend): masters on distinct nodes elect a leader in `mooncake.ha_etcd`, an etcd of Mooncake's
+own (refused when it is a control-plane endpoint, for the reason above); only the leader opens
+its RPC port, so a master is ready when its admin server's `/health` answers (a standby too).
+Engines' `master_server_address` is `etcd://<ha_etcd>` and `MC_STORE_CLUSTER_ID` their
+environment: the store client follows the leader there. Checked against 0.3.13 (README, "Mooncake
+master HA"): after the leader is killed, hand-offs resume in the same engines (~10-20 s); KV put
+before the kill is lost unless `ha_oplog` (off by default, see the spec).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec
 from pdsupervisor.core.spec import ClusterSpec, render
@@ -45,6 +54,51 @@ def metadata_problems(spec: ClusterSpec, etcd_endpoints: Sequence[str]) -> list[
     return []
 
 
+HA_CLUSTER_ENV = "MC_STORE_CLUSTER_ID"  # the store client's name for the master's `-cluster_id`
+
+
+def is_ha(spec: ClusterSpec) -> bool:
+    """Several masters electing a leader (engines survive a master's death)."""
+    return spec.mooncake.enabled and spec.mooncake.replicas > 1
+
+
+def master_server_address(spec: ClusterSpec, master_ip: str) -> str:
+    """Where engines find the master: the one master, or the HA set's etcd."""
+    mc = spec.mooncake
+    return "etcd://" + ";".join(mc.ha_etcd) if is_ha(spec) else f"{master_ip}:{mc.port}"
+
+
+def engine_env(spec: ClusterSpec) -> dict[str, str]:
+    """What an engine's store client needs in its environment to follow the HA set."""
+    return {HA_CLUSTER_ENV: spec.cluster} if is_ha(spec) else {}
+
+
+def ha_etcd_problems(spec: ClusterSpec, etcd_endpoints: Sequence[str]) -> list[tuple[str, str]]:
+    """Mooncake's election etcd must not be the control-plane etcd (its client has no TLS nor auth)."""
+    shared = sorted(set(spec.mooncake.ha_etcd) & {e.split("://", 1)[-1] for e in etcd_endpoints})
+    if shared and is_ha(spec):
+        return [("mooncake.ha_etcd", f"{', '.join(shared)} is the control-plane etcd: Mooncake's client has "
+                                     "neither TLS nor auth; give an etcd that holds nothing an agent acts on")]
+    return []
+
+
+def choose_master_nodes(spec: ClusterSpec, registered: Collection[str], first: str,
+                        engine_nodes: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The masters' nodes, distinct: `master_nodes` in order, else `first` then the engine nodes
+    then the other members by name, skipping unregistered ones. (nodes, problems)."""
+    mc = spec.mooncake
+    if mc.replicas == 1 and not mc.master_nodes:
+        ok = first in registered
+        return [first], [] if ok else [("mooncake.master_node", f"node {first} is not registered")]
+    pool = mc.master_nodes or [first, *engine_nodes, *sorted(registered)]
+    chosen = [n for n in dict.fromkeys(pool) if n in registered][:mc.replicas]
+    if len(chosen) < mc.replicas:
+        among = " among mooncake.master_nodes" if mc.master_nodes else ""
+        return chosen, [("mooncake.replicas", f"{mc.replicas} masters need {mc.replicas} distinct registered "
+                                              f"nodes{among}; found {len(chosen)}: {', '.join(chosen) or 'none'}")]
+    return chosen, []
+
+
 def metadata_port(spec: ClusterSpec) -> int | None:
     """The port a planned master also binds for metadata (`master-http`), else None."""
     mc = spec.mooncake
@@ -69,7 +123,7 @@ def mooncake_config(spec: ClusterSpec, facts: NodeFacts, master_ip: str) -> dict
         "metadata_server": metadata_server(spec, master_ip),
         "protocol": protocol,
         "device_name": device,
-        "master_server_address": f"{master_ip}:{mc.port}",
+        "master_server_address": master_server_address(spec, master_ip),
         "global_segment_size": mc.global_segment_size,
         "local_buffer_size": mc.local_buffer_size,
     }
@@ -86,8 +140,16 @@ def master_process(spec: ClusterSpec, facts: NodeFacts, *, generation: int) -> P
         argv += ["-enable_http_metadata_server=true", "-http_metadata_server_host", facts.ip,
                  "-http_metadata_server_port", str(mc.metadata_port)]
     argv += [render(a, values) for a in mc.extra_args]
+    readiness = Probe(kind="tcp", host=facts.ip, port=mc.port)
+    if is_ha(spec):  # a standby never opens its RPC port: ready when its admin server answers
+        # last, so that they win (the spec refuses extra_args setting them: HA_FLAGS); the leader
+        # publishes its rpc_address in the etcd, so it is the node's IP, never 0.0.0.0
+        argv += ["-enable_ha=true", "-ha_backend_type", "etcd", "-etcd_endpoints", ";".join(mc.ha_etcd),
+                 "-cluster_id", spec.cluster, f"-enable_oplog={str(mc.ha_oplog).lower()}",
+                 "-rpc_address", facts.ip, "-metrics_host", facts.ip, "-metrics_port", str(mc.metrics_port)]
+        readiness = Probe(kind="http", host=facts.ip, port=mc.metrics_port, path="/health")
     return ProcessSpec(
         name="mooncake-master", role="mooncake-master", argv=argv, host=facts.ip, port=mc.port,
-        readiness=Probe(kind="tcp", host=facts.ip, port=mc.port),
+        readiness=readiness,
         restart=spec.policy.restart, stop_timeout_s=10, start_timeout_s=mc.readiness_timeout_s, generation=generation,
     )

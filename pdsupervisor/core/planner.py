@@ -20,7 +20,18 @@ from pydantic import Field
 from pdsupervisor.core.etcd_access import proxy_etcd_args, proxy_etcd_env
 from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.core.models import DrainSpec, FileSpec, NodeFacts, Probe, ProcessSpec, Strict
-from pdsupervisor.core.mooncake import METADATA_PORT_FIELD, master_process, metadata_port, metadata_problems, mooncake_config
+from pdsupervisor.core.mooncake import (
+    METADATA_PORT_FIELD,
+    choose_master_nodes,
+    engine_env,
+    ha_etcd_problems,
+    is_ha,
+    master_process,
+    master_server_address,
+    metadata_port,
+    metadata_problems,
+    mooncake_config,
+)
 from pdsupervisor.core.spec import ClusterSpec, RoleSpec, SpecError, render
 
 ENGINE_ROLES = ("prefill", "decode")
@@ -53,13 +64,14 @@ class Plan(Strict):
     placement: dict[str, list[str]]  # role -> nodes; decode in DP-index order
     etcd_endpoints: list[str]
     master_node: str
-    master_address: str
+    master_address: str  # what engines are given: the master's host:port, or etcd://... (HA)
     proxy_node: str
     proxy_url: str
     dp_size: int
     ep_size: int
     dp_master: str | None
     nodes: dict[str, NodePlan]
+    master_nodes: list[str] = Field(default_factory=list)  # every master's node (HA: several)
 
     def engines(self) -> list[tuple[str, ProcessSpec]]:
         """Every prefill and decode engine as (node, process)."""
@@ -70,7 +82,7 @@ class Plan(Strict):
         return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role != "etcd"]
 
     def masters(self) -> list[tuple[str, ProcessSpec]]:
-        """The Mooncake master as (node, process); empty when Mooncake is disabled."""
+        """Each Mooncake master as (node, process); empty when Mooncake is disabled."""
         return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role == "mooncake-master"]
 
 
@@ -196,6 +208,7 @@ def _engine_processes(
         # a {file:} or {credential:} value passes untouched: the agent reads it on the node
         env = {k: render(v, values) if isinstance(v, str) else v for k, v in {**spec.engine_env, **role.env}.items()}
         env["MOONCAKE_CONFIG_PATH"] = config_path
+        env.update(engine_env(spec))
         argv = [render(item, values) for item in role.argv]
         if in_group and spec.engine == "vllm" and DP_FLAG not in argv:  # unless the argv templates them
             argv += [render(item, values) for item in VLLM_DP_ARGS]
@@ -300,17 +313,19 @@ def plan_cluster(
         etcd_endpoints = [f"{nodes[bootstrap].ip}:{spec.etcd.client_port}"]
     else:
         raise PlanError([("etcd.bootstrap_node", f"node {bootstrap} is not registered")])
-    master_node = spec.mooncake.master_node or bootstrap or placement["prefill"][0]
+    master_nodes, problems = choose_master_nodes(
+        spec, nodes, spec.mooncake.master_node or bootstrap or placement["prefill"][0],
+        [n for r in ENGINE_ROLES for n in placement[r]])
+    master_node = master_nodes[0] if master_nodes else ""
     proxy_node = spec.proxy.node or placement["prefill"][0]
-    for path, name in (("mooncake.master_node", master_node), ("proxy.node", proxy_node)):
-        if name not in nodes:
-            problems.append((path, f"node {name} is not registered"))
-    problems += metadata_problems(spec, etcd_endpoints)
+    if proxy_node not in nodes:
+        problems.append(("proxy.node", f"node {proxy_node} is not registered"))
+    problems += metadata_problems(spec, etcd_endpoints) + ha_etcd_problems(spec, etcd_endpoints)
     if problems:
         raise PlanError(problems)
 
     master_facts = nodes[master_node]
-    master_address = f"{master_facts.ip}:{spec.mooncake.port}"
+    master_address = master_server_address(spec, master_facts.ip)
     decode_nodes = placement["decode"]
     grouped = spec.decode.dp_mode == "group"
     dp_size = len(decode_nodes) * spec.decode.engines_per_node if grouped else 1
@@ -328,9 +343,10 @@ def plan_cluster(
         np_.roles.append("etcd")
         np_.processes.append(_etcd_process(spec, nodes[bootstrap], generation=generation))
     if spec.mooncake.enabled:
-        mp = node_plan(master_node)
-        mp.roles.append("mooncake-master")
-        mp.processes.append(master_process(spec, master_facts, generation=generation))
+        for name in master_nodes:
+            mp = node_plan(name)
+            mp.roles.append("mooncake-master")
+            mp.processes.append(master_process(spec, nodes[name], generation=generation))
 
     for role_name in ENGINE_ROLES:
         for index, name in enumerate(placement[role_name]):
@@ -361,7 +377,7 @@ def plan_cluster(
         proxy_url=f"http://{nodes[proxy_node].ip}:{spec.proxy.port}", dp_size=dp_size,
         ep_size=ep_size,
         dp_master=dp_master.name if dp_master else None,
-        nodes=dict(sorted(plans.items())),
+        nodes=dict(sorted(plans.items())), master_nodes=master_nodes if spec.mooncake.enabled else [],
     )
     clashes = port_problems(spec, plan) if check_ports else []
     if clashes:
@@ -391,6 +407,8 @@ def port_claims(spec: ClusterSpec, plan: Plan, node: str) -> list[PortClaim]:
     md_port = metadata_port(spec)
     if "mooncake-master" in np_.roles and md_port is not None:
         claims.append(PortClaim(md_port, METADATA_PORT_FIELD, "mooncake-master metadata"))
+    if "mooncake-master" in np_.roles and is_ha(spec):
+        claims.append(PortClaim(spec.mooncake.metrics_port, "mooncake.metrics_port", "mooncake-master admin"))
     if "etcd" in np_.roles:
         claims.append(PortClaim(spec.etcd.peer_port, "etcd.peer_port", "etcd peer"))
     if node == plan.dp_master and plan.dp_size > 1:

@@ -48,9 +48,11 @@ def trial_members(spec: ClusterSpec) -> dict[str, NodeFacts]:
         role: RoleSpec = spec.prefill if role_name == "prefill" else spec.decode
         for name in names:
             add(name, role.labels)
-    for named in (spec.etcd.bootstrap_node, spec.mooncake.master_node, spec.proxy.node):
+    for named in (spec.etcd.bootstrap_node, spec.mooncake.master_node, spec.proxy.node, *spec.mooncake.master_nodes):
         if named:
             add(named, {})
+    for i in range(spec.mooncake.replicas if spec.mooncake.replicas > 1 and not spec.mooncake.master_nodes else 0):
+        add(f"9-trial-mooncake-master-{i}", {})  # HA masters need distinct nodes: more can register
     return members
 
 

@@ -48,6 +48,10 @@ def render(template: str, values: Mapping[str, object]) -> str:
 
 METADATA_MODES = ("p2p", "master-http")
 METADATA_URL_RE = re.compile(r"^(https?|etcd|redis)://[^\s/]+(/\S*)?$")
+# mooncake_master flags the planner sets for HA masters (the spec's own fields say them)
+MOONCAKE_HA_FLAGS = frozenset({"enable_ha", "ha_backend_type", "ha_backend_connstring", "etcd_endpoints",
+                               "cluster_id", "enable_oplog", "metrics_port", "rpc_port"})
+HOST_PORT_RE = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 
 DEFAULT_ENGINE_ARGV = [
     "{python}", "-m", "vllm.entrypoints.openai.api_server",
@@ -122,12 +126,31 @@ class MooncakeSpec(SpecModel):
     # serves it on `metadata_port` (>= 0.3.6). Or a URL of a metadata server run elsewhere.
     metadata: str = "p2p"
     metadata_port: int = Field(8080, ge=1, le=65535)  # used by "master-http" only
+    # High availability (`replicas` >= 2): masters on different nodes elect a leader through
+    # `ha_etcd`, an etcd of Mooncake's own (its client has no TLS nor auth: never the
+    # control-plane etcd); engines find the leader there. 1: one master, as before.
+    replicas: int = Field(1, ge=1, le=limits.MAX_MASTERS)
+    master_nodes: list[str] = Field(default_factory=list, max_length=limits.MAX_NODES)  # where, in preference order
+    ha_etcd: list[str] = Field(default_factory=list, max_length=limits.MAX_MASTERS)  # host:port of Mooncake's etcd
+    # Replicate the leader's metadata (OpLog in ha_etcd) so KV put before a failover can be read
+    # after it. Off by default: a PD hand-off reads its KV moments after the put, the OpLog writes
+    # the leader's changes to ha_etcd, and restored objects held full segments (docs/benchmarks.md).
+    ha_oplog: bool = False
+    metrics_port: Port = 9003  # HA: each master's admin server; its /health is the readiness probe
 
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v: str) -> str:
         if v not in METADATA_MODES and not METADATA_URL_RE.match(v):
             raise ValueError(f"{v!r}: give p2p, master-http or a URL (http://, etcd://, redis://)")
+        return v
+
+    @field_validator("ha_etcd")
+    @classmethod
+    def _ha_etcd(cls, v: list[str]) -> list[str]:
+        bad = [e for e in v if not HOST_PORT_RE.match(e)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: give host:port (plain http: Mooncake's etcd client has no TLS)")
         return v
 
 
@@ -372,8 +395,37 @@ def _spec_problems(spec: ClusterSpec) -> list[tuple[str, str]]:
     for name in ("benchmark_args", "first_token_args", "extra_args"):
         problems += _placeholder_problems(f"proxy.{name}", getattr(spec.proxy, name), PROXY_PLACEHOLDERS)
     problems += _placeholder_problems("engine_env", _strings(spec.engine_env.values()), ENGINE_PLACEHOLDERS)
+    problems += _mooncake_ha_problems(spec.mooncake)
     if spec.benchmark.enabled and spec.benchmark.decode_batch_size < 2:
         problems.append(("benchmark.decode_batch_size", "benchmark mode needs a batch size of at least 2"))
+    return problems
+
+
+def _mooncake_ha_problems(mc: MooncakeSpec) -> list[tuple[str, str]]:
+    """Masters on distinct nodes, an etcd of Mooncake's own to elect through, one metadata
+    store that is not a single master's."""
+    problems: list[tuple[str, str]] = []
+    if len(set(mc.master_nodes)) != len(mc.master_nodes):
+        problems.append(("mooncake.master_nodes", "a node is listed twice"))
+    if mc.master_nodes and mc.master_node:
+        problems.append(("mooncake.master_nodes", "give mooncake.master_node or mooncake.master_nodes, not both"))
+    if mc.master_nodes and len(mc.master_nodes) < mc.replicas:
+        problems.append(("mooncake.master_nodes", f"lists {len(mc.master_nodes)} nodes for {mc.replicas} replicas"))
+    if mc.replicas == 1 or not mc.enabled:
+        return problems
+    if not mc.ha_etcd:
+        problems.append(("mooncake.ha_etcd", f"replicas {mc.replicas} elect their leader through an etcd of "
+                                             "Mooncake's own: give its host:port endpoints"))
+    if mc.metadata == "master-http":
+        problems.append(("mooncake.metadata", "master-http lives in one master, lost with it: use p2p (or a "
+                                              "metadata server of its own) with replicas >= 2"))
+    if mc.metrics_port == mc.port:
+        problems.append(("mooncake.metrics_port", "same as mooncake.port"))
+    taken = sorted({name for a in mc.extra_args if a.startswith("-")
+                    if (name := a.lstrip("-").split("=", 1)[0]) in MOONCAKE_HA_FLAGS})
+    if taken:
+        problems.append(("mooncake.extra_args", f"{', '.join('-' + t for t in taken)}: set by the planner with "
+                                                "replicas >= 2 (mooncake.ha_etcd, ha_oplog, metrics_port, port)"))
     return problems
 
 
