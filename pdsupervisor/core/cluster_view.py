@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
-from pdsupervisor.core.models import NodeAssignment, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.core.observed import (
     Observed,
     SpecRecord,
@@ -23,6 +24,7 @@ from pdsupervisor.core.observed import (
     live_statuses,
     observed_process,
 )
+from pdsupervisor.core.plan_memo import PlanMemo, plan_inputs
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
 from pdsupervisor.core.rollout import Rollout, impact, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
@@ -45,23 +47,36 @@ class Desired:
 
 
 def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
-    """Plan `record` (default: the recorded one) on the live members; the problems say what is missing."""
+    """Plan `record` (default: the recorded one) on the live members; the problems say what is missing.
+
+    Memoized on exactly its inputs (`PLANS`): a status change, the bulk of all changes, re-plans nothing.
+    """
     if record is None:
         record = obs.record
     if record is None:
         return None, None, []
+    members = obs.members
+    spec, plan, missing = PLANS.get(plan_inputs(record, members), lambda: _plan(record, members))
+    return spec, plan, list(missing)
+
+
+PLANS: PlanMemo[tuple[ClusterSpec | None, Plan | None, list[str]]] = PlanMemo()
+
+
+def _plan(record: SpecRecord, members: Mapping[str, NodeFacts]) -> tuple[ClusterSpec | None, Plan | None, list[str]]:
+    """What `try_plan` computes, from exactly what `plan_memo.PlanInputs` holds."""
     try:
         spec = validate_spec(record.spec)
     except SpecError as exc:  # validated on submit; only a hand-edited key can get here
         return None, None, [f"{p}: {w}" for p, w in exc.problems]
     try:
-        plan = plan_cluster(spec, obs.members, previous=record.placement or None,
+        plan = plan_cluster(spec, members, previous=record.placement or None,
                             generation=record.generation, restart_epoch=record.master_epoch,
                             group_epoch=record.group_epoch, unmanaged=record.unmanaged,
                             recently_lost=record.recently_lost)
     except PlanError as exc:
         return spec, None, [f"{p}: {w}" for p, w in exc.problems]
-    refused = hard_failures(spec, obs.members, plan)
+    refused = hard_failures(spec, members, plan)
     if refused:  # a planned node misses a host requirement the spec makes hard: stay pending
         return spec, None, [f"{node}: {check}: {why}" for node, check, why in refused]
     return spec, plan, []

@@ -46,7 +46,7 @@ def _lost(node: str) -> ClusterEvent:
 
 def _processes(obs: Observed) -> dict[tuple[str, str], ProcessStatus]:
     """What each live agent reports, by (node, process)."""
-    return {(n, p.name): p for n, s in live_statuses(obs).items() for p in s.processes}
+    return obs.processes
 
 
 def observed_events(previous: Observed | None, current: Observed) -> list[ClusterEvent]:

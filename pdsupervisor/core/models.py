@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -150,10 +151,29 @@ class ProcessSpec(Strict):
 
     def spec_hash(self) -> str:
         """Stable digest of everything that, when changed, requires a restart (so neither the
-        generation nor how to drain: changing those never restarts a process)."""
-        payload = self.model_dump(mode="json", exclude=set(NOT_HASHED))
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        generation nor how to drain: changing those never restarts a process).
+
+        Computed once per object (the view asks it of every process several times a cycle:
+        ~70 us each, seconds at 1,024 nodes): kept in the instance's `__dict__`, outside the
+        fields (pydantic's `==` and dumps ignore it), and dropped when a field is set or a copy
+        updates one. Nested values (a list or dict field) must not be mutated in place.
+        """
+        cached: str | None = self.__dict__.get(_HASH_KEY)
+        if cached is None:
+            payload = self.model_dump(mode="json", exclude=set(NOT_HASHED))
+            blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+            cached = self.__dict__[_HASH_KEY] = hashlib.sha256(blob).hexdigest()[:16]
+        return cached
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop(_HASH_KEY, None)
+        super().__setattr__(name, value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ProcessSpec:
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied.__dict__.pop(_HASH_KEY, None)
+        return copied
 
     @property
     def endpoint(self) -> str | None:
@@ -161,6 +181,7 @@ class ProcessSpec(Strict):
 
 
 NOT_HASHED = frozenset({"generation", "drain"})
+_HASH_KEY = "_spec_hash"  # where spec_hash() keeps its digest, in the instance __dict__
 
 
 class NodeAssignment(Strict):
