@@ -274,7 +274,7 @@ def changes(obs: Observed, desired: Desired) -> Changes:
         if want is None:
             if have is not None:
                 out.deletes.append(node)
-        elif have != want:
+        elif have is not want and have != want:
             out.puts[node] = want
     if desired.record is not None and desired.record != obs.record:
         out.record = desired.record
