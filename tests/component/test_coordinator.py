@@ -20,7 +20,7 @@ from pdsupervisor.core.cluster_view import cluster_document, desired_state
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.store.cluster import observe, read_record, request_stop, submit_spec
-from pdsupervisor.store.etcd import Store
+from pdsupervisor.store.etcd import RequestTooLarge, Store
 from tests.cluster_helpers import cluster_spec
 
 TTL = 5  # the coordinators' and the spec's, so that no cycle steps down to change it
@@ -221,6 +221,29 @@ async def test_a_stop_during_a_cycle_is_not_overwritten(cluster, monkeypatch):
     assert await store.assignments() == {}  # nothing from the stale decision was written
     assert coord.is_leader
     assert await coord.cycle() == Outcome("unchanged", "no action: cluster stopped")  # decided from the stop
+
+
+async def test_a_write_too_large_is_told(cluster, monkeypatch):
+    """Not "etcd unavailable ... not leading": the leader keeps its key, says what was refused
+    (its outcome, its view) and tries again next cycle."""
+    store = cluster.store
+    coord = cluster.coordinator("a")
+    assert (await coord.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    write = store.write_as_leader
+
+    async def refused(*args, **kwargs):
+        raise RequestTooLarge("etcd refused a write of 3 keys (2000000 bytes, the largest x): request is too large")
+
+    monkeypatch.setattr(store, "write_as_leader", refused)
+    outcome = await coord.cycle()
+    assert outcome.kind == "refused" and "request is too large" in outcome.message
+    assert coord.is_leader and coord.view is not None and "request is too large" in (coord.view.refused or "")
+    assert await store.leader() == "a" and await store.assignments() == {}
+    monkeypatch.setattr(store, "write_as_leader", write)
+    assert (await coord.cycle()).kind == "wrote"
+    assert coord.view is not None and coord.view.refused is None
 
 
 async def test_a_stop_removes_one_stage_at_a_time(cluster):

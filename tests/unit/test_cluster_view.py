@@ -204,3 +204,18 @@ def test_a_crash_loop_reads_crash_looping_between_its_failures_too():
     assert once.processes[0].state == "running"
     ready = cluster_document(_seen(_obs(ProcessState.ready, 40.0), failures_in_a_row=3, last_failure="x"), now=60.0)
     assert ready.processes[0].state == "ready"
+
+
+def test_a_spec_hash_kept_is_dropped_when_the_spec_changes():
+    """The digest is computed once per object; a copy with a change, or a field set, has its own."""
+    spec = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    digest = spec.spec_hash()
+    assert spec.spec_hash() is digest
+    moved = spec.model_copy(update={"port": 8201})
+    assert moved.spec_hash() != digest and moved.spec_hash() == ProcessSpec(**{**spec.model_dump(), "port": 8201}).spec_hash()
+    assert spec.model_copy().spec_hash() == digest
+    unhashed = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    assert unhashed == spec and spec == unhashed  # equality looks at the fields only
+    assert spec.model_dump() == unhashed.model_dump()
+    spec.restart_epoch = 1
+    assert spec.spec_hash() != digest
