@@ -445,7 +445,7 @@ class Store:
         was based on changed meanwhile), told apart by the leader key read in the same txn.
         RequestTooLarge: etcd refused a chunk for its size (a single value over its limit).
         """
-        ops = [(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()]
+        ops: list[tuple[str, bytes | None]] = [(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()]
         ops += [(k, None) for k in deletes]
         fences = dict(unchanged or {})
         written = txns = 0
