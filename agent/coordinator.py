@@ -210,7 +210,10 @@ class Coordinator:
         if await self._follow_spec_ttl(obs.record):
             return Outcome("stepped-down", f"released the leader key to take it again under the spec's lease TTL "
                                            f"({self.ttl} s)")
-        for event in observed_events(self._previous, obs):
+        began = time.perf_counter()
+        events = await asyncio.to_thread(observed_events, self._previous, obs)  # O(processes): off the loop too
+        self.busy_s += time.perf_counter() - began
+        for event in events:
             await self._event(event)
         self._previous = obs
         seen, obs = obs, await self._with_unmanaged(obs)
