@@ -30,7 +30,7 @@ import structlog
 from agent.lease import LeaseState
 from agent.process.child import probe_once
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import Changes, Desired, changes, desired_state, phase_of
+from pdsupervisor.core.cluster_view import Changes, Desired, KnownEqual, changes, desired_state, phase_of
 from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessSpec
@@ -92,11 +92,13 @@ class Decision:
     todo: Changes
 
 
-def decide(seen: Observed, obs: Observed, now: float) -> Decision:
+def decide(seen: Observed, obs: Observed, now: float, known: KnownEqual | None = None) -> Decision:
     """`desired_state`, its phase and what to write (`seen`: as read; `obs`: with this
-    leader's unmanaged and recently lost nodes)."""
+    leader's unmanaged and recently lost nodes: the same assignments, so one `changes` serves
+    both). `known`: the deciding loop's `KnownEqual`."""
     desired = desired_state(obs, now)
-    return Decision(desired, phase_of(obs, desired), changes(seen, desired))
+    todo = changes(seen, desired, known)
+    return Decision(desired, phase_of(obs, desired, todo), todo)
 
 
 class Coordinator:
@@ -115,6 +117,7 @@ class Coordinator:
         self._last_refresh = 0.0
         self.busy_s = 0.0  # the last cycle's reading and deciding (not its waits on probes or writes): paces the next
         self._refused: str | None = None  # why etcd refused our last write, while it does
+        self._known = KnownEqual()  # assignments found as wanted, by identity (one decision at a time uses it)
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
         self._halted: str | None = None  # why the rollout halted, as this leader last told it
@@ -220,7 +223,7 @@ class Coordinator:
         began = time.perf_counter()
         # off the event loop: at 1,000 nodes a decision takes a good part of a second, which
         # would hold up the agent's lease refreshes and its API
-        decision = await asyncio.to_thread(decide, seen, obs, time.time())
+        decision = await asyncio.to_thread(decide, seen, obs, time.time(), self._known)
         self.busy_s += time.perf_counter() - began
         desired, phase = decision.desired, decision.phase
         halted = desired.rollout.halted if desired.rollout else None

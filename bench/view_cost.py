@@ -5,7 +5,9 @@ is planned with the real planner and settled until every process is ready. Then,
 function, the median ms of a call on a *status-only change* (one node's status replaced by a
 new object, as a new revision read from etcd gives), which is what the coordinator sees on
 nearly every cycle: `desired_state`, `changes`, `phase_of`, `problems_of`, `observed_events`,
-`cluster_document`, and the plan itself the first time (`try_plan`, cold).
+`cluster_document`, and the plan itself the first time (`try_plan`, cold). CPU time, not wall
+(the machine may be shared), each call after a full collection (it pays for the collections
+its own garbage causes, not for an earlier call's).
 
     python bench/view_cost.py --nodes 64 256 1024
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import statistics
 import sys
 import time
@@ -79,6 +82,7 @@ def settled(n: int) -> Observed:
 def median_ms(fn: Callable[[Observed], object], variants: list[Observed]) -> float:
     times = []
     for obs in variants:
+        gc.collect()  # each call pays for the collections its own garbage causes, not the last one's
         start = time.process_time()  # CPU, not wall: the machine is shared
         fn(obs)
         times.append((time.process_time() - start) * 1000)

@@ -219,3 +219,27 @@ def test_a_spec_hash_kept_is_dropped_when_the_spec_changes():
     assert spec.model_dump() == unhashed.model_dump()
     spec.restart_epoch = 1
     assert spec.spec_hash() != digest
+
+
+def test_known_equal_assignments_are_not_compared_again(monkeypatch):
+    from pdsupervisor.core.cluster_view import KnownEqual
+
+    # what `_same_objects` compares: a new field of NodeAssignment must be added there
+    assert set(NodeAssignment.model_fields) == {"node", "generation", "processes"}
+    procs = [ProcessSpec(name=f"decode-{i}", role="decode", argv=["x"], port=8200 + i) for i in range(2)]
+    have = NodeAssignment.model_validate_json(NodeAssignment(node="n1", processes=procs).model_dump_json())
+    known = KnownEqual()
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=procs))  # compared: equal
+
+    def no_compare(self, other):
+        raise AssertionError("compared again")
+
+    monkeypatch.setattr(NodeAssignment, "__eq__", no_compare)
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=list(procs)))  # the same objects: known
+    with pytest.raises(AssertionError, match="compared again"):  # another observed object: compared
+        known.equal("n1", have.model_copy(), NodeAssignment(node="n1", processes=procs))
+    monkeypatch.undo()
+    moved = [procs[0], procs[1].model_copy(update={"port": 9000})]
+    assert not known.equal("n1", have, NodeAssignment(node="n1", processes=moved))
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=procs))  # known again
+    assert not known.equal("n1", have, NodeAssignment(node="n1", generation=2, processes=procs))
