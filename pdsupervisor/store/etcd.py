@@ -6,6 +6,7 @@ spells requests and answers is in `pdsupervisor.store.gateway`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import ssl
@@ -71,6 +72,7 @@ LeaderWrite = Literal["written", "changed", "deposed"]
 # operations, a third of its 1.5 MiB request limit (base64 in JSON grows it by a third).
 TXN_MAX_OPS = 64
 TXN_MAX_BYTES = 512 * 1024
+TXN_PARALLEL = 8  # leader txns in flight at once (4 MiB at most)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class LeaderWriteResult:
 # Told of every request's (path, seconds, answered): `answered` is False when etcd did not
 # answer (StoreUnavailable), True for an answer, an error answer too. Metrics hook here.
 RequestObserver = Callable[[str, float, bool], None]
+
+
+def _writes_any(chunk: Sequence[tuple[str, bytes | None]], keys: Mapping[str, int]) -> bool:
+    return any(k in keys for k, _ in chunk)
 
 
 def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
@@ -424,6 +430,7 @@ class Store:
         unchanged: Mapping[str, int] | None = None,
         max_ops: int = TXN_MAX_OPS,
         max_bytes: int = TXN_MAX_BYTES,
+        parallel: int = TXN_PARALLEL,
     ) -> LeaderWriteResult:
         """Apply puts, then deletes, in that order, while `name` holds the leader key and every
         key in `unchanged` still has the mod revision it was read at (0: absent).
@@ -433,7 +440,8 @@ class Store:
         gateway a message over 2 MiB), each fenced on the leader key and on `unchanged`: a key
         an earlier chunk wrote at the revision that chunk made, so a caller that puts its spec
         record first keeps the rest fenced on it (a stop or a replacing spec submitted
-        meanwhile makes the next chunk "changed").
+        meanwhile makes the next chunk "changed"). Chunks that write no fenced key go `parallel`
+        at a time (each txn waits for etcd's disk; concurrent ones share it), in order.
 
         Not all-or-nothing across chunks: the result says how many keys were written before a
         chunk was refused. A crash (or a refusal) between chunks leaves a part of one decision
@@ -447,30 +455,51 @@ class Store:
         """
         ops: list[tuple[str, bytes | None]] = [(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()]
         ops += [(k, None) for k in deletes]
+        chunks = op_chunks(ops, max_ops=max_ops, max_bytes=max_bytes) or [[]]
         fences = dict(unchanged or {})
         written = txns = 0
-        for chunk in op_chunks(ops, max_ops=max_ops, max_bytes=max_bytes) or [[]]:
-            requests = [{"request_put": put_request(k, v)} if v is not None
-                        else {"request_delete_range": {"key": b64(k)}} for k, v in chunk]
-            compare = [compare_value(self.keys.leader, name)]
-            compare += [compare_mod(k, rev) for k, rev in fences.items()]
-            try:
-                out = await self._txn(compare, requests, [{"request_range": {"key": b64(self.keys.leader)}}])
-            except EtcdError as exc:
-                if too_large(str(exc)):
-                    size = sum(len(k) + len(v or b"") for k, v in chunk)
-                    raise RequestTooLarge(f"etcd refused a write of {len(chunk)} keys ({size} bytes, the largest "
-                                          f"{max(chunk, key=lambda kv: len(kv[1] or b''))[0]}): {exc}") from exc
-                raise
-            if not out.get("succeeded"):
-                return LeaderWriteResult("changed" if self._holder_matches(out, name) else "deposed", written, txns)
-            revision = header_revision(out)
-            for k, v in chunk:
-                if k in fences:  # written by us: the next chunks are fenced on our own write
-                    fences[k] = revision if v is not None else 0
-            written += len(chunk)
-            txns += 1
+        while chunks:
+            # a chunk that writes a fenced key goes alone (the next are fenced on its write);
+            # the others, all fenced alike, `parallel` at a time (etcd commits them together)
+            wave = [chunks.pop(0)]
+            while wave[0] and chunks and len(wave) < parallel and not _writes_any(wave[0], fences) \
+                    and not _writes_any(chunks[0], fences):
+                wave.append(chunks.pop(0))
+            answers = await asyncio.gather(*(self._leader_txn(name, c, fences) for c in wave), return_exceptions=True)
+            refused: list[LeaderWrite] = []
+            for chunk, answer in zip(wave, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    continue
+                if not answer.get("succeeded"):
+                    refused.append("changed" if self._holder_matches(answer, name) else "deposed")
+                    continue
+                written += len(chunk)
+                txns += 1
+                for k, v in chunk:
+                    if k in fences:  # written by us: the next chunks are fenced on our own write
+                        fences[k] = header_revision(answer) if v is not None else 0
+            errors = [a for a in answers if isinstance(a, BaseException)]
+            if errors:
+                raise errors[0]
+            if refused:
+                return LeaderWriteResult("deposed" if "deposed" in refused else "changed", written, txns)
         return LeaderWriteResult("written", written, txns)
+
+    async def _leader_txn(self, name: str, chunk: list[tuple[str, bytes | None]],
+                          fences: Mapping[str, int]) -> dict[str, Any]:
+        """One chunk of `write_as_leader`: applied if `name` holds the leader key and `fences` hold."""
+        requests = [{"request_put": put_request(k, v)} if v is not None
+                    else {"request_delete_range": {"key": b64(k)}} for k, v in chunk]
+        compare = [compare_value(self.keys.leader, name)]
+        compare += [compare_mod(k, rev) for k, rev in fences.items()]
+        try:
+            return await self._txn(compare, requests, [{"request_range": {"key": b64(self.keys.leader)}}])
+        except EtcdError as exc:
+            if too_large(str(exc)):
+                size = sum(len(k) + len(v or b"") for k, v in chunk)
+                raise RequestTooLarge(f"etcd refused a write of {len(chunk)} keys ({size} bytes, the largest "
+                                      f"{max(chunk, key=lambda kv: len(kv[1] or b''))[0]}): {exc}") from exc
+            raise
 
     # ---- events ----------------------------------------------------------------------
 
