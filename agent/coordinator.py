@@ -365,12 +365,20 @@ class Coordinator:
         return Outcome("wrote", _what_was_written(todo))
 
 
+NAMED_NODES = 16  # an outcome names this many nodes at most (a start of 1,000 nodes: one line, not 10 KB)
+
+
+def _nodes(names: list[str]) -> str:
+    more = len(names) - NAMED_NODES
+    return ", ".join(names[:NAMED_NODES]) + (f" and {more} more" if more > 0 else "")
+
+
 def _what_was_written(todo: Changes) -> str:
     parts = []
     if todo.puts:
-        parts.append("wrote the assignments of " + ", ".join(sorted(todo.puts)))
+        parts.append("wrote the assignments of " + _nodes(sorted(todo.puts)))
     if todo.deletes:
-        parts.append("deleted the assignments of " + ", ".join(todo.deletes))
+        parts.append("deleted the assignments of " + _nodes(todo.deletes))
     if todo.record is not None:
         parts.append(f"wrote the spec record (generation {todo.record.generation}, {todo.record.action})")
     return "; ".join(parts)

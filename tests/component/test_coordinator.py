@@ -398,3 +398,14 @@ async def test_an_unmanaged_node_is_not_replaced(cluster):
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+def test_an_outcome_names_a_few_nodes_and_counts_the_rest():
+    from agent.coordinator import NAMED_NODES, _what_was_written
+    from pdsupervisor.core.cluster_view import Changes
+    from pdsupervisor.core.models import NodeAssignment
+
+    puts = {f"n{i:04d}": NodeAssignment(node=f"n{i:04d}") for i in range(1000)}
+    said = _what_was_written(Changes(puts=puts, deletes=["gone"]))
+    assert said.startswith("wrote the assignments of n0000, n0001, ")
+    assert f"n{NAMED_NODES - 1:04d} and {1000 - NAMED_NODES} more; deleted the assignments of gone" in said
