@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
-from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus, same_spec
 from pdsupervisor.core.observed import (
     Observed,
     SpecRecord,
@@ -152,7 +152,7 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
             continue
         if proc.role in ENGINE_ROLES and (node, proc.name) not in rollout.allowed:
             held = assigned_spec(obs, node, proc.name)
-            if held is not None and held.spec_hash() != proc.spec_hash():
+            if held is not None and not same_spec(held, proc):
                 proc = held  # not its wave yet (or the rollout halted): keep what runs
         wanted.setdefault(node, []).append(proc)
     desired: dict[str, NodeAssignment | None] = {

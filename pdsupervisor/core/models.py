@@ -181,6 +181,12 @@ class ProcessSpec(Strict):
 
 
 NOT_HASHED = frozenset({"generation", "drain"})
+
+
+def same_spec(a: ProcessSpec, b: ProcessSpec) -> bool:
+    """`a.spec_hash() == b.spec_hash()`, without hashing when the two are equal anyway (the
+    usual case, and ~10x cheaper than hashing an object fresh from etcd)."""
+    return a is b or a == b or a.spec_hash() == b.spec_hash()
 _HASH_KEY = "_spec_hash"  # where spec_hash() keeps its digest, in the instance __dict__
 
 

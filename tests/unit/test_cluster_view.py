@@ -243,3 +243,14 @@ def test_known_equal_assignments_are_not_compared_again(monkeypatch):
     assert not known.equal("n1", have, NodeAssignment(node="n1", processes=moved))
     assert known.equal("n1", have, NodeAssignment(node="n1", processes=procs))  # known again
     assert not known.equal("n1", have, NodeAssignment(node="n1", generation=2, processes=procs))
+
+
+def test_same_spec_is_the_spec_hash_compared():
+    from pdsupervisor.core.models import DrainSpec, same_spec
+
+    spec = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    decoded = ProcessSpec.model_validate_json(spec.model_dump_json())
+    assert same_spec(spec, decoded) and "_spec_hash" not in decoded.__dict__  # equal: no hashing needed
+    drained = spec.model_copy(update={"generation": 3, "drain": DrainSpec(timeout_s=5)})  # neither is hashed
+    assert spec != drained and same_spec(spec, drained)
+    assert not same_spec(spec, spec.model_copy(update={"argv": ["y"]}))
