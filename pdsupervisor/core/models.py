@@ -166,13 +166,13 @@ class ProcessSpec(Strict):
         return cached
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self.__dict__.pop(_HASH_KEY, None)
+        _forget(self)
         super().__setattr__(name, value)
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ProcessSpec:
         copied = super().model_copy(update=update, deep=deep)
         if update:
-            copied.__dict__.pop(_HASH_KEY, None)
+            _forget(copied)
         return copied
 
     @property
@@ -183,11 +183,30 @@ class ProcessSpec(Strict):
 NOT_HASHED = frozenset({"generation", "drain"})
 
 
+_HASH_KEY = "_spec_hash"  # where spec_hash() keeps its digest, in the instance __dict__
+_SAME_KEY = "_same_spec"  # where same_spec() keeps (other, answer) in the first one's __dict__
+_KEPT_KEYS = (_HASH_KEY, _SAME_KEY)
+
+
+def _forget(spec: ProcessSpec) -> None:
+    for key in _KEPT_KEYS:
+        spec.__dict__.pop(key, None)
+
+
 def same_spec(a: ProcessSpec, b: ProcessSpec) -> bool:
     """`a.spec_hash() == b.spec_hash()`, without hashing when the two are equal anyway (the
-    usual case, and ~10x cheaper than hashing an object fresh from etcd)."""
-    return a is b or a == b or a.spec_hash() == b.spec_hash()
-_HASH_KEY = "_spec_hash"  # where spec_hash() keeps its digest, in the instance __dict__
+    usual case, and ~10x cheaper than hashing an object fresh from etcd), and without
+    comparing again when asked of the same two objects as last time (an assignment the
+    cluster cache keeps against the plan the memo keeps: every engine, every cycle). The
+    answer is kept in `a` (as `spec_hash` keeps its digest), holding `b`: no id is reused."""
+    if a is b:
+        return True
+    kept: tuple[ProcessSpec, bool] | None = a.__dict__.get(_SAME_KEY)
+    if kept is not None and kept[0] is b:
+        return kept[1]
+    same = a == b or a.spec_hash() == b.spec_hash()
+    a.__dict__[_SAME_KEY] = (b, same)
+    return same
 
 
 class NodeAssignment(Strict):

@@ -254,3 +254,23 @@ def test_same_spec_is_the_spec_hash_compared():
     drained = spec.model_copy(update={"generation": 3, "drain": DrainSpec(timeout_s=5)})  # neither is hashed
     assert spec != drained and same_spec(spec, drained)
     assert not same_spec(spec, spec.model_copy(update={"argv": ["y"]}))
+
+
+def test_same_spec_keeps_its_answer_for_the_same_two_objects(monkeypatch):
+    from pdsupervisor.core.models import same_spec
+
+    held = ProcessSpec.model_validate_json(ProcessSpec(name="decode-0", role="decode", argv=["x"]).model_dump_json())
+    planned = ProcessSpec(name="decode-0", role="decode", argv=["x"])
+    assert same_spec(held, planned)
+
+    def no_compare(self, other):
+        raise AssertionError("compared again")
+
+    monkeypatch.setattr(ProcessSpec, "__eq__", no_compare)
+    assert same_spec(held, planned)  # kept
+    with pytest.raises(AssertionError, match="compared again"):
+        same_spec(held, ProcessSpec(name="decode-0", role="decode", argv=["x"]))  # another object: judged anew
+    monkeypatch.undo()
+    held.argv = ["y"]  # a field set: judged anew
+    assert not same_spec(held, planned)
+    assert not same_spec(held.model_copy(update={"port": 1}), planned)
