@@ -4,8 +4,10 @@ A synthetic `Observed` of N nodes x 8 engines (half prefill, half decode, the bu
 is planned with the real planner and settled until every process is ready. Then, per
 function, the median ms of a call on a *status-only change* (one node's status replaced by a
 new object, as a new revision read from etcd gives), which is what the coordinator sees on
-nearly every cycle: `desired_state`, `changes`, `phase_of`, `problems_of`, `observed_events`,
-`cluster_document`, and the plan itself the first time (`try_plan`, cold). CPU time, not wall
+nearly every cycle: the coordinator's whole decision (`decide`: desired state, changes, phase,
+with its `KnownEqual` kept from cycle to cycle), then `desired_state`, `changes`, `phase_of`,
+`problems_of`, `observed_events`, `cluster_document` alone, and the plan itself the first
+time (`try_plan`, cold). CPU time, not wall
 (the machine may be shared), each call after a full collection (it pays for the collections
 its own garbage causes, not for an earlier call's).
 
@@ -27,8 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.coordinator import decide  # noqa: E402
 from pdsupervisor.core import cluster_view  # noqa: E402
-from pdsupervisor.core.cluster_view import changes, cluster_document, desired_state, phase_of, problems_of  # noqa: E402
+from pdsupervisor.core.cluster_view import KnownEqual, changes, cluster_document, desired_state, phase_of, problems_of  # noqa: E402
 from pdsupervisor.core.events import observed_events  # noqa: E402
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessState, ProcessStatus  # noqa: E402
 from pdsupervisor.core.observed import Observed, SpecRecord  # noqa: E402
@@ -113,8 +116,11 @@ def run(n: int, calls: int) -> dict[str, float]:
     now = time.time()
     desired = desired_state(obs, now)
     phase = phase_of(obs, desired)
+    known = KnownEqual()
+    decide(obs, obs, now, known)  # the coordinator's loop keeps it from cycle to cycle
     return {
         "try_plan (cold)": cold,
+        "decide (a cycle)": median_ms(lambda o: decide(o, o, now, known), variants),
         "desired_state": median_ms(lambda o: desired_state(o, now), variants),
         "changes": median_ms(lambda o: changes(o, desired), variants),
         "phase_of": median_ms(lambda o: phase_of(o, desired), variants),
