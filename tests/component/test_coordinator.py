@@ -20,7 +20,7 @@ from pdsupervisor.core.cluster_view import cluster_document, desired_state
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.store.cluster import observe, read_record, request_stop, submit_spec
-from pdsupervisor.store.etcd import RequestTooLarge, Store
+from pdsupervisor.store.etcd import RequestTooLarge, Store, StoreUnavailable
 from tests.cluster_helpers import cluster_spec
 
 TTL = 5  # the coordinators' and the spec's, so that no cycle steps down to change it
@@ -244,6 +244,44 @@ async def test_a_write_too_large_is_told(cluster, monkeypatch):
     monkeypatch.setattr(store, "write_as_leader", write)
     assert (await coord.cycle()).kind == "wrote"
     assert coord.view is not None and coord.view.refused is None
+
+
+async def test_a_crash_between_chunks_converges(cluster, monkeypatch):
+    """The spec record goes first; a leader gone after it (before the assignments) leaves a
+    record the next leader decides the same assignments from, and writes them."""
+    store = cluster.store
+    a = cluster.coordinator("a")
+    assert (await a.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    assert (await a.cycle()).kind == "wrote" and await cluster.assigned() == {"n1": ["mooncake-master"]}
+    await cluster.report()  # the master is ready: the record takes its pid, the engines are assigned
+    write, chunk = store.write_as_leader, store._leader_txn
+    written: list[list[str]] = []
+
+    async def one_key_a_txn(*args, **kwargs):
+        return await write(*args, **{**kwargs, "max_ops": 1})
+
+    async def dies_after_the_first(name, keys, fences):
+        if written:
+            raise StoreUnavailable("the leader's host went away")
+        written.append([k for k, _ in keys])
+        return await chunk(name, keys, fences)
+
+    monkeypatch.setattr(store, "write_as_leader", one_key_a_txn)
+    monkeypatch.setattr(store, "_leader_txn", dies_after_the_first)
+    assert (await a.cycle()).kind == "unavailable"
+    monkeypatch.undo()
+    assert written == [[store.keys.spec]]
+    record, _ = await read_record(store)
+    assert record is not None and record.master_pid == PIDS["mooncake-master"] and record.master_epoch == 0
+    assert await cluster.assigned() == {"n1": ["mooncake-master"]}  # none of the engines yet
+    await store.revoke_lease(a.lease)  # a is gone: its leader key with its lease
+    b = cluster.coordinator("b")
+    outcome = await b.cycle()
+    assert outcome.kind == "acquired" and "wrote the assignments of n1, n2" in outcome.message
+    assert await cluster.assigned() == {"n1": ["mooncake-master", "prefill-0"], "n2": ["decode-0", "decode-1"]}
+    assert (await read_record(store))[0] == record  # decided from it: nothing to change in it
 
 
 async def test_a_stop_removes_one_stage_at_a_time(cluster):
