@@ -72,7 +72,7 @@ LeaderWrite = Literal["written", "changed", "deposed"]
 # operations, a third of its 1.5 MiB request limit (base64 in JSON grows it by a third).
 TXN_MAX_OPS = 64
 TXN_MAX_BYTES = 512 * 1024
-TXN_PARALLEL = 8  # leader txns in flight at once (4 MiB at most)
+TXN_PARALLEL = 2  # leader txns in flight at once: 1 MiB at most (more timed out on a busy etcd: 3 s a request)
 
 
 @dataclass(frozen=True)
@@ -194,13 +194,13 @@ class Store:
             except _TRANSPORT_ERRORS as exc:
                 if refusal := tls_refusal(exc):
                     raise TlsRefused(f"etcd at {self.endpoints[i]}: {refusal}") from exc
-                raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {exc or type(exc).__name__}") from exc
+                raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {str(exc) or type(exc).__name__}") from exc
             self._current = i
             if resp.status != 200:
                 try:
                     answer = await resp.read()
                 except _TRANSPORT_ERRORS as exc:
-                    raise StoreUnavailable(f"etcd error answer cut off: {exc or type(exc).__name__}") from exc
+                    raise StoreUnavailable(f"etcd error answer cut off: {str(exc) or type(exc).__name__}") from exc
                 finally:
                     resp.release()
                 if headers is not None and token_rejected(resp.status, answer):
@@ -229,7 +229,7 @@ class Store:
             async with resp:
                 out: dict[str, Any] = await resp.json(content_type=None)
         except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"etcd answer cut off: {exc or type(exc).__name__}") from exc
+            raise StoreUnavailable(f"etcd answer cut off: {str(exc) or type(exc).__name__}") from exc
         if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
             out = out["result"]
         if "error" in out:
@@ -313,7 +313,7 @@ class Store:
                 except TimeoutError:
                     continue  # nothing for idle_s: open it again from next_rev
                 except _TRANSPORT_ERRORS as exc:
-                    raise WatchLost(f"watch on {key} broken: {exc or type(exc).__name__}") from exc
+                    raise WatchLost(f"watch on {key} broken: {str(exc) or type(exc).__name__}") from exc
             raise WatchLost(f"watch on {key} closed by the server")
 
     async def version(self) -> ServerVersion:
