@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
@@ -56,7 +56,14 @@ def try_plan(obs: Observed, record: SpecRecord | None = None) -> tuple[ClusterSp
     if record is None:
         return None, None, []
     members = obs.members
-    spec, plan, missing = PLANS.get(plan_inputs(record, members), lambda: _plan(record, members))
+    inputs = plan_inputs(record, members)
+    spec, plan, missing = PLANS.get(inputs, lambda: _plan(record, members))
+    if plan is not None and plan.placement != record.placement:
+        # The coordinator records this placement next (`desired_state`). Planned again from it,
+        # every slot stays where it is (`planner.place` keeps a registered previous node): the
+        # same plan. Kept for it now, so that the first cycle after the write re-plans nothing
+        # (a second whole plan at 1,024 nodes).
+        PLANS.put(replace(inputs, placement=plan.placement), (spec, plan, missing))
     return spec, plan, list(missing)
 
 

@@ -72,9 +72,13 @@ class PlanMemo(Generic[R]):
                     return result
             self.misses += 1
         result = compute()
+        self.put(inputs, result)
+        return result
+
+    def put(self, inputs: PlanInputs, result: R) -> None:
+        """Keep `result` for `inputs` (what computing it would give), as the most recent."""
         with self._lock:
             self._entries = [(inputs, result), *(e for e in self._entries if e[0] != inputs)][: self.size]
-        return result
 
     def clear(self) -> None:
         with self._lock:

@@ -131,3 +131,23 @@ def test_the_memo_keeps_the_most_recent_few():
     assert computed == [1, 2, 3, 2]
     with pytest.raises(ValueError, match="size must be at least 1"):
         PlanMemo(size=0)
+
+
+@pytest.mark.parametrize("what", list(CHANGES))
+def test_planning_again_from_the_placement_planned_gives_the_same_plan(what: str):
+    """What lets `try_plan` keep a plan for the placement it records next: `place` keeps every
+    registered previous node in its slot."""
+    for obs in (CHANGES[what][0](), CHANGES[what][1](CHANGES[what][0]())):
+        first = _fresh(obs)
+        plan = first[1]
+        if plan is not None:
+            assert _fresh(_record(obs, placement=plan.placement)) == first
+
+
+def test_the_placement_recorded_next_re_plans_nothing():
+    obs = _record(_obs(), generation=7)  # inputs no other test planned
+    plan = try_plan(obs)[1]
+    assert plan is not None and obs.record is not None and obs.record.placement == {}
+    misses = cluster_view.PLANS.misses
+    recorded = _record(obs, placement=plan.placement)  # what the coordinator writes, read back
+    assert try_plan(recorded)[1] is plan and cluster_view.PLANS.misses == misses
