@@ -30,15 +30,16 @@ import structlog
 from agent.lease import LeaseState
 from agent.process.child import probe_once
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import Changes, Desired, changes, desired_state, phase_of
+from pdsupervisor.core.cluster_view import Changes, Desired, KnownEqual, changes, desired_state, phase_of
 from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessSpec
 from pdsupervisor.core.observed import Observed, SpecRecord
+from pdsupervisor.core.pacing import MIN_GAP_S, cycle_gap
 from pdsupervisor.core.planner import ENGINE_ROLES
 from pdsupervisor.core.spec import PolicySpec
 from pdsupervisor.store.cluster import observe, read_record
-from pdsupervisor.store.etcd import EVENTS_KEPT, Store, StoreUnavailable, lease_refresh_interval
+from pdsupervisor.store.etcd import EVENTS_KEPT, RequestTooLarge, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
 ANSWER_TIMEOUT_S = 2.0  # a probe of a node away never holds a cycle longer, whatever the spec's probe says
@@ -54,8 +55,9 @@ OutcomeKind = Literal[
     "deposed",  # the leader key is no longer ours (a fenced write, or our lease expired)
     "stepped-down",  # handed the key over, to take it again under the spec's lease TTL
     "unavailable",  # etcd did not answer: not leading until it does
+    "refused",  # leading, etcd refused a write for its size: what was refused is named; tried again next cycle
 ]
-WARNINGS: frozenset[OutcomeKind] = frozenset({"deposed", "unavailable"})
+WARNINGS: frozenset[OutcomeKind] = frozenset({"deposed", "unavailable", "refused"})
 Held = Literal["kept", "acquired", "expired", "taken", "follower"]
 
 
@@ -78,6 +80,25 @@ class LeaderView:
     unmanaged: tuple[str, ...] = ()
     outdated: tuple[tuple[str, int], ...] = ()  # (role, engines not yet assigned their planned spec)
     halted: str | None = None
+    refused: str | None = None  # etcd refused this leader's last write for its size: why
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one cycle decided from one observation: pure, so it may run off the event loop."""
+
+    desired: Desired
+    phase: Phase
+    todo: Changes
+
+
+def decide(seen: Observed, obs: Observed, now: float, known: KnownEqual | None = None) -> Decision:
+    """`desired_state`, its phase and what to write (`seen`: as read; `obs`: with this
+    leader's unmanaged and recently lost nodes: the same assignments, so one `changes` serves
+    both). `known`: the deciding loop's `KnownEqual`."""
+    desired = desired_state(obs, now)
+    todo = changes(seen, desired, known)
+    return Decision(desired, phase_of(obs, desired, todo), todo)
 
 
 class Coordinator:
@@ -94,6 +115,9 @@ class Coordinator:
         self.assignment_writes = 0  # assignment keys put or deleted by this agent as leader
         self.on_cycle: Callable[[Outcome | None, float], None] | None = None  # None: the cycle raised
         self._last_refresh = 0.0
+        self.busy_s = 0.0  # the last cycle's reading and deciding (not its waits on probes or writes): paces the next
+        self._refused: str | None = None  # why etcd refused our last write, while it does
+        self._known = KnownEqual()  # assignments found as wanted, by identity (one decision at a time uses it)
         self._changed = asyncio.Event()
         self._previous: Observed | None = None  # what this leader saw last (None: a new leader)
         self._halted: str | None = None  # why the rollout halted, as this leader last told it
@@ -125,9 +149,12 @@ class Coordinator:
                 if outcome is not None and outcome != last:
                     (log.warning if outcome.kind in WARNINGS else log.info)(outcome.message, outcome=outcome.kind)
                 last = outcome
+                ended = time.monotonic()
                 await wait_event(self._changed, self.loop_wait)
+                # a burst of watch events coalesces into one cycle; a long cycle is followed by a
+                # gap in proportion (`core.pacing`): at 1,000 agents many status writes share one
+                await asyncio.sleep(max(MIN_GAP_S, ended + cycle_gap(self.busy_s) - time.monotonic()))
                 self._changed.clear()
-                await asyncio.sleep(0.02)  # let a burst of watch events coalesce into one cycle
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
@@ -170,6 +197,7 @@ class Coordinator:
                                           "not leading until it answers")
 
     async def _cycle(self) -> Outcome:
+        self.busy_s = 0.0
         if not self.is_leader:  # a follower reads the spec for its TTL only
             await self._follow_spec_ttl((await read_record(self.store))[0])
         held = await self._hold_leadership()
@@ -179,25 +207,36 @@ class Coordinator:
             return Outcome("deposed", "our leader lease expired and another agent holds the leader key")
         if held == "taken":
             return Outcome("deposed", "the leader key was taken over while our lease lived: following")
+        began = time.perf_counter()
         obs = await observe(self.store)
+        self.busy_s = time.perf_counter() - began
         if await self._follow_spec_ttl(obs.record):
             return Outcome("stepped-down", f"released the leader key to take it again under the spec's lease TTL "
                                            f"({self.ttl} s)")
-        for event in observed_events(self._previous, obs):
+        began = time.perf_counter()
+        events = await asyncio.to_thread(observed_events, self._previous, obs)  # O(processes): off the loop too
+        self.busy_s += time.perf_counter() - began
+        for event in events:
             await self._event(event)
         self._previous = obs
         seen, obs = obs, await self._with_unmanaged(obs)
-        desired = desired_state(obs, time.time())
+        began = time.perf_counter()
+        # off the event loop: at 1,000 nodes a decision takes a good part of a second, which
+        # would hold up the agent's lease refreshes and its API
+        decision = await asyncio.to_thread(decide, seen, obs, time.time(), self._known)
+        self.busy_s += time.perf_counter() - began
+        desired, phase = decision.desired, decision.phase
         halted = desired.rollout.halted if desired.rollout else None
         for event in rollout_halted(self._halted, halted):
             await self._event(event)
         self._halted = halted
-        phase = phase_of(obs, desired)
         rollout = desired.rollout.roles if desired.rollout else ()
         self.view = LeaderView(phase, {n: n in obs.members for n in obs.assignments},
                                unmanaged=tuple(obs.record.unmanaged if obs.record else ()),
                                outdated=tuple((r.role, r.total - r.updated) for r in rollout), halted=halted)
-        outcome = await self._apply(seen, desired, phase)
+        outcome = await self._apply(seen, decision)
+        if self.view is not None and self._refused is not None:  # still leading: show why the write was refused
+            self.view = replace(self.view, refused=self._refused)
         if self._events_added:  # also a crash loop's events, which change no assignment
             self._events_added = False
             await self.store.trim_events(self.events_kept)
@@ -286,8 +325,8 @@ class Coordinator:
         self._announced = False  # another agent holds the key: our next hold is news again
         return "expired" if expired else "follower"
 
-    async def _apply(self, obs: Observed, desired: Desired, phase: Phase) -> Outcome:
-        todo = changes(obs, desired)
+    async def _apply(self, obs: Observed, decision: Decision) -> Outcome:
+        desired, phase, todo = decision.desired, decision.phase, decision.todo
         if not todo:
             if desired.missing:
                 return Outcome("waiting", "no action: waiting for " + "; ".join(desired.missing))
@@ -295,32 +334,51 @@ class Coordinator:
                 return Outcome("unchanged", "no action: no spec submitted")
             return Outcome("unchanged", f"no action: cluster {phase}")
         keys = self.store.keys
-        puts: dict[str, NodeAssignment | SpecRecord] = {keys.assignment(n): a for n, a in todo.puts.items()}
-        if todo.record is not None:
-            puts[keys.spec] = todo.record
+        # The spec record first (a new placement, master or group epoch): written in chunks
+        # (`Store.write_as_leader`), a crash between them leaves a record that the next leader
+        # plans the remaining assignments from, never assignments its record does not explain.
+        puts: dict[str, NodeAssignment | SpecRecord] = {keys.spec: todo.record} if todo.record is not None else {}
+        puts |= {keys.assignment(n): a for n, a in todo.puts.items()}
         deletes = [keys.assignment(n) for n in todo.deletes]
         # Fenced on the leader key, and on the spec record we decided from: a stop or a
         # replacing spec submitted during this cycle must not be overwritten.
-        written = await self.store.write_as_leader(self.name, puts, deletes, unchanged={keys.spec: obs.record_revision})
-        if written == "changed":
+        try:
+            result = await self.store.write_as_leader(self.name, puts, deletes,
+                                                      unchanged={keys.spec: obs.record_revision})
+        except RequestTooLarge as exc:
+            self._refused = str(exc)
+            return Outcome("refused", f"not written: {exc}; trying again next cycle")
+        self._refused = None
+        record_written = todo.record is not None and result.written > 0  # it went first
+        self.assignment_writes += result.written - int(record_written)
+        partly = f" ({result.written} of {len(puts) + len(deletes)} keys were written first)" if result.written else ""
+        if result.outcome == "changed":
             self._changed.set()  # decide again, at once, from a fresh read
-            return Outcome("changed-concurrently", "nothing written: the spec record changed while deciding; "
-                                                   "deciding again")
-        if written == "deposed":
+            return Outcome("changed-concurrently", f"nothing {'more ' if partly else ''}written: the spec record "
+                                                   f"changed while deciding; deciding again{partly}")
+        if result.outcome == "deposed":
             self._step_down()
-            return Outcome("deposed", "nothing written: the leader key is no longer ours (fenced)")
-        self.assignment_writes += len(todo.puts) + len(todo.deletes)
+            return Outcome("deposed", f"nothing {'more ' if partly else ''}written: the leader key is no longer "
+                                      f"ours (fenced){partly}")
         for event in write_events(obs, desired):
             await self._event(event)
         return Outcome("wrote", _what_was_written(todo))
 
 
+NAMED_NODES = 16  # an outcome names this many nodes at most (a start of 1,000 nodes: one line, not 10 KB)
+
+
+def _nodes(names: list[str]) -> str:
+    more = len(names) - NAMED_NODES
+    return ", ".join(names[:NAMED_NODES]) + (f" and {more} more" if more > 0 else "")
+
+
 def _what_was_written(todo: Changes) -> str:
     parts = []
     if todo.puts:
-        parts.append("wrote the assignments of " + ", ".join(sorted(todo.puts)))
+        parts.append("wrote the assignments of " + _nodes(sorted(todo.puts)))
     if todo.deletes:
-        parts.append("deleted the assignments of " + ", ".join(todo.deletes))
+        parts.append("deleted the assignments of " + _nodes(todo.deletes))
     if todo.record is not None:
         parts.append(f"wrote the spec record (generation {todo.record.generation}, {todo.record.action})")
     return "; ".join(parts)

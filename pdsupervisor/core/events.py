@@ -18,7 +18,7 @@ from typing import Literal
 
 from pdsupervisor.core.cluster_view import Desired
 from pdsupervisor.core.exits import spoken_duration
-from pdsupervisor.core.models import NodeStatus, ProcessState, ProcessStatus
+from pdsupervisor.core.models import NodeStatus, ProcessState, ProcessStatus, same_spec
 from pdsupervisor.core.observed import Observed, assigned_roles, assigned_spec, live_statuses
 from pdsupervisor.core.planner import ENGINE_ROLES
 
@@ -46,7 +46,7 @@ def _lost(node: str) -> ClusterEvent:
 
 def _processes(obs: Observed) -> dict[tuple[str, str], ProcessStatus]:
     """What each live agent reports, by (node, process)."""
-    return {(n, p.name): p for n, s in live_statuses(obs).items() for p in s.processes}
+    return obs.processes
 
 
 def observed_events(previous: Observed | None, current: Observed) -> list[ClusterEvent]:
@@ -137,7 +137,7 @@ def _wave(obs: Observed, desired: Desired) -> list[ClusterEvent]:
     for node, a in sorted(desired.assignments.items()):
         for proc in a.processes if a else []:
             held = assigned_spec(obs, node, proc.name)
-            if proc.role in ENGINE_ROLES and held is not None and held.spec_hash() != proc.spec_hash():
+            if proc.role in ENGINE_ROLES and held is not None and not same_spec(held, proc):
                 changed.append(f"{proc.name} on {node}")
                 roles.add(proc.role)
     if not changed:

@@ -24,9 +24,11 @@ MAX_BYTES_SIZE = 1 << 50  # a Mooncake segment or buffer: 1 PiB
 MAX_BATCH = 1 << 20  # benchmark.decode_batch_size
 MAX_HUGEPAGES = 1 << 31
 
-# etcd refuses a request over its --max-request-bytes (1.5 MiB by default) and the coordinator
-# may write every node's assignment, and the spec record, in one transaction. A spec whose
-# assignments would need more than MAX_WRITE_BYTES is refused when submitted; the margin is for
-# what the trial plan cannot know (the real nodes' IPs, state dirs and interpreter paths).
+# etcd refuses a request over its --max-request-bytes (1.5 MiB by default); the coordinator
+# writes in bounded transactions, one key at least (`Store.write_as_leader`). A spec that would
+# make one node's assignment, or the spec record, larger than MAX_WRITE_BYTES is refused when
+# submitted; the margin is for what the trial plan cannot know (the real nodes' IPs, state dirs
+# and interpreter paths), and a value this large still passes etcd's gateway (2 MiB a message)
+# base64-encoded.
 ETCD_MAX_REQUEST_BYTES = 1536 * 1024
 MAX_WRITE_BYTES = 1024 * 1024

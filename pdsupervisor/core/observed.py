@@ -7,6 +7,7 @@ Shared by the cluster view, the rollout, the events and the store (which builds 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import Field
@@ -60,40 +61,59 @@ class Observed:
     revision: int = 0  # the store revision every part was read at (0: not read from etcd)
     leader: str | None = None  # the coordinator holding the leader key at that revision
 
+    # Indexes every reader asks of again and again (per process, per cycle): built once per
+    # observation (frozen, and its dicts are never changed in place), so a question about one
+    # process costs a dict lookup, not a scan of the node's statuses.
+    @cached_property
+    def live(self) -> dict[str, NodeStatus]:
+        """The statuses written by the agent that holds the node's member key now."""
+        return {n: s for n, s in self.statuses.items() if s.current_for(self.members.get(n))}
+
+    @cached_property
+    def processes(self) -> dict[tuple[str, str], ProcessStatus]:
+        """What each live agent reports, by (node, process)."""
+        out: dict[tuple[str, str], ProcessStatus] = {}
+        for n, s in self.live.items():
+            for p in s.processes:
+                out.setdefault((n, p.name), p)  # the first of a name, as a scan would find
+        return out
+
+    @cached_property
+    def assigned(self) -> dict[tuple[str, str], ProcessSpec]:
+        """What each node is assigned, by (node, process)."""
+        out: dict[tuple[str, str], ProcessSpec] = {}
+        for n, a in self.assignments.items():
+            for p in a.processes:
+                out.setdefault((n, p.name), p)
+        return out
+
 
 def live_status(obs: Observed, node: str) -> NodeStatus | None:
     """The node's status, if its agent is registered and wrote it since registering."""
-    status = obs.statuses.get(node)
-    return status if status is not None and status.current_for(obs.members.get(node)) else None
+    return obs.live.get(node)
 
 
 def live_statuses(obs: Observed) -> dict[str, NodeStatus]:
-    return {n: s for n in obs.statuses if (s := live_status(obs, n)) is not None}
+    return dict(obs.live)
 
 
 def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
-    status = live_status(obs, node)
-    if status is None:
-        return None
-    return next((p for p in status.processes if p.name == name), None)
+    return obs.processes.get((node, name))
 
 
 def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     """Ready, on a live member (see `live_status`), running exactly this spec."""
-    seen = observed_process(obs, node, proc.name)
+    seen = obs.processes.get((node, proc.name))
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
 def assigned_processes(obs: Observed) -> set[tuple[str, str]]:
-    return {(n, p.name) for n, a in obs.assignments.items() for p in a.processes}
+    return set(obs.assigned)
 
 
 def assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
-    assignment = obs.assignments.get(node)
-    return next((p for p in assignment.processes if p.name == name), None) if assignment else None
+    return obs.assigned.get((node, name))
 
 
 def assigned_roles(obs: Observed) -> set[str]:
-    return {p.role for a in obs.assignments.values() for p in a.processes}
-
-
+    return {p.role for p in obs.assigned.values()}

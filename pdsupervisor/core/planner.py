@@ -12,7 +12,7 @@ config (`role == "etcd"` is never assigned): etcd must exist before any assignme
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -73,17 +73,26 @@ class Plan(Strict):
     nodes: dict[str, NodePlan]
     master_nodes: list[str] = Field(default_factory=list)  # every master's node (HA: several)
 
+    # The lists below are asked for many times a cycle, of a plan the memo keeps for many
+    # cycles (`plan_memo`): made once per plan, kept in its `__dict__` beside the fields (a
+    # plan is final once made). Shared: callers must not change them.
     def engines(self) -> list[tuple[str, ProcessSpec]]:
         """Every prefill and decode engine as (node, process)."""
-        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role in ENGINE_ROLES]
+        return self._kept("_engines", lambda p: p.role in ENGINE_ROLES)
 
     def assignable(self) -> list[tuple[str, ProcessSpec]]:
         """What the coordinator assigns: every planned process but etcd (its agent starts it)."""
-        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role != "etcd"]
+        return self._kept("_assignable", lambda p: p.role != "etcd")
 
     def masters(self) -> list[tuple[str, ProcessSpec]]:
         """Each Mooncake master as (node, process); empty when Mooncake is disabled."""
-        return [(n, p) for n, np in self.nodes.items() for p in np.processes if p.role == "mooncake-master"]
+        return self._kept("_masters", lambda p: p.role == "mooncake-master")
+
+    def _kept(self, name: str, which: Callable[[ProcessSpec], bool]) -> list[tuple[str, ProcessSpec]]:
+        kept: list[tuple[str, ProcessSpec]] | None = self.__dict__.get(name)
+        if kept is None:
+            kept = self.__dict__[name] = [(n, p) for n, np in self.nodes.items() for p in np.processes if which(p)]
+        return kept
 
 
 def _eligible(facts: NodeFacts, role: RoleSpec) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdsupervisor.core.models import ProcessSpec, ProcessState
+from pdsupervisor.core.models import ProcessSpec, ProcessState, same_spec
 from pdsupervisor.core.observed import Observed, assigned_spec, is_ready, observed_process
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan
 from pdsupervisor.core.spec import ClusterSpec
@@ -111,7 +111,7 @@ def plan_rollout(obs: Observed, plan: Plan, spec: ClusterSpec, now: float | None
 
 def _holds(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     held = assigned_spec(obs, node, proc.name)
-    return held is not None and held.spec_hash() == proc.spec_hash()
+    return held is not None and same_spec(held, proc)
 
 
 def _role(obs: Observed, role: str, engines: Sequence[tuple[str, ProcessSpec]], limit: int, *,
@@ -125,7 +125,7 @@ def _role(obs: Observed, role: str, engines: Sequence[tuple[str, ProcessSpec]], 
         current = held or proc  # a new engine is assigned its planned spec at once
         ready = is_ready(obs, node, current)
         unavailable += not ready
-        if held is None or held.spec_hash() == proc.spec_hash():
+        if held is None or same_spec(held, proc):
             updated += 1
         else:
             (outdated_up if ready else outdated_down).append((node, proc.name))

@@ -1,10 +1,11 @@
 """Will the spec's assignments fit in etcd? Measured on a trial plan when the spec is submitted.
 
-etcd refuses any request over its `--max-request-bytes` (1.5 MiB by default), and the
-coordinator writes the assignments it changes, up to every node's, and the spec record in
-one transaction. A spec whose assignments would pass `limits.MAX_WRITE_BYTES` in total is
-refused, naming the field that makes them big (`decode.argv`, `engine_env`, `decode.nodes`...):
-otherwise it would be accepted and then never written.
+etcd refuses any request over its `--max-request-bytes` (1.5 MiB by default). The coordinator
+writes the assignments it changes and the spec record in transactions of a bounded size
+(`Store.write_as_leader`), one key at least: so each node's assignment, and the spec record,
+must fit in one request, whatever the number of nodes. A spec that would make one of them
+pass `limits.MAX_WRITE_BYTES` is refused, naming the field that makes it big (`decode.argv`,
+`engine_env`...): otherwise it would be accepted and then never written.
 
 The trial plan places the spec on made-up members (the named nodes, or as many as the roles
 count, each with the role's labels) with the longest IPv4 address; the real members' IPs,
@@ -94,23 +95,27 @@ def _mib(n: int) -> str:
 
 
 def plan_size_problems(spec: ClusterSpec, plan: Plan) -> list[tuple[str, str]]:
-    """The plan's assignments and the spec record, against MAX_WRITE_BYTES."""
+    """The plan's biggest assignment, and the spec record, each against MAX_WRITE_BYTES."""
     assignments = {
         node: NodeAssignment(node=node, generation=plan.generation,
                              processes=[p for p in np_.processes if p.role != "etcd"])
         for node, np_ in plan.nodes.items()
     }
     sizes = {node: len(a.model_dump_json()) for node, a in assignments.items() if a.processes}
-    total = sum(sizes.values()) + _json_len(spec.model_dump(mode="json"))
-    if total <= MAX_WRITE_BYTES:
+    # the record holds the spec and the placement (every node's name once)
+    record = _json_len(spec.model_dump(mode="json")) + _json_len(plan.placement)
+    if record > MAX_WRITE_BYTES:
+        return [("spec", f"the spec record would take {_mib(record)}, over the {_mib(MAX_WRITE_BYTES)} allowed: "
+                         f"etcd refuses requests over {_mib(ETCD_MAX_REQUEST_BYTES)} (--max-request-bytes)")]
+    biggest = max(sizes, key=lambda n: sizes[n], default=None)
+    if biggest is None or sizes[biggest] <= MAX_WRITE_BYTES:
         return []
-    field, size = contributions(spec, [p for a in assignments.values() for p in a.processes]).most_common(1)[0]
-    biggest = max(sizes, key=lambda n: sizes[n])
-    engines = len(plan.engines())
+    field, size = contributions(spec, assignments[biggest].processes).most_common(1)[0]
+    engines = sum(1 for p in assignments[biggest].processes if p.role in ENGINE_ROLES)
     return [(field, (
-        f"the assignments would take {_mib(total)} ({engines} engines on {len(sizes)} nodes; the biggest, "
-        f"{biggest}, {_mib(sizes[biggest])}), over the {_mib(MAX_WRITE_BYTES)} allowed: the coordinator writes them "
-        f"in one etcd request and etcd refuses requests over {_mib(ETCD_MAX_REQUEST_BYTES)} (--max-request-bytes); "
+        f"the assignment of {biggest} would take {_mib(sizes[biggest])} ({engines} engines), over the "
+        f"{_mib(MAX_WRITE_BYTES)} allowed: the coordinator writes each node's assignment in one etcd request "
+        f"and etcd refuses requests over {_mib(ETCD_MAX_REQUEST_BYTES)} (--max-request-bytes); "
         f"{field} makes {_mib(size)} of it"
     ))]
 

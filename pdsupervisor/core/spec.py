@@ -4,7 +4,7 @@
 cross-field checks, and raises `SpecError` listing every problem as `field.path: why`.
 Every value is bounded (`limits`); `load_spec`, the submit path, also plans the spec on
 trial members (`trial_checks`): it refuses what no registration can fix (two ports equal on a
-node on every placement) and assignments that would not fit in one etcd request (`sizing`).
+node on every placement) and a node's assignment that would not fit in one etcd request (`sizing`).
 """
 
 from __future__ import annotations

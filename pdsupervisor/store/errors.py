@@ -28,3 +28,9 @@ class TokenRejected(EtcdError):
 
 class WatchLost(StoreUnavailable):
     """The server ended a watch: read again, then watch from the new revision."""
+
+
+class RequestTooLarge(EtcdError):
+    """etcd refused a request for its size or its number of operations: the same request
+    will be refused again (unlike `StoreUnavailable`, nothing to wait out). The message says
+    how large it was."""

@@ -6,11 +6,13 @@ spells requests and answers is in `pdsupervisor.store.gateway`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -19,6 +21,7 @@ from pydantic import BaseModel
 from pdsupervisor.core.etcd_access import endpoint_url
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.store.errors import EtcdError as EtcdError  # re-exported: callers catch them from here
+from pdsupervisor.store.errors import RequestTooLarge as RequestTooLarge
 from pdsupervisor.store.errors import StoreUnavailable as StoreUnavailable
 from pdsupervisor.store.errors import TlsRefused as TlsRefused
 from pdsupervisor.store.errors import TokenRejected
@@ -35,10 +38,12 @@ from pdsupervisor.store.gateway import (
     error_text,
     header_revision,
     json_stream,
+    op_chunks,
     prefix_end,
     prefix_range,
     put_request,
     server_version,
+    too_large,
     unb64,
     watch_message,
 )
@@ -63,9 +68,27 @@ def lease_refresh_interval(ttl: float) -> float:
 
 
 LeaderWrite = Literal["written", "changed", "deposed"]
+# One fenced leader txn at most (see `Store.write_as_leader`): half of etcd's default 128
+# operations, a third of its 1.5 MiB request limit (base64 in JSON grows it by a third).
+TXN_MAX_OPS = 64
+TXN_MAX_BYTES = 512 * 1024
+TXN_PARALLEL = 2  # leader txns in flight at once: 1 MiB at most (more timed out on a busy etcd: 3 s a request)
+
+
+@dataclass(frozen=True)
+class LeaderWriteResult:
+    """How a fenced leader write ended, and how much of it etcd took before that."""
+
+    outcome: LeaderWrite
+    written: int  # keys put or deleted (all of them when "written")
+    txns: int  # transactions etcd applied
 # Told of every request's (path, seconds, answered): `answered` is False when etcd did not
 # answer (StoreUnavailable), True for an answer, an error answer too. Metrics hook here.
 RequestObserver = Callable[[str, float, bool], None]
+
+
+def _writes_any(chunk: Sequence[tuple[str, bytes | None]], keys: Mapping[str, int]) -> bool:
+    return any(k in keys for k, _ in chunk)
 
 
 def _dump(model: BaseModel | Mapping[str, Any]) -> bytes:
@@ -176,13 +199,13 @@ class Store:
                 # request may have been applied, so it is not sent again; the next one goes on
                 # to the next endpoint instead of waiting on this one for ever.
                 self._current = (i + 1) % len(self.endpoints)
-                raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {exc or type(exc).__name__}") from exc
+                raise StoreUnavailable(f"etcd at {self.endpoints[i]}: {str(exc) or type(exc).__name__}") from exc
             self._current = i
             if resp.status != 200:
                 try:
                     answer = await resp.read()
                 except _TRANSPORT_ERRORS as exc:
-                    raise StoreUnavailable(f"etcd error answer cut off: {exc or type(exc).__name__}") from exc
+                    raise StoreUnavailable(f"etcd error answer cut off: {str(exc) or type(exc).__name__}") from exc
                 finally:
                     resp.release()
                 if headers is not None and token_rejected(resp.status, answer):
@@ -211,7 +234,7 @@ class Store:
             async with resp:
                 out: dict[str, Any] = await resp.json(content_type=None)
         except _TRANSPORT_ERRORS as exc:
-            raise StoreUnavailable(f"etcd answer cut off: {exc or type(exc).__name__}") from exc
+            raise StoreUnavailable(f"etcd answer cut off: {str(exc) or type(exc).__name__}") from exc
         if "result" in out and isinstance(out["result"], dict):  # a one-message stream (keepalive)
             out = out["result"]
         if "error" in out:
@@ -295,7 +318,7 @@ class Store:
                 except TimeoutError:
                     continue  # nothing for idle_s: open it again from next_rev
                 except _TRANSPORT_ERRORS as exc:
-                    raise WatchLost(f"watch on {key} broken: {exc or type(exc).__name__}") from exc
+                    raise WatchLost(f"watch on {key} broken: {str(exc) or type(exc).__name__}") from exc
             raise WatchLost(f"watch on {key} closed by the server")
 
     async def version(self) -> ServerVersion:
@@ -454,22 +477,78 @@ class Store:
         deletes: Sequence[str] = (),
         *,
         unchanged: Mapping[str, int] | None = None,
-    ) -> LeaderWrite:
-        """Apply puts and deletes in one transaction, only while `name` holds the leader key
-        and every key in `unchanged` still has the mod revision it was read at (0: absent).
+        max_ops: int = TXN_MAX_OPS,
+        max_bytes: int = TXN_MAX_BYTES,
+        parallel: int = TXN_PARALLEL,
+    ) -> LeaderWriteResult:
+        """Apply puts, then deletes, in that order, while `name` holds the leader key and every
+        key in `unchanged` still has the mod revision it was read at (0: absent).
+
+        In transactions of at most `max_ops` operations and `max_bytes` of keys and values
+        (etcd refuses a txn of more than 128 operations, a request over ~1.5 MiB, and its
+        gateway a message over 2 MiB), each fenced on the leader key and on `unchanged`: a key
+        an earlier chunk wrote at the revision that chunk made, so a caller that puts its spec
+        record first keeps the rest fenced on it (a stop or a replacing spec submitted
+        meanwhile makes the next chunk "changed"). Chunks that write no fenced key go `parallel`
+        at a time (each txn waits for etcd's disk; concurrent ones share it), in order.
+
+        Not all-or-nothing across chunks: the result says how many keys were written before a
+        chunk was refused. A crash (or a refusal) between chunks leaves a part of one decision
+        written; a caller that decides from what etcd holds converges anyway: its next
+        decision, or a new leader's, reads that part back and writes the rest, or what a newer
+        spec asks for. Put first what the rest depends on (the coordinator: the spec record).
 
         Not written: "deposed" (the leader key is not ours) or "changed" (what the decision
         was based on changed meanwhile), told apart by the leader key read in the same txn.
+        RequestTooLarge: etcd refused a chunk for its size (a single value over its limit).
         """
-        ops = [
-            {"request_put": put_request(k, v if isinstance(v, bytes) else _dump(v))} for k, v in puts.items()
-        ] + [{"request_delete_range": {"key": b64(k)}} for k in deletes]
+        ops: list[tuple[str, bytes | None]] = [(k, v if isinstance(v, bytes) else _dump(v)) for k, v in puts.items()]
+        ops += [(k, None) for k in deletes]
+        chunks = op_chunks(ops, max_ops=max_ops, max_bytes=max_bytes) or [[]]
+        fences = dict(unchanged or {})
+        written = txns = 0
+        while chunks:
+            # a chunk that writes a fenced key goes alone (the next are fenced on its write);
+            # the others, all fenced alike, `parallel` at a time (etcd commits them together)
+            wave = [chunks.pop(0)]
+            while wave[0] and chunks and len(wave) < parallel and not _writes_any(wave[0], fences) \
+                    and not _writes_any(chunks[0], fences):
+                wave.append(chunks.pop(0))
+            answers = await asyncio.gather(*(self._leader_txn(name, c, fences) for c in wave), return_exceptions=True)
+            refused: list[LeaderWrite] = []
+            for chunk, answer in zip(wave, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    continue
+                if not answer.get("succeeded"):
+                    refused.append("changed" if self._holder_matches(answer, name) else "deposed")
+                    continue
+                written += len(chunk)
+                txns += 1
+                for k, v in chunk:
+                    if k in fences:  # written by us: the next chunks are fenced on our own write
+                        fences[k] = header_revision(answer) if v is not None else 0
+            errors = [a for a in answers if isinstance(a, BaseException)]
+            if errors:
+                raise errors[0]
+            if refused:
+                return LeaderWriteResult("deposed" if "deposed" in refused else "changed", written, txns)
+        return LeaderWriteResult("written", written, txns)
+
+    async def _leader_txn(self, name: str, chunk: list[tuple[str, bytes | None]],
+                          fences: Mapping[str, int]) -> dict[str, Any]:
+        """One chunk of `write_as_leader`: applied if `name` holds the leader key and `fences` hold."""
+        requests = [{"request_put": put_request(k, v)} if v is not None
+                    else {"request_delete_range": {"key": b64(k)}} for k, v in chunk]
         compare = [compare_value(self.keys.leader, name)]
-        compare += [compare_mod(k, rev) for k, rev in (unchanged or {}).items()]
-        out = await self._txn(compare, ops, [{"request_range": {"key": b64(self.keys.leader)}}])
-        if out.get("succeeded"):
-            return "written"
-        return "changed" if self._holder_matches(out, name) else "deposed"
+        compare += [compare_mod(k, rev) for k, rev in fences.items()]
+        try:
+            return await self._txn(compare, requests, [{"request_range": {"key": b64(self.keys.leader)}}])
+        except EtcdError as exc:
+            if too_large(str(exc)):
+                size = sum(len(k) + len(v or b"") for k, v in chunk)
+                raise RequestTooLarge(f"etcd refused a write of {len(chunk)} keys ({size} bytes, the largest "
+                                      f"{max(chunk, key=lambda kv: len(kv[1] or b''))[0]}): {exc}") from exc
+            raise
 
     # ---- events ----------------------------------------------------------------------
 

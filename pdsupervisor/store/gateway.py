@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,6 +83,34 @@ def put_request(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
     if lease:
         req["lease"] = lease
     return req
+
+
+# What etcd (or its gateway) answers to a request over its limits: 128 ops per txn
+# (`--max-txn-ops`), ~1.5 MiB per request (`--max-request-bytes`), 2 MiB per gateway message.
+TOO_LARGE_MARKERS = ("too many operations in txn", "request is too large", "message larger than max")
+
+
+def too_large(error: str) -> bool:
+    """Whether etcd refused a request for its size or its count of operations."""
+    return any(m in error for m in TOO_LARGE_MARKERS)
+
+
+def op_chunks(ops: Sequence[tuple[str, bytes | None]], *, max_ops: int,
+              max_bytes: int) -> list[list[tuple[str, bytes | None]]]:
+    """`ops` ((key, value); None: a delete) cut, in order, into runs of at most `max_ops`
+    operations and `max_bytes` of keys and values each (one larger op makes a run alone)."""
+    if max_ops < 1 or max_bytes < 1:
+        raise ValueError(f"max_ops and max_bytes must be positive, not {max_ops} and {max_bytes}")
+    chunks: list[list[tuple[str, bytes | None]]] = []
+    size = 0
+    for key, value in ops:
+        weight = len(key) + len(value or b"")
+        if not chunks or len(chunks[-1]) >= max_ops or (chunks[-1] and size + weight > max_bytes):
+            chunks.append([])
+            size = 0
+        chunks[-1].append((key, value))
+        size += weight
+    return chunks
 
 
 def compare_mod(key: str, revision: int) -> dict[str, Any]:

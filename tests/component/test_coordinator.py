@@ -20,7 +20,7 @@ from pdsupervisor.core.cluster_view import cluster_document, desired_state
 from pdsupervisor.core.models import NodeFacts, NodeStatus, ProcessState, ProcessStatus
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.store.cluster import observe, read_record, request_stop, submit_spec
-from pdsupervisor.store.etcd import Store
+from pdsupervisor.store.etcd import RequestTooLarge, Store, StoreUnavailable
 from tests.cluster_helpers import cluster_spec
 
 TTL = 5  # the coordinators' and the spec's, so that no cycle steps down to change it
@@ -223,6 +223,67 @@ async def test_a_stop_during_a_cycle_is_not_overwritten(cluster, monkeypatch):
     assert await coord.cycle() == Outcome("unchanged", "no action: cluster stopped")  # decided from the stop
 
 
+async def test_a_write_too_large_is_told(cluster, monkeypatch):
+    """Not "etcd unavailable ... not leading": the leader keeps its key, says what was refused
+    (its outcome, its view) and tries again next cycle."""
+    store = cluster.store
+    coord = cluster.coordinator("a")
+    assert (await coord.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    write = store.write_as_leader
+
+    async def refused(*args, **kwargs):
+        raise RequestTooLarge("etcd refused a write of 3 keys (2000000 bytes, the largest x): request is too large")
+
+    monkeypatch.setattr(store, "write_as_leader", refused)
+    outcome = await coord.cycle()
+    assert outcome.kind == "refused" and "request is too large" in outcome.message
+    assert coord.is_leader and coord.view is not None and "request is too large" in (coord.view.refused or "")
+    assert await store.leader() == "a" and await store.assignments() == {}
+    monkeypatch.setattr(store, "write_as_leader", write)
+    assert (await coord.cycle()).kind == "wrote"
+    assert coord.view is not None and coord.view.refused is None
+
+
+async def test_a_crash_between_chunks_converges(cluster, monkeypatch):
+    """The spec record goes first; a leader gone after it (before the assignments) leaves a
+    record the next leader decides the same assignments from, and writes them."""
+    store = cluster.store
+    a = cluster.coordinator("a")
+    assert (await a.cycle()).kind == "acquired"
+    await cluster.join("n1", "n2")
+    await cluster.submit(decode_nodes=["n2"])
+    assert (await a.cycle()).kind == "wrote" and await cluster.assigned() == {"n1": ["mooncake-master"]}
+    await cluster.report()  # the master is ready: the record takes its pid, the engines are assigned
+    write, chunk = store.write_as_leader, store._leader_txn
+    written: list[list[str]] = []
+
+    async def one_key_a_txn(*args, **kwargs):
+        return await write(*args, **{**kwargs, "max_ops": 1})
+
+    async def dies_after_the_first(name, keys, fences):
+        if written:
+            raise StoreUnavailable("the leader's host went away")
+        written.append([k for k, _ in keys])
+        return await chunk(name, keys, fences)
+
+    monkeypatch.setattr(store, "write_as_leader", one_key_a_txn)
+    monkeypatch.setattr(store, "_leader_txn", dies_after_the_first)
+    assert (await a.cycle()).kind == "unavailable"
+    monkeypatch.undo()
+    assert written == [[store.keys.spec]]
+    record, _ = await read_record(store)
+    assert record is not None and record.master_pid == PIDS["mooncake-master"] and record.master_epoch == 0
+    assert await cluster.assigned() == {"n1": ["mooncake-master"]}  # none of the engines yet
+    await store.revoke_lease(a.lease)  # a is gone: its leader key with its lease
+    b = cluster.coordinator("b")
+    outcome = await b.cycle()
+    assert outcome.kind == "acquired" and "wrote the assignments of n1, n2" in outcome.message
+    assert await cluster.assigned() == {"n1": ["mooncake-master", "prefill-0"], "n2": ["decode-0", "decode-1"]}
+    assert (await read_record(store))[0] == record  # decided from it: nothing to change in it
+
+
 async def test_a_stop_removes_one_stage_at_a_time(cluster):
     a = cluster.coordinator("a")
     await a.cycle()
@@ -375,3 +436,14 @@ async def test_an_unmanaged_node_is_not_replaced(cluster):
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+def test_an_outcome_names_a_few_nodes_and_counts_the_rest():
+    from agent.coordinator import NAMED_NODES, _what_was_written
+    from pdsupervisor.core.cluster_view import Changes
+    from pdsupervisor.core.models import NodeAssignment
+
+    puts = {f"n{i:04d}": NodeAssignment(node=f"n{i:04d}") for i in range(1000)}
+    said = _what_was_written(Changes(puts=puts, deletes=["gone"]))
+    assert said.startswith("wrote the assignments of n0000, n0001, ")
+    assert f"n{NAMED_NODES - 1:04d} and {1000 - NAMED_NODES} more; deleted the assignments of gone" in said

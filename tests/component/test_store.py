@@ -15,7 +15,7 @@ from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, Proc
 from pdsupervisor.core.spec import validate_spec
 from pdsupervisor.local.ports import free_port
 from pdsupervisor.store.cluster import observe, observe_membership, read_record, submit_spec
-from pdsupervisor.store.etcd import EtcdError, Store, StoreUnavailable, WatchLost
+from pdsupervisor.store.etcd import EtcdError, RequestTooLarge, Store, StoreUnavailable, WatchLost
 from tests.cluster_helpers import cluster_spec
 from tests.conftest import EtcdServer, running_etcd, until, wait_for
 
@@ -40,14 +40,14 @@ async def test_only_leader_key_holder_can_write(etcd_server, cluster_name):
         assert await store.leader() == "a"
         assignment = NodeAssignment(node="n1", processes=[ProcessSpec(name="p", role="prefill", argv=["true"])])
         key = store.keys.assignment("n1")
-        assert await store.write_as_leader("b", {key: assignment}) == "deposed"
+        assert (await store.write_as_leader("b", {key: assignment})).outcome == "deposed"
         assert await store.assignment("n1") is None
-        assert await store.write_as_leader("a", {key: assignment}) == "written"
+        assert (await store.write_as_leader("a", {key: assignment})).outcome == "written"
         assert (await store.assignment("n1")) == assignment
         await store.revoke_lease(lease_a)  # a loses leadership: its next write is fenced off
-        assert await store.write_as_leader("a", {}, deletes=[key]) == "deposed"
+        assert (await store.write_as_leader("a", {}, deletes=[key])).outcome == "deposed"
         assert await store.acquire_leader("b", lease_b)
-        assert await store.write_as_leader("b", {}, deletes=[key]) == "written"
+        assert (await store.write_as_leader("b", {}, deletes=[key])).outcome == "written"
         assert await store.assignment("n1") is None
 
 
@@ -88,9 +88,10 @@ async def test_leader_write_is_fenced_on_what_it_was_decided_from(etcd_server, c
         await store.put(store.keys.spec, b'{"v": 2}')  # e.g. a stop arrives mid-cycle
         key = store.keys.assignment("n1")
         outcome = await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: read.mod_revision})
-        assert outcome == "changed" and await store.get(key) is None and await store.leader() == "a"
+        assert outcome.outcome == "changed" and await store.get(key) is None and await store.leader() == "a"
         fresh = await store.get(store.keys.spec)
-        assert await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision}) == "written"
+        written = await store.write_as_leader("a", {key: b"{}"}, unchanged={store.keys.spec: fresh.mod_revision})
+        assert written.outcome == "written"
 
 
 async def test_a_watch_from_a_compacted_revision_ends_instead_of_hanging(etcd_server, cluster_name):
@@ -255,12 +256,12 @@ async def test_an_observation_never_mixes_two_writes(quiet_etcd, cluster_name):
 
         async def writer() -> None:
             for g in range(1, rounds + 1):
-                assert await store.write_as_leader("w", {
+                assert (await store.write_as_leader("w", {
                     keys.spec: SpecRecord(generation=g, spec={}),
                     keys.member("n1"): NodeFacts(name="n1", ip="127.0.0.2", registered_at=g),
                     keys.assignment("n1"): NodeAssignment(node="n1", generation=g),
                     keys.node_status("n1"): NodeStatus(node="n1", updated_at=g),
-                }) == "written"
+                })).outcome == "written"
 
         task = asyncio.create_task(writer())
         seen = []
@@ -338,3 +339,105 @@ async def test_a_replace_keeps_the_group_epoch(etcd_server, cluster_name):
         replaced, _ = await read_record(store)
         assert replaced.generation == record.generation + 1
         assert {k: getattr(replaced, k) for k in carried} == carried
+
+
+def _assignments(store: Store, count: int) -> dict[str, NodeAssignment]:
+    return {store.keys.assignment(f"n{i:03d}"): NodeAssignment(node=f"n{i:03d}", processes=[
+        ProcessSpec(name="decode-0", role="decode", argv=["serve", "--port", "8200"])]) for i in range(count)}
+
+
+def _after_first_txn(store: Store, monkeypatch, meanwhile) -> list[int]:
+    """Run `meanwhile()` once, right after the first txn etcd applies; the op counts of the
+    txns it applied."""
+    txn, sizes = store._txn, []
+
+    async def spy(compare, success, failure=()):
+        out = await txn(compare, success, failure)
+        if out.get("succeeded"):
+            sizes.append(len(success))
+            if len(sizes) == 1:
+                await meanwhile()
+        return out
+
+    monkeypatch.setattr(store, "_txn", spy)
+    return sizes
+
+
+async def test_a_large_leader_write_goes_in_fenced_chunks(etcd_server, cluster_name, monkeypatch):
+    """300 assignments (over etcd's 128 ops per txn) land in chunks of at most 64, all of them;
+    the spec record, written in the first chunk, fences the later ones on its own write."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(10)
+        try:
+            assert await store.acquire_leader("a", lease)
+            read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
+            async def nothing() -> None:
+                pass
+
+            sizes = _after_first_txn(store, monkeypatch, nothing)
+            puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
+            result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
+            assert (result.outcome, result.written, result.txns) == ("written", 301, 5)
+            assert sizes[0] == 64 and sorted(sizes[1:]) == [45, 64, 64, 64]  # the record's chunk first, alone
+            assert len(await store.assignments()) == 300
+            assert (await read_record(store))[0].generation == 2
+            # bytes cut too: ~100 bytes a key and value, 1000 bytes a txn
+            result = await store.write_as_leader("a", {}, deletes=list(_assignments(store, 300)), max_bytes=1000)
+            assert result.outcome == "written" and result.txns > 5 and await store.assignments() == {}
+        finally:
+            await store.revoke_lease(lease)
+
+
+async def test_a_spec_change_between_chunks_stops_the_write(etcd_server, cluster_name, monkeypatch):
+    """A stop submitted after the first chunk: the rest is "changed", not written."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(10)
+        try:
+            assert await store.acquire_leader("a", lease)
+            read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
+
+            async def stop() -> None:
+                record = SpecRecord(generation=2, action="stop", spec={})
+                await store.put(store.keys.spec, record.model_dump_json().encode())
+
+            sizes = _after_first_txn(store, monkeypatch, stop)
+            puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
+            result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
+            assert (result.outcome, result.written, result.txns) == ("changed", 64, 1)
+            assert sizes == [64]  # the second chunk was refused by its compare
+            assert len(await store.assignments()) == 63
+            assert (await read_record(store))[0].action == "stop"
+        finally:
+            await store.revoke_lease(lease)
+
+
+async def test_a_leader_deposed_between_chunks_writes_nothing_more(etcd_server, cluster_name, monkeypatch):
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(10)
+        try:
+            assert await store.acquire_leader("a", lease)
+
+            async def deposed() -> None:
+                await store.revoke_lease(lease)  # the leader key goes with its lease
+                assert await store.acquire_leader("b", await store.grant_lease(10))
+
+            _after_first_txn(store, monkeypatch, deposed)
+            result = await store.write_as_leader("a", _assignments(store, 200), parallel=1)
+            assert (result.outcome, result.written, result.txns) == ("deposed", 64, 1)
+            assert len(await store.assignments()) == 64 and await store.leader() == "b"
+        finally:
+            await store.revoke_lease(lease)
+
+
+async def test_a_write_over_etcds_request_limit_is_refused_as_too_large(etcd_server, cluster_name):
+    """Not "etcd unavailable": the same write will be refused again, and the error says what."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        lease = await store.grant_lease(10)
+        try:
+            assert await store.acquire_leader("a", lease)
+            key = store.keys.assignment("huge")
+            with pytest.raises(RequestTooLarge, match="etcd refused a write of 1 keys .* the largest .*huge"):
+                await store.write_as_leader("a", {key: b"x" * (2 * 1024 * 1024)})
+            assert await store.get(key) is None
+        finally:
+            await store.revoke_lease(lease)

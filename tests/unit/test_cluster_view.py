@@ -204,3 +204,73 @@ def test_a_crash_loop_reads_crash_looping_between_its_failures_too():
     assert once.processes[0].state == "running"
     ready = cluster_document(_seen(_obs(ProcessState.ready, 40.0), failures_in_a_row=3, last_failure="x"), now=60.0)
     assert ready.processes[0].state == "ready"
+
+
+def test_a_spec_hash_kept_is_dropped_when_the_spec_changes():
+    """The digest is computed once per object; a copy with a change, or a field set, has its own."""
+    spec = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    digest = spec.spec_hash()
+    assert spec.spec_hash() is digest
+    moved = spec.model_copy(update={"port": 8201})
+    assert moved.spec_hash() != digest and moved.spec_hash() == ProcessSpec(**{**spec.model_dump(), "port": 8201}).spec_hash()
+    assert spec.model_copy().spec_hash() == digest
+    unhashed = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    assert unhashed == spec and spec == unhashed  # equality looks at the fields only
+    assert spec.model_dump() == unhashed.model_dump()
+    spec.restart_epoch = 1
+    assert spec.spec_hash() != digest
+
+
+def test_known_equal_assignments_are_not_compared_again(monkeypatch):
+    from pdsupervisor.core.cluster_view import KnownEqual
+
+    # what `_same_objects` compares: a new field of NodeAssignment must be added there
+    assert set(NodeAssignment.model_fields) == {"node", "generation", "processes"}
+    procs = [ProcessSpec(name=f"decode-{i}", role="decode", argv=["x"], port=8200 + i) for i in range(2)]
+    have = NodeAssignment.model_validate_json(NodeAssignment(node="n1", processes=procs).model_dump_json())
+    known = KnownEqual()
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=procs))  # compared: equal
+
+    def no_compare(self, other):
+        raise AssertionError("compared again")
+
+    monkeypatch.setattr(NodeAssignment, "__eq__", no_compare)
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=list(procs)))  # the same objects: known
+    with pytest.raises(AssertionError, match="compared again"):  # another observed object: compared
+        known.equal("n1", have.model_copy(), NodeAssignment(node="n1", processes=procs))
+    monkeypatch.undo()
+    moved = [procs[0], procs[1].model_copy(update={"port": 9000})]
+    assert not known.equal("n1", have, NodeAssignment(node="n1", processes=moved))
+    assert known.equal("n1", have, NodeAssignment(node="n1", processes=procs))  # known again
+    assert not known.equal("n1", have, NodeAssignment(node="n1", generation=2, processes=procs))
+
+
+def test_same_spec_is_the_spec_hash_compared():
+    from pdsupervisor.core.models import DrainSpec, same_spec
+
+    spec = ProcessSpec(name="decode-0", role="decode", argv=["x"], port=8200)
+    decoded = ProcessSpec.model_validate_json(spec.model_dump_json())
+    assert same_spec(spec, decoded) and "_spec_hash" not in decoded.__dict__  # equal: no hashing needed
+    drained = spec.model_copy(update={"generation": 3, "drain": DrainSpec(timeout_s=5)})  # neither is hashed
+    assert spec != drained and same_spec(spec, drained)
+    assert not same_spec(spec, spec.model_copy(update={"argv": ["y"]}))
+
+
+def test_same_spec_keeps_its_answer_for_the_same_two_objects(monkeypatch):
+    from pdsupervisor.core.models import same_spec
+
+    held = ProcessSpec.model_validate_json(ProcessSpec(name="decode-0", role="decode", argv=["x"]).model_dump_json())
+    planned = ProcessSpec(name="decode-0", role="decode", argv=["x"])
+    assert same_spec(held, planned)
+
+    def no_compare(self, other):
+        raise AssertionError("compared again")
+
+    monkeypatch.setattr(ProcessSpec, "__eq__", no_compare)
+    assert same_spec(held, planned)  # kept
+    with pytest.raises(AssertionError, match="compared again"):
+        same_spec(held, ProcessSpec(name="decode-0", role="decode", argv=["x"]))  # another object: judged anew
+    monkeypatch.undo()
+    held.argv = ["y"]  # a field set: judged anew
+    assert not same_spec(held, planned)
+    assert not same_spec(held.model_copy(update={"port": 1}), planned)
