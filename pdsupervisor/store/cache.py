@@ -73,6 +73,8 @@ class ClusterCache:
         self._changed_at: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._advanced = asyncio.Event()  # set (and replaced) each time `revision` moves
         self._loaded = asyncio.Event()
+        self._read_again = asyncio.Event()
+        self._read_at = 0  # the revision of the last full read
         self._task: asyncio.Task[None] | None = None
         self._used_at = time.monotonic()
         self._observed: Observed | None = None
@@ -133,18 +135,48 @@ class ClusterCache:
         backoff = RESYNC_BACKOFF_S[0]
         while True:
             try:
+                self._read_again.clear()
                 await self._load()
                 backoff = RESYNC_BACKOFF_S[0]
-                async for event in self.store.watch_prefix(self.keys.root, self.revision + 1):
-                    self._apply(event)
-                raise WatchLost("watch ended")
+                await self._follow()
+                continue  # asked to read again: at once
             except (StoreUnavailable, WatchLost) as exc:  # etcd away, compacted, cut off: read again
-                self.synced = False
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("cluster cache of %s: %s; reading again in %.1f s",
                             self.store.cluster, self.last_error, backoff)
+            except Exception as exc:  # a bug or a transport surprise must not stop the cache for good
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("cluster cache of %s failed; reading again in %.1f s", self.store.cluster, backoff)
+            finally:
+                self.synced = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESYNC_BACKOFF_S[1])
+
+    async def _follow(self) -> None:
+        """Apply the watch's events until it ends (raises) or `read_again()` is asked (returns)."""
+
+        async def watch() -> None:
+            async for event in self.store.watch_prefix(self.keys.root, self.revision + 1):
+                self._apply(event)
+            raise WatchLost("watch ended")
+
+        watching = asyncio.create_task(watch())
+        asked = asyncio.create_task(self._read_again.wait())
+        try:
+            await asyncio.wait([watching, asked], return_when=asyncio.FIRST_COMPLETED)
+            if watching.done():
+                watching.result()
+        finally:
+            for task in (watching, asked):
+                task.cancel()
+            await asyncio.gather(watching, asked, return_exceptions=True)
+
+    async def read_again(self, timeout: float | None = None) -> None:
+        """Read the whole cluster again now (a reader that must see a revision the watch has not
+        brought, e.g. a write whose revision touched no key of ours) and wait for it."""
+        self._read_again.set()
+        self._loaded.clear()
+        await self.ensure(timeout)
 
     # ---- reading and applying ----------------------------------------------------------
 
@@ -162,6 +194,7 @@ class ClusterCache:
             self._put(kv.key, kv.value, kv.mod_revision)
         if not first:
             self.resyncs += 1
+        self._read_at = revision
         self._changed_at = dict.fromkeys(KINDS, revision)  # anything may have changed meanwhile
         self.synced = True
         self.last_error = ""
@@ -170,6 +203,8 @@ class ClusterCache:
         self._loaded.set()
 
     def _apply(self, event: WatchEvent) -> None:
+        if event.revision <= self._read_at:
+            return  # already in what was read (a txn's events share one revision: not `self.revision`)
         kind = self._kind(event.key)
         if kind is not None:
             if event.value is None:

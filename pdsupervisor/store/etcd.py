@@ -101,8 +101,9 @@ class Store:
         self._session: aiohttp.ClientSession | None = None
         self._current = 0  # index of the endpoint that answered last
         self.on_request = on_request
-        # the store revision of this client's last write that changed something: a reader fed
-        # by a watch (`ClusterCache`) has seen our own writes once it reached it
+        # the store revision of this client's last write that changed something (or may have:
+        # a lease revoked): a reader fed by a watch (`ClusterCache`) has seen our own writes
+        # once it reached it
         self.written_revision = 0
 
     async def __aenter__(self) -> Store:
@@ -364,8 +365,9 @@ class Store:
         return max(0, int(out.get("grantedTTL", 0))) if int(out.get("TTL", 0)) > 0 else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke; the keys under the lease are deleted (counted as our write: see `written_revision`)."""
         with contextlib.suppress(StoreUnavailable):
-            await self._call("/v3/lease/revoke", {"ID": lease_id})
+            self._wrote(header_revision(await self._call("/v3/lease/revoke", {"ID": lease_id})))
 
     async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                    failure: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
