@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.core.observed import Observed, SpecRecord
 from pdsupervisor.store.cluster import Membership
-from pdsupervisor.store.etcd import PAGE_KEYS, KeyValue, Store, StoreUnavailable, WatchEvent, WatchLost
+from pdsupervisor.store.etcd import PAGE_KEYS, Store, StoreUnavailable, WatchEvent, WatchLost
 from pdsupervisor.store.gateway import prefix_end
 
 log = logging.getLogger("pdsupervisor.store.cache")
