@@ -89,6 +89,8 @@ class SimAgent:
 
     def __init__(self, name: str, store: Store, load_s: float, engines: int) -> None:
         self.name, self.store, self.load_s, self.engines = name, store, load_s, engines
+        i = int(name[1:])  # n1, n2, ...: a loopback address of its own, so its engines' endpoints are its own
+        self.ip = f"127.1.{i // 250}.{i % 250 + 1}"
         self.lease = 0
         self.procs: dict[str, ProcessStatus] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,7 +105,7 @@ class SimAgent:
 
     async def _register(self) -> None:
         self.lease = await self.store.grant_lease(TTL)
-        facts = NodeFacts(name=self.name, ip="127.0.0.1", hostname=self.name, cpu_count=64,
+        facts = NodeFacts(name=self.name, ip=self.ip, hostname=self.name, cpu_count=64,
                           accelerators=self.engines, agent_version="bench", registered_at=time.time(),
                           lease=self.lease)
         await self.store.register_member(facts, self.lease)

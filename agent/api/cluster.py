@@ -30,6 +30,7 @@ from pdsupervisor.core.documents import (
     SubmitAnswer,
     nodes_document,
 )
+from pdsupervisor.core.observed import Observed
 from pdsupervisor.core.spec import SpecError, load_spec
 from pdsupervisor.store.cache import ClusterCache
 from pdsupervisor.store.cluster import SubmitResult, observe, observe_nodes, request_stop, submit_spec
@@ -53,9 +54,16 @@ class ClusterDocuments:
         self.computed = 0  # documents made (for tests and the scale benchmark)
         self._revision = -1
         self._made_at = 0.0
-        self._doc: asyncio.Future[ClusterDocument] | None = None
+        self._doc: asyncio.Future[tuple[ClusterDocument, bytes]] | None = None
 
     async def get(self) -> ClusterDocument:
+        return (await self._made())[0]
+
+    async def body(self) -> bytes:
+        """The document as the JSON `GET /cluster` answers (also made once per revision)."""
+        return (await self._made())[1]
+
+    async def _made(self) -> tuple[ClusterDocument, bytes]:
         cache, store = self.cache, self.cache.store
         await cache.ensure()
         # read-your-writes: a spec just submitted through this agent is in the document
@@ -66,8 +74,13 @@ class ClusterDocuments:
         if not fresh or self._doc is None or (self._doc.done() and self._doc.exception() is not None):
             self._revision, self._made_at = cache.revision, time.monotonic()
             self.computed += 1
-            self._doc = asyncio.ensure_future(asyncio.to_thread(cluster_document, cache.observed(), time.time()))
+            self._doc = asyncio.ensure_future(asyncio.to_thread(_make, cache.observed(), time.time()))
         return await asyncio.shield(self._doc)  # one request going away does not cancel the others'
+
+
+def _make(obs: Observed, now: float) -> tuple[ClusterDocument, bytes]:
+    doc = cluster_document(obs, now)
+    return doc, doc.model_dump_json().encode()
 
 
 def cache_context(cache: ClusterCache) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -143,7 +156,7 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
 def get_cluster(documents: ClusterDocuments) -> Handler:
     async def handler(request: web.Request, store: Store) -> web.Response:
         # the cache's view at one revision, the leader key in it: the cluster as it was then
-        return document(await documents.get())
+        return web.Response(body=await documents.body(), content_type="application/json")
 
     return handler
 
