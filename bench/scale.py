@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdsupervisor.api.client import ApiClient  # noqa: E402
+from pdsupervisor.core.cluster_view import cluster_document  # noqa: E402
 from pdsupervisor.core.etcd_command import etcd_argv  # noqa: E402
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus  # noqa: E402
 from pdsupervisor.core.observed import Observed, is_ready  # noqa: E402
@@ -330,6 +331,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"pdscale{n}-"))
     children = Children(tmp)
     cache: CountingCache | None = None
+    store: Store | None = None
     try:
         url = start_etcd(children)
         token = os.urandom(16).hex()
@@ -396,7 +398,9 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         await source.store.close()
         row["agent_rss_mib"] = agent_ps.memory_info().rss / 2**20
         row["agent_peak_rss_mib"] = peak_rss_mib(agent.pid)
-        await store.close()
+        t = time.perf_counter()  # what a document costs to make, alone in this process (no HTTP, no GIL shared)
+        cluster_document(cache.observed(), time.time())
+        row["document_ms"] = (time.perf_counter() - t) * 1000
     except Exception as exc:  # reported; the next N goes on
         row["error"] = f"{type(exc).__name__}: {exc}"[:400]
         with contextlib.suppress(Exception):
@@ -404,6 +408,8 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if cache is not None:
             await cache.close()
+        if store is not None:
+            await store.close()
         children.stop_all()
         if args.keep:
             print(f"  logs kept in {tmp}")
@@ -458,6 +464,8 @@ def show(row: dict[str, Any]) -> None:
         print(f"  GET /cluster: first after ready {row['get_first_ms']:.0f} ms; unchanged revision p50 "
               f"{row['get_cached_p50']:.1f} ms, p99 {row['get_cached_p99']:.1f} ms; after a status change "
               f"p50 {statistics.median(ch):.0f} ms, max {max(ch):.0f} ms")
+    if "document_ms" in row:
+        print(f"  cluster_document alone (in this process, from the cache): {row['document_ms']:.0f} ms")
     if "refresh_p50" in row:
         print(f"  proxy: cache first read {row['proxy_read_ms']:.0f} ms; cache cost per applied event "
               f"{row['apply_us']:.0f} us; routing refresh p50 {row['refresh_p50']:.2f} ms, p99 "

@@ -40,7 +40,7 @@ Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 __all__ = ["cluster_routes", "openapi_document"]
 MAX_EVENTS = 1000  # per GET /events
 OWN_WRITE_WAIT_S = 2.0  # GET /cluster waits this long for the cache to show this agent's last write
-DOCUMENT_MAX_AGE_S = 2.0  # a quiet cluster's document is made again this often (its timeouts move)
+DOCUMENT_MAX_AGE_S = 5.0  # a quiet cluster's document, once made, is made again after this (its timeouts move)
 
 
 class ClusterDocuments:
@@ -69,13 +69,19 @@ class ClusterDocuments:
         # read-your-writes: a spec just submitted through this agent is in the document
         if not await cache.wait_past(store.written_revision - 1, OWN_WRITE_WAIT_S):
             await cache.read_again()
-        fresh = self._doc is not None and self._revision == cache.revision and (
-            time.monotonic() - self._made_at < DOCUMENT_MAX_AGE_S)
-        if not fresh or self._doc is None or (self._doc.done() and self._doc.exception() is not None):
-            self._revision, self._made_at = cache.revision, time.monotonic()
+        doc = self._doc
+        stale = doc is None or self._revision != cache.revision or (
+            doc.done() and (doc.exception() is not None or time.monotonic() - self._made_at > DOCUMENT_MAX_AGE_S))
+        if stale:
+            self._revision = cache.revision
             self.computed += 1
-            self._doc = asyncio.ensure_future(asyncio.to_thread(_make, cache.observed(), time.time()))
-        return await asyncio.shield(self._doc)  # one request going away does not cancel the others'
+            doc = self._doc = asyncio.ensure_future(asyncio.to_thread(_make, cache.observed(), time.time()))
+            doc.add_done_callback(self._ready_at_now)
+        assert doc is not None
+        return await asyncio.shield(doc)  # one request going away does not cancel the others'
+
+    def _ready_at_now(self, _doc: asyncio.Future[tuple[ClusterDocument, bytes]]) -> None:
+        self._made_at = time.monotonic()  # its age counts from when it was ready, however long it took
 
 
 def _make(obs: Observed, now: float) -> tuple[ClusterDocument, bytes]:
