@@ -1,12 +1,13 @@
 """A watch-fed cache of one cluster's keys: read once, then kept current by applying watch events.
 
 Why: re-reading the whole cluster prefix on every change costs work proportional to the
-cluster per change (quadratic as the cluster grows), and one range of every assignment of a
-1,024-node cluster is over the etcd gateway's 2 MiB answer cap. Here the first read is paged
-at one revision (`Store.range_paged`), then the prefix is watched from the revision after it
-and each event decodes only the key that changed. A watch that ends (its revision compacted
-away, the connection dropped, etcd away) is followed by a fresh read (resync); meanwhile the
-last state stays readable and `synced` is False.
+cluster per change (quadratic as the cluster grows), and one answer of every assignment of a
+1,024-node cluster is ~10 MB. Here the first read is paged at one revision
+(`Store.range_paged`: every answer small), decoded in a thread (off the event loop), then the
+prefix is watched from the revision after it and each event decodes only the key that
+changed. A watch that ends (its revision compacted away, the connection dropped, etcd away)
+is followed by a fresh read (resync); meanwhile the last state stays readable and `synced`
+is False.
 
 What it keeps: the spec record, the leader key, members/, assignments/, status/ (decoded
 models, one per key); events/ only move the revision. A key that does not decode is logged
@@ -28,14 +29,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.core.observed import Observed, SpecRecord
 from pdsupervisor.store.cluster import Membership
-from pdsupervisor.store.etcd import PAGE_KEYS, Store, StoreUnavailable, WatchEvent, WatchLost
+from pdsupervisor.store.etcd import PAGE_KEYS, Keys, KeyValue, Store, StoreUnavailable, WatchEvent, WatchLost
 from pdsupervisor.store.gateway import prefix_end
 
 log = logging.getLogger("pdsupervisor.store.cache")
@@ -43,13 +44,74 @@ log = logging.getLogger("pdsupervisor.store.cache")
 Kind = Literal["spec", "leader", "members", "assignments", "status"]
 KINDS: tuple[Kind, ...] = ("spec", "leader", "members", "assignments", "status")
 PLAN_INPUTS: frozenset[Kind] = frozenset({"spec", "leader", "members", "assignments"})  # all but status
-M = TypeVar("M", bound=BaseModel)
 
 RESYNC_BACKOFF_S = (0.2, 5.0)  # first and longest wait before reading again after a lost watch
 
 
 class CacheNotReady(StoreUnavailable):
     """The cache has not completed a read of the cluster (etcd away, or still reading)."""
+
+
+class _Decoded:
+    """The decoded records of one cluster's keys (one model per key), changed key by key."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self.record: SpecRecord | None = None
+        self.record_revision = 0
+        self.leader: str | None = None
+        self.members: dict[str, NodeFacts] = {}
+        self.assignments: dict[str, NodeAssignment] = {}
+        self.statuses: dict[str, NodeStatus] = {}
+
+    def kind(self, key: str) -> Kind | None:
+        k = self.keys
+        if key == k.spec:
+            return "spec"
+        if key == k.leader:
+            return "leader"
+        for kind, prefix in (("members", k.members), ("assignments", k.assignments), ("status", k.status)):
+            if key.startswith(prefix):
+                return kind  # type: ignore[return-value]  # one of the three literals
+        return None  # events/, or a key this version does not know
+
+    def put(self, key: str, value: bytes, mod_revision: int) -> None:
+        """Decode `value` into the key's record; one that does not decode is logged and left out."""
+        kind = self.kind(key)
+        try:
+            if kind == "spec":
+                self.record, self.record_revision = SpecRecord.model_validate_json(value), mod_revision
+            elif kind == "leader":
+                self.leader = value.decode()
+            elif kind == "members":
+                self.members[key[len(self.keys.members):]] = NodeFacts.model_validate_json(value)
+            elif kind == "assignments":
+                self.assignments[key[len(self.keys.assignments):]] = NodeAssignment.model_validate_json(value)
+            elif kind == "status":
+                self.statuses[key[len(self.keys.status):]] = NodeStatus.model_validate_json(value)
+        except (ValidationError, UnicodeDecodeError) as exc:
+            log.error("cluster cache: %s does not decode, left out: %s", key,
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.delete(kind, key)
+
+    def delete(self, kind: Kind | None, key: str) -> None:
+        if kind == "spec":
+            self.record, self.record_revision = None, 0
+        elif kind == "leader":
+            self.leader = None
+        elif kind == "members":
+            self.members.pop(key[len(self.keys.members):], None)
+        elif kind == "assignments":
+            self.assignments.pop(key[len(self.keys.assignments):], None)
+        elif kind == "status":
+            self.statuses.pop(key[len(self.keys.status):], None)
+
+
+def _decode_all(keys: Keys, kvs: list[KeyValue]) -> _Decoded:
+    decoded = _Decoded(keys)
+    for kv in kvs:
+        decoded.put(kv.key, kv.value, kv.mod_revision)
+    return decoded
 
 
 class ClusterCache:
@@ -64,12 +126,7 @@ class ClusterCache:
         self.synced = False  # a read completed and its watch has not ended since
         self.resyncs = 0  # reads after the first (compactions, lost watches)
         self.last_error = ""  # why the last read or watch ended
-        self.record: SpecRecord | None = None
-        self.record_revision = 0
-        self.leader: str | None = None
-        self.members: dict[str, NodeFacts] = {}
-        self.assignments: dict[str, NodeAssignment] = {}
-        self.statuses: dict[str, NodeStatus] = {}
+        self._state = _Decoded(self.keys)
         self._changed_at: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._advanced = asyncio.Event()  # set (and replaced) each time `revision` moves
         self._loaded = asyncio.Event()
@@ -79,6 +136,31 @@ class ClusterCache:
         self._used_at = time.monotonic()
         self._observed: Observed | None = None
         self._membership: Membership | None = None
+
+    # the records as of `revision` (read-only for callers: `observed()` gives copies)
+    @property
+    def record(self) -> SpecRecord | None:
+        return self._state.record
+
+    @property
+    def record_revision(self) -> int:
+        return self._state.record_revision
+
+    @property
+    def leader(self) -> str | None:
+        return self._state.leader
+
+    @property
+    def members(self) -> dict[str, NodeFacts]:
+        return self._state.members
+
+    @property
+    def assignments(self) -> dict[str, NodeAssignment]:
+        return self._state.assignments
+
+    @property
+    def statuses(self) -> dict[str, NodeStatus]:
+        return self._state.statuses
 
     # ---- life cycle --------------------------------------------------------------------
 
@@ -181,18 +263,14 @@ class ClusterCache:
     # ---- reading and applying ----------------------------------------------------------
 
     async def _load(self) -> None:
-        """Every key but events/, in pages, at one revision: [root, events/) and after events/."""
+        """Every key but events/, in pages, at one revision: [root, events/) and after events/.
+        Decoded in a thread: thousands of records must not hold the event loop (lease refreshes)."""
         keys = self.keys
         before, revision = await self.store.range_paged(keys.root, keys.events.encode(), page_size=self.page_size)
-        after, _ = await self.store.range_paged(keys.events, prefix_end(keys.root), revision=revision,
-                                                page_size=self.page_size)
-        after = [kv for kv in after if not kv.key.startswith(keys.events)]
-        first = not self._loaded.is_set() and self.revision == 0
-        self.record, self.record_revision, self.leader = None, 0, None
-        self.members, self.assignments, self.statuses = {}, {}, {}
-        for kv in (*before, *after):
-            self._put(kv.key, kv.value, kv.mod_revision)
-        if not first:
+        after, _ = await self.store.range_paged(prefix_end(keys.events).decode(), prefix_end(keys.root),
+                                                revision=revision, page_size=self.page_size)
+        self._state = await asyncio.to_thread(_decode_all, keys, [*before, *after])
+        if self._read_at:
             self.resyncs += 1
         self._read_at = revision
         self._changed_at = dict.fromkeys(KINDS, revision)  # anything may have changed meanwhile
@@ -205,59 +283,14 @@ class ClusterCache:
     def _apply(self, event: WatchEvent) -> None:
         if event.revision <= self._read_at:
             return  # already in what was read (a txn's events share one revision: not `self.revision`)
-        kind = self._kind(event.key)
+        kind = self._state.kind(event.key)
         if kind is not None:
             if event.value is None:
-                self._delete(kind, event.key)
+                self._state.delete(kind, event.key)
             else:
-                self._put(event.key, event.value, event.revision)
+                self._state.put(event.key, event.value, event.revision)
             self._changed_at[kind] = event.revision
         self._advance(event.revision)
-
-    def _kind(self, key: str) -> Kind | None:
-        k = self.keys
-        if key == k.spec:
-            return "spec"
-        if key == k.leader:
-            return "leader"
-        for kind, prefix in (("members", k.members), ("assignments", k.assignments), ("status", k.status)):
-            if key.startswith(prefix):
-                return kind  # type: ignore[return-value]  # one of the three literals
-        return None  # events/, or a key this version does not know
-
-    def _put(self, key: str, value: bytes, mod_revision: int) -> None:
-        kind = self._kind(key)
-        try:
-            if kind == "spec":
-                self.record, self.record_revision = SpecRecord.model_validate_json(value), mod_revision
-            elif kind == "leader":
-                self.leader = value.decode()
-            elif kind == "members":
-                self._decode(self.members, key[len(self.keys.members):], value, NodeFacts)
-            elif kind == "assignments":
-                self._decode(self.assignments, key[len(self.keys.assignments):], value, NodeAssignment)
-            elif kind == "status":
-                self._decode(self.statuses, key[len(self.keys.status):], value, NodeStatus)
-        except (ValidationError, UnicodeDecodeError) as exc:
-            log.error("cluster cache of %s: %s does not decode, left out: %s", self.store.cluster, key,
-                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._delete(kind, key)
-
-    @staticmethod
-    def _decode(into: dict[str, M], name: str, value: bytes, model: type[M]) -> None:
-        into[name] = model.model_validate_json(value)
-
-    def _delete(self, kind: Kind | None, key: str) -> None:
-        if kind == "spec":
-            self.record, self.record_revision = None, 0
-        elif kind == "leader":
-            self.leader = None
-        elif kind == "members":
-            self.members.pop(key[len(self.keys.members):], None)
-        elif kind == "assignments":
-            self.assignments.pop(key[len(self.keys.assignments):], None)
-        elif kind == "status":
-            self.statuses.pop(key[len(self.keys.status):], None)
 
     def _advance(self, revision: int) -> None:
         if revision <= self.revision and self.revision:
