@@ -157,7 +157,9 @@ class Coordinator:
         """Wake the loop on a change it acts on: the leader key (to take over) and the spec (its
         TTL) for every agent, from two single-key watches; and for the leader any cluster key
         but events/, from its cluster cache. A follower does not watch every status write."""
-        await asyncio.gather(self._watch_leader_and_spec(), self._watch_cache())
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_leader_and_spec())
+            tg.create_task(self._watch_cache())
 
     async def _watch_leader_and_spec(self) -> None:
         keys = self.store.keys
@@ -169,9 +171,12 @@ class Coordinator:
         while True:
             try:
                 rev = await self.store.current_revision()
-                await asyncio.gather(wake_on(keys.leader, rev + 1), wake_on(keys.spec, rev + 1))
-            except StoreUnavailable:
-                await asyncio.sleep(1.0)
+                async with asyncio.TaskGroup() as both:  # one lost: both end, and are opened again
+                    both.create_task(wake_on(keys.leader, rev + 1))
+                    both.create_task(wake_on(keys.spec, rev + 1))
+            except* StoreUnavailable:
+                pass
+            await asyncio.sleep(1.0)
 
     async def _watch_cache(self) -> None:
         cache = self.cache
@@ -187,7 +192,7 @@ class Coordinator:
         """The cluster from the cache, at a revision that holds this agent's own last write
         (the leader decides from what it wrote, not from before it)."""
         cache = self.cache
-        await cache.ensure()
+        await cache.current(CATCH_UP_S)
         written = self.store.written_revision
         if not await cache.wait_past(written - 1, CATCH_UP_S):
             # the watch lags, or the write's revision touched no key of ours (a revoked lease

@@ -65,7 +65,7 @@ class ClusterDocuments:
 
     async def _made(self) -> tuple[ClusterDocument, bytes]:
         cache, store = self.cache, self.cache.store
-        await cache.ensure()
+        await cache.current(OWN_WRITE_WAIT_S)  # etcd away: a 503 that says so, not an old document
         # read-your-writes: a spec just submitted through this agent is in the document
         if not await cache.wait_past(store.written_revision - 1, OWN_WRITE_WAIT_S):
             await cache.read_again()

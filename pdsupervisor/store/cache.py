@@ -123,7 +123,7 @@ class ClusterCache:
         self.page_size = page_size
         self.linger_s = linger_s
         self.revision = 0  # the last store revision applied (0: never read)
-        self.synced = False  # a read completed and its watch has not ended since
+        self._synced = asyncio.Event()  # a read completed and its watch has not ended since
         self.resyncs = 0  # reads after the first (compactions, lost watches)
         self.last_error = ""  # why the last read or watch ended
         self._state = _Decoded(self.keys)
@@ -162,6 +162,23 @@ class ClusterCache:
     def statuses(self) -> dict[str, NodeStatus]:
         return self._state.statuses
 
+    @property
+    def synced(self) -> bool:
+        """A read completed and its watch has not ended since: the cache is current."""
+        return self._synced.is_set()
+
+    async def current(self, timeout: float) -> None:
+        """`ensure()`, then wait up to `timeout` for the cache to be current (a lost watch read
+        again); CacheNotReady, saying why, if it is not: a reader must not decide from a state
+        that stopped following etcd."""
+        await self.ensure()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._synced.wait()
+        except TimeoutError:
+            raise CacheNotReady(f"the cluster cache of {self.store.cluster} is not following etcd: "
+                                f"{self.last_error or 'reading again'}") from None
+
     # ---- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
@@ -190,7 +207,7 @@ class ClusterCache:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.synced = False
+        self._synced.clear()
 
     @property
     def running(self) -> bool:
@@ -210,7 +227,7 @@ class ClusterCache:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
-            self.synced = False
+            self._synced.clear()
             self._loaded.clear()
 
     async def _sync_forever(self) -> None:
@@ -230,7 +247,7 @@ class ClusterCache:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster cache of %s failed; reading again in %.1f s", self.store.cluster, backoff)
             finally:
-                self.synced = False
+                self._synced.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESYNC_BACKOFF_S[1])
 
@@ -274,7 +291,7 @@ class ClusterCache:
             self.resyncs += 1
         self._read_at = revision
         self._changed_at = dict.fromkeys(KINDS, revision)  # anything may have changed meanwhile
-        self.synced = True
+        self._synced.set()
         self.last_error = ""
         self._observed = self._membership = None
         self._advance(revision)

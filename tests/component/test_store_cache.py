@@ -8,10 +8,10 @@ import pytest
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec
 from pdsupervisor.core.observed import SpecRecord
-from pdsupervisor.store.cache import ClusterCache
+from pdsupervisor.store.cache import CacheNotReady, ClusterCache
 from pdsupervisor.store.cluster import observe, observe_membership
 from pdsupervisor.store.etcd import Store
-from tests.conftest import until
+from tests.conftest import running_etcd, until
 
 SPEC = SpecRecord(generation=1, spec={"cluster": "x"})
 
@@ -186,3 +186,24 @@ async def test_an_unused_cache_stops_by_itself(etcd_server, cluster_name):
             await cache.close()
         await asyncio.sleep(0)
         assert not cache.running
+
+
+async def test_a_cache_that_lost_etcd_says_so_and_follows_again_when_it_is_back(tmp_path, cluster_name):
+    with running_etcd(tmp_path) as etcd:
+        async with Store([etcd.endpoint], cluster_name, timeout_s=1) as store:
+            cache = ClusterCache(store)
+            try:
+                await store.put_status(NodeStatus(node="n1", updated_at=1.0))
+                await cache.current(5)
+                etcd.stop()  # the watch breaks; reading again fails while etcd is away
+                await until(lambda: not cache.synced, 10, what="the cache to notice")
+                with pytest.raises(CacheNotReady, match="not following etcd"):
+                    await cache.current(0.5)
+                assert set(cache.observed().statuses) == {"n1"}  # the last state stays readable
+                etcd.start()
+                await cache.current(15)
+                assert cache.resyncs >= 1
+                await store.put_status(NodeStatus(node="n2", updated_at=1.0))
+                await until(lambda: "n2" in cache.statuses, 5, what="a write after etcd came back")
+            finally:
+                await cache.close()
