@@ -199,7 +199,7 @@ class Coordinator:
             # without keys): read everything again, at a revision past it
             log.info("cluster cache behind our own write: reading the cluster again",
                      written=written, cache=cache.revision)
-            await cache.read_again()
+            await cache.read_again(written)
         obs = cache.observed()
         self.changed = (frozenset(cache.changed_at()) if self._previous is None
                         else cache.changed_since(self._previous.revision))

@@ -68,7 +68,7 @@ class ClusterDocuments:
         await cache.current(OWN_WRITE_WAIT_S)  # etcd away: a 503 that says so, not an old document
         # read-your-writes: a spec just submitted through this agent is in the document
         if not await cache.wait_past(store.written_revision - 1, OWN_WRITE_WAIT_S):
-            await cache.read_again()
+            await cache.read_again(store.written_revision)
         doc = self._doc
         stale = doc is None or self._revision != cache.revision or (
             doc.done() and (doc.exception() is not None or time.monotonic() - self._made_at > DOCUMENT_MAX_AGE_S))

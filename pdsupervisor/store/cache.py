@@ -270,12 +270,16 @@ class ClusterCache:
                 task.cancel()
             await asyncio.gather(watching, asked, return_exceptions=True)
 
-    async def read_again(self, timeout: float | None = None) -> None:
-        """Read the whole cluster again now (a reader that must see a revision the watch has not
-        brought, e.g. a write whose revision touched no key of ours) and wait for it."""
-        self._read_again.set()
-        self._loaded.clear()
-        await self.ensure(timeout)
+    async def read_again(self, at_least: int = 0, timeout: float | None = None) -> None:
+        """Read the whole cluster again now and wait for it (a reader that must see revision
+        `at_least`, which the watch has not brought: e.g. a write whose revision touched no key
+        of ours). A read already under way when asked may predate it: then once more."""
+        for _ in range(3):
+            self._read_again.set()
+            self._loaded.clear()
+            await self.ensure(timeout)
+            if self.revision >= at_least:
+                return
 
     # ---- reading and applying ----------------------------------------------------------
 
@@ -307,6 +311,7 @@ class ClusterCache:
             else:
                 self._state.put(event.key, event.value, event.revision)
             self._changed_at[kind] = event.revision
+            self._observed = self._membership = None  # a txn's later events share its revision
         self._advance(event.revision)
 
     def _advance(self, revision: int) -> None:

@@ -207,3 +207,22 @@ async def test_a_cache_that_lost_etcd_says_so_and_follows_again_when_it_is_back(
                 await until(lambda: "n2" in cache.statuses, 5, what="a write after etcd came back")
             finally:
                 await cache.close()
+
+
+async def test_read_again_reads_the_cluster_at_or_past_a_revision(etcd_server, cluster_name):
+    """What a leader does when its own write's revision never comes by the watch (a revoked
+    lease that held no key of ours): read everything again, at or past that revision."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        cache = ClusterCache(store)
+        try:
+            await cache.ensure()
+            async with Store([etcd_server.endpoint], "elsewhere") as other:
+                await other.put(other.keys.spec, b"{}")  # another cluster's write moves the store on
+            await store.revoke_lease(await store.grant_lease(10))  # deletes nothing, yet a revision to wait for
+            target = store.written_revision
+            assert target > cache.revision
+            assert not await cache.wait_past(target - 1, 0.3)  # nothing of ours changed: no event brings it
+            await cache.read_again(target)
+            assert cache.revision >= target and cache.resyncs == 1 and cache.synced
+        finally:
+            await cache.close()
