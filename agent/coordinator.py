@@ -38,11 +38,14 @@ from pdsupervisor.core.observed import Observed, SpecRecord
 from pdsupervisor.core.pacing import MIN_GAP_S, cycle_gap
 from pdsupervisor.core.planner import ENGINE_ROLES
 from pdsupervisor.core.spec import PolicySpec
-from pdsupervisor.store.cluster import observe, read_record
+from pdsupervisor.store.cache import ClusterCache, Kind
+from pdsupervisor.store.cluster import read_record
 from pdsupervisor.store.etcd import EVENTS_KEPT, RequestTooLarge, Store, StoreUnavailable, lease_refresh_interval
 
 log = structlog.get_logger("coordinator")
 ANSWER_TIMEOUT_S = 2.0  # a probe of a node away never holds a cycle longer, whatever the spec's probe says
+CATCH_UP_S = 2.0  # how long a leader waits for its cluster cache to show its own last write
+CACHE_LINGER_S = 120.0  # a cache of our own stops this long after we last led
 NODE_LOSS_GRACE_S: float = PolicySpec.model_fields["node_loss_grace_s"].default
 
 OutcomeKind = Literal[
@@ -102,8 +105,17 @@ def decide(seen: Observed, obs: Observed, now: float, known: KnownEqual | None =
 
 
 class Coordinator:
-    def __init__(self, store: Store, name: str, member_lease: LeaseState, *, events_kept: int = EVENTS_KEPT) -> None:
+    def __init__(self, store: Store, name: str, member_lease: LeaseState, *, events_kept: int = EVENTS_KEPT,
+                 cache: ClusterCache | None = None) -> None:
+        """`cache`: the cluster cache the leader reads (shared with the agent's `GET /cluster`);
+        without one the coordinator keeps its own."""
         self.store = store
+        self.cache = cache or ClusterCache(store, linger_s=CACHE_LINGER_S)
+        self._own_cache = cache is None
+        # HOOK (plan memoization): the kinds of keys that changed between the revisions of the
+        # leader's last two reads; {"status"} alone means no input of the plan changed. Every
+        # kind after a new leader's first read.
+        self.changed: frozenset[Kind] = frozenset()
         self.name = name
         self.member_lease = member_lease  # every agent follows the spec's lease TTL, leader or not
         self.ttl = member_lease.ttl  # of our leader lease
@@ -165,19 +177,60 @@ class Coordinator:
             if self.lease:
                 with contextlib.suppress(StoreUnavailable):
                     await asyncio.shield(self.store.revoke_lease(self.lease))
+            if self._own_cache:
+                await self.cache.close()
 
     async def _watch(self) -> None:
-        """Wake the loop on a change it acts on: any cluster key (events excluded) for the
-        leader; for a follower only the leader key (to take over) and the spec (its TTL)."""
+        """Wake the loop on a change it acts on: the leader key (to take over) and the spec (its
+        TTL) for every agent, from two single-key watches; and for the leader any cluster key
+        but events/, from its cluster cache. A follower does not watch every status write."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_leader_and_spec())
+            tg.create_task(self._watch_cache())
+
+    async def _watch_leader_and_spec(self) -> None:
         keys = self.store.keys
+
+        async def wake_on(key: str, revision: int) -> None:
+            async for _ in self.store.watch_key(key, revision):
+                self._changed.set()
+
         while True:
             try:
                 rev = await self.store.current_revision()
-                async for ev in self.store.watch_prefix(keys.root, rev + 1):
-                    if ev.key in (keys.leader, keys.spec) or (self.is_leader and not ev.key.startswith(keys.events)):
-                        self._changed.set()
-            except StoreUnavailable:
-                await asyncio.sleep(1.0)
+                async with asyncio.TaskGroup() as both:  # one lost: both end, and are opened again
+                    both.create_task(wake_on(keys.leader, rev + 1))
+                    both.create_task(wake_on(keys.spec, rev + 1))
+            except* StoreUnavailable:
+                pass
+            await asyncio.sleep(1.0)
+
+    async def _watch_cache(self) -> None:
+        cache = self.cache
+        while True:
+            if not (self.is_leader and cache.running):
+                await asyncio.sleep(0.2)  # a follower: the first cycle as leader starts the cache
+                continue
+            seen = cache.revision
+            if await cache.wait_past(seen, self.loop_wait) and cache.changed_since(seen):
+                self._changed.set()
+
+    async def _observe(self) -> Observed:
+        """The cluster from the cache, at a revision that holds this agent's own last write
+        (the leader decides from what it wrote, not from before it)."""
+        cache = self.cache
+        await cache.current(CATCH_UP_S)
+        written = self.store.written_revision
+        if not await cache.wait_past(written - 1, CATCH_UP_S):
+            # the watch lags, or the write's revision touched no key of ours (a revoked lease
+            # without keys): read everything again, at a revision past it
+            log.info("cluster cache behind our own write: reading the cluster again",
+                     written=written, cache=cache.revision)
+            await cache.read_again(written)
+        obs = cache.observed()
+        self.changed = (frozenset(cache.changed_at()) if self._previous is None
+                        else cache.changed_since(self._previous.revision))
+        return obs
 
     def _step_down(self) -> None:
         self._answered_at.clear()  # what a leader saw of nodes away: the next one sees afresh
@@ -208,7 +261,7 @@ class Coordinator:
         if held == "taken":
             return Outcome("deposed", "the leader key was taken over while our lease lived: following")
         began = time.perf_counter()
-        obs = await observe(self.store)
+        obs = await self._observe()
         self.busy_s = time.perf_counter() - began
         if await self._follow_spec_ttl(obs.record):
             return Outcome("stepped-down", f"released the leader key to take it again under the spec's lease TTL "

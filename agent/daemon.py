@@ -25,9 +25,9 @@ import structlog
 from aiohttp import web
 
 from agent.admission import Admission
-from agent.api.cluster import cluster_routes
+from agent.api.cluster import ClusterDocuments, cache_context, cluster_routes
 from agent.config import AgentConfig
-from agent.coordinator import Coordinator
+from agent.coordinator import CACHE_LINGER_S, Coordinator
 from agent.etcd_security import check_etcd_security, etcd_access, etcd_store, server_tls
 from agent.lease import LeaseState
 from agent.metrics import AgentMetrics
@@ -43,6 +43,7 @@ from pdsupervisor.core.etcd_access import TLS_FINGERPRINT_ENV
 from pdsupervisor.core.etcd_command import cluster_token, etcd_argv
 from pdsupervisor.core.models import NodeFacts, Probe, ProcessSpec, ProcessState, RestartPolicy
 from pdsupervisor.host import probes
+from pdsupervisor.store.cache import ClusterCache
 from pdsupervisor.store.embedded import etcd_binary
 from pdsupervisor.store.transport import files_fingerprint
 
@@ -89,9 +90,13 @@ class Agent:
             admission=self.admission, heartbeat_s=config.status_heartbeat_s, resync_s=config.assignment_resync_s,
         )
         self.registration = Registration(self.store, self.facts, self.lease)
+        # one watch-fed cache of the cluster, for the coordinator while it leads and for
+        # `GET /cluster`; it runs only while used (an idle follower watches no status write)
+        self.cache = ClusterCache(self.store, linger_s=CACHE_LINGER_S)
         # every agent runs the coordinator loop (it acts only as leader) and serves the cluster API
-        self.coordinator = Coordinator(self.store, self.name, self.lease)
-        self.routes = cluster_routes(self.store)
+        self.coordinator = Coordinator(self.store, self.name, self.lease, cache=self.cache)
+        self.documents = ClusterDocuments(self.cache)
+        self.routes = cluster_routes(self.store, self.documents)
         self.bootstrap: ManagedProcess | None = None
         self.runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -234,6 +239,7 @@ class Agent:
             log.warning("etcd without TLS: anyone on the network can read and write it, and so run code "
                         "as root on every node", problem=warning)
         app = build_app(self, self.routes)
+        app.cleanup_ctx.append(cache_context(self.cache))
         # a request still running 3 s into shutdown is cancelled (aiohttp would wait 60 s)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)
         await self.runner.setup()

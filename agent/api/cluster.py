@@ -1,15 +1,18 @@
 """Cluster REST routes served by every agent. Thin: writes are desired state, reads come from etcd.
 
-`cluster_routes(store)` gives the route list the agent mounts beside its own; the app's
-`agent.api.auth.guard` checks every mutating request (credential, Origin, body type) first.
+`cluster_routes(store, documents)` gives the route list the agent mounts beside its own; the
+app's `agent.api.auth.guard` checks every mutating request (credential, Origin, body type)
+first. `GET /cluster` is served from the agent's cluster cache (`ClusterDocuments`): no read
+of the whole cluster per request, and one document per cache revision however many ask.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -18,9 +21,19 @@ from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import change_impact, cluster_document
-from pdsupervisor.core.documents import ErrorBody, Event, EventsDocument, FieldProblem, SubmitAnswer, nodes_document
+from pdsupervisor.core.documents import (
+    ClusterDocument,
+    ErrorBody,
+    Event,
+    EventsDocument,
+    FieldProblem,
+    SubmitAnswer,
+    nodes_document,
+)
 from pdsupervisor.core.etcd_members import ReplaceRequest
+from pdsupervisor.core.observed import Observed
 from pdsupervisor.core.spec import SpecError, load_spec
+from pdsupervisor.store.cache import ClusterCache
 from pdsupervisor.store.cluster import SubmitResult, observe, observe_nodes, request_stop, submit_spec
 from pdsupervisor.store.etcd import Store, StoreUnavailable
 from pdsupervisor.store.etcd_health import ReplaceRefused, etcd_health, replace_member
@@ -28,6 +41,64 @@ from pdsupervisor.store.etcd_health import ReplaceRefused, etcd_health, replace_
 Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
 __all__ = ["cluster_routes", "openapi_document"]
 MAX_EVENTS = 1000  # per GET /events
+OWN_WRITE_WAIT_S = 2.0  # GET /cluster waits this long for the cache to show this agent's last write
+DOCUMENT_MAX_AGE_S = 5.0  # a quiet cluster's document, once made, is made again after this (its timeouts move)
+
+
+class ClusterDocuments:
+    """`GET /cluster`'s document, made from the agent's cluster cache at most once per cache
+    revision (and per DOCUMENT_MAX_AGE_S: problems such as timeouts depend on the clock):
+    concurrent requests share one computation, made in a thread so the agent's loop (its lease
+    refreshes) is not held by a large cluster's plan."""
+
+    def __init__(self, cache: ClusterCache) -> None:
+        self.cache = cache
+        self.computed = 0  # documents made (for tests and the scale benchmark)
+        self._revision = -1
+        self._made_at = 0.0
+        self._doc: asyncio.Future[tuple[ClusterDocument, bytes]] | None = None
+
+    async def get(self) -> ClusterDocument:
+        return (await self._made())[0]
+
+    async def body(self) -> bytes:
+        """The document as the JSON `GET /cluster` answers (also made once per revision)."""
+        return (await self._made())[1]
+
+    async def _made(self) -> tuple[ClusterDocument, bytes]:
+        cache, store = self.cache, self.cache.store
+        await cache.current(OWN_WRITE_WAIT_S)  # etcd away: a 503 that says so, not an old document
+        # read-your-writes: a spec just submitted through this agent is in the document
+        if not await cache.wait_past(store.written_revision - 1, OWN_WRITE_WAIT_S):
+            await cache.read_again(store.written_revision)
+        doc = self._doc
+        stale = doc is None or self._revision != cache.revision or (
+            doc.done() and (doc.exception() is not None or time.monotonic() - self._made_at > DOCUMENT_MAX_AGE_S))
+        if stale:
+            self._revision = cache.revision
+            self.computed += 1
+            doc = self._doc = asyncio.ensure_future(asyncio.to_thread(_make, cache.observed(), time.time()))
+            doc.add_done_callback(self._ready_at_now)
+        assert doc is not None
+        return await asyncio.shield(doc)  # one request going away does not cancel the others'
+
+    def _ready_at_now(self, _doc: asyncio.Future[tuple[ClusterDocument, bytes]]) -> None:
+        self._made_at = time.monotonic()  # its age counts from when it was ready, however long it took
+
+
+def _make(obs: Observed, now: float) -> tuple[ClusterDocument, bytes]:
+    doc = cluster_document(obs, now)
+    return doc, doc.model_dump_json().encode()
+
+
+def cache_context(cache: ClusterCache) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An aiohttp cleanup context that closes `cache` when the app stops (it starts on first use)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await cache.close()
+
+    return ctx
 
 
 def document(doc: BaseModel, status: int = 200) -> web.Response:
@@ -90,9 +161,12 @@ async def stop_cluster(request: web.Request, store: Store) -> web.Response:
     return _submit_response(result)
 
 
-async def get_cluster(request: web.Request, store: Store) -> web.Response:
-    # one snapshot, the leader key in it: the document is the cluster as it was at one revision
-    return document(cluster_document(await observe(store), time.time()))
+def get_cluster(documents: ClusterDocuments) -> Handler:
+    async def handler(request: web.Request, store: Store) -> web.Response:
+        # the cache's view at one revision, the leader key in it: the cluster as it was then
+        return web.Response(body=await documents.body(), content_type="application/json")
+
+    return handler
 
 
 async def get_nodes(request: web.Request, store: Store) -> web.Response:
@@ -129,11 +203,14 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=openapi_yaml(), content_type="application/yaml")
 
 
-def cluster_routes(store: Store) -> list[web.RouteDef]:
+def cluster_routes(store: Store, documents: ClusterDocuments | None = None) -> list[web.RouteDef]:
+    """The routes; `documents` from the agent's shared cache (else a cache of their own, started
+    on the first `GET /cluster`, stopped after a minute unasked)."""
+    documents = documents or ClusterDocuments(ClusterCache(store, linger_s=60.0))
     return [
         web.post("/cluster/start", _bind(store, start_cluster)),
         web.post("/cluster/stop", _bind(store, stop_cluster)),
-        web.get("/cluster", _bind(store, get_cluster)),
+        web.get("/cluster", _bind(store, get_cluster(documents))),
         web.get("/nodes", _bind(store, get_nodes)),
         web.get("/events", _bind(store, get_events)),
         web.get("/etcd", _bind(store, get_etcd)),

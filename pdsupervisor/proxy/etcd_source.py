@@ -5,9 +5,11 @@ probes and its requests' outcomes, `server` and `exchange`): serving never waits
 control plane. So an engine stays in rotation while its node's agent is away (killed,
 restarting, its lease lapsed in an etcd outage) and leaves it when its current agent says it is
 not ready or no longer runs it, or when the coordinator plans it away (see `engines_from`).
-Members, statuses and assignments are read in one snapshot, then the cluster prefix is watched
-from the revision after it and re-read (debounced) on any relevant change. When etcd is away
-the last known routing stays in force and the source keeps reconnecting.
+Members, statuses and assignments come from a watch-fed `ClusterCache` (read once in pages,
+then kept current by the watch's events, read again when the watch is lost): the routing is
+worked out again (debounced) once per cache revision that changed one of them, without
+reading the cluster again. When etcd is away the last known routing stays in force and the
+cache keeps reconnecting.
 
 In the proxy the source is app state (`MEMBERSHIP`) run by the `membership` cleanup context.
 """
@@ -18,23 +20,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
 from pdsupervisor.aio.serve import is_wildcard, stop_tasks
-from pdsupervisor.aio.wait import wait_event
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessState
 from pdsupervisor.host.files import atomic_write
 from pdsupervisor.proxy.instances import ROLES, Registry, Source
-from pdsupervisor.store.cluster import observe_membership
-from pdsupervisor.store.etcd import Store, StoreUnavailable, WatchLost
+from pdsupervisor.store.cache import ClusterCache, Kind
+from pdsupervisor.store.etcd import Store, StoreUnavailable
 
 log = logging.getLogger("pdsupervisor.proxy.etcd")
 
 DEBOUNCE_S = 0.05
-RESYNC_S = 30.0  # re-read even without events: a watch can miss or lose them
+REFRESH_SHARE = 0.1  # of the proxy's time, at most, spent working out the routing under a stream of changes
+ROUTING_INPUTS: frozenset[Kind] = frozenset({"members", "status", "assignments"})
 
 
 Routing = dict[str, dict[str, Source]]  # role -> endpoint -> why it is routed, in node order
@@ -95,7 +98,9 @@ class EtcdSource:
         self.store = store
         self.registry = registry
         self.cache = cache
-        self._relevant = (store.keys.members, store.keys.status, store.keys.assignments)
+        self.cluster = ClusterCache(store)  # runs as long as the source
+        self.refreshes = 0  # routings worked out (one per relevant cache revision)
+        self.seen_revision = 0  # the cache revision the routing was last checked against
         self._cached: dict[str, list[str]] | None = None
 
     def load_cache(self) -> None:
@@ -123,24 +128,28 @@ class EtcdSource:
 
     async def run(self) -> None:
         backoff = 0.5
-        while True:
-            try:
-                await self.store.connect()
-                revision = await self.refresh()
-                backoff = 0.5
-                await self._watch(revision)
-            except StoreUnavailable as exc:
-                log.warning("etcd unavailable (%r); keeping the current routing, retrying in %.1fs", exc, backoff)
-            except Exception:  # a bad record must not stop membership updates for good
-                log.exception("membership watch failed; retrying in %.1fs", backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        try:
+            while True:
+                try:
+                    await self.store.connect()
+                    await self.cluster.ensure()
+                    backoff = 0.5
+                    await self._follow()
+                except StoreUnavailable as exc:
+                    log.warning("etcd unavailable (%r); keeping the current routing, retrying in %.1fs", exc, backoff)
+                except Exception:  # a bug must not stop membership updates for good
+                    log.exception("membership source failed; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        finally:
+            await self.cluster.close()
 
-    async def refresh(self) -> int:
-        """Read members, statuses and assignments in one snapshot; apply them; return its
-        revision (the watch from the next one misses nothing written after the read)."""
-        seen = await observe_membership(self.store)
+    def refresh(self) -> int:
+        """Apply the routing of the cache's members, statuses and assignments; their revision.
+        No I/O: the cache is kept current by its watch."""
+        seen = self.cluster.membership()
         routing = engines_from(seen.statuses, seen.members, seen.assignments)
+        self.refreshes += 1
         for role in ROLES:
             before = [(i.endpoint, i.source) for i in self.registry.instances(role)]
             if before != list(routing[role].items()):
@@ -149,34 +158,23 @@ class EtcdSource:
         self._save_cache({role: list(routing[role]) for role in ROLES})
         return seen.revision
 
-    async def _watch(self, revision: int) -> None:
-        """Watch, refresh on relevant events (debounced) and every RESYNC_S regardless."""
-        dirty = asyncio.Event()
-
-        async def watcher() -> None:
-            async for ev in self.store.watch_prefix(self.store.keys.root, revision + 1):
-                if ev.key.startswith(self._relevant):
-                    dirty.set()
-            raise WatchLost("membership watch ended")
-
-        async def refresher() -> None:
-            while True:
-                await wait_event(dirty, RESYNC_S)
-                await asyncio.sleep(DEBOUNCE_S)
-                dirty.clear()
-                await self.refresh()
-
-        tasks = [asyncio.ensure_future(watcher()), asyncio.ensure_future(refresher())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # whichever failed: back to run(), which re-reads and re-watches
-        finally:
-            for task in tasks:
-                task.cancel()
-            # wait for both to end; their errors stay here (the one that matters is raised
-            # above), while a cancellation of this task still interrupts the wait
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def _follow(self) -> None:
+        """Refresh now, then after each cache revision that changed members, statuses or
+        assignments (debounced: a burst of status writes is one refresh)."""
+        took = 0.0
+        seen = self.seen_revision = self.refresh()
+        while True:
+            await self.cluster.wait_past(seen, 60.0)
+            # coalesce: a refresh costs O(engines) (~30 ms for 8,192 on a busy core), so under
+            # constant status writes it runs at most REFRESH_SHARE of the time
+            await asyncio.sleep(max(DEBOUNCE_S, took * (1 / REFRESH_SHARE - 1)))
+            if self.cluster.changed_since(seen) & ROUTING_INPUTS:
+                started = time.perf_counter()
+                seen = self.refresh()
+                took = time.perf_counter() - started
+            else:
+                seen = self.cluster.revision
+            self.seen_revision = seen
 
 
 MEMBERSHIP = web.AppKey("membership", EtcdSource)

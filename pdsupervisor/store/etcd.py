@@ -60,6 +60,7 @@ DEFAULT_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
 WATCH_IDLE_S = 30.0
 EVENTS_KEPT = 500
+PAGE_KEYS = 64  # keys per page of a paged read: 64 assignments of 8 engines stay far under the gateway's 2 MiB
 
 
 def lease_refresh_interval(ttl: float) -> float:
@@ -123,6 +124,10 @@ class Store:
         self._session: aiohttp.ClientSession | None = None
         self._current = 0  # index of the endpoint that answered last
         self.on_request = on_request
+        # the store revision of this client's last write that changed something (or may have:
+        # a lease revoked): a reader fed by a watch (`ClusterCache`) has seen our own writes
+        # once it reached it
+        self.written_revision = 0
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -257,6 +262,34 @@ class Store:
         out = await self._call("/v3/kv/range", prefix_range(prefix))
         return [decode_kv(kv) for kv in out.get("kvs") or []], header_revision(out)
 
+    async def range_paged(self, key: str, range_end: bytes, *, revision: int = 0,
+                          page_size: int = PAGE_KEYS) -> tuple[list[KeyValue], int]:
+        """Every key in [key, range_end) in pages of `page_size` keys, all read at one store
+        revision (`revision`, or the first page's): no answer grows past the gateway's 2 MiB
+        cap however many keys there are. That revision is returned (watch from the next one).
+
+        A revision compacted away between pages is an EtcdError: the caller reads again.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        start, kvs = key.encode(), []
+        while True:
+            body = {"key": b64(start), "range_end": b64(range_end), "limit": page_size}
+            if revision:
+                body["revision"] = revision
+            out = await self._call("/v3/kv/range", body)
+            revision = revision or header_revision(out)
+            page = [decode_kv(kv) for kv in out.get("kvs") or []]
+            kvs += page
+            if not out.get("more") or not page:
+                return kvs, revision
+            start = page[-1].key.encode() + b"\0"
+
+    async def get_prefix_paged(self, prefix: str, *, revision: int = 0,
+                               page_size: int = PAGE_KEYS) -> tuple[list[KeyValue], int]:
+        """`get_prefix` in pages (see `range_paged`)."""
+        return await self.range_paged(prefix, prefix_end(prefix), revision=revision, page_size=page_size)
+
     async def snapshot(self, *, keys: Sequence[str] = (),
                        prefixes: Sequence[str] = ()) -> tuple[dict[str, list[KeyValue]], int]:
         """Keys and prefixes read in one transaction, so all at one store revision (Patroni
@@ -279,10 +312,17 @@ class Store:
         return read, header_revision(out)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return header_revision(await self._call("/v3/kv/put", put_request(key, value, lease)))
+        revision = header_revision(await self._call("/v3/kv/put", put_request(key, value, lease)))
+        self._wrote(revision)
+        return revision
 
     async def delete(self, key: str) -> None:
-        await self._call("/v3/kv/deleterange", {"key": b64(key)})
+        out = await self._call("/v3/kv/deleterange", {"key": b64(key)})
+        if int(out.get("deleted", 0)) > 0:
+            self._wrote(header_revision(out))
+
+    def _wrote(self, revision: int) -> None:
+        self.written_revision = max(self.written_revision, revision)
 
     def watch_key(self, key: str, start_revision: int, *, idle_s: float = WATCH_IDLE_S) -> AsyncGenerator[WatchEvent, None]:
         """Events of exactly `key` from `start_revision` on (see `watch_prefix`)."""
@@ -397,12 +437,19 @@ class Store:
         return max(0, int(out.get("grantedTTL", 0))) if int(out.get("TTL", 0)) > 0 else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke; the keys under the lease are deleted (counted as our write: see `written_revision`)."""
         with contextlib.suppress(StoreUnavailable):
-            await self._call("/v3/lease/revoke", {"ID": lease_id})
+            self._wrote(header_revision(await self._call("/v3/lease/revoke", {"ID": lease_id})))
 
     async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                    failure: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-        return await self._call("/v3/kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
+        out = await self._call("/v3/kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
+        # a txn that put or deleted something moved the store to its header revision
+        if out.get("succeeded") and any(
+                "request_put" in op or int((r.get("response_delete_range") or {}).get("deleted", 0)) > 0
+                for op, r in zip(success, out.get("responses") or [], strict=False)):
+            self._wrote(header_revision(out))
+        return out
 
     # ---- typed cluster records ------------------------------------------------------
 

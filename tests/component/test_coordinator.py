@@ -340,6 +340,7 @@ async def test_a_failed_cycle_does_not_wedge_leadership(etcd_server, cluster):
         coord = cluster.coordinator("a", store=impatient)
         await coord.cycle()
         assert coord.is_leader and await cluster.store.leader() == "a"
+        coord._last_refresh -= coord.loop_wait  # its lease refresh is due: this cycle calls etcd
         etcd_server.pause()
         try:
             outcome = await coord.cycle()  # an etcd call times out

@@ -11,12 +11,12 @@ import aiohttp
 from aiohttp import web
 
 from pdsupervisor.aio import serve
-from pdsupervisor.aio.wait import cancel_and_wait, wait_event
+from pdsupervisor.aio.wait import cancel_and_wait
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.local.ports import free_port
 from pdsupervisor.proxy.etcd_source import MEMBERSHIP, EtcdSource, membership
 from pdsupervisor.proxy.instances import Registry
-from pdsupervisor.store.etcd import Keys, Store, WatchEvent
+from pdsupervisor.store.etcd import Keys, Store
 from tests.conftest import until
 from tests.pdproc import http, metric, wait_for
 
@@ -244,62 +244,32 @@ def test_routing_cache_serves_while_etcd_is_away(procs, etcd_server, cluster_nam
     assert http("POST", base + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
-class _SlowStopStore:
-    """A store whose second read hangs, and whose reader then takes a while to stop when cancelled."""
-
-    def __init__(self) -> None:
-        self.keys = Keys("slow-stop")
-        self.connects = 0
-        self.reads = 0
-        self.in_read = asyncio.Event()
-        self.lose_watch = asyncio.Event()
-        self.reconnected = asyncio.Event()
-        self.reader_stopped = False
-        self.reader_stopped_before_reconnect: bool | None = None
-
-    async def connect(self) -> None:
-        self.connects += 1
-        if self.connects == 2:
-            self.reader_stopped_before_reconnect = self.reader_stopped
-            self.reconnected.set()
-
-    async def snapshot(self, *, keys=(), prefixes=()) -> tuple[dict, int]:
-        self.reads += 1
-        if self.reads != 2:
-            return {name: [] for name in (*keys, *prefixes)}, 1
-        self.in_read.set()
+async def test_the_routing_is_worked_out_once_per_change_of_members_statuses_or_assignments(
+        etcd_server, cluster_name):
+    """From the cache: no read of the cluster per change, and the spec, the leader key or an
+    event (no input of the routing) cause no refresh at all."""
+    lease = await _register(etcd_server.endpoint, cluster_name, "n1", "prefill", "127.0.0.1:9001")
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        source = EtcdSource(Store([etcd_server.endpoint], cluster_name), Registry())
+        task = asyncio.ensure_future(source.run())
         try:
-            await asyncio.Event().wait()
-        finally:  # cancelled: stops a little later (or at once when the source already moved on)
-            await wait_event(self.reconnected, 1.0)
-            self.reader_stopped = True
-        return {}, 1
-
-    async def watch_prefix(self, prefix: str, start_revision: int):
-        if self.connects == 1:
-            yield WatchEvent(key=self.keys.members + "n", value=b"{}", revision=start_revision)
-            await self.lose_watch.wait()
-        else:
-            await asyncio.Event().wait()
-
-
-def test_a_lost_watch_waits_for_the_refresh_under_way_before_reading_again():
-    """The refresher cancelled with a lost watch has ended before the source reconnects:
-    two refreshes never run at once."""
-
-    async def go() -> None:
-        store = _SlowStopStore()
-        task = asyncio.ensure_future(EtcdSource(store, Registry()).run())  # type: ignore[arg-type]  # a fake store
-        try:
-            await until(store.in_read.is_set, 5, what="a refresh under way")
-            store.lose_watch.set()
-            await until(lambda: store.connects >= 2, 10, what="the source to reconnect")
-            assert store.reader_stopped_before_reconnect is True
-        finally:  # checked after: a failure above stays the one reported
-            stuck = await cancel_and_wait([task], 5)
-        assert stuck == []
-
-    asyncio.run(go())
+            await until(lambda: source.registry.instances("prefill"), 10, what="n1's engine routed")
+            refreshes = source.refreshes
+            await store.put(store.keys.spec, b'{"generation": 1, "spec": {}}')
+            await store.put(store.keys.leader, b"someone")
+            await store.append_event("x", "news")
+            last = await store.current_revision()
+            await until(lambda: source.seen_revision >= last, 10, what="the source to see those writes")
+            assert source.refreshes == refreshes
+            ranges = []
+            source.store.on_request = lambda path, _s, _ok: ranges.append(path)
+            await _report(store, "n1", lease, "prefill", "127.0.0.1:9001", ProcessState.starting)
+            await until(lambda: not source.registry.instances("prefill"), 10, what="n1's engine out")
+            assert source.refreshes == refreshes + 1 and ranges == []  # no read: the watch brought it
+        finally:
+            assert await cancel_and_wait([task], 5) == []
+            await source.store.close()
+        assert not source.cluster.running
 
 
 def test_sigterm_stops_a_proxy_whose_etcd_does_not_answer(procs, black_hole):
