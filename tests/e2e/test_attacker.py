@@ -433,8 +433,9 @@ def _crlf_probe(doc: dict[str, Any]) -> str:
 
 
 def _too_big(doc: dict[str, Any]) -> str:
-    doc["decode"]["slots"] = doc["decode"]["tp"] * 256  # 512 engines: their assignments would not fit in etcd
-    doc["decode"]["argv"] = [*doc["decode"]["argv"], *["--pad", "p" * 400] * 4]
+    # 256 engines on one node, each with 8 KB of argv: that node's assignment would not fit in etcd
+    doc["decode"]["slots"] = doc["decode"]["tp"] * 256
+    doc["decode"]["argv"] = [*doc["decode"]["argv"], *["--pad", "p" * 2000] * 4]
     return "decode"
 
 
