@@ -37,6 +37,15 @@ def test_unsafe_replacements_are_refused(down, name, url, words):
     assert words in replacement_problem(member_document(members), name, url)
 
 
+def test_a_new_name_of_another_member_is_refused():
+    """The answer's member list (what the new member's agent starts with) would hold it twice."""
+    doc = member_document([_member("node1", leader=True), _member("node2"), _member("node3", up=False)])
+    assert "node2 is already the name of another etcd member" in replacement_problem(
+        doc, "node3", "http://127.0.0.4:2380", "node2")
+    assert replacement_problem(doc, "node3", "http://127.0.0.4:2380", "node3") is None
+    assert replacement_problem(doc, "node3", "http://127.0.0.4:2380", "node4") is None
+
+
 def test_a_dead_member_of_three_can_be_replaced_but_two_of_five_down_needs_care():
     three = member_document([_member("node1", leader=True), _member("node2"), _member("node3", up=False)])
     assert replacement_problem(three, "node3", "http://127.0.0.4:2380") is None
