@@ -105,4 +105,15 @@ def replacement_problem(doc: EtcdDocument, name: str, new_peer_url: str, new_nam
         return f"{new_peer_url} is already the peer URL of member {taken[0]}"
     if new_name is not None and new_name != name and any(m.name == new_name for m in doc.members):
         return f"{new_name} is already the name of another etcd member: give a new_name no member has"
+    shapes = {_scheme_port(u) for m in doc.members if m.name != name for u in m.peer_urls}
+    if len(shapes) == 1 and _scheme_port(new_peer_url) not in shapes:
+        scheme, port = next(iter(shapes))
+        return (f"{new_peer_url}: every other member's peer URL is {scheme}://<host>:{port}, and the new member's "
+                f"agent runs it the same way (bootstrap_etcd.peer_port, the members' TLS): give "
+                f"{scheme}://<its address>:{port}")
     return None
+
+
+def _scheme_port(url: str) -> tuple[str, str]:
+    scheme, _, rest = url.partition("://")
+    return scheme.lower(), rest.rstrip("/").rpartition(":")[2]

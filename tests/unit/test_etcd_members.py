@@ -31,6 +31,8 @@ def test_no_leader_is_said_loudly():
     ({"node3"}, "node2", "http://127.0.0.4:2380", "member node2 is up"),
     ({"node3"}, "node3", "http://127.0.0.2:2380", "already the peer URL of member node2"),
     ({"node2", "node3"}, "node3", "http://127.0.0.4:2380", "etcd has no quorum (1 of 3"),
+    ({"node3"}, "node3", "http://127.0.0.4:2381", "give http://<its address>:2380"),  # the members' peer port
+    ({"node3"}, "node3", "https://127.0.0.4:2380", "every other member's peer URL is http://<host>:2380"),
 ])
 def test_unsafe_replacements_are_refused(down, name, url, words):
     members = [_member(f"node{i}", up=f"node{i}" not in down, leader=i == 1) for i in (1, 2, 3)]
