@@ -413,7 +413,7 @@ class Store:
         except _TRANSPORT_ERRORS as exc:
             if refusal := tls_refusal(exc):
                 raise TlsRefused(f"etcd at {url}: {refusal}") from exc
-            raise StoreUnavailable(f"etcd at {url}: {exc or type(exc).__name__}") from exc
+            raise StoreUnavailable(f"etcd at {url}: {str(exc) or type(exc).__name__}") from exc
         if resp.status != 200:
             raise EtcdError(error_text(body, resp.status))
         try:
