@@ -105,14 +105,15 @@ def choose_master_nodes(spec: ClusterSpec, registered: Collection[str], first: s
     """The masters' nodes, distinct: `master_nodes` in order, else `first` then the engine nodes
     then the other members by name, skipping unregistered ones. (nodes, problems)."""
     mc = spec.mooncake
-    if mc.replicas == 1 and not mc.master_nodes:
+    replicas = mc.replicas if mc.enabled else 1  # Mooncake off: no master runs, however many the spec keeps
+    if replicas == 1 and not mc.master_nodes:
         ok = first in registered
         return [first], [] if ok else [("mooncake.master_node", f"node {first} is not registered")]
     pool = mc.master_nodes or [first, *engine_nodes, *sorted(registered)]
-    chosen = [n for n in dict.fromkeys(pool) if n in registered][:mc.replicas]
-    if len(chosen) < mc.replicas:
+    chosen = [n for n in dict.fromkeys(pool) if n in registered][:replicas]
+    if len(chosen) < replicas:
         among = " among mooncake.master_nodes" if mc.master_nodes else ""
-        return chosen, [("mooncake.replicas", f"{mc.replicas} masters need {mc.replicas} distinct registered "
+        return chosen, [("mooncake.replicas", f"{replicas} masters need {replicas} distinct registered "
                                               f"nodes{among}; found {len(chosen)}: {', '.join(chosen) or 'none'}")]
     return chosen, []
 

@@ -120,6 +120,15 @@ def test_the_ha_etcd_host_names_compare_without_case():
     assert "mooncake.ha_etcd" in {f for f, _ in submit_problems(validate_spec(doc))}
 
 
+def test_mooncake_disabled_needs_no_nodes_for_its_replicas():
+    """`enabled: false` with the HA settings kept: no master runs, so the count asks for no node."""
+    nodes = seed_nodes()
+    doc = ha_doc(enabled=False)
+    doc["mooncake"]["replicas"] = len(nodes) + 1
+    plan = plan_cluster(validate_spec(doc), nodes)
+    assert plan.masters() == [] and len(plan.master_nodes) <= 1
+
+
 def test_a_loopback_ha_etcd_on_another_port_is_its_own():
     plan_cluster(validate_spec(ha_doc(ha_etcd=["127.0.0.1:2479"])), seed_nodes())
 
