@@ -86,11 +86,12 @@ def member_document(members: list[EtcdMember]) -> EtcdDocument:
                         quorum=quorum(len(members)))
 
 
-def replacement_problem(doc: EtcdDocument, name: str, new_peer_url: str) -> str | None:
-    """Why member `name` must not be replaced by a new member at `new_peer_url` now; None when
-    it is safe: `name` is a member and down, and a quorum is up with a leader. The members up
-    then keep a quorum once it is removed (fewer members) and once the new, not yet started,
-    member is added (as many as now)."""
+def replacement_problem(doc: EtcdDocument, name: str, new_peer_url: str, new_name: str | None = None) -> str | None:
+    """Why member `name` must not be replaced by a new member `new_name` (default `name`) at
+    `new_peer_url` now; None when it is safe: `name` is a member and down, and a quorum is up
+    with a leader. The members up then keep a quorum once it is removed (fewer members) and
+    once the new, not yet started, member is added (as many as now). The new name must be no
+    other member's: the member list handed to its agent would hold one name twice."""
     found = [m for m in doc.members if m.name == name]
     if not found:
         return f"no etcd member is named {name!r} (members: {', '.join(m.name or m.id for m in doc.members)})"
@@ -102,4 +103,17 @@ def replacement_problem(doc: EtcdDocument, name: str, new_peer_url: str) -> str 
     taken = [m.name or m.id for m in doc.members if m.name != name and new_peer_url in m.peer_urls]
     if taken:
         return f"{new_peer_url} is already the peer URL of member {taken[0]}"
+    if new_name is not None and new_name != name and any(m.name == new_name for m in doc.members):
+        return f"{new_name} is already the name of another etcd member: give a new_name no member has"
+    shapes = {_scheme_port(u) for m in doc.members if m.name != name for u in m.peer_urls}
+    if len(shapes) == 1 and _scheme_port(new_peer_url) not in shapes:
+        scheme, port = next(iter(shapes))
+        return (f"{new_peer_url}: every other member's peer URL is {scheme}://<host>:{port}, and the new member's "
+                f"agent runs it the same way (bootstrap_etcd.peer_port, the members' TLS): give "
+                f"{scheme}://<its address>:{port}")
     return None
+
+
+def _scheme_port(url: str) -> tuple[str, str]:
+    scheme, _, rest = url.partition("://")
+    return scheme.lower(), rest.rstrip("/").rpartition(":")[2]

@@ -41,13 +41,31 @@ def metadata_server(spec: ClusterSpec, master_ip: str) -> str:
     return mc.metadata
 
 
+LOCAL_HOSTS = ("localhost", "0.0.0.0", "::1")  # and 127.0.0.0/8
+
+
+def _host_port(endpoint: str) -> tuple[str, str]:
+    host, _, port = endpoint.strip().split("://", 1)[-1].lower().rpartition(":")
+    return host, port
+
+
+def control_plane_named(endpoints: Collection[str], etcd_endpoints: Sequence[str]) -> list[str]:
+    """Those of `endpoints` (host:port) that reach the control-plane etcd: one of its endpoints
+    (host names compared without case), or this node's own address at one of its ports (an
+    agent's member listens on 127.0.0.1 too; a master or engine on that node would reach it)."""
+    control = {_host_port(e) for e in etcd_endpoints}
+    ports = {port for _, port in control}
+    return sorted({e for e in endpoints if (hp := _host_port(e)) in control
+                   or (hp[1] in ports and (hp[0] in LOCAL_HOSTS or hp[0].startswith("127.")))})
+
+
 def metadata_problems(spec: ClusterSpec, etcd_endpoints: Sequence[str]) -> list[tuple[str, str]]:
     """An explicit metadata URL must not name the control-plane etcd (engines would write it)."""
     md = spec.mooncake.metadata
     if "://" not in md:
         return []
     hosts = {h.strip() for h in md.split("://", 1)[1].split("/", 1)[0].split(",")}
-    shared = sorted(hosts & {e.split("://", 1)[-1] for e in etcd_endpoints})
+    shared = control_plane_named(hosts, etcd_endpoints)
     if shared:
         return [("mooncake.metadata", f"{', '.join(shared)} is the control-plane etcd: engines must not reach "
                                       "it; use p2p, master-http or a store of Mooncake's own")]
@@ -75,7 +93,7 @@ def engine_env(spec: ClusterSpec) -> dict[str, str]:
 
 def ha_etcd_problems(spec: ClusterSpec, etcd_endpoints: Sequence[str]) -> list[tuple[str, str]]:
     """Mooncake's election etcd must not be the control-plane etcd (its client has no TLS nor auth)."""
-    shared = sorted(set(spec.mooncake.ha_etcd) & {e.split("://", 1)[-1] for e in etcd_endpoints})
+    shared = control_plane_named(spec.mooncake.ha_etcd, etcd_endpoints)
     if shared and is_ha(spec):
         return [("mooncake.ha_etcd", f"{', '.join(shared)} is the control-plane etcd: Mooncake's client has "
                                      "neither TLS nor auth; give an etcd that holds nothing an agent acts on")]
@@ -87,14 +105,15 @@ def choose_master_nodes(spec: ClusterSpec, registered: Collection[str], first: s
     """The masters' nodes, distinct: `master_nodes` in order, else `first` then the engine nodes
     then the other members by name, skipping unregistered ones. (nodes, problems)."""
     mc = spec.mooncake
-    if mc.replicas == 1 and not mc.master_nodes:
+    replicas = mc.replicas if mc.enabled else 1  # Mooncake off: no master runs, however many the spec keeps
+    if replicas == 1 and not mc.master_nodes:
         ok = first in registered
         return [first], [] if ok else [("mooncake.master_node", f"node {first} is not registered")]
     pool = mc.master_nodes or [first, *engine_nodes, *sorted(registered)]
-    chosen = [n for n in dict.fromkeys(pool) if n in registered][:mc.replicas]
-    if len(chosen) < mc.replicas:
+    chosen = [n for n in dict.fromkeys(pool) if n in registered][:replicas]
+    if len(chosen) < replicas:
         among = " among mooncake.master_nodes" if mc.master_nodes else ""
-        return chosen, [("mooncake.replicas", f"{mc.replicas} masters need {mc.replicas} distinct registered "
+        return chosen, [("mooncake.replicas", f"{replicas} masters need {replicas} distinct registered "
                                               f"nodes{among}; found {len(chosen)}: {', '.join(chosen) or 'none'}")]
     return chosen, []
 

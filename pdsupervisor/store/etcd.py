@@ -60,6 +60,11 @@ DEFAULT_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 1.0  # a live etcd's kernel answers a SYN in well under this
 WATCH_IDLE_S = 30.0
 EVENTS_KEPT = 500
+# clientv3's `WithRequireLeader` through the gateway (gRPC metadata `hasleader: true`): etcd
+# ends such a watch once its member has had no leader for ~3 election timeouts, and refuses to
+# open one there. Without it a watch on a member cut off from the quorum stays open and silent
+# for ever (re-opened after `idle_s` on the same member): its reader never learns it is stale.
+REQUIRE_LEADER = {"Grpc-Metadata-Hasleader": "true"}
 PAGE_KEYS = 64  # keys per page of a paged read: 64 assignments of 8 engines stay far under the gateway's 2 MiB
 
 
@@ -155,15 +160,17 @@ class Store:
         n = len(self.endpoints)
         return [(self._current + i) % n for i in range(n)]
 
-    async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None) -> aiohttp.ClientResponse:
+    async def _open(self, path: str, body: Mapping[str, Any], *, idle_s: float | None = None,
+                    require_leader: bool = False) -> aiohttp.ClientResponse:
         """`_send` with the RBAC token, if any; authenticated again once if etcd rejects it."""
         if self._auth is None:
-            return await self._send(path, body, idle_s, None)
+            return await self._send(path, body, idle_s, None, require_leader=require_leader)
         headers = await self._auth.header(self._authenticate)
         try:
-            return await self._send(path, body, idle_s, headers)
+            return await self._send(path, body, idle_s, headers, require_leader=require_leader)
         except TokenRejected:
-            return await self._send(path, body, idle_s, await self._auth.header(self._authenticate, stale=headers))
+            return await self._send(path, body, idle_s, await self._auth.header(self._authenticate, stale=headers),
+                                    require_leader=require_leader)
 
     async def _authenticate(self, creds: Credentials) -> str:
         out = await self._json(await self._send(
@@ -173,7 +180,7 @@ class Store:
         return str(out["token"])
 
     async def _send(self, path: str, body: Mapping[str, Any] | None, idle_s: float | None,
-                    headers: Mapping[str, str] | None) -> aiohttp.ClientResponse:
+                    headers: Mapping[str, str] | None, *, require_leader: bool = False) -> aiohttp.ClientResponse:
         """POST `body` (GET without one) to the first endpoint that takes the connection; the
         caller reads and releases.
 
@@ -182,18 +189,20 @@ class Store:
         (`idle_s` None) has `timeout_s` in all; a stream fails after `idle_s` of silence.
         A failed TLS handshake is TlsRefused, saying which side refused. An endpoint that took
         the request but did not answer in time fails it, and the next request starts at the next.
+        `require_leader`: etcd refuses (or later ends) it on a member without a leader (`REQUIRE_LEADER`).
         """
         await self.connect()
         assert self._session is not None
         connect_s = min(CONNECT_TIMEOUT_S, self.timeout_s)
         timeout = (aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect_s) if idle_s is None
                    else aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=idle_s))
+        sent = {**(headers or {}), **REQUIRE_LEADER} if require_leader else headers
         error: BaseException | None = None
         failed_at = ""
         for i in self._endpoint_order():
             try:
                 resp = await self._session.request("GET" if body is None else "POST", self.endpoints[i] + path,
-                                                   json=body, timeout=timeout, headers=headers)
+                                                   json=body, timeout=timeout, headers=sent)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 error, failed_at = exc, self.endpoints[i]
                 continue
@@ -334,7 +343,9 @@ class Store:
         A watch quiet for `idle_s` is opened again from the revision after the last event
         (so a silently dead peer is noticed: the re-open fails). The stream ends with
         WatchLost when etcd cancels the watch (e.g. the revision was compacted away) or the
-        connection drops: the caller re-reads and re-watches.
+        connection drops: the caller re-reads and re-watches. Also when the member it is open
+        on loses its leader (`REQUIRE_LEADER`): a watch on a member cut off from the quorum
+        would otherwise stay silent, and its reader stale, for ever.
         """
         return self._watch(prefix, prefix_end(prefix), start_revision, idle_s)
 
@@ -345,7 +356,7 @@ class Store:
             create: dict[str, Any] = {"key": b64(key), "start_revision": next_rev}
             if range_end is not None:
                 create["range_end"] = b64(range_end)
-            resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s)
+            resp = await self._open("/v3/watch", {"create_request": create}, idle_s=idle_s, require_leader=True)
             async with resp:
                 try:
                     async for message in json_stream(resp.content):
@@ -402,7 +413,7 @@ class Store:
         except _TRANSPORT_ERRORS as exc:
             if refusal := tls_refusal(exc):
                 raise TlsRefused(f"etcd at {url}: {refusal}") from exc
-            raise StoreUnavailable(f"etcd at {url}: {exc or type(exc).__name__}") from exc
+            raise StoreUnavailable(f"etcd at {url}: {str(exc) or type(exc).__name__}") from exc
         if resp.status != 200:
             raise EtcdError(error_text(body, resp.status))
         try:

@@ -67,7 +67,7 @@ async def replace_member(store: Store, req: ReplaceRequest) -> MemberReplaced:
     `replacement_problem` finds nothing against it (read just before: etcd's own strict
     reconfiguration check refuses a change that would lose the quorum, too)."""
     doc = await etcd_health(store)
-    if problem := replacement_problem(doc, req.name, req.peer_url):
+    if problem := replacement_problem(doc, req.name, req.peer_url, req.new_name):
         raise ReplaceRefused(problem)
     old = next(m for m in doc.members if m.name == req.name)
     await store.member_remove(int(old.id, 16))

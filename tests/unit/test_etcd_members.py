@@ -31,10 +31,21 @@ def test_no_leader_is_said_loudly():
     ({"node3"}, "node2", "http://127.0.0.4:2380", "member node2 is up"),
     ({"node3"}, "node3", "http://127.0.0.2:2380", "already the peer URL of member node2"),
     ({"node2", "node3"}, "node3", "http://127.0.0.4:2380", "etcd has no quorum (1 of 3"),
+    ({"node3"}, "node3", "http://127.0.0.4:2381", "give http://<its address>:2380"),  # the members' peer port
+    ({"node3"}, "node3", "https://127.0.0.4:2380", "every other member's peer URL is http://<host>:2380"),
 ])
 def test_unsafe_replacements_are_refused(down, name, url, words):
     members = [_member(f"node{i}", up=f"node{i}" not in down, leader=i == 1) for i in (1, 2, 3)]
     assert words in replacement_problem(member_document(members), name, url)
+
+
+def test_a_new_name_of_another_member_is_refused():
+    """The answer's member list (what the new member's agent starts with) would hold it twice."""
+    doc = member_document([_member("node1", leader=True), _member("node2"), _member("node3", up=False)])
+    assert "node2 is already the name of another etcd member" in replacement_problem(
+        doc, "node3", "http://127.0.0.4:2380", "node2")
+    assert replacement_problem(doc, "node3", "http://127.0.0.4:2380", "node3") is None
+    assert replacement_problem(doc, "node3", "http://127.0.0.4:2380", "node4") is None
 
 
 def test_a_dead_member_of_three_can_be_replaced_but_two_of_five_down_needs_care():

@@ -103,6 +103,36 @@ def test_the_ha_etcd_must_not_be_the_control_plane_etcd():
     assert ("mooncake.ha_etcd" in {f for f, _ in submit_problems(validate_spec(doc))})
 
 
+@pytest.mark.parametrize("ha_etcd", [["127.0.0.1:2379"], ["LOCALHOST:2379"], ["0.0.0.0:2379"]])
+def test_the_ha_etcd_must_not_reach_the_control_plane_etcd_by_another_name(ha_etcd):
+    """A master on the bootstrap node (its agent's member listens on 127.0.0.1 too) would elect
+    through the control-plane etcd under a loopback name; host names compare without case."""
+    doc = ha_doc(ha_etcd=["10.239.129.50:2479", *ha_etcd])
+    with pytest.raises(PlanError) as err:
+        plan_cluster(validate_spec(doc), seed_nodes())
+    assert [f for f, _ in err.value.problems] == ["mooncake.ha_etcd"]
+    assert f"{ha_etcd[0]} is the control-plane etcd" in err.value.problems[0][1]
+
+
+def test_the_ha_etcd_host_names_compare_without_case():
+    doc = ha_doc(ha_etcd=["10.239.129.50:2479", "etcd1.example:2379"])
+    doc["etcd"] = {"endpoints": ["https://Etcd1.Example:2379"]}
+    assert "mooncake.ha_etcd" in {f for f, _ in submit_problems(validate_spec(doc))}
+
+
+def test_mooncake_disabled_needs_no_nodes_for_its_replicas():
+    """`enabled: false` with the HA settings kept: no master runs, so the count asks for no node."""
+    nodes = seed_nodes()
+    doc = ha_doc(enabled=False)
+    doc["mooncake"]["replicas"] = len(nodes) + 1
+    plan = plan_cluster(validate_spec(doc), nodes)
+    assert plan.masters() == [] and len(plan.master_nodes) <= 1
+
+
+def test_a_loopback_ha_etcd_on_another_port_is_its_own():
+    plan_cluster(validate_spec(ha_doc(ha_etcd=["127.0.0.1:2479"])), seed_nodes())
+
+
 @pytest.mark.parametrize("mooncake, field, says", [
     ({"ha_etcd": []}, "mooncake.ha_etcd", "give its host:port endpoints"),
     ({"ha_etcd": ["http://10.0.0.1:2479"]}, "mooncake.ha_etcd", "give host:port"),
