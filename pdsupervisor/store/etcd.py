@@ -65,6 +65,7 @@ EVENTS_KEPT = 500
 # open one there. Without it a watch on a member cut off from the quorum stays open and silent
 # for ever (re-opened after `idle_s` on the same member): its reader never learns it is stale.
 REQUIRE_LEADER = {"Grpc-Metadata-Hasleader": "true"}
+NO_LEADER = "no leader"  # in etcd's answer from a member without a leader ("etcdserver: no leader")
 PAGE_KEYS = 64  # keys per page of a paged read: 64 assignments of 8 engines stay far under the gateway's 2 MiB
 
 
@@ -224,7 +225,10 @@ class Store:
                     resp.release()
                 if headers is not None and token_rejected(resp.status, answer):
                     raise TokenRejected(error_text(answer, resp.status))
-                raise EtcdError(error_text(answer, resp.status))
+                text = error_text(answer, resp.status)
+                if NO_LEADER in text:  # a member cut off from the quorum: the next request asks another
+                    self._current = (i + 1) % len(self.endpoints)
+                raise EtcdError(text)
             return resp
         if refusal := tls_refusal(error):  # at the last endpoint tried
             raise TlsRefused(f"etcd at {failed_at}: {refusal}") from error

@@ -19,7 +19,7 @@ from pdsupervisor.core.etcd_command import etcd_argv
 from pdsupervisor.local.ports import free_port
 from pdsupervisor.local.procs import kill_tree
 from pdsupervisor.store.embedded import etcd_binary
-from pdsupervisor.store.etcd import Store, WatchLost
+from pdsupervisor.store.etcd import Store, StoreUnavailable, WatchLost
 
 HOSTS = {"a": "127.0.0.2", "b": "127.0.0.3"}
 FAST_RAFT = ["--heartbeat-interval", "50", "--election-timeout", "500"]
@@ -68,3 +68,11 @@ async def test_watch_on_a_member_without_quorum_ends(two_members) -> None:
                 async for _ in watch:
                     pass
         await watch.aclose()
+
+        # A watch asked of the leaderless member again is refused ("no leader"), and the store
+        # then asks the next endpoint first, not the member cut off from the quorum.
+        elsewhere = f"{HOSTS['b']}:{free_port(HOSTS['b'])}"
+        async with Store([f"{HOSTS['a']}:{port}", elsewhere], "wl", timeout_s=2.0) as other:
+            with pytest.raises(StoreUnavailable, match="no leader"):
+                await anext(other.watch_prefix(other.keys.root, rev + 1, idle_s=60.0))
+            assert other.endpoints[other._endpoint_order()[0]].endswith(elsewhere)
