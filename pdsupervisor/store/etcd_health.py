@@ -70,7 +70,11 @@ async def replace_member(store: Store, req: ReplaceRequest) -> MemberReplaced:
     if problem := replacement_problem(doc, req.name, req.peer_url, req.new_name):
         raise ReplaceRefused(problem)
     old = next(m for m in doc.members if m.name == req.name)
-    await store.member_remove(int(old.id, 16))
+    try:
+        await store.member_remove(int(old.id, 16))
+    except StoreUnavailable as exc:  # the removal may have been applied all the same
+        raise StoreUnavailable(f"removing member {req.name} ({old.id}) got no answer ({exc}): it may have been "
+                               "removed; check with `pdsupervisor etcd members` before trying again") from exc
     try:
         added = await store.member_add([req.peer_url])
     except StoreUnavailable as exc:
