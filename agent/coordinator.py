@@ -30,7 +30,7 @@ import structlog
 from agent.lease import LeaseState
 from agent.process.child import probe_once
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import Changes, Desired, KnownEqual, changes, desired_state, phase_of
+from pdsupervisor.core.cluster_view import DESIRED, Changes, Desired, KnownEqual, changes, phase_of
 from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessSpec
@@ -99,7 +99,7 @@ def decide(seen: Observed, obs: Observed, now: float, known: KnownEqual | None =
     """`desired_state`, its phase and what to write (`seen`: as read; `obs`: with this
     leader's unmanaged and recently lost nodes: the same assignments, so one `changes` serves
     both). `known`: the deciding loop's `KnownEqual`."""
-    desired = desired_state(obs, now)
+    desired = DESIRED.get(obs, now)  # made once per observation, with `GET /cluster` of this agent
     todo = changes(seen, desired, known)
     return Decision(desired, phase_of(obs, desired, todo), todo)
 
