@@ -493,7 +493,7 @@ class RowMemo:
         unmanaged = obs.record is not None and node in obs.record.unmanaged
         inputs = (a, obs.statuses.get(node), obs.members.get(node), unmanaged)
         kept = self._rows.get(node)
-        if kept is not None and len(kept[0]) == len(inputs) and all(x is y for x, y in zip(kept[0], inputs)):
+        if kept is not None and all(x is y for x, y in zip(kept[0], inputs, strict=True)):
             return kept[1]
         rows = [_process_row(obs, node, proc) for proc in a.processes]
         self._rows[node] = (inputs, rows)
