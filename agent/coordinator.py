@@ -30,7 +30,7 @@ import structlog
 from agent.lease import LeaseState
 from agent.process.child import probe_once
 from pdsupervisor.aio.wait import wait_event
-from pdsupervisor.core.cluster_view import Changes, Desired, KnownEqual, changes, desired_state, phase_of
+from pdsupervisor.core.cluster_view import DESIRED, Changes, Desired, KnownEqual, changes, phase_of
 from pdsupervisor.core.documents import Phase
 from pdsupervisor.core.events import ClusterEvent, new_leader, observed_events, rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessSpec
@@ -45,6 +45,7 @@ from pdsupervisor.store.etcd import EVENTS_KEPT, RequestTooLarge, Store, StoreUn
 log = structlog.get_logger("coordinator")
 ANSWER_TIMEOUT_S = 2.0  # a probe of a node away never holds a cycle longer, whatever the spec's probe says
 CATCH_UP_S = 2.0  # how long a leader waits for its cluster cache to show its own last write
+SLOW_S = 1.0  # a cycle's deciding, or a leader write, taking longer is logged with its parts
 CACHE_LINGER_S = 120.0  # a cache of our own stops this long after we last led
 NODE_LOSS_GRACE_S: float = PolicySpec.model_fields["node_loss_grace_s"].default
 
@@ -99,7 +100,7 @@ def decide(seen: Observed, obs: Observed, now: float, known: KnownEqual | None =
     """`desired_state`, its phase and what to write (`seen`: as read; `obs`: with this
     leader's unmanaged and recently lost nodes: the same assignments, so one `changes` serves
     both). `known`: the deciding loop's `KnownEqual`."""
-    desired = desired_state(obs, now)
+    desired = DESIRED.get(obs, now)  # made once per observation, with `GET /cluster` of this agent
     todo = changes(seen, desired, known)
     return Decision(desired, phase_of(obs, desired, todo), todo)
 
@@ -277,7 +278,10 @@ class Coordinator:
         # off the event loop: at 1,000 nodes a decision takes a good part of a second, which
         # would hold up the agent's lease refreshes and its API
         decision = await asyncio.to_thread(decide, seen, obs, time.time(), self._known)
-        self.busy_s += time.perf_counter() - began
+        took = time.perf_counter() - began
+        self.busy_s += took
+        if self.busy_s > SLOW_S:
+            log.info("slow cycle", read_and_events_s=round(self.busy_s - took, 3), decide_s=round(took, 3))
         desired, phase = decision.desired, decision.phase
         halted = desired.rollout.halted if desired.rollout else None
         for event in rollout_halted(self._halted, halted):
@@ -390,17 +394,24 @@ class Coordinator:
         # The spec record first (a new placement, master or group epoch): written in chunks
         # (`Store.write_as_leader`), a crash between them leaves a record that the next leader
         # plans the remaining assignments from, never assignments its record does not explain.
-        puts: dict[str, NodeAssignment | SpecRecord] = {keys.spec: todo.record} if todo.record is not None else {}
-        puts |= {keys.assignment(n): a for n, a in todo.puts.items()}
+        models: dict[str, NodeAssignment | SpecRecord] = {keys.spec: todo.record} if todo.record is not None else {}
+        models |= {keys.assignment(n): a for n, a in todo.puts.items()}
+        # encoded through the cache: it keeps these models when the watch brings them back
+        # rather than decode ~9 MB on this loop after a start of 1,024 nodes
+        puts = {key: self.cache.encode(key, model) for key, model in models.items()}
         deletes = [keys.assignment(n) for n in todo.deletes]
         # Fenced on the leader key, and on the spec record we decided from: a stop or a
         # replacing spec submitted during this cycle must not be overwritten.
+        began = time.perf_counter()
         try:
             result = await self.store.write_as_leader(self.name, puts, deletes,
                                                       unchanged={keys.spec: obs.record_revision})
         except RequestTooLarge as exc:
             self._refused = str(exc)
             return Outcome("refused", f"not written: {exc}; trying again next cycle")
+        if (took := time.perf_counter() - began) > SLOW_S:
+            log.info("slow leader write", keys=len(puts) + len(deletes), mib=round(sum(map(len, puts.values())) / 2**20, 1),
+                     write_s=round(took, 3))
         self._refused = None
         record_written = todo.record is not None and result.written > 0  # it went first
         self.assignment_writes += result.written - int(record_written)

@@ -8,6 +8,7 @@ running), 2 for a configuration error.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from typing import Any
@@ -75,11 +76,28 @@ def main(config_path: str | None, log_level: str, **flags: Any) -> None:
     except (ConfigError, ValueError) as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+    tune_gc()
     try:
         asyncio.run(_run(config))
     except ConfigError as exc:  # a file the configuration names (etcd credentials) cannot be used
         click.echo(str(exc), err=True)
         sys.exit(2)
+
+
+GC_THRESHOLDS = (20_000, 20, 10)  # CPython's default is (700, 10, 10)
+
+
+def tune_gc() -> None:
+    """Collect the young generation after 20,000 allocations, not 700.
+
+    The agent hosting the coordinator of a large cluster holds many long-lived objects (the
+    decoded assignments and statuses: ~200,000 tracked at 1,024 nodes). Decoding a burst of
+    them (a start's 1,024 assignments: 0.25 s instead of 0.5-1.0 s) or making `GET /cluster`'s
+    rows allocates fast, and with the default threshold the collector runs so often, walking
+    older generations, that it takes half of that CPU or more. Nothing here relies on prompt collection
+    of cycles; garbage without cycles is freed by reference counting either way.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _run(config: Any) -> None:

@@ -7,6 +7,7 @@ any agent can answer a read and the leader decides from the very same view.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -445,9 +446,71 @@ def _failed(seen: ProcessStatus) -> str:
     return f"after a failure: {seen.last_failure}"
 
 
+class SharedDesired:
+    """`desired_state` of one observation, made once for both of its askers: the coordinator's
+    decision and `GET /cluster` (same agent, same cluster cache, so the very same `Observed`
+    object per revision). At 1,024 nodes it is ~150 ms of CPU; a status change made both ask
+    for it at once, each slowing the other (one GIL). A second ask for the same object within
+    `max_age_s` of the first one's `now` gets that result (what depends on the clock, backoffs
+    and timeouts of seconds, moves by less than that); a lock makes a concurrent asker wait
+    for the one computing instead of computing it too. Holds the last observation only."""
+
+    def __init__(self, max_age_s: float = 0.5) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last: tuple[Observed, float, Desired] | None = None
+
+    def get(self, obs: Observed, now: float) -> Desired:
+        with self._lock:
+            last = self._last
+            if last is not None and last[0] is obs and abs(now - last[1]) <= self.max_age_s:
+                return last[2]
+            desired = desired_state(obs, now)
+            self._last = (obs, now, desired)
+            return desired
+
+    def clear(self) -> None:
+        with self._lock:
+            self._last = None
+
+
+DESIRED = SharedDesired()
+
+
+class RowMemo:
+    """`GET /cluster`'s process rows of each node, kept while the node's inputs are the very
+    same objects: its assignment, its status, its member facts (a live status is one written
+    under the current member lease) and whether the record calls it unmanaged. The watch-fed
+    cache keeps an unchanged key's object, so after a status change one node's rows are made
+    again, not 8,192. Holds those objects, so their ids cannot be reused. Thread-safe enough
+    for its use: concurrent documents may both make a node's rows; either is right."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[tuple[object, ...], list[ProcessRow]]] = {}
+        self.made = 0  # nodes whose rows were made (not reused): for tests
+
+    def rows(self, obs: Observed, node: str, a: NodeAssignment) -> list[ProcessRow]:
+        unmanaged = obs.record is not None and node in obs.record.unmanaged
+        inputs = (a, obs.statuses.get(node), obs.members.get(node), unmanaged)
+        kept = self._rows.get(node)
+        if kept is not None and all(x is y for x, y in zip(kept[0], inputs, strict=True)):
+            return kept[1]
+        rows = [_process_row(obs, node, proc) for proc in a.processes]
+        self._rows[node] = (inputs, rows)
+        self.made += 1
+        return rows
+
+    def keep_only(self, nodes: Collection[str]) -> None:
+        for node in set(self._rows) - set(nodes):
+            self._rows.pop(node, None)
+
+
+ROWS = RowMemo()
+
+
 def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
-    desired = desired_state(obs, now)  # the same decision the coordinator makes from this view
+    desired = DESIRED.get(obs, now)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
     phase = phase_of(obs, desired)
     problems, timed_out = problems_of(obs, spec, phase, now)
@@ -457,9 +520,9 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     processes: list[ProcessRow] = []
     listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
-        for proc in a.processes:
-            listed.add((node, proc.name))
-            processes.append(_process_row(obs, node, proc))
+        listed.update((node, proc.name) for proc in a.processes)
+        processes += ROWS.rows(obs, node, a)
+    ROWS.keep_only(obs.assignments)
     if plan is not None:  # only a start has a plan
         processes += [_process_row(obs, node, proc, default_state="waiting")
                       for node, proc in plan.assignable() if (node, proc.name) not in listed]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus
 from pdsupervisor.core.observed import Observed, SpecRecord
@@ -75,18 +75,21 @@ class _Decoded:
                 return kind  # type: ignore[return-value]  # one of the three literals
         return None  # events/, or a key this version does not know
 
-    def put(self, key: str, value: bytes, mod_revision: int) -> None:
-        """Decode `value` into the key's record; one that does not decode is logged and left out."""
+    def put(self, key: str, value: bytes, mod_revision: int, model: BaseModel | None = None) -> None:
+        """Decode `value` into the key's record; one that does not decode is logged and left out.
+        `model`: the record `value` is the JSON of (this process wrote it): kept, not decoded."""
         kind = self.kind(key)
         try:
             if kind == "spec":
-                self.record, self.record_revision = SpecRecord.model_validate_json(value), mod_revision
+                record = model if isinstance(model, SpecRecord) else SpecRecord.model_validate_json(value)
+                self.record, self.record_revision = record, mod_revision
             elif kind == "leader":
                 self.leader = value.decode()
             elif kind == "members":
                 self.members[key[len(self.keys.members):]] = NodeFacts.model_validate_json(value)
             elif kind == "assignments":
-                self.assignments[key[len(self.keys.assignments):]] = NodeAssignment.model_validate_json(value)
+                self.assignments[key[len(self.keys.assignments):]] = (
+                    model if isinstance(model, NodeAssignment) else NodeAssignment.model_validate_json(value))
             elif kind == "status":
                 self.statuses[key[len(self.keys.status):]] = NodeStatus.model_validate_json(value)
         except (ValidationError, UnicodeDecodeError) as exc:
@@ -136,6 +139,8 @@ class ClusterCache:
         self._used_at = time.monotonic()
         self._observed: Observed | None = None
         self._membership: Membership | None = None
+        self._written: dict[str, tuple[bytes, BaseModel]] = {}  # see `encode`
+        self.reused = 0  # watch events whose record was this process's own model (not decoded)
 
     # the records as of `revision` (read-only for callers: `observed()` gives copies)
     @property
@@ -291,6 +296,7 @@ class ClusterCache:
         after, _ = await self.store.range_paged(prefix_end(keys.events).decode(), prefix_end(keys.root),
                                                 revision=revision, page_size=self.page_size)
         self._state = await asyncio.to_thread(_decode_all, keys, [*before, *after])
+        self._written.clear()
         if self._read_at:
             self.resyncs += 1
         self._read_at = revision
@@ -306,8 +312,12 @@ class ClusterCache:
             return  # already in what was read (a txn's events share one revision: not `self.revision`)
         kind = self._state.kind(event.key)
         if kind is not None:
+            written = self._written.pop(event.key, None)
             if event.value is None:
                 self._state.delete(kind, event.key)
+            elif written is not None and written[0] == event.value:
+                self.reused += 1
+                self._state.put(event.key, event.value, event.revision, written[1])
             else:
                 self._state.put(event.key, event.value, event.revision)
             self._changed_at[kind] = event.revision
@@ -321,6 +331,18 @@ class ClusterCache:
         self._observed = self._membership = None
         self._advanced.set()
         self._advanced = asyncio.Event()
+
+    def encode(self, key: str, model: SpecRecord | NodeAssignment) -> bytes:
+        """The JSON to write at `key` (as `Store` writes a model), remembered with `model`: when
+        the watch brings exactly these bytes back for `key`, the cache keeps `model` instead of
+        decoding them. Why: a leader starting 1,024 nodes writes ~9 MB of assignments, and
+        decoding them back on the agent's event loop held it for seconds, its lease refreshes
+        and API included; the plan's own objects also let `KnownEqual` compare by identity.
+        The caller must not change `model` afterwards. Forgotten when the event comes (or does
+        not match: someone else wrote the key since) and on every full read."""
+        value = model.model_dump_json().encode()
+        self._written[key] = (value, model)
+        return value
 
     # ---- what readers ask --------------------------------------------------------------
 

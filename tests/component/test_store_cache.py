@@ -226,3 +226,27 @@ async def test_read_again_reads_the_cluster_at_or_past_a_revision(etcd_server, c
             assert cache.revision >= target and cache.resyncs == 1 and cache.synced
         finally:
             await cache.close()
+
+
+async def test_the_cache_keeps_the_models_this_process_wrote_and_decodes_anything_else(etcd_server, cluster_name):
+    """`encode`: the watch bringing back exactly the bytes written keeps the writer's own model
+    (not decoded again); other bytes at that key (someone else's write) are decoded."""
+    async with Store([etcd_server.endpoint], cluster_name) as store:
+        await _fill(store, 2)
+        cache = ClusterCache(store)
+        try:
+            await cache.ensure()
+            mine = _assignment("n000", 3)
+            record = SPEC.model_copy(update={"generation": 2})
+            await store.put(store.keys.assignment("n000"), cache.encode(store.keys.assignment("n000"), mine))
+            await store.put(store.keys.spec, cache.encode(store.keys.spec, record))
+            await until(lambda: cache.record is not None and cache.record.generation == 2)
+            assert cache.assignments["n000"] is mine and cache.record is record and cache.reused == 2
+            cache.encode(store.keys.assignment("n001"), _assignment("n001", 3))
+            theirs = _assignment("n001", 4)
+            await store.put(store.keys.assignment("n001"), theirs.model_dump_json().encode())
+            await until(lambda: len(cache.assignments["n001"].processes) == 4)
+            assert cache.assignments["n001"] == theirs and cache.assignments["n001"] is not theirs
+            assert cache.reused == 2
+        finally:
+            await cache.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pdsupervisor.api.openapi import REF, openapi_document
+from pdsupervisor.core import cluster_view
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
 from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
@@ -274,3 +275,57 @@ def test_same_spec_keeps_its_answer_for_the_same_two_objects(monkeypatch):
     held.argv = ["y"]  # a field set: judged anew
     assert not same_spec(held, planned)
     assert not same_spec(held.model_copy(update={"port": 1}), planned)
+
+
+def _one_pid_changed(obs: Observed, node: str, pid: int) -> Observed:
+    """`obs` at a next revision where one node's agent reports another pid (a new status object)."""
+    status = obs.statuses[node]
+    fresh = status.model_copy(update={"processes": [p.model_copy(update={"pid": pid}) for p in status.processes]})
+    return dataclasses.replace(obs, statuses={**obs.statuses, node: fresh}, revision=obs.revision + 1)
+
+
+def test_document_rows_are_made_again_only_for_a_node_whose_inputs_changed():
+    memo = cluster_view.RowMemo()
+    obs = demo_running(master_pid=100)
+    rows = [memo.rows(obs, n, a) for n, a in sorted(obs.assignments.items())]
+    assert memo.made == 3
+    changed = _one_pid_changed(obs, "node2", 4242)
+    again = [memo.rows(changed, n, a) for n, a in sorted(changed.assignments.items())]
+    assert memo.made == 4  # node2 only
+    assert again[0] is rows[0] and again[2] is rows[2] and again[1] is not rows[1]
+    assert {r.pid for r in again[1]} == {4242}
+    lost = dataclasses.replace(changed, members={n: m for n, m in changed.members.items() if n != "node3"})
+    assert {r.state for r in memo.rows(lost, "node3", lost.assignments["node3"])} == {"lost"}
+    assert memo.made == 5
+
+
+def test_the_document_with_rows_kept_is_the_document_made_afresh():
+    obs = demo_running(master_pid=100)
+    cluster_document(obs, now=60.0)
+    changed = _one_pid_changed(obs, "node1", 4242)
+    kept = cluster_document(changed, now=60.0)
+    cluster_view.ROWS = cluster_view.RowMemo()
+    try:
+        assert kept == cluster_document(changed, now=60.0)
+    finally:
+        cluster_view.ROWS = cluster_view.RowMemo()
+    assert any(r.pid == 4242 for r in kept.processes if r.node == "node1")
+
+
+def test_the_desired_state_of_one_observation_is_made_once_for_both_askers(monkeypatch):
+    made: list[float] = []
+    real = cluster_view.desired_state
+
+    def counted(obs: Observed, now: float | None = None) -> cluster_view.Desired:
+        made.append(now or 0.0)
+        return real(obs, now)
+
+    monkeypatch.setattr(cluster_view, "desired_state", counted)
+    shared = cluster_view.SharedDesired(max_age_s=0.5)
+    obs = demo_running(master_pid=100)
+    first = shared.get(obs, 10.0)
+    assert shared.get(obs, 10.4) is first and made == [10.0]  # the coordinator, then GET /cluster
+    assert shared.get(obs, 11.0) is not first and made == [10.0, 11.0]  # the clock moved on: afresh
+    other = _one_pid_changed(obs, "node1", 7)
+    shared.get(other, 11.0)
+    assert made == [10.0, 11.0, 11.0]  # another revision: afresh
