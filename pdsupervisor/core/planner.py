@@ -329,7 +329,9 @@ def plan_cluster(
     proxy_node = spec.proxy.node or placement["prefill"][0]
     if proxy_node not in nodes:
         problems.append(("proxy.node", f"node {proxy_node} is not registered"))
-    problems += metadata_problems(spec, etcd_endpoints) + ha_etcd_problems(spec, etcd_endpoints)
+    # Every node at the control-plane client port too: agents may run members the spec does not list
+    guarded = [*etcd_endpoints, *(f"{f.ip}:{spec.etcd.client_port}" for f in nodes.values())]
+    problems += metadata_problems(spec, guarded) + ha_etcd_problems(spec, guarded)
     if problems:
         raise PlanError(problems)
 

@@ -114,6 +114,18 @@ def test_the_ha_etcd_must_not_reach_the_control_plane_etcd_by_another_name(ha_et
     assert f"{ha_etcd[0]} is the control-plane etcd" in err.value.problems[0][1]
 
 
+def test_the_ha_etcd_must_not_be_another_members_etcd():
+    """Agents may run etcd members the spec does not list (`bootstrap_etcd.members`): any
+    registered node at the control-plane client port is refused too."""
+    nodes = seed_nodes()
+    other = next(f for n, f in nodes.items() if n != validate_spec(ha_doc()).etcd.bootstrap_node)
+    doc = ha_doc(ha_etcd=["10.239.129.50:2479", f"{other.ip}:2379"])
+    with pytest.raises(PlanError) as err:
+        plan_cluster(validate_spec(doc), nodes)
+    assert [f for f, _ in err.value.problems] == ["mooncake.ha_etcd"]
+    assert f"{other.ip}:2379 is the control-plane etcd" in err.value.problems[0][1]
+
+
 def test_the_ha_etcd_host_names_compare_without_case():
     doc = ha_doc(ha_etcd=["10.239.129.50:2479", "etcd1.example:2379"])
     doc["etcd"] = {"endpoints": ["https://Etcd1.Example:2379"]}
