@@ -100,6 +100,10 @@ def replacement_problem(doc: EtcdDocument, name: str, new_peer_url: str, new_nam
     if not doc.has_quorum:
         return (f"etcd has no quorum ({doc.up} of {len(doc.members)} members up, leader {doc.leader or 'none'}): "
                 "a member cannot be removed or added until a majority is back")
+    unstarted = [m.id for m in doc.members if not m.name]
+    if unstarted:  # added (by an earlier replacement) but never started: finish that one first
+        return (f"member {unstarted[0]} was added but has not started yet (it has no name): start its node's "
+                "agent, or remove it with `etcdctl member remove`, before replacing another")
     taken = [m.name or m.id for m in doc.members if m.name != name and new_peer_url in m.peer_urls]
     if taken:
         return f"{new_peer_url} is already the peer URL of member {taken[0]}"

@@ -83,3 +83,15 @@ def test_the_new_members_configuration_is_printed_with_hosts():
                           members={"node1": "https://10.0.0.1:2380", "node4": "https://10.0.0.4:2380"})
     assert yaml.safe_load(new_member_config(done)) == {"bootstrap_etcd": {
         "members": {"node1": "10.0.0.1", "node4": "10.0.0.4"}, "initial_cluster_state": "existing"}}
+
+
+def test_a_member_added_but_never_started_is_finished_first():
+    """A member an earlier replacement added has no name until it starts: the member list handed
+    to the next new member would hold it as `""`, so no second replacement meanwhile."""
+    unstarted = EtcdMember(name="", id="a9", peer_urls=["http://127.0.0.9:2380"], client_urls=[], up=False,
+                           is_leader=False, db_size=None, errors=["not started"])
+    members = [_member(f"node{i}", up=i <= 3, leader=i == 1) for i in range(1, 5)]
+    doc = member_document([*members, unstarted])
+    assert doc.has_quorum
+    assert "member a9 was added but has not started yet" in replacement_problem(doc, "node4", "http://127.0.0.6:2380")
+    assert replacement_problem(member_document(members), "node4", "http://127.0.0.6:2380") is None
