@@ -329,3 +329,62 @@ def test_the_desired_state_of_one_observation_is_made_once_for_both_askers(monke
     other = _one_pid_changed(obs, "node1", 7)
     shared.get(other, 11.0)
     assert made == [10.0, 11.0, 11.0]  # another revision: afresh
+
+
+def _fresh_memos() -> None:
+    """Forget everything the view keeps between revisions (its rows, its built assignments, ...)."""
+    cluster_view.ROWS = cluster_view.RowMemo()
+    cluster_view.BUILT = cluster_view.BuiltAssignments()
+    cluster_view.DESIRED = cluster_view.SharedDesired()
+    cluster_view._DOCUMENT_KNOWN = cluster_view.KnownEqual()
+
+
+def _revisions() -> list[Observed]:
+    """A settled cluster, then one change after another, each a next revision of the last: a
+    status, an assignment decoded anew (another object, same content), a process unassigned,
+    a member lost, and a replacing spec."""
+    obs = demo_running(master_pid=100)
+    seen = [obs, _one_pid_changed(obs, "node1", 4242)]
+    last = seen[-1]
+    decoded = NodeAssignment.model_validate_json(last.assignments["node2"].model_dump_json())
+    seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": decoded}, revision=last.revision + 1))
+    last = seen[-1]
+    shorter = last.assignments["node2"].model_copy(update={"processes": last.assignments["node2"].processes[:-1]})
+    seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": shorter}, revision=last.revision + 1))
+    last = seen[-1]
+    seen.append(dataclasses.replace(last, members={n: m for n, m in last.members.items() if n != "node3"},
+                                    revision=last.revision + 1))
+    last = seen[0]
+    assert last.record is not None
+    replaced = last.record.model_copy(update={"generation": 2, "spec": demo_spec(50002)})
+    seen.append(dataclasses.replace(last, record=replaced, revision=last.revision + 10))
+    return seen
+
+
+@pytest.mark.parametrize("now", [60.0, 10_000.0])
+def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
+    _fresh_memos()
+    try:
+        kept = []
+        for obs in _revisions():
+            desired = desired_state(obs, now)
+            kept.append((desired.assignments, desired.record, cluster_document(obs, now)))
+        fresh = []
+        for obs in _revisions():
+            _fresh_memos()
+            desired = desired_state(obs, now)
+            fresh.append((desired.assignments, desired.record, cluster_document(obs, now)))
+        assert kept == fresh
+        phases = [doc.phase for _, _, doc in kept]
+        assert phases[0] == "ready" and "degraded" in phases and phases[-1] == "updating"
+    finally:
+        _fresh_memos()
+
+
+def test_a_wanted_assignment_equal_to_the_observed_one_is_that_object():
+    obs = demo_running(master_pid=100)
+    desired = desired_state(obs)
+    assert all(desired.assignments[n] is a for n, a in obs.assignments.items())
+    decoded = {n: NodeAssignment.model_validate_json(a.model_dump_json()) for n, a in obs.assignments.items()}
+    again = desired_state(dataclasses.replace(obs, assignments=decoded))
+    assert again.assignments == decoded and not cluster_view.changes(obs, again)
