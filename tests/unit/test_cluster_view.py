@@ -13,6 +13,7 @@ from pdsupervisor.core import cluster_view
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
 from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.node_engines import NODE_ENGINES
 from tests.openapi_helpers import check_served, schema_errors, unlisted
 from tests.view_helpers import demo_running, demo_spec, engines, settle
 
@@ -337,6 +338,7 @@ def _fresh_memos() -> None:
     cluster_view.BUILT = cluster_view.BuiltAssignments()
     cluster_view.DESIRED = cluster_view.SharedDesired()
     cluster_view._DOCUMENT_KNOWN = cluster_view.KnownEqual()
+    NODE_ENGINES.clear()
 
 
 def _revisions() -> list[Observed]:
