@@ -55,6 +55,46 @@ def live_processes(status: NodeStatus | None, member: NodeFacts | None) -> dict[
     return out
 
 
+def seen_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
+    """`observed.observed_process` from the node's own keys: no index of every process of the
+    cluster is built (8,192 entries at 1,024 nodes, per revision) to ask about one node."""
+    status = obs.statuses.get(node)
+    if status is None or not status.current_for(obs.members.get(node)):
+        return None
+    return next((p for p in status.processes if p.name == name), None)
+
+
+def seen_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
+    """`observed.is_ready` from the node's own keys (see `seen_process`)."""
+    return _ready(seen_process(obs, node, proc.name), proc)
+
+
+class AssignedRoles:
+    """`observed.assigned_roles`, from each node's roles kept while its assignment is the very
+    same object (a union of ~1,000 small sets, not a walk of every assigned process)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[NodeAssignment, frozenset[str]]] = {}
+
+    def of(self, obs: Observed) -> set[str]:
+        out: set[str] = set()
+        for node, a in obs.assignments.items():
+            kept = self._kept.get(node)
+            if kept is None or kept[0] is not a:
+                kept = self._kept[node] = (a, frozenset(p.role for p in a.processes))
+            out |= kept[1]
+        if len(self._kept) > 2 * len(obs.assignments) + 64:
+            for node in set(self._kept) - set(obs.assignments):
+                self._kept.pop(node, None)
+        return out
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+ASSIGNED_ROLES = AssignedRoles()
+
+
 def _ready(seen: ProcessStatus | None, spec: ProcessSpec) -> bool:
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == spec.spec_hash()
 

@@ -333,12 +333,8 @@ def test_the_desired_state_of_one_observation_is_made_once_for_both_askers(monke
 
 
 def _fresh_memos() -> None:
-    """Forget everything the view keeps between revisions (its rows, its built assignments, ...)."""
-    cluster_view.ROWS = cluster_view.RowMemo()
-    cluster_view.BUILT = cluster_view.BuiltAssignments()
-    cluster_view.DESIRED = cluster_view.SharedDesired()
-    cluster_view._DOCUMENT_KNOWN = cluster_view.KnownEqual()
-    NODE_ENGINES.clear()
+    """Forget everything the view keeps between revisions (plans, per-node answers, rows, ...)."""
+    cluster_view.forget_kept()
 
 
 def _revisions() -> list[Observed]:
@@ -348,12 +344,23 @@ def _revisions() -> list[Observed]:
     obs = demo_running(master_pid=100)
     seen = [obs, _one_pid_changed(obs, "node1", 4242)]
     last = seen[-1]
+    status = last.statuses["node1"]
+    troubled = [p.model_copy(update={"state": ProcessState.backoff, "last_exit_code": 3, "restarts": 2,
+                                     "message": "next try in 8 s"}) if i == 0 else
+                p.model_copy(update={"state": ProcessState.running, "ready_lost_at": 50.0}) if i == 1 else p
+                for i, p in enumerate(status.processes)]
+    seen.append(dataclasses.replace(last, statuses={**last.statuses, "node1": status.model_copy(
+        update={"processes": troubled})}, revision=last.revision + 1))
+    last = seen[-1]
     decoded = NodeAssignment.model_validate_json(last.assignments["node2"].model_dump_json())
     seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": decoded}, revision=last.revision + 1))
     last = seen[-1]
     shorter = last.assignments["node2"].model_copy(update={"processes": last.assignments["node2"].processes[:-1]})
     seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": shorter}, revision=last.revision + 1))
     last = seen[-1]
+    seen.append(dataclasses.replace(last, assignments={n: a for n, a in last.assignments.items() if n != "node3"},
+                                    revision=last.revision + 1))
+    last = seen[-2]
     seen.append(dataclasses.replace(last, members={n: m for n, m in last.members.items() if n != "node3"},
                                     revision=last.revision + 1))
     last = seen[0]
@@ -379,6 +386,9 @@ def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
         assert kept == fresh
         phases = [doc.phase for _, _, doc in kept]
         assert phases[0] == "ready" and "degraded" in phases and phases[-1] == "updating"
+        assert any("backoff" in p for p in kept[2][2].problems)
+        assert any("not ready since" in p for p in kept[2][2].problems)
+        assert any(r.node == "node3" for r in kept[5][2].processes)  # planned, not assigned: from the plan
     finally:
         _fresh_memos()
 
@@ -390,3 +400,17 @@ def test_a_wanted_assignment_equal_to_the_observed_one_is_that_object():
     decoded = {n: NodeAssignment.model_validate_json(a.model_dump_json()) for n, a in obs.assignments.items()}
     again = desired_state(dataclasses.replace(obs, assignments=decoded))
     assert again.assignments == decoded and not cluster_view.changes(obs, again)
+
+
+def test_a_status_change_asks_only_that_node_again():
+    cluster_view.forget_kept()
+    try:
+        obs = demo_running(master_pid=100)
+        cluster_document(obs, now=60.0)
+        made = NODE_ENGINES.made
+        changed = _one_pid_changed(obs, "node2", 4242)
+        desired_state(changed, 60.0)
+        cluster_document(changed, now=60.0)
+        assert NODE_ENGINES.made == made + 1
+    finally:
+        cluster_view.forget_kept()

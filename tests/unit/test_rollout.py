@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from pdsupervisor.core.cluster_view import change_impact, cluster_document, desired_state
+from pdsupervisor.core.cluster_view import change_impact, cluster_document, desired_state, forget_kept
 from pdsupervisor.core.events import rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessState
-from pdsupervisor.core.node_engines import NODE_ENGINES
 from pdsupervisor.core.observed import Observed
 from pdsupervisor.core.rollout import how_roles_change
 from tests.view_helpers import demo_running, demo_spec, engines, running, settle
@@ -302,11 +301,11 @@ def test_answers_kept_per_node_between_revisions_are_the_answers_made_afresh():
         d = desired_state(o, now)
         return d.assignments, d.record, d.rollout, cluster_document(o, now or 0.0)
 
-    NODE_ENGINES.clear()
+    forget_kept()
     kept = [decision(o, now) for o, now in steps]
     fresh = []
     for o, now in steps:
-        NODE_ENGINES.clear()
+        forget_kept()
         fresh.append(decision(o, now))
     assert kept == fresh
     assert kept[2][2].halted and not kept[1][2].halted and kept[0][2].active
