@@ -21,6 +21,7 @@ from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import change_impact, cluster_document
+from pdsupervisor.core.document_json import DOCUMENT_JSON
 from pdsupervisor.core.documents import (
     ClusterDocument,
     ErrorBody,
@@ -97,7 +98,7 @@ def shown_revision(cache: ClusterCache) -> int:
 
 def _make(obs: Observed, now: float) -> tuple[ClusterDocument, bytes]:
     doc = cluster_document(obs, now)
-    return doc, doc.model_dump_json().encode()
+    return doc, DOCUMENT_JSON.body(doc)  # the JSON of the rows of unchanged nodes kept
 
 
 def cache_context(cache: ClusterCache) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -11,6 +11,7 @@ import pytest
 from pdsupervisor.api.openapi import REF, openapi_document
 from pdsupervisor.core import cluster_view
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
+from pdsupervisor.core.document_json import DocumentJson
 from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
 from pdsupervisor.core.node_engines import NODE_ENGINES
@@ -412,5 +413,19 @@ def test_a_status_change_asks_only_that_node_again():
         desired_state(changed, 60.0)
         cluster_document(changed, now=60.0)
         assert NODE_ENGINES.made == made + 1
+    finally:
+        cluster_view.forget_kept()
+
+
+def test_the_json_assembled_from_kept_rows_is_the_documents_own():
+    cluster_view.forget_kept()
+    json = DocumentJson()
+    try:
+        for obs in _revisions():
+            doc = cluster_document(obs, now=60.0)
+            assert json.body(doc) == doc.model_dump_json().encode()
+            made = json.made
+            assert json.body(doc) == doc.model_dump_json().encode() and json.made == made  # all kept
+        assert json.made < sum(len(cluster_document(o, now=60.0).processes) for o in _revisions())
     finally:
         cluster_view.forget_kept()
