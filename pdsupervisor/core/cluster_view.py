@@ -679,6 +679,7 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     for node, a in sorted(obs.assignments.items()):
         processes += ROWS.rows(obs, node, a)
     ROWS.keep_only(obs.assignments)
+    proxy_url: str | None
     if plan is not None:  # only a start has a plan: what it plans and no node is assigned yet
         for node, planned in plan.nodes.items():
             processes += [_process_row(obs, node, proc, default_state="waiting")
