@@ -40,7 +40,7 @@ class NodeEngines:
     """One node's answers."""
 
     roles: dict[str, RoleEngines]  # by engine role (both present, maybe empty)
-    failures: tuple[str, ...]  # `rollout.failure` of engines holding their planned spec, in plan order
+    failures: tuple[str, ...]  # `judge_failure` of engines holding their planned spec, in plan order
     assigned_ready: bool  # every assigned process ready with its assigned spec (`phase_of`)
     clocked: bool  # an answer depends on `now`: not kept
 
@@ -147,8 +147,10 @@ def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | 
 
 def judge_failure(seen: ProcessStatus | None, node: str, planned: ProcessSpec,
                   now: float | None) -> tuple[str | None, bool]:
-    """`rollout.failure`, from what the engine's live agent reports (`seen`), and whether the answer
-    depends on `now` (one not ready yet fails its start timeout as time passes)."""
+    """Why an engine assigned `planned` failed to take it, or None (fine, or not known yet),
+    from what its live agent reports (`seen`), and whether the answer depends on `now` (one not
+    ready yet fails its start timeout as time passes). Stable words (no counts, no ages): the
+    rollout's halt event is told once, not at every change."""
     if seen is None:
         return None, False
     where = f"{planned.name} on {node}"

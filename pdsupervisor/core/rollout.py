@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdsupervisor.core.models import ProcessSpec
-from pdsupervisor.core.node_engines import NODE_ENGINES, judge_failure
+from pdsupervisor.core.node_engines import NODE_ENGINES
 from pdsupervisor.core.observed import Observed, observed_process
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan
 from pdsupervisor.core.spec import ClusterSpec
@@ -52,12 +51,6 @@ class Rollout:
     def active(self) -> bool:
         """Engines still to change (or changed and not ready yet)."""
         return any(r.updated < r.total for r in self.roles)
-
-
-def failure(obs: Observed, node: str, planned: ProcessSpec, now: float | None) -> str | None:
-    """Why an engine assigned `planned` failed to take it, or None (fine, or not known yet).
-    Stable words (no counts, no ages): the halt event is told once, not at every change."""
-    return judge_failure(observed_process(obs, node, planned.name), node, planned, now)[0]
 
 
 def plan_rollout(obs: Observed, plan: Plan, spec: ClusterSpec, now: float | None = None) -> Rollout:
