@@ -6,8 +6,11 @@ function, the median ms of a call on a *status-only change* (one node's status r
 new object, as a new revision read from etcd gives), which is what the coordinator sees on
 nearly every cycle: the coordinator's whole decision (`decide`: desired state, changes, phase,
 with its `KnownEqual` kept from cycle to cycle), then `desired_state`, `changes`, `phase_of`,
-`problems_of`, `observed_events`, `cluster_document` alone, and the plan itself the first
-time (`try_plan`, cold). CPU time, not wall
+`problems_of`, `observed_events`, `cluster_document` alone and with its JSON (what `GET /cluster`
+makes per change), and the plan itself the first time (`try_plan`, cold). The cold plan makes
+new process objects, so the observed assignments are not the plan's (as after a leader change):
+`changes` and `phase_of` alone (no `KnownEqual`, no changes given) compare each one field by
+field; `decide` and the document do not. CPU time, not wall
 (the machine may be shared), each call after a full collection (it pays for the collections
 its own garbage causes, not for an earlier call's).
 
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from agent.coordinator import decide  # noqa: E402
 from pdsupervisor.core import cluster_view  # noqa: E402
 from pdsupervisor.core.cluster_view import KnownEqual, changes, cluster_document, desired_state, phase_of, problems_of  # noqa: E402
+from pdsupervisor.core.document_json import DOCUMENT_JSON  # noqa: E402
 from pdsupervisor.core.events import observed_events  # noqa: E402
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessState, ProcessStatus  # noqa: E402
 from pdsupervisor.core.observed import Observed, SpecRecord  # noqa: E402
@@ -127,6 +131,7 @@ def run(n: int, calls: int) -> dict[str, float]:
         "problems_of": median_ms(lambda o: problems_of(o, desired.spec, phase, now), variants),
         "observed_events": median_ms(lambda o: observed_events(obs, o), variants),
         "cluster_document": median_ms(lambda o: cluster_document(o, now), variants),
+        "document + JSON": median_ms(lambda o: DOCUMENT_JSON.body(cluster_document(o, now)), variants),
     }
 
 

@@ -3,7 +3,7 @@
 `cluster_routes(store, documents)` gives the route list the agent mounts beside its own; the
 app's `agent.api.auth.guard` checks every mutating request (credential, Origin, body type)
 first. `GET /cluster` is served from the agent's cluster cache (`ClusterDocuments`): no read
-of the whole cluster per request, and one document per cache revision however many ask.
+of the whole cluster per request, and one document per change of what it shows however many ask.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from agent.api.auth import audit
 from agent.api.errors import query_int
 from pdsupervisor.api.openapi import openapi_document, openapi_yaml
 from pdsupervisor.core.cluster_view import change_impact, cluster_document
+from pdsupervisor.core.document_json import DOCUMENT_JSON
 from pdsupervisor.core.documents import (
     ClusterDocument,
     ErrorBody,
@@ -46,9 +47,9 @@ DOCUMENT_MAX_AGE_S = 5.0  # a quiet cluster's document, once made, is made again
 
 
 class ClusterDocuments:
-    """`GET /cluster`'s document, made from the agent's cluster cache at most once per cache
-    revision (and per DOCUMENT_MAX_AGE_S: problems such as timeouts depend on the clock):
-    concurrent requests share one computation, made in a thread so the agent's loop (its lease
+    """`GET /cluster`'s document, made from the agent's cluster cache at most once per change
+    of what it shows (`shown_revision`; and per DOCUMENT_MAX_AGE_S: problems such as timeouts
+    depend on the clock): concurrent requests share one computation, made in a thread so the agent's loop (its lease
     refreshes) is not held by a large cluster's plan."""
 
     def __init__(self, cache: ClusterCache) -> None:
@@ -62,7 +63,7 @@ class ClusterDocuments:
         return (await self._made())[0]
 
     async def body(self) -> bytes:
-        """The document as the JSON `GET /cluster` answers (also made once per revision)."""
+        """The document as the JSON `GET /cluster` answers (made with it)."""
         return (await self._made())[1]
 
     async def _made(self) -> tuple[ClusterDocument, bytes]:
@@ -72,10 +73,11 @@ class ClusterDocuments:
         if not await cache.wait_past(store.written_revision - 1, OWN_WRITE_WAIT_S):
             await cache.read_again(store.written_revision)
         doc = self._doc
-        stale = doc is None or self._revision != cache.revision or (
+        shown = shown_revision(cache)
+        stale = doc is None or self._revision != shown or (
             doc.done() and (doc.exception() is not None or time.monotonic() - self._made_at > DOCUMENT_MAX_AGE_S))
         if stale:
-            self._revision = cache.revision
+            self._revision = shown
             self.computed += 1
             doc = self._doc = asyncio.ensure_future(asyncio.to_thread(_make, cache.observed(), time.time()))
             doc.add_done_callback(self._ready_at_now)
@@ -86,9 +88,17 @@ class ClusterDocuments:
         self._made_at = time.monotonic()  # its age counts from when it was ready, however long it took
 
 
+def shown_revision(cache: ClusterCache) -> int:
+    """The last revision that changed a key the document shows (the spec, the leader, members,
+    assignments, statuses; a resync counts as changing them all): events/ are not in it, and
+    the coordinator writes one per decision, so a document per revision would be made again
+    for each of them, showing the same."""
+    return max(cache.changed_at().values())
+
+
 def _make(obs: Observed, now: float) -> tuple[ClusterDocument, bytes]:
     doc = cluster_document(obs, now)
-    return doc, doc.model_dump_json().encode()
+    return doc, DOCUMENT_JSON.body(doc)  # the JSON of the rows of unchanged nodes kept
 
 
 def cache_context(cache: ClusterCache) -> Callable[[web.Application], AsyncIterator[None]]:

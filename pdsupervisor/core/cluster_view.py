@@ -15,18 +15,17 @@ from dataclasses import dataclass, field, replace
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus, same_spec
+from pdsupervisor.core.node_engines import ASSIGNED_ROLES, NODE_ENGINES, live_processes, seen_process, seen_ready
 from pdsupervisor.core.observed import (
     Observed,
     SpecRecord,
-    assigned_processes,
     assigned_roles,
-    assigned_spec,
     is_ready,
     live_statuses,
     observed_process,
 )
 from pdsupervisor.core.plan_memo import PlanMemo, plan_inputs
-from pdsupervisor.core.planner import ENGINE_ROLES, Plan, PlanError, plan_cluster
+from pdsupervisor.core.planner import ENGINE_ROLES, NodePlan, Plan, PlanError, plan_cluster
 from pdsupervisor.core.rollout import Rollout, impact, plan_rollout
 from pdsupervisor.core.spec import ClusterSpec, SpecError, validate_spec
 
@@ -100,12 +99,12 @@ def master_restart(obs: Observed, plan: Plan) -> SpecRecord | None:
     """
     record = obs.record
     masters = plan.masters()
-    if record is None or len(masters) != 1 or not is_ready(obs, *masters[0]):
+    if record is None or len(masters) != 1 or not seen_ready(obs, *masters[0]):
         return None
-    seen = observed_process(obs, masters[0][0], masters[0][1].name)
+    seen = seen_process(obs, masters[0][0], masters[0][1].name)
     if seen is None or seen.pid is None or seen.pid == record.master_pid:
         return None
-    engines_assigned = not assigned_roles(obs).isdisjoint(ENGINE_ROLES)
+    engines_assigned = not ASSIGNED_ROLES.of(obs).isdisjoint(ENGINE_ROLES)
     bump = record.master_pid is not None and engines_assigned
     return record.model_copy(update={"master_pid": seen.pid, "master_epoch": record.master_epoch + int(bump)})
 
@@ -139,40 +138,119 @@ def desired_state(obs: Observed, now: float | None = None) -> Desired:
     record = regrouped or record
     rollout = plan_rollout(obs, plan, spec, now)
 
-    assigned = assigned_processes(obs)
-    engines = plan.engines()
-    masters_ready = all(is_ready(obs, n, p) for n, p in plan.masters())
-    engines_released = masters_ready or any((n, p.name) in assigned for n, p in engines)
-    proxy_released = "proxy" in assigned_roles(obs) or (
-        engines_released and all(is_ready(obs, n, p) for n, p in engines)
+    masters_ready = all(seen_ready(obs, n, p) for n, p in plan.masters())
+    engines_released = masters_ready or any(_assigned_name(obs, n, p.name) for n, p in plan.engines())
+    proxy_released = "proxy" in ASSIGNED_ROLES.of(obs) or (
+        engines_released and all(n.roles[r].ready for n in NODE_ENGINES.of_plan(obs, plan, now) for r in ENGINE_ROLES)
     )
+    allowed: dict[str, set[str]] = {}
+    for node, name in rollout.allowed:
+        allowed.setdefault(node, set()).add(name)
     wanted: dict[str, list[ProcessSpec]] = {}
-    for node, proc in plan.assignable():
+    for node, planned in plan.nodes.items():
+        procs = WANTED.of(node, planned, obs.assignments.get(node), (engines_released, masters_ready, proxy_released),
+                          frozenset(allowed.get(node, ())))
+        if procs:
+            wanted[node] = procs
+    desired: dict[str, NodeAssignment | None] = {
+        node: BUILT.assignment(obs, node, record.generation, procs) for node, procs in wanted.items()
+    }
+    for node in obs.assignments:
+        desired.setdefault(node, None)
+    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
+                   spec=spec, rollout=rollout)
+
+
+def _assigned_name(obs: Observed, node: str, name: str) -> bool:
+    a = obs.assignments.get(node)
+    return a is not None and any(p.name == name for p in a.processes)
+
+
+def wanted_of(planned: NodePlan, assignment: NodeAssignment | None, released: tuple[bool, bool, bool],
+              allowed: frozenset[str]) -> list[ProcessSpec]:
+    """What one node should run: its planned processes but etcd (its agent starts it), held
+    back as `desired_state` says. `released`: (engines released, masters ready, proxy
+    released); `allowed`: its outdated engines that take their planned spec now."""
+    engines_released, masters_ready, proxy_released = released
+    held_by_name: dict[str, ProcessSpec] = {}
+    for p in assignment.processes if assignment is not None else []:
+        held_by_name.setdefault(p.name, p)
+    out: list[ProcessSpec] = []
+    for proc in planned.processes:
+        if proc.role == "etcd":
+            continue
         if proc.role in ENGINE_ROLES and not engines_released:
             continue
         if proc.role in ENGINE_ROLES and not masters_ready:
             # The master is (re)starting, e.g. a replacing spec changed it: an engine keeps
             # what it runs until the master is ready, then restarts once (new epoch and new
             # spec together) instead of once now and once more for the master's new pid.
-            held = assigned_spec(obs, node, proc.name)
+            held = held_by_name.get(proc.name)
             if held is not None:
-                wanted.setdefault(node, []).append(held)
+                out.append(held)
             continue
         if proc.role == "proxy" and not proxy_released:
             continue
-        if proc.role in ENGINE_ROLES and (node, proc.name) not in rollout.allowed:
-            held = assigned_spec(obs, node, proc.name)
+        if proc.role in ENGINE_ROLES and proc.name not in allowed:
+            held = held_by_name.get(proc.name)
             if held is not None and not same_spec(held, proc):
                 proc = held  # not its wave yet (or the rollout halted): keep what runs
-        wanted.setdefault(node, []).append(proc)
-    desired: dict[str, NodeAssignment | None] = {
-        node: NodeAssignment(node=node, generation=record.generation, processes=procs)
-        for node, procs in wanted.items()
-    }
-    for node in obs.assignments:
-        desired.setdefault(node, None)
-    return Desired(assignments=desired, record=record.model_copy(update={"placement": plan.placement}), plan=plan,
-                   spec=spec, rollout=rollout)
+        out.append(proc)
+    return out
+
+
+class WantedMemo:
+    """`wanted_of` per node, kept while its planned node and assignment are the very same
+    objects and the flags and its allowed engines are equal: a status change asks one node
+    again, not every planned process. Returns the kept list: callers do not change it."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple[object, ...], list[ProcessSpec]]] = {}
+
+    def of(self, node: str, planned: NodePlan, assignment: NodeAssignment | None, released: tuple[bool, bool, bool],
+           allowed: frozenset[str]) -> list[ProcessSpec]:
+        kept = self._kept.get(node)
+        if kept is not None:
+            k = kept[0]
+            if k[0] is planned and k[1] is assignment and k[2] == released and k[3] == allowed:
+                return kept[1]
+        out = wanted_of(planned, assignment, released, allowed)
+        self._kept[node] = ((planned, assignment, released, allowed), out)
+        return out
+
+
+WANTED = WantedMemo()
+
+
+class BuiltAssignments:
+    """The wanted assignment of each node, as an object already made when one holds exactly
+    these fields (the very same process objects: the plan memo's, or what is held): the
+    observed one (the cluster cache keeps what the leader wrote), else the one made last time.
+    Why: building a `NodeAssignment` validates every process (~65 us a node: 65 ms a revision
+    at 1,024 nodes), and `changes` skips an assignment that is the observed object itself. The
+    content is the same either way. Holds the objects it returns, so their ids are not reused;
+    callers never change them (the coordinator writes them as they are)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, NodeAssignment] = {}
+
+    def assignment(self, obs: Observed, node: str, generation: int, procs: list[ProcessSpec]) -> NodeAssignment:
+        have = obs.assignments.get(node)
+        if have is not None and _holds_exactly(have, node, generation, procs):
+            return have
+        made = self._made.get(node)
+        if made is not None and _holds_exactly(made, node, generation, procs):
+            return made
+        made = self._made[node] = NodeAssignment(node=node, generation=generation, processes=procs)
+        return made
+
+
+def _holds_exactly(a: NodeAssignment, node: str, generation: int, procs: list[ProcessSpec]) -> bool:
+    return (a.node == node and a.generation == generation and len(a.processes) == len(procs)
+            and all(x is y for x, y in zip(a.processes, procs, strict=True)))
+
+
+BUILT = BuiltAssignments()
 
 
 def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecRecord, now: float | None) -> SpecRecord | None:
@@ -192,12 +270,11 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
     d = spec.decode
     if d.dp_mode != "group" or d.group_restart != "group" or plan.dp_size <= 1:
         return None
-    ranks = [(n, p) for n, p in plan.engines() if p.role == "decode"]
-    formed = hashlib.sha256(" ".join(sorted(p.spec_hash() for _, p in ranks)).encode()).hexdigest()[:16]
+    formed = _formed(plan)
     policy = spec.policy.restart
-    if all(is_ready(obs, n, p) for n, p in ranks):
-        pids = {f"{n}/{p.name}": seen.pid for n, p in ranks
-                if (seen := observed_process(obs, n, p.name)) is not None and seen.pid is not None}
+    nodes = NODE_ENGINES.of_plan(obs, plan, now)
+    if all(n.roles["decode"].ready for n in nodes):
+        pids = {key: pid for n in nodes for key, pid in n.roles["decode"].pids}
         if record.group_ready != formed or record.group_pids != pids:  # it formed (now: counted from here)
             return record.model_copy(update={"group_ready": formed, "group_pids": pids,
                                              "group_formed_at": (now or 0.0) if record.group_ready != formed
@@ -205,6 +282,7 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         if record.group_restarts and now is not None and now - record.group_formed_at >= policy.reset_after_s:
             return record.model_copy(update={"group_restarts": 0})  # stable as long as a process must be
         return None
+    ranks = [(n, p) for n, p in plan.engines() if p.role == "decode"]
     reason = None
     before = record.placement.get("decode")
     replaced = bool(before) and before != plan.placement["decode"]
@@ -233,6 +311,21 @@ def group_restart(obs: Observed, plan: Plan, spec: ClusterSpec, record: SpecReco
         return None
     return record.model_copy(update={"group_epoch": record.group_epoch + 1, "group_since": now,
                                      "group_restarts": record.group_restarts + 1, "group_reason": reason})
+
+
+_FORMED: list[tuple[Plan, str]] = []  # the last plan's digest of its ranks' specs (held: its id stays its own)
+
+
+def _formed(plan: Plan) -> str:
+    """The digest of the decode ranks' spec hashes a formed group is recorded with, kept for
+    the last plan (the plan memo's object: the same at every revision but a new plan's)."""
+    kept = _FORMED[0] if _FORMED else None
+    if kept is not None and kept[0] is plan:
+        return kept[1]
+    ranks = [p for _, p in plan.engines() if p.role == "decode"]
+    formed = hashlib.sha256(" ".join(sorted(p.spec_hash() for p in ranks)).encode()).hexdigest()[:16]
+    _FORMED[:] = [(plan, formed)]
+    return formed
 
 
 def _failed_since_ready(seen: ProcessStatus) -> bool:
@@ -365,9 +458,11 @@ def phase_of(obs: Observed, desired: Desired, todo: Changes | None = None) -> Ph
         return "degraded"
     if rollout is not None and rollout.active:
         return "updating"
-    assigned = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
-    all_ready = all(is_ready(obs, n, p) for n, p in assigned)
-    proxy_assigned = "proxy" in assigned_roles(obs)
+    plan = desired.plan
+    # each node's kept answer (`core.node_engines`): one node asked again after its status changed
+    all_ready = all(NODE_ENGINES.of(obs, n, plan.nodes.get(n) if plan is not None else None, None).assigned_ready
+                    for n in obs.assignments)
+    proxy_assigned = "proxy" in ASSIGNED_ROLES.of(obs)
     if all_ready and proxy_assigned:
         # not before the coordinator wrote what it decided: a replacing spec (or a master
         # restart's new epoch) it has not applied yet would otherwise read as ready
@@ -375,8 +470,8 @@ def phase_of(obs: Observed, desired: Desired, todo: Changes | None = None) -> Ph
         return "ready" if done else "starting"
     if not proxy_assigned:
         return "starting"
-    proxy = [observed_process(obs, n, p.name) for n, a in obs.assignments.items() for p in a.processes
-             if p.role == "proxy"]
+    assigned = [(n, p) for n, a in obs.assignments.items() for p in a.processes]
+    proxy = [observed_process(obs, n, p.name) for n, p in assigned if p.role == "proxy"]
     first_start = all(p is None or (p.restarts == 0 and p.state != ProcessState.ready) for p in proxy)
     engines_ready = all(is_ready(obs, n, p) for n, p in assigned if p.role != "proxy")
     # the proxy coming up for the first time after every engine was ready is still starting
@@ -402,23 +497,8 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
     """What a person should look at, and whether the start ran past `policy.start_timeout_s`."""
     problems: list[str] = []
     for node, a in sorted(obs.assignments.items()):
-        for proc in a.processes:
-            seen = observed_process(obs, node, proc.name)
-            if seen is None or stopped_on_purpose(seen, proc):
-                continue
-            detail = f": {seen.message}" if seen.message else ""
-            if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
-                problems.append(f"{proc.name} on {node}: {seen.state.value} ({_counts(seen)}){detail}")
-            elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
-                problems.append(f"{proc.name} on {node}: not ready since {clock(seen.ready_lost_at, now)} "
-                                f"(was ready){detail}")
-            elif seen.state in (ProcessState.starting, ProcessState.running) and seen.failures_in_a_row \
-                    and seen.last_failure:
-                problems.append(f"{proc.name} on {node}: {seen.state.value} again {_failed(seen)}{detail}")
-            elif (seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at
-                  and now - seen.started_at > proc.start_timeout_s):
-                problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "
-                                f"(start_timeout_s {proc.start_timeout_s:g})")
+        problems += PROBLEMS.of(obs, node, a, now)
+    PROBLEMS.keep_only(obs.assignments)
     timed_out = False
     record = obs.record
     if record and spec and phase in ("pending", "starting") and record.submitted_at:
@@ -428,6 +508,64 @@ def problems_of(obs: Observed, spec: ClusterSpec | None, phase: Phase, now: floa
             problems.append(f"cluster not ready {waited:.0f} s after submission "
                             f"(policy.start_timeout_s {spec.policy.start_timeout_s:g})")
     return problems, timed_out
+
+
+def node_problems(node: str, a: NodeAssignment, seen_by_name: Mapping[str, ProcessStatus],
+                  now: float) -> tuple[list[str], bool]:
+    """`problems_of` for one node's processes, and whether they depend on `now` (a time of day
+    said, or a start timeout that passes as time goes on)."""
+    problems: list[str] = []
+    clocked = False
+    for proc in a.processes:
+        seen = seen_by_name.get(proc.name)
+        if seen is None or stopped_on_purpose(seen, proc):
+            continue
+        detail = f": {seen.message}" if seen.message else ""
+        if seen.state in (ProcessState.backoff, ProcessState.exited, ProcessState.failed):
+            problems.append(f"{proc.name} on {node}: {seen.state.value} ({_counts(seen)}){detail}")
+        elif seen.state != ProcessState.ready and seen.ready_lost_at is not None:
+            clocked = True
+            problems.append(f"{proc.name} on {node}: not ready since {clock(seen.ready_lost_at, now)} "
+                            f"(was ready){detail}")
+        elif seen.state in (ProcessState.starting, ProcessState.running) and seen.failures_in_a_row \
+                and seen.last_failure:
+            problems.append(f"{proc.name} on {node}: {seen.state.value} again {_failed(seen)}{detail}")
+        elif seen.state != ProcessState.ready and proc.start_timeout_s and seen.started_at:
+            clocked = True
+            if now - seen.started_at > proc.start_timeout_s:
+                problems.append(f"{proc.name} on {node}: not ready {now - seen.started_at:.0f} s after starting "
+                                f"(start_timeout_s {proc.start_timeout_s:g})")
+    return problems, clocked
+
+
+class ProblemMemo:
+    """Each node's problems, kept while its assignment, status and member facts are the very
+    same objects and they do not depend on the clock: a status change asks one node again.
+    Holds those objects, so their ids cannot be reused. Returns the kept list: callers copy it."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple[object, ...], list[str]]] = {}
+
+    def of(self, obs: Observed, node: str, a: NodeAssignment, now: float) -> list[str]:
+        status, member = obs.statuses.get(node), obs.members.get(node)
+        kept = self._kept.get(node)
+        if kept is not None:
+            k = kept[0]
+            if k[0] is a and k[1] is status and k[2] is member:
+                return kept[1]
+        problems, clocked = node_problems(node, a, live_processes(status, member), now)
+        if clocked:
+            self._kept.pop(node, None)
+        else:
+            self._kept[node] = ((a, status, member), problems)
+        return problems
+
+    def keep_only(self, nodes: Collection[str]) -> None:
+        for node in set(self._kept) - set(nodes):
+            self._kept.pop(node, None)
+
+
+PROBLEMS = ProblemMemo()
 
 
 def _counts(seen: ProcessStatus) -> str:
@@ -493,8 +631,10 @@ class RowMemo:
         unmanaged = obs.record is not None and node in obs.record.unmanaged
         inputs = (a, obs.statuses.get(node), obs.members.get(node), unmanaged)
         kept = self._rows.get(node)
-        if kept is not None and all(x is y for x, y in zip(kept[0], inputs, strict=True)):
-            return kept[1]
+        if kept is not None:
+            k = kept[0]
+            if k[0] is a and k[1] is inputs[1] and k[2] is inputs[2] and k[3] is unmanaged:
+                return kept[1]
         rows = [_process_row(obs, node, proc) for proc in a.processes]
         self._rows[node] = (inputs, rows)
         self.made += 1
@@ -508,28 +648,47 @@ class RowMemo:
 ROWS = RowMemo()
 
 
+def forget_kept() -> None:
+    """Forget everything kept between revisions (plans, per-node answers, rows, ...): what
+    follows is made afresh (tests compare the two)."""
+    global ROWS, BUILT, WANTED, PROBLEMS, _DOCUMENT_KNOWN
+    PLANS.clear()
+    DESIRED.clear()
+    NODE_ENGINES.clear()
+    ASSIGNED_ROLES.clear()
+    _FORMED.clear()
+    _UNASSIGNED.clear()
+    ROWS, BUILT, WANTED, PROBLEMS = RowMemo(), BuiltAssignments(), WantedMemo(), ProblemMemo()
+    _DOCUMENT_KNOWN = KnownEqual()
+_DOCUMENT_KNOWN = KnownEqual()  # the document's own (`KnownEqual` is one per deciding loop)
+_DOCUMENT_KNOWN_LOCK = threading.Lock()
+
+
 def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     """The `GET /cluster` document (also `pdsupervisor status -o json`)."""
     desired = DESIRED.get(obs, now)  # the same decision the coordinator makes from this view
     spec, plan = desired.spec, desired.plan
-    phase = phase_of(obs, desired)
+    with _DOCUMENT_KNOWN_LOCK:  # documents may be made in several threads at once
+        todo = changes(obs, desired, _DOCUMENT_KNOWN)
+    phase = phase_of(obs, desired, todo)
     problems, timed_out = problems_of(obs, spec, phase, now)
     rollout = desired.rollout
     if rollout is not None and rollout.halted:
         problems.insert(0, rollout.halted)
     processes: list[ProcessRow] = []
-    listed: set[tuple[str, str]] = set()
     for node, a in sorted(obs.assignments.items()):
-        listed.update((node, proc.name) for proc in a.processes)
         processes += ROWS.rows(obs, node, a)
     ROWS.keep_only(obs.assignments)
-    if plan is not None:  # only a start has a plan
-        processes += [_process_row(obs, node, proc, default_state="waiting")
-                      for node, proc in plan.assignable() if (node, proc.name) not in listed]
-    # without a plan (a node lost under `wait`), the proxy that runs still serves: show where
-    assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
-                           if p.role == "proxy" and p.endpoint), None)
-    proxy_url = plan.proxy_url if plan else (f"http://{assigned_proxy}" if assigned_proxy else None)
+    proxy_url: str | None
+    if plan is not None:  # only a start has a plan: what it plans and no node is assigned yet
+        for node, planned in plan.nodes.items():
+            processes += [_process_row(obs, node, proc, default_state="waiting")
+                          for proc in _unassigned(node, planned, obs.assignments.get(node))]
+        proxy_url = plan.proxy_url
+    else:  # without a plan (a node lost under `wait`), the proxy that runs still serves: show where
+        assigned_proxy = next((p.endpoint for a in obs.assignments.values() for p in a.processes
+                               if p.role == "proxy" and p.endpoint), None)
+        proxy_url = f"http://{assigned_proxy}" if assigned_proxy else None
     return ClusterDocument(
         cluster=obs.record.spec.get("cluster") if obs.record else None,
         generation=obs.record.generation if obs.record else 0,
@@ -547,6 +706,21 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     )
 
 
+_UNASSIGNED: dict[str, tuple[NodePlan, NodeAssignment | None, list[ProcessSpec]]] = {}
+
+
+def _unassigned(node: str, planned: NodePlan, a: NodeAssignment | None) -> list[ProcessSpec]:
+    """The node's planned processes (but etcd) not in its assignment, kept while the planned
+    node and the assignment are the very same objects (empty once started: no walk of them)."""
+    kept = _UNASSIGNED.get(node)
+    if kept is not None and kept[0] is planned and kept[1] is a:
+        return kept[2]
+    names = {p.name for p in a.processes} if a is not None else set()
+    out = [p for p in planned.processes if p.role != "etcd" and p.name not in names]
+    _UNASSIGNED[node] = (planned, a, out)
+    return out
+
+
 def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:
     if rollout is None or not (rollout.active or rollout.halted):
         return None
@@ -558,7 +732,7 @@ def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:
 
 
 def _process_row(obs: Observed, node: str, proc: ProcessSpec, default_state: str = "pending") -> ProcessRow:
-    seen = observed_process(obs, node, proc.name)
+    seen = seen_process(obs, node, proc.name)
     state = default_state
     if node not in obs.members and obs.record is not None and node in obs.record.unmanaged:
         state = "unmanaged"  # what its agent said last, still serving: show its pid

@@ -21,11 +21,10 @@ allows; `GET /cluster` shows it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdsupervisor.core.models import ProcessSpec, ProcessState, same_spec
-from pdsupervisor.core.observed import Observed, assigned_spec, is_ready, observed_process
+from pdsupervisor.core.node_engines import NODE_ENGINES
+from pdsupervisor.core.observed import Observed, observed_process
 from pdsupervisor.core.planner import ENGINE_ROLES, Plan
 from pdsupervisor.core.spec import ClusterSpec
 
@@ -54,88 +53,44 @@ class Rollout:
         return any(r.updated < r.total for r in self.roles)
 
 
-def failure(obs: Observed, node: str, planned: ProcessSpec, now: float | None) -> str | None:
-    """Why an engine assigned `planned` failed to take it, or None (fine, or not known yet).
-    Stable words (no counts, no ages): the halt event is told once, not at every change."""
-    seen = observed_process(obs, node, planned.name)
-    if seen is None:
-        return None
-    where = f"{planned.name} on {node}"
-    new_hash = planned.spec_hash()
-    if seen.refused_spec_hash == new_hash:  # refused by its node; the old process still runs
-        return f"{where}: refused by its node: {seen.refused}"
-    if seen.spec_hash != new_hash:
-        return None  # still stopping the old one
-    if seen.state == ProcessState.failed:
-        return f"{where}: {seen.message or seen.last_failure or 'failed'}"
-    if seen.state == ProcessState.ready:
-        return None
-    last = seen.last_failure or ""
-    if seen.failures_in_a_row and last.startswith("spawn failed"):
-        return f"{where}: {last}"
-    if seen.crash_looping:
-        return f"{where}: crash loop, last: {last}"
-    timeout = planned.start_timeout_s
-    never_ready = seen.ready_after_s is None  # in this run: one that served and then lost readiness did start
-    if now is not None and timeout and never_ready and seen.started_at and now - seen.started_at > timeout:
-        return f"{where}: not ready within its start_timeout_s ({timeout:g} s)"
-    return None
-
-
 def plan_rollout(obs: Observed, plan: Plan, spec: ClusterSpec, now: float | None = None) -> Rollout:
-    """Which outdated engines take their planned spec this cycle (see the module docstring)."""
-    by_role: dict[str, list[tuple[str, ProcessSpec]]] = {r: [] for r in ENGINE_ROLES}
-    for node, proc in plan.engines():
-        by_role[proc.role].append((node, proc))
+    """Which outdated engines take their planned spec this cycle (see the module docstring).
+    Summed from each node's answers (`core.node_engines`), kept while the node's keys are unchanged."""
+    nodes = NODE_ENGINES.of_plan(obs, plan, now)
     roles: list[RoleRollout] = []
     allowed: set[tuple[str, str]] = set()
     waves: set[tuple[str, str]] = set()  # what waves of single engines would change
-    for role, engines in by_role.items():
+    for role in ENGINE_ROLES:
         group = role == "decode" and plan.dp_size > 1
-        limit = spec.policy.rollout.max_unavailable(role, len(engines))
-        role_rollout, may = _role(obs, role, engines, limit, group=group)
-        roles.append(role_rollout)
+        total = updated = unavailable = 0
+        outdated_up: list[tuple[str, str]] = []
+        outdated_down: list[tuple[str, str]] = []
+        for n in nodes:
+            r = n.roles[role]
+            total += r.total
+            updated += r.updated
+            unavailable += r.unavailable
+            outdated_up += r.outdated_up
+            outdated_down += r.outdated_down
+        limit = spec.policy.rollout.max_unavailable(role, total)
+        if group:
+            may = set(outdated_up + outdated_down)  # its ranks start together: one wave
+        else:
+            room = max(0, limit - unavailable)
+            may = set(outdated_down) | set(outdated_up[:room])
+        roles.append(RoleRollout(role=role, total=total, updated=updated, unavailable=unavailable,
+                                 max_unavailable=limit, group=group))
         # a DP group is one wave, no canary before it: a halt does not hold it (its own failure
         # or refusal keeps the old ranks where a node refused, and a group restart must pass)
         (allowed if group else waves).update(may)
     # A halt is judged while a rollout goes on (engines still to change) or a node refused a
     # new spec (its old process runs on): a crash loop at rest is a problem, not a halt.
     active = any(r.updated < r.total for r in roles)
-    halted = next((f"rollout halted: {why}" for node, proc in plan.engines()
-                   if _holds(obs, node, proc) and (why := failure(obs, node, proc, now))
-                   and (active or "refused by its node" in why)), None)
+    halted = next((f"rollout halted: {why}" for n in nodes for why in n.failures
+                   if active or "refused by its node" in why), None)
     if halted is None:
         allowed |= waves
     return Rollout(roles=tuple(roles), allowed=frozenset(allowed), halted=halted)
-
-
-def _holds(obs: Observed, node: str, proc: ProcessSpec) -> bool:
-    held = assigned_spec(obs, node, proc.name)
-    return held is not None and same_spec(held, proc)
-
-
-def _role(obs: Observed, role: str, engines: Sequence[tuple[str, ProcessSpec]], limit: int, *,
-          group: bool) -> tuple[RoleRollout, set[tuple[str, str]]]:
-    updated = 0
-    unavailable = 0
-    outdated_up: list[tuple[str, str]] = []
-    outdated_down: list[tuple[str, str]] = []
-    for node, proc in engines:
-        held = assigned_spec(obs, node, proc.name)
-        current = held or proc  # a new engine is assigned its planned spec at once
-        ready = is_ready(obs, node, current)
-        unavailable += not ready
-        if held is None or same_spec(held, proc):
-            updated += 1
-        else:
-            (outdated_up if ready else outdated_down).append((node, proc.name))
-    if group:
-        may = set(outdated_up + outdated_down)  # its ranks start together: one wave
-    else:
-        room = max(0, limit - unavailable)
-        may = set(outdated_down) | set(outdated_up[:room])
-    return RoleRollout(role=role, total=len(engines), updated=updated, unavailable=unavailable,
-                       max_unavailable=limit, group=group), may
 
 
 def how_roles_change(plan: Plan, spec: ClusterSpec) -> list[str]:

@@ -30,5 +30,8 @@ async def test_concurrent_requests_share_one_document_per_revision(etcd_server):
             await store.put_status(NodeStatus(node="n1", updated_at=1.0, lease=lease))
             again = await documents.get()
             assert documents.computed == 2 and again is not docs[0]
+            await store.append_event("test", "an event shows in no document")  # it moves the revision
+            assert await documents.get() is again and documents.computed == 2
+            assert cache.revision == store.written_revision
         finally:
             await cache.close()

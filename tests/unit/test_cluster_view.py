@@ -11,8 +11,10 @@ import pytest
 from pdsupervisor.api.openapi import REF, openapi_document
 from pdsupervisor.core import cluster_view
 from pdsupervisor.core.cluster_view import Observed, SpecRecord, cluster_document, desired_state
+from pdsupervisor.core.document_json import DocumentJson
 from pdsupervisor.core.documents import ClusterDocument
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus
+from pdsupervisor.core.node_engines import NODE_ENGINES
 from tests.openapi_helpers import check_served, schema_errors, unlisted
 from tests.view_helpers import demo_running, demo_spec, engines, settle
 
@@ -329,3 +331,101 @@ def test_the_desired_state_of_one_observation_is_made_once_for_both_askers(monke
     other = _one_pid_changed(obs, "node1", 7)
     shared.get(other, 11.0)
     assert made == [10.0, 11.0, 11.0]  # another revision: afresh
+
+
+def _fresh_memos() -> None:
+    """Forget everything the view keeps between revisions (plans, per-node answers, rows, ...)."""
+    cluster_view.forget_kept()
+
+
+def _revisions() -> list[Observed]:
+    """A settled cluster, then one change after another, each a next revision of the last: a
+    status, an assignment decoded anew (another object, same content), a process unassigned,
+    a member lost, and a replacing spec."""
+    obs = demo_running(master_pid=100)
+    seen = [obs, _one_pid_changed(obs, "node1", 4242)]
+    last = seen[-1]
+    status = last.statuses["node1"]
+    troubled = [p.model_copy(update={"state": ProcessState.backoff, "last_exit_code": 3, "restarts": 2,
+                                     "message": "next try in 8 s"}) if i == 0 else
+                p.model_copy(update={"state": ProcessState.running, "ready_lost_at": 50.0}) if i == 1 else p
+                for i, p in enumerate(status.processes)]
+    seen.append(dataclasses.replace(last, statuses={**last.statuses, "node1": status.model_copy(
+        update={"processes": troubled})}, revision=last.revision + 1))
+    last = seen[-1]
+    decoded = NodeAssignment.model_validate_json(last.assignments["node2"].model_dump_json())
+    seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": decoded}, revision=last.revision + 1))
+    last = seen[-1]
+    shorter = last.assignments["node2"].model_copy(update={"processes": last.assignments["node2"].processes[:-1]})
+    seen.append(dataclasses.replace(last, assignments={**last.assignments, "node2": shorter}, revision=last.revision + 1))
+    last = seen[-1]
+    seen.append(dataclasses.replace(last, assignments={n: a for n, a in last.assignments.items() if n != "node3"},
+                                    revision=last.revision + 1))
+    last = seen[-2]
+    seen.append(dataclasses.replace(last, members={n: m for n, m in last.members.items() if n != "node3"},
+                                    revision=last.revision + 1))
+    last = seen[0]
+    assert last.record is not None
+    replaced = last.record.model_copy(update={"generation": 2, "spec": demo_spec(50002)})
+    seen.append(dataclasses.replace(last, record=replaced, revision=last.revision + 10))
+    return seen
+
+
+@pytest.mark.parametrize("now", [60.0, 10_000.0])
+def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
+    _fresh_memos()
+    try:
+        kept = []
+        for obs in _revisions():
+            desired = desired_state(obs, now)
+            kept.append((desired.assignments, desired.record, cluster_document(obs, now)))
+        fresh = []
+        for obs in _revisions():
+            _fresh_memos()
+            desired = desired_state(obs, now)
+            fresh.append((desired.assignments, desired.record, cluster_document(obs, now)))
+        assert kept == fresh
+        phases = [doc.phase for _, _, doc in kept]
+        assert phases[0] == "ready" and "degraded" in phases and phases[-1] == "updating"
+        assert any("backoff" in p for p in kept[2][2].problems)
+        assert any("not ready since" in p for p in kept[2][2].problems)
+        assert any(r.node == "node3" for r in kept[5][2].processes)  # planned, not assigned: from the plan
+    finally:
+        _fresh_memos()
+
+
+def test_a_wanted_assignment_equal_to_the_observed_one_is_that_object():
+    obs = demo_running(master_pid=100)
+    desired = desired_state(obs)
+    assert all(desired.assignments[n] is a for n, a in obs.assignments.items())
+    decoded = {n: NodeAssignment.model_validate_json(a.model_dump_json()) for n, a in obs.assignments.items()}
+    again = desired_state(dataclasses.replace(obs, assignments=decoded))
+    assert again.assignments == decoded and not cluster_view.changes(obs, again)
+
+
+def test_a_status_change_asks_only_that_node_again():
+    cluster_view.forget_kept()
+    try:
+        obs = demo_running(master_pid=100)
+        cluster_document(obs, now=60.0)
+        made = NODE_ENGINES.made
+        changed = _one_pid_changed(obs, "node2", 4242)
+        desired_state(changed, 60.0)
+        cluster_document(changed, now=60.0)
+        assert NODE_ENGINES.made == made + 1
+    finally:
+        cluster_view.forget_kept()
+
+
+def test_the_json_assembled_from_kept_rows_is_the_documents_own():
+    cluster_view.forget_kept()
+    json = DocumentJson()
+    try:
+        for obs in _revisions():
+            doc = cluster_document(obs, now=60.0)
+            assert json.body(doc) == doc.model_dump_json().encode()
+            made = json.made
+            assert json.body(doc) == doc.model_dump_json().encode() and json.made == made  # all kept
+        assert json.made < sum(len(cluster_document(o, now=60.0).processes) for o in _revisions())
+    finally:
+        cluster_view.forget_kept()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pdsupervisor.core.cluster_view import change_impact, cluster_document, desired_state
+from pdsupervisor.core.cluster_view import change_impact, cluster_document, desired_state, forget_kept
 from pdsupervisor.core.events import rollout_halted, write_events
 from pdsupervisor.core.models import NodeAssignment, ProcessState
 from pdsupervisor.core.observed import Observed
@@ -284,3 +284,28 @@ def test_a_rank_that_is_a_new_process_since_the_group_formed_restarts_the_group(
     assert desired.record.group_epoch == 1
     assert desired.record.group_reason == (f"decode-1 on node3 (rank 3) is a new process (pid {old} -> {old + 1}): "
                                            "it cannot rejoin the group that formed")
+
+
+def test_answers_kept_per_node_between_revisions_are_the_answers_made_afresh():
+    """`core.node_engines` keeps each node's answers while its keys are unchanged (and the clock
+    cannot change them): a rollout step by step, with a start timeout passing, gives the same
+    decisions as with nothing kept."""
+    obs = _replaced(demo_running(master_pid=500), prefill={"X": "1"})
+    first = desired_state(obs)
+    slow = _applied(obs, first.assignments, prefill_0={"state": ProcessState.running, "started_at": 100.0})
+    timeout = next(p for a in first.assignments.values() if a for p in a.processes if p.name == "prefill-0").start_timeout_s
+    ready = _applied(obs, first.assignments)
+    steps = [(obs, None), (slow, 100.0), (slow, 101.0 + timeout), (ready, 101.0 + timeout), (obs, 5.0)]
+
+    def decision(o: Observed, now: float | None) -> tuple[object, ...]:
+        d = desired_state(o, now)
+        return d.assignments, d.record, d.rollout, cluster_document(o, now or 0.0)
+
+    forget_kept()
+    kept = [decision(o, now) for o, now in steps]
+    fresh = []
+    for o, now in steps:
+        forget_kept()
+        fresh.append(decision(o, now))
+    assert kept == fresh
+    assert kept[2][2].halted and not kept[1][2].halted and kept[0][2].active
