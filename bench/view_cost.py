@@ -40,24 +40,15 @@ from pdsupervisor.core.events import observed_events  # noqa: E402
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessState, ProcessStatus  # noqa: E402
 from pdsupervisor.core.observed import Observed, SpecRecord  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scale  # noqa: E402  (bench/scale.py: the same spec)
+
 ENGINES = 8
 
 
 def spec_doc(nodes: list[str]) -> dict[str, Any]:
-    half = len(nodes) // 2
-    argv = ["{python}", "-m", "pdsupervisor.simengine", "--port", "{port}", "-tp", "{tp}"]
-
-    def role(names: list[str], port: int) -> dict[str, Any]:
-        return {"node_names": names, "tp": 1, "slots": ENGINES, "base_port": port, "argv": argv,
-                "readiness": {"path": "/health", "period_s": 1}, "stop_timeout_s": 5}
-    return {
-        "cluster": "bench", "model": "sim-model", "etcd": {"endpoints": ["127.0.0.1:2379"]},
-        "mooncake": {"enabled": False},
-        "prefill": role(nodes[:half], 13100), "decode": {**role(nodes[half:], 13200), "dp_master_port": 13300},
-        "proxy": {"kind": "builtin", "port": 13868},
-        "policy": {"node_loss": "wait", "lease_ttl_s": 30},
-        "host_requirements": {"thp_mode": None},
-    }
+    """The scale bench's spec (bench/scale.py), at its default engine count."""
+    return scale.spec_doc("bench", "127.0.0.1:2379", nodes, ENGINES)
 
 
 def ready_status(node: str, lease: int, a: NodeAssignment, now: float) -> NodeStatus:
