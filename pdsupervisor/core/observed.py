@@ -107,10 +107,6 @@ def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
-def assigned_processes(obs: Observed) -> set[tuple[str, str]]:
-    return set(obs.assigned)
-
-
 def assigned_spec(obs: Observed, node: str, name: str) -> ProcessSpec | None:
     return obs.assigned.get((node, name))
 
