@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, same_spec
-from pdsupervisor.core.observed import Observed
+from pdsupervisor.core.observed import Observed, ready_running
 from pdsupervisor.core.planner import ENGINE_ROLES, NodePlan, Plan
 
 
@@ -66,7 +66,7 @@ def seen_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
 
 def seen_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     """`observed.is_ready` from the node's own keys (see `seen_process`)."""
-    return _ready(seen_process(obs, node, proc.name), proc)
+    return ready_running(seen_process(obs, node, proc.name), proc)
 
 
 class AssignedRoles:
@@ -95,10 +95,6 @@ class AssignedRoles:
 ASSIGNED_ROLES = AssignedRoles()
 
 
-def _ready(seen: ProcessStatus | None, spec: ProcessSpec) -> bool:
-    return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == spec.spec_hash()
-
-
 def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | None, status: NodeStatus | None,
               member: NodeFacts | None, now: float | None) -> NodeEngines:
     """The node's answers, from its inputs alone (what `rollout.plan_rollout`, `phase_of` and
@@ -120,7 +116,7 @@ def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | 
             continue
         held, seen = held_by_name.get(proc.name), seen_by_name.get(proc.name)
         holds = held is not None and same_spec(held, proc)
-        current_ready = _ready(seen, held or proc)
+        current_ready = ready_running(seen, held or proc)
         c = counts[role]
         c[0] += 1
         c[2] += not current_ready
@@ -128,7 +124,7 @@ def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | 
             c[1] += 1
         else:
             (up if current_ready else down)[role].append((node, proc.name))
-        ready[role] = ready[role] and _ready(seen, proc)
+        ready[role] = ready[role] and ready_running(seen, proc)
         if seen is not None and seen.pid is not None:
             pids[role].append((f"{node}/{proc.name}", seen.pid))
         if holds:
@@ -136,7 +132,7 @@ def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | 
             clocked = clocked or depends
             if why is not None:
                 failures.append(why)
-    assigned_ready = all(_ready(seen_by_name.get(p.name), p)
+    assigned_ready = all(ready_running(seen_by_name.get(p.name), p)
                          for p in (assignment.processes if assignment is not None else []))
     roles = {r: RoleEngines(total=counts[r][0], updated=counts[r][1], unavailable=counts[r][2],
                             outdated_up=tuple(up[r]), outdated_down=tuple(down[r]), ready=ready[r],

@@ -103,7 +103,11 @@ def observed_process(obs: Observed, node: str, name: str) -> ProcessStatus | Non
 
 def is_ready(obs: Observed, node: str, proc: ProcessSpec) -> bool:
     """Ready, on a live member (see `live_status`), running exactly this spec."""
-    seen = obs.processes.get((node, proc.name))
+    return ready_running(obs.processes.get((node, proc.name)), proc)
+
+
+def ready_running(seen: ProcessStatus | None, proc: ProcessSpec) -> bool:
+    """What it reports (`seen`) is ready and running exactly this spec."""
     return seen is not None and seen.state == ProcessState.ready and seen.spec_hash == proc.spec_hash()
 
 
