@@ -15,7 +15,14 @@ from dataclasses import dataclass, field, replace
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus, same_spec
-from pdsupervisor.core.node_engines import ASSIGNED_ROLES, NODE_ENGINES, live_processes, seen_process, seen_ready
+from pdsupervisor.core.node_engines import (
+    ASSIGNED_ROLES,
+    NODE_ENGINES,
+    assigned_by_name,
+    live_processes,
+    seen_process,
+    seen_ready,
+)
 from pdsupervisor.core.observed import (
     Observed,
     SpecRecord,
@@ -172,9 +179,7 @@ def wanted_of(planned: NodePlan, assignment: NodeAssignment | None, released: tu
     back as `desired_state` says. `released`: (engines released, masters ready, proxy
     released); `allowed`: its outdated engines that take their planned spec now."""
     engines_released, masters_ready, proxy_released = released
-    held_by_name: dict[str, ProcessSpec] = {}
-    for p in assignment.processes if assignment is not None else []:
-        held_by_name.setdefault(p.name, p)
+    held_by_name = assigned_by_name(assignment)
     out: list[ProcessSpec] = []
     for proc in planned.processes:
         if proc.role == "etcd":

@@ -55,6 +55,14 @@ def live_processes(status: NodeStatus | None, member: NodeFacts | None) -> dict[
     return out
 
 
+def assigned_by_name(assignment: NodeAssignment | None) -> dict[str, ProcessSpec]:
+    """What the node is assigned, by name (first of a name), as `Observed.assigned`."""
+    out: dict[str, ProcessSpec] = {}
+    for p in assignment.processes if assignment is not None else []:
+        out.setdefault(p.name, p)
+    return out
+
+
 def seen_process(obs: Observed, node: str, name: str) -> ProcessStatus | None:
     """`observed.observed_process` from the node's own keys: no index of every process of the
     cluster is built (8,192 entries at 1,024 nodes, per revision) to ask about one node."""
@@ -100,9 +108,7 @@ def summarize(node: str, planned: NodePlan | None, assignment: NodeAssignment | 
     """The node's answers, from its inputs alone (what `rollout.plan_rollout`, `phase_of` and
     `cluster_view.group_restart` would find asking `Observed` engine by engine)."""
     seen_by_name = live_processes(status, member)
-    held_by_name: dict[str, ProcessSpec] = {}
-    for p in assignment.processes if assignment is not None else []:
-        held_by_name.setdefault(p.name, p)
+    held_by_name = assigned_by_name(assignment)
     counts = {r: [0, 0, 0] for r in ENGINE_ROLES}  # total, updated, unavailable
     up: dict[str, list[tuple[str, str]]] = {r: [] for r in ENGINE_ROLES}
     down: dict[str, list[tuple[str, str]]] = {r: [] for r in ENGINE_ROLES}
