@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
+from pdsupervisor.core.kept import KeptByNode
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus, same_spec
 from pdsupervisor.core.node_engines import (
     ASSIGNED_ROLES,
@@ -210,18 +211,15 @@ class WantedMemo:
     again, not every planned process. Returns the kept list: callers do not change it."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[tuple[object, ...], list[ProcessSpec]]] = {}
+        self._kept: KeptByNode[list[ProcessSpec]] = KeptByNode()
 
     def of(self, node: str, planned: NodePlan, assignment: NodeAssignment | None, released: tuple[bool, bool, bool],
            allowed: frozenset[str]) -> list[ProcessSpec]:
-        kept = self._kept.get(node)
+        same, equal = (planned, assignment), (released, allowed)
+        kept = self._kept.get(node, same, equal)
         if kept is not None:
-            k = kept[0]
-            if k[0] is planned and k[1] is assignment and k[2] == released and k[3] == allowed:
-                return kept[1]
-        out = wanted_of(planned, assignment, released, allowed)
-        self._kept[node] = ((planned, assignment, released, allowed), out)
-        return out
+            return kept
+        return self._kept.put(node, same, wanted_of(planned, assignment, released, allowed), equal)
 
 
 WANTED = WantedMemo()
@@ -549,25 +547,23 @@ class ProblemMemo:
     Holds those objects, so their ids cannot be reused. Returns the kept list: callers copy it."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[tuple[object, ...], list[str]]] = {}
+        self._kept: KeptByNode[list[str]] = KeptByNode()
 
     def of(self, obs: Observed, node: str, a: NodeAssignment, now: float) -> list[str]:
         status, member = obs.statuses.get(node), obs.members.get(node)
-        kept = self._kept.get(node)
+        same = (a, status, member)
+        kept = self._kept.get(node, same)
         if kept is not None:
-            k = kept[0]
-            if k[0] is a and k[1] is status and k[2] is member:
-                return kept[1]
+            return kept
         problems, clocked = node_problems(node, a, live_processes(status, member), now)
         if clocked:
-            self._kept.pop(node, None)
+            self._kept.drop(node)
         else:
-            self._kept[node] = ((a, status, member), problems)
+            self._kept.put(node, same, problems)
         return problems
 
     def keep_only(self, nodes: Collection[str]) -> None:
-        for node in set(self._kept) - set(nodes):
-            self._kept.pop(node, None)
+        self._kept.keep_only(nodes)
 
 
 PROBLEMS = ProblemMemo()
@@ -629,25 +625,20 @@ class RowMemo:
     for its use: concurrent documents may both make a node's rows; either is right."""
 
     def __init__(self) -> None:
-        self._rows: dict[str, tuple[tuple[object, ...], list[ProcessRow]]] = {}
+        self._rows: KeptByNode[list[ProcessRow]] = KeptByNode()
         self.made = 0  # nodes whose rows were made (not reused): for tests
 
     def rows(self, obs: Observed, node: str, a: NodeAssignment) -> list[ProcessRow]:
         unmanaged = obs.record is not None and node in obs.record.unmanaged
-        inputs = (a, obs.statuses.get(node), obs.members.get(node), unmanaged)
-        kept = self._rows.get(node)
+        same, equal = (a, obs.statuses.get(node), obs.members.get(node)), (unmanaged,)
+        kept = self._rows.get(node, same, equal)
         if kept is not None:
-            k = kept[0]
-            if k[0] is a and k[1] is inputs[1] and k[2] is inputs[2] and k[3] is unmanaged:
-                return kept[1]
-        rows = [_process_row(obs, node, proc) for proc in a.processes]
-        self._rows[node] = (inputs, rows)
+            return kept
         self.made += 1
-        return rows
+        return self._rows.put(node, same, [_process_row(obs, node, proc) for proc in a.processes], equal)
 
     def keep_only(self, nodes: Collection[str]) -> None:
-        for node in set(self._rows) - set(nodes):
-            self._rows.pop(node, None)
+        self._rows.keep_only(nodes)
 
 
 ROWS = RowMemo()
@@ -711,19 +702,17 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     )
 
 
-_UNASSIGNED: dict[str, tuple[NodePlan, NodeAssignment | None, list[ProcessSpec]]] = {}
+_UNASSIGNED: KeptByNode[list[ProcessSpec]] = KeptByNode()
 
 
 def _unassigned(node: str, planned: NodePlan, a: NodeAssignment | None) -> list[ProcessSpec]:
     """The node's planned processes (but etcd) not in its assignment, kept while the planned
     node and the assignment are the very same objects (empty once started: no walk of them)."""
-    kept = _UNASSIGNED.get(node)
-    if kept is not None and kept[0] is planned and kept[1] is a:
-        return kept[2]
+    kept = _UNASSIGNED.get(node, (planned, a))
+    if kept is not None:
+        return kept
     names = {p.name for p in a.processes} if a is not None else set()
-    out = [p for p in planned.processes if p.role != "etcd" and p.name not in names]
-    _UNASSIGNED[node] = (planned, a, out)
-    return out
+    return _UNASSIGNED.put(node, (planned, a), [p for p in planned.processes if p.role != "etcd" and p.name not in names])
 
 
 def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:
