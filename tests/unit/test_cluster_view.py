@@ -333,11 +333,6 @@ def test_the_desired_state_of_one_observation_is_made_once_for_both_askers(monke
     assert made == [10.0, 11.0, 11.0]  # another revision: afresh
 
 
-def _fresh_memos() -> None:
-    """Forget everything the view keeps between revisions (plans, per-node answers, rows, ...)."""
-    cluster_view.forget_kept()
-
-
 def _revisions() -> list[Observed]:
     """A settled cluster, then one change after another, each a next revision of the last: a
     status, an assignment decoded anew (another object, same content), a process unassigned,
@@ -373,7 +368,7 @@ def _revisions() -> list[Observed]:
 
 @pytest.mark.parametrize("now", [60.0, 10_000.0])
 def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
-    _fresh_memos()
+    cluster_view.forget_kept()
     try:
         kept = []
         for obs in _revisions():
@@ -381,7 +376,7 @@ def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
             kept.append((desired.assignments, desired.record, cluster_document(obs, now)))
         fresh = []
         for obs in _revisions():
-            _fresh_memos()
+            cluster_view.forget_kept()
             desired = desired_state(obs, now)
             fresh.append((desired.assignments, desired.record, cluster_document(obs, now)))
         assert kept == fresh
@@ -391,7 +386,7 @@ def test_what_the_view_keeps_between_revisions_changes_nothing_it_answers(now):
         assert any("not ready since" in p for p in kept[2][2].problems)
         assert any(r.node == "node3" for r in kept[5][2].processes)  # planned, not assigned: from the plan
     finally:
-        _fresh_memos()
+        cluster_view.forget_kept()
 
 
 def test_a_wanted_assignment_equal_to_the_observed_one_is_that_object():
