@@ -656,6 +656,8 @@ def forget_kept() -> None:
     _UNASSIGNED.clear()
     ROWS, BUILT, WANTED, PROBLEMS = RowMemo(), BuiltAssignments(), WantedMemo(), ProblemMemo()
     _DOCUMENT_KNOWN = KnownEqual()
+
+
 _DOCUMENT_KNOWN = KnownEqual()  # the document's own (`KnownEqual` is one per deciding loop)
 _DOCUMENT_KNOWN_LOCK = threading.Lock()
 
