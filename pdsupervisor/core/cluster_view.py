@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 
 from pdsupervisor.core.checks import hard_failures
 from pdsupervisor.core.documents import ClusterDocument, Phase, ProcessRow, RolloutDocument, RolloutRole
-from pdsupervisor.core.kept import KeptByNode
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, ProcessSpec, ProcessState, ProcessStatus, same_spec
 from pdsupervisor.core.node_engines import (
     ASSIGNED_ROLES,
@@ -211,15 +210,18 @@ class WantedMemo:
     again, not every planned process. Returns the kept list: callers do not change it."""
 
     def __init__(self) -> None:
-        self._kept: KeptByNode[list[ProcessSpec]] = KeptByNode()
+        self._kept: dict[str, tuple[tuple[object, ...], list[ProcessSpec]]] = {}
 
     def of(self, node: str, planned: NodePlan, assignment: NodeAssignment | None, released: tuple[bool, bool, bool],
            allowed: frozenset[str]) -> list[ProcessSpec]:
-        same, equal = (planned, assignment), (released, allowed)
-        kept = self._kept.get(node, same, equal)
+        kept = self._kept.get(node)
         if kept is not None:
-            return kept
-        return self._kept.put(node, same, wanted_of(planned, assignment, released, allowed), equal)
+            k = kept[0]
+            if k[0] is planned and k[1] is assignment and k[2] == released and k[3] == allowed:
+                return kept[1]
+        out = wanted_of(planned, assignment, released, allowed)
+        self._kept[node] = ((planned, assignment, released, allowed), out)
+        return out
 
 
 WANTED = WantedMemo()
@@ -547,23 +549,25 @@ class ProblemMemo:
     Holds those objects, so their ids cannot be reused. Returns the kept list: callers copy it."""
 
     def __init__(self) -> None:
-        self._kept: KeptByNode[list[str]] = KeptByNode()
+        self._kept: dict[str, tuple[tuple[object, ...], list[str]]] = {}
 
     def of(self, obs: Observed, node: str, a: NodeAssignment, now: float) -> list[str]:
         status, member = obs.statuses.get(node), obs.members.get(node)
-        same = (a, status, member)
-        kept = self._kept.get(node, same)
+        kept = self._kept.get(node)
         if kept is not None:
-            return kept
+            k = kept[0]
+            if k[0] is a and k[1] is status and k[2] is member:
+                return kept[1]
         problems, clocked = node_problems(node, a, live_processes(status, member), now)
         if clocked:
-            self._kept.drop(node)
+            self._kept.pop(node, None)
         else:
-            self._kept.put(node, same, problems)
+            self._kept[node] = ((a, status, member), problems)
         return problems
 
     def keep_only(self, nodes: Collection[str]) -> None:
-        self._kept.keep_only(nodes)
+        for node in set(self._kept) - set(nodes):
+            self._kept.pop(node, None)
 
 
 PROBLEMS = ProblemMemo()
@@ -625,20 +629,25 @@ class RowMemo:
     for its use: concurrent documents may both make a node's rows; either is right."""
 
     def __init__(self) -> None:
-        self._rows: KeptByNode[list[ProcessRow]] = KeptByNode()
+        self._rows: dict[str, tuple[tuple[object, ...], list[ProcessRow]]] = {}
         self.made = 0  # nodes whose rows were made (not reused): for tests
 
     def rows(self, obs: Observed, node: str, a: NodeAssignment) -> list[ProcessRow]:
         unmanaged = obs.record is not None and node in obs.record.unmanaged
-        same, equal = (a, obs.statuses.get(node), obs.members.get(node)), (unmanaged,)
-        kept = self._rows.get(node, same, equal)
+        inputs = (a, obs.statuses.get(node), obs.members.get(node), unmanaged)
+        kept = self._rows.get(node)
         if kept is not None:
-            return kept
+            k = kept[0]
+            if k[0] is a and k[1] is inputs[1] and k[2] is inputs[2] and k[3] is unmanaged:
+                return kept[1]
+        rows = [_process_row(obs, node, proc) for proc in a.processes]
+        self._rows[node] = (inputs, rows)
         self.made += 1
-        return self._rows.put(node, same, [_process_row(obs, node, proc) for proc in a.processes], equal)
+        return rows
 
     def keep_only(self, nodes: Collection[str]) -> None:
-        self._rows.keep_only(nodes)
+        for node in set(self._rows) - set(nodes):
+            self._rows.pop(node, None)
 
 
 ROWS = RowMemo()
@@ -704,17 +713,19 @@ def cluster_document(obs: Observed, now: float) -> ClusterDocument:
     )
 
 
-_UNASSIGNED: KeptByNode[list[ProcessSpec]] = KeptByNode()
+_UNASSIGNED: dict[str, tuple[NodePlan, NodeAssignment | None, list[ProcessSpec]]] = {}
 
 
 def _unassigned(node: str, planned: NodePlan, a: NodeAssignment | None) -> list[ProcessSpec]:
     """The node's planned processes (but etcd) not in its assignment, kept while the planned
     node and the assignment are the very same objects (empty once started: no walk of them)."""
-    kept = _UNASSIGNED.get(node, (planned, a))
-    if kept is not None:
-        return kept
+    kept = _UNASSIGNED.get(node)
+    if kept is not None and kept[0] is planned and kept[1] is a:
+        return kept[2]
     names = {p.name for p in a.processes} if a is not None else set()
-    return _UNASSIGNED.put(node, (planned, a), [p for p in planned.processes if p.role != "etcd" and p.name not in names])
+    out = [p for p in planned.processes if p.role != "etcd" and p.name not in names]
+    _UNASSIGNED[node] = (planned, a, out)
+    return out
 
 
 def _rollout_document(rollout: Rollout | None) -> RolloutDocument | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from pdsupervisor.core.kept import KeptByNode
 from pdsupervisor.core.models import NodeAssignment, NodeFacts, NodeStatus, ProcessSpec, ProcessState, ProcessStatus, same_spec
 from pdsupervisor.core.observed import Observed, ready_running
 from pdsupervisor.core.planner import ENGINE_ROLES, NodePlan, Plan
@@ -83,17 +82,18 @@ class AssignedRoles:
     same object (a union of ~1,000 small sets, not a walk of every assigned process)."""
 
     def __init__(self) -> None:
-        self._kept: KeptByNode[frozenset[str]] = KeptByNode()
+        self._kept: dict[str, tuple[NodeAssignment, frozenset[str]]] = {}
 
     def of(self, obs: Observed) -> set[str]:
         out: set[str] = set()
         for node, a in obs.assignments.items():
-            roles = self._kept.get(node, (a,))
-            if roles is None:
-                roles = self._kept.put(node, (a,), frozenset(p.role for p in a.processes))
-            out |= roles
+            kept = self._kept.get(node)
+            if kept is None or kept[0] is not a:
+                kept = self._kept[node] = (a, frozenset(p.role for p in a.processes))
+            out |= kept[1]
         if len(self._kept) > 2 * len(obs.assignments) + 64:
-            self._kept.keep_only(obs.assignments)
+            for node in set(self._kept) - set(obs.assignments):
+                self._kept.pop(node, None)
         return out
 
     def clear(self) -> None:
@@ -185,21 +185,22 @@ class NodeEnginesMemo:
     Safe to share between threads: two callers may both make a node's answers; either is right."""
 
     def __init__(self) -> None:
-        self._kept: KeptByNode[NodeEngines] = KeptByNode()
+        self._kept: dict[str, tuple[tuple[object, ...], NodeEngines]] = {}
         self._lock = threading.Lock()
         self.made = 0  # nodes whose answers were made (not reused): for tests
 
     def of(self, obs: Observed, node: str, planned: NodePlan | None, now: float | None) -> NodeEngines:
         assignment, status, member = obs.assignments.get(node), obs.statuses.get(node), obs.members.get(node)
-        same = (planned, assignment, status, member)
-        kept = self._kept.get(node, same)
+        kept = self._kept.get(node)
         if kept is not None:
-            return kept
+            k = kept[0]
+            if k[0] is planned and k[1] is assignment and k[2] is status and k[3] is member:
+                return kept[1]
         made = summarize(node, planned, assignment, status, member, now)
         self.made += 1
         if not made.clocked:
             with self._lock:
-                self._kept.put(node, same, made)
+                self._kept[node] = ((planned, assignment, status, member), made)
         return made
 
     def clear(self) -> None:
@@ -211,7 +212,8 @@ class NodeEnginesMemo:
         out = [self.of(obs, node, planned, now) for node, planned in plan.nodes.items()]
         if len(self._kept) > 2 * len(plan.nodes) + 64:  # nodes gone from the plan: forget them
             with self._lock:
-                self._kept.keep_only(plan.nodes)
+                for node in set(self._kept) - set(plan.nodes):
+                    self._kept.pop(node, None)
         return out
 
 
