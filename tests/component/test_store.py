@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -363,81 +364,74 @@ def _after_first_txn(store: Store, monkeypatch, meanwhile) -> list[int]:
     return sizes
 
 
-async def test_a_large_leader_write_goes_in_fenced_chunks(etcd_server, cluster_name, monkeypatch):
-    """300 assignments (over etcd's 128 ops per txn) land in chunks of at most 64, all of them;
-    the spec record, written in the first chunk, fences the later ones on its own write."""
+@contextlib.asynccontextmanager
+async def _leading(etcd_server, cluster_name) -> AsyncIterator[tuple[Store, int]]:
+    """A store whose client holds the leader key as "a" under a lease revoked at the end."""
     async with Store([etcd_server.endpoint], cluster_name) as store:
         lease = await store.grant_lease(10)
         try:
             assert await store.acquire_leader("a", lease)
-            read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
-            async def nothing() -> None:
-                pass
-
-            sizes = _after_first_txn(store, monkeypatch, nothing)
-            puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
-            result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
-            assert (result.outcome, result.written, result.txns) == ("written", 301, 5)
-            assert sizes[0] == 64 and sorted(sizes[1:]) == [45, 64, 64, 64]  # the record's chunk first, alone
-            assert len(await store.assignments()) == 300
-            assert (await read_record(store))[0].generation == 2
-            # bytes cut too: ~100 bytes a key and value, 1000 bytes a txn
-            result = await store.write_as_leader("a", {}, deletes=list(_assignments(store, 300)), max_bytes=1000)
-            assert result.outcome == "written" and result.txns > 5 and await store.assignments() == {}
+            yield store, lease
         finally:
             await store.revoke_lease(lease)
+
+
+async def test_a_large_leader_write_goes_in_fenced_chunks(etcd_server, cluster_name, monkeypatch):
+    """300 assignments (over etcd's 128 ops per txn) land in chunks of at most 64, all of them;
+    the spec record, written in the first chunk, fences the later ones on its own write."""
+    async with _leading(etcd_server, cluster_name) as (store, _):
+        read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
+
+        async def nothing() -> None:
+            pass
+
+        sizes = _after_first_txn(store, monkeypatch, nothing)
+        puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
+        result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
+        assert (result.outcome, result.written, result.txns) == ("written", 301, 5)
+        assert sizes[0] == 64 and sorted(sizes[1:]) == [45, 64, 64, 64]  # the record's chunk first, alone
+        assert len(await store.assignments()) == 300
+        assert (await read_record(store))[0].generation == 2
+        # bytes cut too: ~100 bytes a key and value, 1000 bytes a txn
+        result = await store.write_as_leader("a", {}, deletes=list(_assignments(store, 300)), max_bytes=1000)
+        assert result.outcome == "written" and result.txns > 5 and await store.assignments() == {}
 
 
 async def test_a_spec_change_between_chunks_stops_the_write(etcd_server, cluster_name, monkeypatch):
     """A stop submitted after the first chunk: the rest is "changed", not written."""
-    async with Store([etcd_server.endpoint], cluster_name) as store:
-        lease = await store.grant_lease(10)
-        try:
-            assert await store.acquire_leader("a", lease)
-            read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
+    async with _leading(etcd_server, cluster_name) as (store, _):
+        read_rev = await store.put(store.keys.spec, SpecRecord(generation=1, spec={}).model_dump_json().encode())
 
-            async def stop() -> None:
-                record = SpecRecord(generation=2, action="stop", spec={})
-                await store.put(store.keys.spec, record.model_dump_json().encode())
+        async def stop() -> None:
+            record = SpecRecord(generation=2, action="stop", spec={})
+            await store.put(store.keys.spec, record.model_dump_json().encode())
 
-            sizes = _after_first_txn(store, monkeypatch, stop)
-            puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
-            result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
-            assert (result.outcome, result.written, result.txns) == ("changed", 64, 1)
-            assert sizes == [64]  # the second chunk was refused by its compare
-            assert len(await store.assignments()) == 63
-            assert (await read_record(store))[0].action == "stop"
-        finally:
-            await store.revoke_lease(lease)
+        sizes = _after_first_txn(store, monkeypatch, stop)
+        puts = {store.keys.spec: SpecRecord(generation=2, spec={}), **_assignments(store, 300)}
+        result = await store.write_as_leader("a", puts, unchanged={store.keys.spec: read_rev})
+        assert (result.outcome, result.written, result.txns) == ("changed", 64, 1)
+        assert sizes == [64]  # the second chunk was refused by its compare
+        assert len(await store.assignments()) == 63
+        assert (await read_record(store))[0].action == "stop"
 
 
 async def test_a_leader_deposed_between_chunks_writes_nothing_more(etcd_server, cluster_name, monkeypatch):
-    async with Store([etcd_server.endpoint], cluster_name) as store:
-        lease = await store.grant_lease(10)
-        try:
-            assert await store.acquire_leader("a", lease)
+    async with _leading(etcd_server, cluster_name) as (store, lease):
 
-            async def deposed() -> None:
-                await store.revoke_lease(lease)  # the leader key goes with its lease
-                assert await store.acquire_leader("b", await store.grant_lease(10))
+        async def deposed() -> None:
+            await store.revoke_lease(lease)  # the leader key goes with its lease
+            assert await store.acquire_leader("b", await store.grant_lease(10))
 
-            _after_first_txn(store, monkeypatch, deposed)
-            result = await store.write_as_leader("a", _assignments(store, 200), parallel=1)
-            assert (result.outcome, result.written, result.txns) == ("deposed", 64, 1)
-            assert len(await store.assignments()) == 64 and await store.leader() == "b"
-        finally:
-            await store.revoke_lease(lease)
+        _after_first_txn(store, monkeypatch, deposed)
+        result = await store.write_as_leader("a", _assignments(store, 200), parallel=1)
+        assert (result.outcome, result.written, result.txns) == ("deposed", 64, 1)
+        assert len(await store.assignments()) == 64 and await store.leader() == "b"
 
 
 async def test_a_write_over_etcds_request_limit_is_refused_as_too_large(etcd_server, cluster_name):
     """Not "etcd unavailable": the same write will be refused again, and the error says what."""
-    async with Store([etcd_server.endpoint], cluster_name) as store:
-        lease = await store.grant_lease(10)
-        try:
-            assert await store.acquire_leader("a", lease)
-            key = store.keys.assignment("huge")
-            with pytest.raises(RequestTooLarge, match="etcd refused a write of 1 keys .* the largest .*huge"):
-                await store.write_as_leader("a", {key: b"x" * (2 * 1024 * 1024)})
-            assert await store.get(key) is None
-        finally:
-            await store.revoke_lease(lease)
+    async with _leading(etcd_server, cluster_name) as (store, _):
+        key = store.keys.assignment("huge")
+        with pytest.raises(RequestTooLarge, match="etcd refused a write of 1 keys .* the largest .*huge"):
+            await store.write_as_leader("a", {key: b"x" * (2 * 1024 * 1024)})
+        assert await store.get(key) is None
